@@ -1,0 +1,50 @@
+# bpfailover — every entry point a user or CI needs.
+# `make setup` installs what a fresh Debian 12 machine lacks; re-running it is cheap.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+APT_PKGS := python3-bpfcc libbpfcc linux-headers-amd64 iproute2 iperf3 ethtool \
+            python3-venv python3-yaml kmod procps
+STAMP := $(VENV)/.setup-stamp
+
+.PHONY: setup demo test lint typecheck unit bench bench-quick clean
+
+setup: $(STAMP) bpffs
+
+$(STAMP): pyproject.toml
+	@missing=""; for p in $(APT_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "setup: installing Debian packages:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+	@test -x $(PY) || /usr/bin/python3 -m venv --system-site-packages $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+	@touch $(STAMP)
+
+bpffs:
+	@mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf
+
+.PHONY: bpffs
+
+demo: setup
+	$(VENV)/bin/failover-lab demo
+
+lint: setup
+	$(VENV)/bin/ruff check control tests bench
+	$(VENV)/bin/ruff format --check control tests bench
+
+typecheck: setup
+	$(VENV)/bin/mypy control/bpfailover
+
+test: setup lint typecheck
+	$(VENV)/bin/python -m pytest -q tests
+
+bench: setup
+	$(PY) -m bench.run
+
+bench-quick: setup
+	$(PY) -m bench.run --quick
+
+clean:
+	-$(VENV)/bin/failover-lab down 2>/dev/null
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

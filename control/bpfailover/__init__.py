@@ -1,0 +1,3 @@
+"""bpfailover: net_failover semantics as an eBPF datapath with a Python agent."""
+
+__version__ = "0.1.0"
