@@ -1,0 +1,101 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/* bpfailover: map layouts shared by the BPF programs and the Python control plane.
+ *
+ * This header is the single source of truth for the layouts: the Python side
+ * (control/bpfailover/layout.py) reads the FO_* integer #defines and the
+ * structs below (plain __u32/__u64/char[N] members only) instead of keeping
+ * hand-written copies.  Map declarations live under FO_BPF_PROG, which only
+ * the BPF build defines.
+ */
+#ifndef FO_FAILOVER_H
+#define FO_FAILOVER_H
+
+/* Bumped whenever a layout below changes: a pinned datapath with another ABI
+ * is not adopted (a restart would read it wrongly). */
+#define FO_ABI_VERSION 1
+
+#define FO_MAX_GROUPS 64
+#define FO_MAX_DEVS 1024
+
+/* Slots of a group.  The active lower of a group is one u32 slot number in
+ * fo_active: the flip is a single aligned 4-byte store that every CPU sees at
+ * once, and a hot-plugged primary gets its new ifindex written into its
+ * (inactive) slot before the flip makes it active. */
+#define FO_SLOT_NONE 0
+#define FO_SLOT_STANDBY 1
+#define FO_SLOT_PRIMARY 2
+#define FO_NSLOTS 3
+
+/* Role of a netdev in fo_dev. */
+#define FO_ROLE_MASTER 0
+#define FO_ROLE_STANDBY FO_SLOT_STANDBY
+#define FO_ROLE_PRIMARY FO_SLOT_PRIMARY
+
+#define FO_DIR_TX 0
+#define FO_DIR_RX 1
+#define FO_NDIRS 2
+
+/* Drop reasons, mirrored by name in control/bpfailover/layout.py. */
+#define FO_DROP_NO_LOWER 0
+#define FO_DROP_INACTIVE_RX 1
+#define FO_NDROPS 2
+
+/* fo_group.flags */
+#define FO_F_INACTIVE_RX_DROP 1
+
+/* Hooks, the index of fo_drops' hook dimension. */
+#define FO_HOOK_TC_EGRESS 0
+#define FO_HOOK_TC_INGRESS 1
+#define FO_HOOK_XDP 2
+#define FO_NHOOKS 3
+
+/* fo_dev: ifindex -> what that netdev is to us. */
+struct fo_dev {
+	__u32 group;
+	__u32 role;
+};
+
+/* fo_group: per-group configuration, written by the agent at set-up.  The fast
+ * path reads master_ifindex and flags; the rest is the agent's own state kept
+ * here so that a restarted agent adopts it from the pins. */
+struct fo_group {
+	__u32 master_ifindex;
+	__u32 flags;
+	__u32 peer_ifindex;
+	__u32 override_slot;
+	char name[16];
+};
+
+struct fo_counter {
+	__u64 packets;
+	__u64 bytes;
+};
+
+/* Index helpers: flat arrays instead of hashes, so lookups are inlined. */
+#define FO_LOWER_IDX(group, slot) ((group) * FO_NSLOTS + (slot))
+#define FO_STATS_IDX(group, slot, dir) (((group) * FO_NSLOTS + (slot)) * FO_NDIRS + (dir))
+#define FO_DROPS_IDX(group, hook, reason) (((group) * FO_NHOOKS + (hook)) * FO_NDROPS + (reason))
+
+#define FO_NLOWERS (FO_MAX_GROUPS * FO_NSLOTS)
+#define FO_NSTATS (FO_MAX_GROUPS * FO_NSLOTS * FO_NDIRS)
+#define FO_NDROP_SLOTS (FO_MAX_GROUPS * FO_NHOOKS * FO_NDROPS)
+
+#ifdef FO_BPF_PROG
+/* bcc map declarations: name, key, value, size.  Pinned by the loader under
+ * the configured bpffs directory with these same names. */
+BPF_TABLE("array", __u32, __u32, fo_meta, 1);            /* [0] = FO_ABI_VERSION */
+BPF_TABLE("hash", __u32, struct fo_dev, fo_dev, FO_MAX_DEVS);
+BPF_TABLE("array", __u32, struct fo_group, fo_group, FO_MAX_GROUPS);
+BPF_TABLE("array", __u32, __u32, fo_active, FO_MAX_GROUPS);
+BPF_TABLE("array", __u32, __u32, fo_lower, FO_NLOWERS);
+BPF_TABLE("percpu_array", __u32, struct fo_counter, fo_stats, FO_NSTATS);
+BPF_TABLE("percpu_array", __u32, struct fo_counter, fo_drops, FO_NDROP_SLOTS);
+/* XDP receive path: group -> hidden veth peer of the failover device. */
+BPF_DEVMAP(fo_xdp_up, FO_MAX_GROUPS);
+#ifdef FO_TEST_HOOKS
+/* Test builds only: the last redirect target, for BPF_PROG_TEST_RUN checks. */
+BPF_TABLE("array", __u32, __u32, fo_last_redirect, 1);
+#endif
+#endif /* FO_BPF_PROG */
+
+#endif /* FO_FAILOVER_H */

@@ -1,0 +1,118 @@
+"""Map layouts read from bpf/failover.h, the one place they are written.
+
+Only the restricted C the header promises is understood: integer `#define`s
+(numbers or arithmetic over earlier defines), function-like index macros, and
+structs of __u32/__u64/char[N] members.
+"""
+
+from __future__ import annotations
+
+import ast
+import ctypes
+import os
+import re
+from collections.abc import Callable
+from functools import cache
+from pathlib import Path
+
+SLOT_NAMES = {1: "standby", 2: "primary"}
+ROLE_SLOTS = {"standby": 1, "primary": 2}
+
+_CTYPES: dict[str, type] = {"__u32": ctypes.c_uint32, "__u64": ctypes.c_uint64}
+
+
+def bpf_dir() -> Path:
+    env = os.environ.get("BPFAILOVER_BPF_DIR")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[2] / "bpf"
+
+
+def _eval(expr: str, env: dict[str, int]) -> int:
+    tree = ast.parse(expr.strip(), mode="eval")
+
+    def walk(node: ast.AST) -> int:
+        if isinstance(node, ast.Expression):
+            return walk(node.body)
+        if isinstance(node, ast.Constant) and isinstance(node.value, int):
+            return node.value
+        if isinstance(node, ast.Name):
+            return env[node.id]
+        if isinstance(node, ast.BinOp):
+            a, b = walk(node.left), walk(node.right)
+            ops: dict[type, Callable[[int, int], int]] = {
+                ast.Add: lambda x, y: x + y,
+                ast.Sub: lambda x, y: x - y,
+                ast.Mult: lambda x, y: x * y,
+                ast.LShift: lambda x, y: x << y,
+                ast.BitOr: lambda x, y: x | y,
+            }
+            return ops[type(node.op)](a, b)
+        raise ValueError(f"failover.h: unsupported expression {expr!r}")
+
+    return walk(tree)
+
+
+class Layout:
+    """Constants, index helpers and ctypes structs of failover.h."""
+
+    def __init__(self, text: str) -> None:
+        text = re.sub(r"/\*.*?\*/", "", text, flags=re.S)
+        self.consts: dict[str, int] = {}
+        self._macros: dict[str, tuple[list[str], str]] = {}
+        for m in re.finditer(
+            r"^#define[ \t]+(FO_\w+)(\(([^)]*)\))?[ \t]+([^\n]+)$", text, flags=re.M
+        ):
+            name, args, body = m.group(1), m.group(3), m.group(4)
+            if args is not None:
+                self._macros[name] = ([a.strip() for a in args.split(",")], body)
+            else:
+                try:
+                    self.consts[name] = _eval(body, self.consts)
+                except (KeyError, SyntaxError, ValueError):
+                    continue  # not an integer define (none today)
+        self.structs: dict[str, type[ctypes.Structure]] = {}
+        for m in re.finditer(r"struct\s+(\w+)\s*\{([^}]*)\};", text):
+            fields: list[tuple[str, type]] = []
+            for decl in m.group(2).split(";"):
+                decl = decl.strip()
+                if not decl:
+                    continue
+                arr = re.fullmatch(r"char\s+(\w+)\[(\d+)\]", decl)
+                if arr:
+                    fields.append((arr.group(1), ctypes.c_char * int(arr.group(2))))
+                    continue
+                ctype, fname = decl.split()
+                fields.append((fname, _CTYPES[ctype]))
+            self.structs[m.group(1)] = type(m.group(1), (ctypes.Structure,), {"_fields_": fields})
+
+    def names(self, prefix: str) -> tuple[str, ...]:
+        """Lower-case names of an enum-like family, by value: names("FO_DROP_") ->
+        ("no_lower", "inactive_rx").  Counts (FO_N*) do not share the prefix."""
+        family = {
+            k[len(prefix) :].lower(): v for k, v in self.consts.items() if k.startswith(prefix)
+        }
+        return tuple(sorted(family, key=family.__getitem__))
+
+    @property
+    def drop_reasons(self) -> tuple[str, ...]:
+        return self.names("FO_DROP_")
+
+    @property
+    def hooks(self) -> tuple[str, ...]:
+        return self.names("FO_HOOK_")
+
+    def __getattr__(self, name: str) -> int:
+        try:
+            return self.consts[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def index(self, macro: str, *args: int) -> int:
+        params, body = self._macros[macro]
+        return _eval(body, {**self.consts, **dict(zip(params, args, strict=True))})
+
+
+@cache
+def load() -> Layout:
+    return Layout((bpf_dir() / "failover.h").read_text())
