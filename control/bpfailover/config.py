@@ -1,0 +1,471 @@
+"""Agent configuration (DESIGN.md §3): YAML in, validated immutable models out.
+
+Every key is checked and unknown keys are refused; any problem becomes one `ConfigError`
+whose text is a single line naming the source and the path of the offending key, e.g.
+`config.yaml: groups[0].policy.reselect: must be one of always, better, failure (got 'x')`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    model_validator,
+)
+
+DEFAULT_CONFIG_PATH = Path("/etc/bpfailover/config.yaml")
+CONFIG_ENV = "BPFAILOVER_CONFIG"
+MAX_GROUPS = 64
+IFNAMSIZ = 16  # kernel limit including the trailing NUL
+
+Loc = tuple[str | int, ...]
+
+
+class ConfigError(Exception):
+    """A config that cannot be used; `str()` is one line: `source: path: message`."""
+
+    def __init__(self, source: str, message: str, path: Loc = ()) -> None:
+        self.source = source
+        self.path = path
+        self.message = message
+        where = f"{source}: {format_path(path)}: " if path else f"{source}: "
+        super().__init__((where + message).replace("\n", " "))
+
+
+def format_path(path: Loc) -> str:
+    """`('groups', 0, 'policy')` -> `groups[0].policy`."""
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+class _LocatedError(ValueError):
+    """A validator's error about a key below the model it runs on (pydantic keeps the object)."""
+
+    def __init__(self, path: Loc, message: str) -> None:
+        super().__init__(message)
+        self.path = path
+
+
+# --- field types -----------------------------------------------------------------------------
+
+
+def _ifname(value: str) -> str:
+    # Same rules as the kernel's dev_valid_name().
+    if not 0 < len(value.encode()) < IFNAMSIZ:
+        raise ValueError(f"interface name must be 1..{IFNAMSIZ - 1} bytes (got {value!r})")
+    if value in (".", "..") or any(c in "/:\0" or c.isspace() for c in value):
+        raise ValueError(f"not a valid interface name (got {value!r})")
+    return value
+
+
+def _primary(value: str) -> str:
+    return value if value == "auto" else _ifname(value)
+
+
+def _mac(value: str) -> str:
+    if value == "auto":
+        return value
+    if not re.fullmatch(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}", value):
+        raise ValueError(f"must be 'auto' or a MAC like 52:54:00:00:12:53 (got {value!r})")
+    mac = value.lower()
+    if int(mac[:2], 16) & 1:
+        raise ValueError(f"must be a unicast MAC, not multicast/broadcast (got {value!r})")
+    if mac == "00:00:00:00:00:00":
+        raise ValueError(f"must not be the zero MAC (got {value!r})")
+    return mac
+
+
+def _abs_path(value: str) -> str:
+    if not value.startswith("/") or "\0" in value:
+        raise ValueError(f"must be an absolute path (got {value!r})")
+    return value
+
+
+def _socket_path(value: str) -> str:
+    # sun_path holds 108 bytes including the NUL; a longer path fails only at bind().
+    if len(_abs_path(value).encode()) > 107:
+        raise ValueError("unix socket path longer than 107 bytes")
+    return value
+
+
+def _unix_group(value: str) -> str:
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}\$?", value):
+        raise ValueError(f"not a valid unix group name (got {value!r})")
+    return value
+
+
+def _listen(value: str | None) -> str | None:
+    if not value:
+        return None  # "" and null both disable the exporter
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"must be host:port with port 1..65535 (got {value!r})")
+    if host.startswith("["):
+        try:
+            ipaddress.IPv6Address(host.removeprefix("[").removesuffix("]"))
+        except ValueError:
+            raise ValueError(f"bad IPv6 address in {value!r}") from None
+    elif not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?", host):
+        raise ValueError(f"bad host in {value!r} (IPv6 goes in brackets: [::]:9617)")
+    return value
+
+
+def _in_range(lo: int, hi: int) -> Callable[[int], int]:
+    def check(value: int) -> int:
+        if not lo <= value <= hi:
+            raise ValueError(f"must be an integer in {lo}..{hi} (got {value})")
+        return value
+
+    return check
+
+
+IfName = Annotated[str, AfterValidator(_ifname)]
+Millis = Annotated[int, AfterValidator(_in_range(0, 600_000))]
+
+
+class _Model(BaseModel):
+    # strict: YAML `yes` is not a string, "5" is not an integer, 1.0 is not an integer.
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class StandbyDriver(_Model):
+    """Pick the standby by kernel driver instead of by name."""
+
+    driver: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+
+
+# The standby is a name or {driver: ...}; the tags only steer pydantic and are cut from paths.
+_STANDBY_TAGS = ("standby:ifname", "standby:driver")
+
+
+def _standby_kind(value: Any) -> str:
+    return _STANDBY_TAGS[1] if isinstance(value, dict | StandbyDriver) else _STANDBY_TAGS[0]
+
+
+Standby = Annotated[
+    Annotated[IfName, Tag(_STANDBY_TAGS[0])] | Annotated[StandbyDriver, Tag(_STANDBY_TAGS[1])],
+    Discriminator(_standby_kind),
+]
+
+
+class PolicySettings(_Model):
+    reselect: Literal["always", "better", "failure"] = "always"
+    updelay_ms: Millis = 0
+    downdelay_ms: Millis = 0
+
+
+class NotifySettings(_Model):
+    garp_count: Annotated[int, AfterValidator(_in_range(0, 255))] = 1
+    garp_interval_ms: Annotated[int, AfterValidator(_in_range(0, 60_000))] = 200
+
+
+class Group(_Model):
+    name: IfName
+    standby: Standby
+    primary: Annotated[str, AfterValidator(_primary)] = "auto"
+    mac: Annotated[str, AfterValidator(_mac)] = "auto"
+    policy: PolicySettings = PolicySettings()
+    notify: NotifySettings = NotifySettings()
+    inactive_rx: Literal["deliver", "drop"] = "deliver"
+    rx_path: Literal["tc", "xdp"] = "tc"
+
+    @property
+    def standby_name(self) -> str | None:
+        return self.standby if isinstance(self.standby, str) else None
+
+    @property
+    def primary_name(self) -> str | None:
+        return None if self.primary == "auto" else self.primary
+
+    def lower_names(self) -> list[tuple[str, str]]:
+        """(key, name) of the lowers this group names explicitly."""
+        named = [("standby", self.standby_name), ("primary", self.primary_name)]
+        return [(key, name) for key, name in named if name is not None]
+
+    @model_validator(mode="after")
+    def _distinct_devices(self) -> Group:
+        if self.standby_name is not None and self.standby_name == self.primary_name:
+            raise _LocatedError(("primary",), f"same device as the standby ({self.primary!r})")
+        for key, name in self.lower_names():
+            if name == self.name:
+                raise _LocatedError((key,), f"is the failover device itself ({name!r})")
+        return self
+
+
+class MetricsSettings(_Model):
+    listen: Annotated[str | None, AfterValidator(_listen)] = "0.0.0.0:9617"
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        """(host, port) to bind, brackets stripped; None when disabled."""
+        if self.listen is None:
+            return None
+        host, _, port = self.listen.rpartition(":")
+        return host.strip("[]"), int(port)
+
+
+class ControlSettings(_Model):
+    socket: Annotated[str, AfterValidator(_socket_path)] = "/run/bpfailover/control.sock"
+    group: Annotated[str, AfterValidator(_unix_group)] | None = None  # allowed besides root
+
+
+class LogSettings(_Model):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class Config(_Model):
+    groups: Annotated[list[Group], Field(min_length=1, max_length=MAX_GROUPS)]
+    metrics: MetricsSettings = MetricsSettings()
+    control: ControlSettings = ControlSettings()
+    bpffs: Annotated[str, AfterValidator(_abs_path)] = "/sys/fs/bpf/bpfailover"
+    log: LogSettings = LogSettings()
+
+    @model_validator(mode="after")
+    def _groups_disjoint(self) -> Config:
+        names: dict[str, int] = {}
+        lowers: dict[str, Loc] = {}
+        macs: dict[str, int] = {}
+        by_driver: dict[str, int] = {}
+        for i, g in enumerate(self.groups):
+            if g.name in names:
+                raise _LocatedError(("groups", i, "name"), f"duplicate group {g.name!r}")
+            names[g.name] = i
+        for i, g in enumerate(self.groups):
+            for key, name in g.lower_names():
+                if name in names:
+                    raise _LocatedError(("groups", i, key), f"{name!r} is a failover device")
+                if name in lowers:
+                    other = format_path(lowers[name])
+                    raise _LocatedError(("groups", i, key), f"{name!r} already used by {other}")
+                lowers[name] = ("groups", i, key)
+            if g.mac != "auto":
+                if g.mac in macs:
+                    raise _LocatedError(
+                        ("groups", i, "mac"), f"{g.mac} already used by groups[{macs[g.mac]}]"
+                    )
+                macs[g.mac] = i
+            elif isinstance(g.standby, StandbyDriver):
+                # Two groups asking for "the virtio_net device" cannot both be satisfied.
+                driver = g.standby.driver
+                if driver in by_driver:
+                    raise _LocatedError(
+                        ("groups", i, "standby"),
+                        f"driver {driver!r} also picks the standby of groups[{by_driver[driver]}]"
+                        " (set mac to tell them apart)",
+                    )
+                by_driver[driver] = i
+        return self
+
+    def group(self, name: str) -> Group | None:
+        return next((g for g in self.groups if g.name == name), None)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able data, for `status --json` and logs."""
+        return self.model_dump(mode="json")
+
+
+# --- YAML ------------------------------------------------------------------------------------
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys and has no YAML 1.1 base-60 numbers, so an
+    unquoted MAC like 52:54:00:00:12:53 stays a string instead of becoming an integer."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[str] = set()
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                if key_node.value in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key_node.value!r}", key_node.start_mark
+                    )
+                seen.add(key_node.value)
+        return super().construct_mapping(node, deep=deep)
+
+
+_INT, _FLOAT = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag not in (_INT, _FLOAT)]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    _INT,
+    re.compile(r"^[-+]?(?:0b[01_]+|0x[0-9a-fA-F_]+|0[0-7_]+|[1-9][0-9_]*|0)$"),
+    list("-+0123456789"),
+)
+_Loader.add_implicit_resolver(
+    _FLOAT,
+    re.compile(
+        r"^(?:[-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+][0-9]+)?|\.[0-9_]+(?:[eE][-+][0-9]+)?"
+        r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+    ),
+    list("-+0123456789."),
+)
+
+
+def _load_yaml(text: str, source: str) -> Any:
+    try:
+        return yaml.load(text, Loader=_Loader)  # a SafeLoader: no arbitrary objects
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise ConfigError(source, f"{where}YAML error: {e.problem or e.context}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(source, f"YAML error: {e}") from None
+    except RecursionError:
+        raise ConfigError(source, "YAML error: nested too deeply") from None
+    except (ValueError, TypeError, OverflowError) as e:
+        # PyYAML's constructors raise these for values like `0b_` or a date 2001-13-45.
+        raise ConfigError(source, f"YAML error: bad value: {e}") from None
+
+
+# --- pydantic errors -> one line ---------------------------------------------------------------
+
+_TYPE_NAMES = {
+    "string_type": "a string",
+    "int_type": "an integer",
+    "bool_type": "true or false",
+    "list_type": "a list",
+    "dict_type": "a mapping",
+    "model_type": "a mapping",
+    "model_attributes_type": "a mapping",
+}
+
+
+def _got(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _describe(err: Any) -> tuple[Loc, str]:
+    kind = err["type"]
+    loc: Loc = tuple(p for p in err["loc"] if p not in _STANDBY_TAGS)
+    ctx = err.get("ctx") or {}
+    if kind == "extra_forbidden":
+        return loc, "unknown key"
+    if kind == "invalid_key":
+        return loc[:-1], f"keys must be strings (got {_got(loc[-1] if loc else err['input'])})"
+    if kind == "missing":
+        return loc, "required key missing"
+    if kind in _TYPE_NAMES:
+        return loc, f"must be {_TYPE_NAMES[kind]} (got {_got(err['input'])})"
+    if kind == "literal_error":
+        choices = ", ".join(re.findall(r"'([^']*)'", ctx.get("expected", "")))
+        return loc, f"must be one of {choices} (got {_got(err['input'])})"
+    if kind == "too_short" and loc == ("groups",):
+        return loc, "at least one group is needed"
+    if kind == "too_long":
+        return loc, f"at most {ctx.get('max_length')} entries (got {ctx.get('actual_length')})"
+    if kind == "value_error":
+        cause = ctx.get("error")
+        if isinstance(cause, _LocatedError):
+            return loc + cause.path, str(cause)
+        return loc, str(cause) if cause is not None else err["msg"]
+    if kind == "string_pattern_mismatch":
+        return loc, f"must match {ctx.get('pattern')} (got {_got(err['input'])})"
+    msg: str = err["msg"]
+    return loc, msg[:1].lower() + msg[1:]
+
+
+def _from_validation_error(e: ValidationError, source: str) -> ConfigError:
+    # An unknown key first: a misspelt key also explains the "missing" error next to it.
+    errors = sorted(e.errors(), key=lambda err: err["type"] != "extra_forbidden")
+    loc, message = _describe(errors[0])
+    if len(errors) > 1:
+        message += f" (and {len(errors) - 1} more)"
+    return ConfigError(source, message, loc)
+
+
+# --- entry points ------------------------------------------------------------------------------
+
+
+def parse_config(text: str, source: str = "<config>") -> Config:
+    data = _load_yaml(text, source)
+    if data is None:
+        raise ConfigError(source, "empty config: at least 'groups' is needed")
+    if not isinstance(data, dict):
+        raise ConfigError(source, f"top level must be a mapping (got {type(data).__name__})")
+    return validate_config(data, source)
+
+
+def validate_config(data: Any, source: str = "<config>") -> Config:
+    """Validate already-parsed data (a dict as YAML gives it)."""
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise _from_validation_error(e, source) from None
+    except RecursionError:
+        raise ConfigError(source, "nested too deeply") from None
+
+
+def load_config(path: str | Path) -> Config:
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(source, "no such file") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(source, f"not UTF-8 text (byte {e.start})") from None
+    except OSError as e:
+        raise ConfigError(source, f"cannot read: {e.strerror or e}") from None
+    return parse_config(text, source)
+
+
+def config_path(cli_value: str | None) -> Path:
+    """The config to load: the command line's, else $BPFAILOVER_CONFIG, else the default."""
+    if cli_value:
+        return Path(cli_value)
+    return Path(os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG_PATH)
+
+
+LAB_CONFIG_YAML = """\
+# The lab of DESIGN.md §4: guest with standby ens10nsby and a VF-like primary (ens11).
+groups:
+  - name: ens10
+    standby: ens10nsby
+    primary: auto
+metrics:
+  listen: "127.0.0.1:9617"
+control:
+  socket: /run/bpfailover/control.sock
+bpffs: /sys/fs/bpf/bpfailover
+"""
+
+
+def lab_config() -> Config:
+    return parse_config(LAB_CONFIG_YAML, "<lab>")
+
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "ControlSettings",
+    "Group",
+    "LAB_CONFIG_YAML",
+    "LogSettings",
+    "MetricsSettings",
+    "NotifySettings",
+    "PolicySettings",
+    "StandbyDriver",
+    "config_path",
+    "format_path",
+    "lab_config",
+    "load_config",
+    "parse_config",
+    "validate_config",
+]
