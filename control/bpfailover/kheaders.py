@@ -84,7 +84,7 @@ def find(release: str | None = None, src_dir: Path = SRC_DIR, cache: Path = CACH
     pair = _debian_pair(src_dir)
     if pair is None:
         raise HeadersError(
-            f"no kernel headers: neither /lib/modules/{release}/build nor {src_dir}/linux-headers-*;"
+            f"no kernel headers: no /lib/modules/{release}/build, no {src_dir}/linux-headers-*;"
             " install them: apt-get install linux-headers-amd64"
         )
     tree = _merged_tree(*pair, cache)
