@@ -33,6 +33,15 @@ def _setns(fd: int) -> None:
         raise OSError(err, f"setns: {os.strerror(err)}")
 
 
+def enter_for_good(name: str) -> None:
+    """Move the calling thread (a process before it starts threads) into netns `name`."""
+    fd = os.open(path_of(name), os.O_RDONLY)
+    try:
+        _setns(fd)
+    finally:
+        os.close(fd)
+
+
 @contextmanager
 def entered(name: str | None) -> Iterator[None]:
     """Run the body in netns `name` (None: stay where we are), then come back."""

@@ -1,0 +1,587 @@
+"""failoverd: keeps each group's active lower right, from rtnetlink events, with no polling.
+
+One thread runs everything that writes: link events, hold-down timers, peer
+notifications and control requests are served from one selector loop, so the
+maps have a single writer and no locks.  On a switch the map is written first;
+logging, carrier, GARP come after.  The metrics endpoint only reads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import errno
+import fcntl
+import json
+import logging
+import os
+import selectors
+import signal
+import socket
+import struct
+import sys
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from bpfailover import config as configmod
+from bpfailover import mcsync, netlink, netns, notify, policy
+from bpfailover.api import ControlServer, RequestError
+from bpfailover.datapath import Datapath, DatapathError, Wiring, set_carrier
+from bpfailover.layout import ROLE_SLOTS, SLOT_NAMES
+from bpfailover.loader import LoadError
+from bpfailover.model import Group, Lower, Switch
+from bpfailover.policy import Role
+
+log = logging.getLogger("bpfailover.agent")
+
+# Netdev kinds stacked on top of a lower (they share its MAC) that must never be
+# taken for a primary: net_failover likewise registers only real Ethernet lowers.
+UPPER_KINDS = {"vlan", "macvlan", "macvtap", "ipvlan", "ipvtap", "bridge", "bond", "team",
+               "vxlan", "geneve", "netkit", "ifb", "dummy"}  # fmt: skip
+
+
+SIOCETHTOOL = 0x8946
+ETHTOOL_GDRVINFO = 0x3
+
+
+class AgentError(RuntimeError):
+    pass
+
+
+def now_ms() -> int:
+    return time.monotonic_ns() // 1_000_000
+
+
+def event(name: str, **fields: Any) -> None:
+    """One structured log line per event."""
+    log.info("%s", json.dumps({"event": name, **fields}, default=str))
+
+
+class Agent:
+    def __init__(self, cfg: configmod.Config) -> None:
+        self.cfg = cfg
+        self.groups: dict[str, Group] = {}
+        self.dp: Datapath | None = None
+        self.wiring: Wiring | None = None
+        self.events: netlink.EventSocket | None = None
+        self.control: ControlServer | None = None
+        self.addrs: dict[int, set[tuple[int, str]]] = {}  # ifindex -> {(family, address)}
+        self.sel = selectors.DefaultSelector()
+        self.latencies: deque[float] = deque(maxlen=4096)  # switch latencies, seconds
+        self.stopping = False
+        self.started_at = time.time()
+        self.ipr: Any = None
+        self.on_switch: Callable[[Group, Switch], None] | None = None  # metrics hook
+
+    # -- start-up ---------------------------------------------------------------------
+    def start(self) -> None:
+        from pyroute2 import IPRoute
+
+        try:
+            self.dp = Datapath.open(self.cfg.bpffs)
+            self.dp.lock()
+        except (DatapathError, LoadError) as e:
+            raise AgentError(str(e)) from e
+        # Subscribe before dumping: an event between the two is then seen twice, never lost.
+        self.events = netlink.EventSocket()
+        self.ipr = IPRoute()
+        self.wiring = Wiring(self.dp, self.ipr)
+        links = {link.ifindex: link for link in netlink.dump_links()}
+        self._load_addrs()
+        for gcfg in self.cfg.groups:
+            self.groups[gcfg.name] = self._setup_group(gcfg, links)
+        for grp in self.groups.values():
+            self._reconcile_group(grp, links, time.monotonic_ns())
+        self.sel.register(self.events, selectors.EVENT_READ, "netlink")
+        self.control = ControlServer(self.cfg.control.socket, self.handle_request,
+                                     self.cfg.control.group)  # fmt: skip
+        self.control.register(self.sel)
+        event("started", groups=list(self.groups), pin_dir=self.cfg.bpffs, pid=os.getpid())
+
+    def _resolve_standby(self, gcfg: configmod.Group, links: dict[int, netlink.Link]) -> int | None:
+        if gcfg.standby_name is not None:
+            return next((i for i, lk in links.items() if lk.ifname == gcfg.standby_name), None)
+        driver = getattr(gcfg.standby, "driver", "")
+        for i, lk in links.items():
+            if lk.ifname != gcfg.name and _driver_of(lk.ifname) == driver:
+                return i
+        return None
+
+    def _setup_group(self, gcfg: configmod.Group, links: dict[int, netlink.Link]) -> Group:
+        assert self.dp is not None and self.wiring is not None
+        standby = self._resolve_standby(gcfg, links)
+        mac = gcfg.mac
+        if mac == "auto":
+            if standby is None:
+                raise AgentError(
+                    f"group {gcfg.name}: standby {gcfg.standby_name or gcfg.standby} not found "
+                    "(mac: auto needs it to learn the MAC; or set mac: in the config)"
+                )
+            mac = links[standby].mac
+        try:
+            gid = self.wiring.setup_group(
+                gcfg.name, mac, gcfg.inactive_rx == "drop", gcfg.rx_path,
+                mtu=links[standby].mtu if standby is not None else None,
+            )  # fmt: skip
+        except DatapathError as e:
+            raise AgentError(f"group {gcfg.name}: {e}") from e
+        rec = self.dp.group(gid)
+        grp = Group(
+            cfg=gcfg, gid=gid, mac=mac, master=rec.master_ifindex, peer=rec.peer_ifindex,
+            pcfg=policy.PolicyConfig.from_settings(gcfg.policy),
+        )  # fmt: skip
+        grp.override = SLOT_NAMES.get(rec.override_slot)  # type: ignore[assignment]
+        grp.active = SLOT_NAMES.get(self.dp.active(gid))  # type: ignore[assignment]
+        event("group", group=gcfg.name, gid=gid, mac=mac, master=grp.master,
+              adopted_active=grp.active, override=grp.override)  # fmt: skip
+        return grp
+
+    def _load_addrs(self) -> None:
+        self.addrs = {}
+        for a in netlink.dump_addrs():
+            self.addrs.setdefault(a.ifindex, set()).add((a.family, a.address))
+
+    # -- the loop -------------------------------------------------------------------------
+    def run(self) -> None:
+        while not self.stopping:
+            timeout = self._next_timeout()
+            for key, _mask in self.sel.select(timeout):
+                if key.data == "netlink":
+                    self._on_netlink()
+                elif self.control is not None:
+                    self.control.on_ready(key)
+            self._run_timers()
+
+    def stop(self) -> None:
+        self.stopping = True
+
+    def close(self) -> None:
+        """Stop serving; the pinned datapath keeps forwarding."""
+        if self.control is not None:
+            self.control.close()
+        if self.events is not None:
+            self.events.close()
+        if self.ipr is not None:
+            self.ipr.close()
+        if self.dp is not None:
+            self.dp.close()
+        event("stopped", datapath="left forwarding")
+
+    def _next_timeout(self) -> float | None:
+        due = [g.deadline_ms for g in self.groups.values() if g.deadline_ms is not None]
+        due += [n[0] for g in self.groups.values() for n in g.notify_due]
+        if not due:
+            return None  # event driven: nothing to do until the kernel says something
+        return max(0.0, (min(due) - now_ms()) / 1000)
+
+    def _run_timers(self) -> None:
+        t = now_ms()
+        for grp in self.groups.values():
+            if grp.deadline_ms is not None and grp.deadline_ms <= t:
+                self._decide(grp, time.monotonic_ns(), "hold-down")
+            if any(n[0] <= t for n in grp.notify_due):
+                self._notify_peers(grp, t)
+
+    def _on_netlink(self) -> None:
+        assert self.events is not None
+        t_ns = time.monotonic_ns()
+        try:
+            batch = self.events.read()
+        except netlink.Overflow:
+            event("netlink_overflow", action="re-dump and reconcile")
+            self.reconcile()
+            return
+        for ev in batch:
+            try:
+                if isinstance(ev, netlink.Link):
+                    self._on_link(ev, t_ns)
+                elif isinstance(ev, netlink.Addr):
+                    self._on_addr(ev)
+                else:
+                    self._on_mcast(ev.ifindex)
+            except Exception as e:  # one bad event (a device gone meanwhile) must not kill us
+                event("event_error", error=str(e), ifindex=getattr(ev, "ifindex", None))
+
+    def reconcile(self) -> None:
+        """Full re-read of links and addresses; never trust a missed event."""
+        links = {link.ifindex: link for link in netlink.dump_links()}
+        self._load_addrs()
+        for grp in self.groups.values():
+            self._reconcile_group(grp, links, time.monotonic_ns())
+
+    def _reconcile_group(self, grp: Group, links: dict[int, netlink.Link], t_ns: int) -> None:
+        for role, lower in list(grp.lowers.items()):
+            link = links.get(lower.ifindex)
+            if link is None or link.mac != grp.mac:
+                self._unregister(grp, role, gone=link is None)
+        master = links.get(grp.master)
+        if master is not None:
+            grp.mtu = master.mtu
+        for link in links.values():
+            if grp.lower_by_ifindex(link.ifindex) is None:
+                self._maybe_register(grp, link)
+            else:
+                self._update_lower(grp, link)
+        self._decide(grp, t_ns, "reconcile")
+        self._sync_mc(grp)
+
+    # -- link events ------------------------------------------------------------------------
+    def _on_link(self, link: netlink.Link, t_ns: int) -> None:
+        for grp in self.groups.values():
+            lower = grp.lower_by_ifindex(link.ifindex)
+            if lower is not None:
+                if link.deleted:
+                    self._unregister(grp, lower.role, gone=True)
+                elif link.mac and link.mac != grp.mac:
+                    event("lower_mac_changed", group=grp.name, lower=lower.name, mac=link.mac)
+                    self._unregister(grp, lower.role)
+                else:
+                    self._update_lower(grp, link)
+                self._decide(grp, t_ns, f"link {link.ifname}")
+                return
+            if link.ifindex == grp.master:
+                self._on_master(grp, link)
+                return
+            if not link.deleted and self._maybe_register(grp, link):
+                self._decide(grp, t_ns, f"registered {link.ifname}")
+                self._sync_mc(grp)
+                return
+
+    def _update_lower(self, grp: Group, link: netlink.Link) -> None:
+        lower = grp.lower_by_ifindex(link.ifindex)
+        assert lower is not None
+        if link.ifname and link.ifname != lower.name:
+            # udev renames keep the role: everything is keyed by ifindex + MAC
+            event("lower_renamed", group=grp.name, role=lower.role, old=lower.name,
+                  new=link.ifname)  # fmt: skip
+            lower.name = link.ifname
+        lower.admin_up, lower.carrier = link.admin_up, link.carrier
+        if link.mtu:
+            lower.mtu = link.mtu
+
+    def _role_for(self, grp: Group, link: netlink.Link) -> Role | None:
+        """Registration by MAC (net_failover's failover_slave_register)."""
+        if link.mac != grp.mac or link.ifindex in (grp.master, grp.peer):
+            return None
+        if link.kind in UPPER_KINDS:
+            return None
+        gcfg = grp.cfg
+        if gcfg.standby_name is not None:
+            if link.ifname == gcfg.standby_name:
+                return "standby"
+        elif _driver_of(link.ifname) == getattr(gcfg.standby, "driver", None):
+            return "standby"
+        if gcfg.primary_name is not None and link.ifname != gcfg.primary_name:
+            return None
+        return "primary"
+
+    def _maybe_register(self, grp: Group, link: netlink.Link) -> bool:
+        assert self.wiring is not None
+        role = self._role_for(grp, link)
+        if role is None:
+            return False
+        if role in grp.lowers:
+            event("lower_ignored", group=grp.name, lower=link.ifname, role=role,
+                  why=f"{grp.lowers[role].name} is already the {role}")  # fmt: skip
+            return False
+        if grp.mtu and link.mtu and link.mtu < grp.mtu and not self._set_mtu(link.ifindex, grp.mtu):
+            event("lower_refused", group=grp.name, lower=link.ifname, role=role,
+                  why=f"MTU {link.mtu} < {grp.mtu} and cannot be raised")  # fmt: skip
+            return False
+        self.wiring.register_lower(grp.gid, ROLE_SLOTS[role], link.ifindex, grp.cfg.rx_path)
+        grp.lowers[role] = Lower(role, link.ifindex, link.ifname, link.admin_up, link.carrier,
+                                 max(link.mtu, grp.mtu))  # fmt: skip
+        event("lower_registered", group=grp.name, role=role, lower=link.ifname,
+              ifindex=link.ifindex, usable=grp.lowers[role].usable)  # fmt: skip
+        return True
+
+    def _unregister(self, grp: Group, role: Role, gone: bool = False) -> None:
+        """Forget a lower.  If it is active the policy moves traffic away first."""
+        assert self.wiring is not None
+        lower = grp.lowers.pop(role)
+        self._decide(grp, time.monotonic_ns(), f"unregister {lower.name}")
+        self.wiring.unregister_lower(grp.gid, ROLE_SLOTS[role], lower.ifindex, gone=gone)
+        grp.mc_added.pop(lower.ifindex, None)
+        event("lower_unregistered", group=grp.name, role=role, lower=lower.name, gone=gone)
+
+    def _on_master(self, grp: Group, link: netlink.Link) -> None:
+        if link.deleted:
+            action = "restart failoverd to re-create it, or failoverctl teardown"
+            event("failover_device_deleted", group=grp.name, action=action)
+            return
+        if link.mtu and link.mtu != grp.mtu:
+            self._propagate_mtu(grp, link.mtu)
+        self._sync_mc(grp)
+
+    def _propagate_mtu(self, grp: Group, mtu: int) -> None:
+        """MTU set on the failover device goes to its peer and both lowers, all or none."""
+        old = grp.mtu
+        done: list[tuple[int, int]] = []
+        targets = [(grp.peer, old)] + [(lw.ifindex, lw.mtu) for lw in grp.lowers.values()]
+        for ifindex, prev in targets:
+            if not self._set_mtu(ifindex, mtu):
+                for ifx, prev_mtu in done:
+                    self._set_mtu(ifx, prev_mtu)
+                self._set_mtu(grp.master, old)
+                event("mtu_refused", group=grp.name, mtu=mtu, rolled_back_to=old,
+                      refused_by=ifindex)  # fmt: skip
+                return
+            done.append((ifindex, prev))
+        grp.mtu = mtu
+        for lower in grp.lowers.values():
+            lower.mtu = mtu
+        event("mtu", group=grp.name, mtu=mtu)
+
+    def _set_mtu(self, ifindex: int, mtu: int) -> bool:
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        try:
+            self.ipr.link("set", index=ifindex, mtu=mtu)
+        except NetlinkError as e:
+            log.debug("mtu %d on %d: %s", mtu, ifindex, e)
+            return False
+        return True
+
+    # -- addresses, multicast -----------------------------------------------------------------
+    def _on_addr(self, addr: netlink.Addr) -> None:
+        entry = (addr.family, addr.address)
+        addrs = self.addrs.setdefault(addr.ifindex, set())
+        if addr.deleted:
+            addrs.discard(entry)
+        else:
+            addrs.add(entry)
+        for grp in self.groups.values():
+            if addr.ifindex == grp.master:
+                self._sync_mc(grp)  # a new IPv6 address joins its solicited-node group
+
+    def _on_mcast(self, ifindex: int) -> None:
+        for grp in self.groups.values():
+            if ifindex in (0, grp.master):
+                self._sync_mc(grp)
+
+    def _sync_mc(self, grp: Group) -> None:
+        lowers = {lw.ifindex: lw.name for lw in grp.lowers.values()}
+        try:
+            grp.mc_added = mcsync.sync(grp.cfg.name, lowers, grp.mc_added)
+        except OSError as e:
+            event("mc_sync_error", group=grp.name, error=str(e))
+
+    # -- decisions ------------------------------------------------------------------------
+    def _decide(self, grp: Group, t_event_ns: int, cause: str) -> None:
+        assert self.dp is not None
+        lowers = {role: lw.state() for role, lw in grp.lowers.items()}
+        d = policy.decide(grp.pstate, lowers, grp.override, grp.pcfg, now_ms())
+        grp.pstate = d.state
+        grp.deadline_ms = d.next_deadline_ms
+        if d.active != grp.active:
+            slot = ROLE_SLOTS[d.active] if d.active else 0
+            if d.active is not None:
+                ifindex = grp.lowers[d.active].ifindex
+                if self.dp.lower(grp.gid, slot) != ifindex:  # (re)plugged: fill its slot first
+                    self.dp.set_lower(grp.gid, slot, ifindex)
+            self.dp.flip(grp.gid, slot)  # the switch itself: everything else comes after
+            latency = (time.monotonic_ns() - t_event_ns) / 1e9
+            old = grp.active
+            sw = Switch(
+                wall_time=time.time(), from_role=old, to_role=d.active,
+                from_lower=grp.lowers[old].name if old in grp.lowers else None,
+                to_lower=grp.lowers[d.active].name if d.active else None,
+                reason=d.reason or cause, latency_s=latency,
+            )  # fmt: skip
+            grp.active = d.active
+            grp.last_switch = sw
+            grp.switches[sw.reason] += 1
+            self.latencies.append(latency)
+            event("switch", group=grp.name, **{"from": sw.from_lower, "to": sw.to_lower},
+                  reason=sw.reason, cause=cause, latency_us=round(latency * 1e6, 1))  # fmt: skip
+            if self.on_switch is not None:
+                self.on_switch(grp, sw)
+            if d.active is not None and grp.cfg.notify.garp_count > 0:
+                grp.notify_due = [(now_ms(), d.active, grp.cfg.notify.garp_count)]
+                self._notify_peers(grp, now_ms())
+        if d.carrier != grp.carrier:
+            set_carrier(self.ipr, grp.peer, d.carrier)
+            grp.carrier = d.carrier
+            event("carrier", group=grp.name, on=d.carrier)
+
+    def _notify_peers(self, grp: Group, t: int) -> None:
+        keep = []
+        for due, role, left in grp.notify_due:
+            if due > t:
+                keep.append((due, role, left))
+                continue
+            lower = grp.lowers.get(role)
+            if lower is None or grp.active != role:
+                continue  # switched again meanwhile: the newer switch notifies
+            addrs = sorted(self.addrs.get(grp.master, set()))
+            try:
+                n = notify.send(lower.name, notify.frames_for(grp.mac, addrs))
+                event("notify", group=grp.name, via=lower.name, frames=n)
+            except OSError as e:
+                event("notify_error", group=grp.name, via=lower.name, error=str(e))
+            if left > 1:
+                keep.append((t + grp.cfg.notify.garp_interval_ms, role, left - 1))
+        grp.notify_due = keep
+
+    # -- control requests -----------------------------------------------------------------
+    def handle_request(self, req: dict[str, Any]) -> dict[str, Any]:
+        cmd = req.get("cmd")
+        if cmd == "status":
+            return {"ok": True, "status": self.status()}
+        if cmd == "set-primary":
+            return self._set_primary(req)
+        if cmd == "teardown":
+            return self._teardown(req)
+        raise RequestError(f"unknown command {cmd!r} (status, set-primary, teardown)")
+
+    def _group_arg(self, req: dict[str, Any]) -> Group:
+        name = req.get("group")
+        if not isinstance(name, str) or name not in self.groups:
+            raise RequestError(f"unknown group {name!r} (groups: {', '.join(self.groups)})")
+        return self.groups[name]
+
+    def _set_primary(self, req: dict[str, Any]) -> dict[str, Any]:
+        assert self.dp is not None
+        grp = self._group_arg(req)
+        lower = req.get("lower")
+        target: Role | None
+        if lower is None:
+            target = None  # --auto: back to the configured preference
+        else:
+            if not isinstance(lower, str):
+                raise RequestError("lower must be a name")
+            found = [lw for lw in grp.lowers.values() if lower in (lw.name, lw.role)]
+            if not found:
+                names = ", ".join(f"{lw.name} ({lw.role})" for lw in grp.lowers.values())
+                raise RequestError(f"{lower!r} is not a lower of {grp.name} (lowers: {names})")
+            if not found[0].usable:
+                raise RequestError(f"{found[0].name} is not usable (down or no carrier): refused")
+            target = found[0].role
+        grp.override = target
+        rec = self.dp.group(grp.gid)  # persisted with the pins: survives a restart
+        self.dp.set_group(grp.gid, grp.name, rec.master_ifindex, rec.peer_ifindex, rec.flags,
+                          ROLE_SLOTS[target] if target else 0)  # fmt: skip
+        self._decide(grp, time.monotonic_ns(), "set-primary")
+        event("override", group=grp.name, lower=lower, role=target)
+        return {"ok": True, "active": grp.active, "override": grp.override}
+
+    def _teardown(self, req: dict[str, Any]) -> dict[str, Any]:
+        assert self.wiring is not None
+        grp = self._group_arg(req)
+        self.wiring.teardown_group(grp.name)
+        del self.groups[grp.name]
+        event("teardown", group=grp.name)
+        return {"ok": True}
+
+    def status(self) -> dict[str, Any]:
+        assert self.dp is not None
+        L = self.dp.L
+        out: dict[str, Any] = {"pid": os.getpid(), "started_at": self.started_at, "groups": {}}
+        for grp in self.groups.values():
+            lowers = []
+            for role, lw in sorted(grp.lowers.items()):
+                slot = ROLE_SLOTS[role]
+                tx = self.dp.stats(grp.gid, slot, L.FO_DIR_TX)
+                rx = self.dp.stats(grp.gid, slot, L.FO_DIR_RX)
+                lowers.append({
+                    "name": lw.name, "ifindex": lw.ifindex, "role": role,
+                    "usable": lw.usable, "admin_up": lw.admin_up, "carrier": lw.carrier,
+                    "mtu": lw.mtu, "active": grp.active == role,
+                    "tx_packets": tx.packets, "tx_bytes": tx.bytes,
+                    "rx_packets": rx.packets, "rx_bytes": rx.bytes,
+                })  # fmt: skip
+            sw = grp.last_switch
+            drops = {
+                f"{hook}/{reason}": self.dp.drops(grp.gid, h, r).packets
+                for h, hook in enumerate(L.hooks)
+                for r, reason in enumerate(L.drop_reasons)
+            }
+            out["groups"][grp.name] = {
+                "device": grp.name, "ifindex": grp.master, "mac": grp.mac, "mtu": grp.mtu,
+                "carrier": bool(grp.carrier), "active": grp.active,
+                "active_lower": grp.lowers[grp.active].name if grp.active in grp.lowers else None,
+                "override": grp.override, "reselect": grp.pcfg.reselect,
+                "inactive_rx": grp.cfg.inactive_rx, "rx_path": grp.cfg.rx_path,
+                "lowers": lowers, "drops": drops, "switches": dict(grp.switches),
+                "last_switch": None if sw is None else {
+                    "time": sw.wall_time, "from": sw.from_lower, "to": sw.to_lower,
+                    "reason": sw.reason, "latency_s": sw.latency_s,
+                },
+            }  # fmt: skip
+        return out
+
+
+def _driver_of(ifname: str) -> str | None:
+    """The netdev's driver (ethtool -i): an ioctl, so it answers for our own netns even
+    where /sys belongs to another one (failoverd --netns)."""
+    info = ctypes.create_string_buffer(struct.pack("=I", ETHTOOL_GDRVINFO), 196)
+    ifr = struct.pack("16sQ", ifname.encode()[:15], ctypes.addressof(info))
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            fcntl.ioctl(s.fileno(), SIOCETHTOOL, ifr)
+    except OSError:
+        return None
+    return info.raw[4:36].split(b"\0", 1)[0].decode() or None
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=getattr(logging, level.upper(), logging.INFO),
+        format='{"ts": "%(asctime)s", "level": "%(levelname)s", "msg": %(message)s}',
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="failoverd", description=__doc__.splitlines()[0])
+    ap.add_argument("--config", help="YAML config (default: $BPFAILOVER_CONFIG or "
+                    "/etc/bpfailover/config.yaml)")  # fmt: skip
+    ap.add_argument("--lab", action="store_true", help="use the embedded lab config")
+    ap.add_argument(
+        "--netns",
+        help="run in this named network namespace (labs, tests); unlike `ip netns exec` "
+        "it keeps the host's /sys/fs/bpf and its pins",
+    )
+    args = ap.parse_args(argv)
+    try:
+        cfg = configmod.lab_config() if args.lab else configmod.load_config(
+            configmod.config_path(args.config))  # fmt: skip
+    except configmod.ConfigError as e:
+        print(f"failoverd: {e}", file=sys.stderr)
+        return 2
+    _setup_logging(cfg.log.level)
+    if os.geteuid() != 0:
+        print("failoverd: needs root (CAP_BPF, CAP_NET_ADMIN)", file=sys.stderr)
+        return 1
+    if args.netns:
+        try:
+            netns.enter_for_good(args.netns)
+        except OSError as e:
+            print(f"failoverd: netns {args.netns}: {e.strerror}", file=sys.stderr)
+            return 1
+    agent = Agent(cfg)
+    signal.signal(signal.SIGTERM, lambda *_: agent.stop())
+    signal.signal(signal.SIGINT, lambda *_: agent.stop())
+    try:
+        agent.start()
+        from bpfailover import metrics
+
+        metrics.serve(agent, cfg.metrics.address)
+        agent.run()
+    except (AgentError, DatapathError, LoadError) as e:
+        print(f"failoverd: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            print(f"failoverd: address in use: {e}", file=sys.stderr)
+            return 1
+        raise
+    finally:
+        agent.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""The agent's view of each group: registered lowers, policy state, last switch."""
+
+from __future__ import annotations
+
+from collections import Counter as Tally
+from dataclasses import dataclass, field
+
+from bpfailover import config, policy
+from bpfailover.policy import Role
+
+
+@dataclass
+class Lower:
+    role: Role
+    ifindex: int
+    name: str
+    admin_up: bool
+    carrier: bool
+    mtu: int
+
+    def state(self) -> policy.LowerState:
+        return policy.LowerState(present=True, admin_up=self.admin_up, carrier=self.carrier)
+
+    @property
+    def usable(self) -> bool:
+        return policy.usable(self.state())
+
+
+@dataclass(frozen=True)
+class Switch:
+    wall_time: float
+    from_role: Role | None
+    to_role: Role | None
+    from_lower: str | None
+    to_lower: str | None
+    reason: str
+    latency_s: float  # link event received -> map written
+
+
+@dataclass
+class Group:
+    cfg: config.Group
+    gid: int  # datapath group id (index into the per-group maps)
+    mac: str
+    master: int  # failover netdev ifindex
+    peer: int  # its hidden veth peer
+    pcfg: policy.PolicyConfig
+    pstate: policy.GroupPolicyState = field(default_factory=policy.GroupPolicyState)
+    lowers: dict[Role, Lower] = field(default_factory=dict)
+    override: Role | None = None
+    active: Role | None = None  # what the datapath map holds
+    carrier: bool | None = None
+    mtu: int = 0
+    deadline_ms: int | None = None
+    last_switch: Switch | None = None
+    switches: Tally[str] = field(default_factory=Tally)
+    # pending peer notifications: (due monotonic ms, lower role, how many rounds left)
+    notify_due: list[tuple[int, Role, int]] = field(default_factory=list)
+    mc_added: dict[int, set[str]] = field(default_factory=dict)  # lower ifindex -> our adds
+
+    @property
+    def name(self) -> str:
+        return self.cfg.name
+
+    def lower_by_ifindex(self, ifindex: int) -> Lower | None:
+        for lower in self.lowers.values():
+            if lower.ifindex == ifindex:
+                return lower
+        return None
