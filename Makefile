@@ -4,7 +4,7 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 APT_PKGS := python3-bpfcc libbpfcc linux-headers-amd64 iproute2 iperf3 ethtool \
-            python3-venv python3-yaml kmod procps
+            python3-venv python3-yaml kmod procps bpftool iputils-ping
 STAMP := $(VENV)/.setup-stamp
 
 .PHONY: setup demo test lint typecheck unit bench bench-quick clean

@@ -8,6 +8,7 @@ import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -58,3 +59,20 @@ def scratch_netns() -> Iterator[str]:
         yield name
     finally:
         subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+@pytest.fixture
+def lab_prefix() -> str:
+    return unique("t")
+
+
+@pytest.fixture
+def lab(lab_prefix: str) -> Iterator[Any]:
+    """A one-group lab (not yet up); always taken down."""
+    from bpfailover.lab import Lab
+
+    lab = Lab(lab_prefix)
+    try:
+        yield lab
+    finally:
+        lab.down()

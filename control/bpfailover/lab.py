@@ -181,6 +181,10 @@ class Lab:
                     flags=IFA_F_NODAD,
                 )  # fmt: skip
             ipr.link("set", index=eth0, state="up")
+        # A real wire carries finished checksums; veth hands on CHECKSUM_PARTIAL skbs, which
+        # XDP (which sees bytes, not skb metadata) would pass up unfinished. Make the peer
+        # host finish its checksums in software, as a NIC on a wire would have.
+        netns.run_in(self.peer, ["ethtool", "-K", "eth0", "tx", "off"])
         for i in range(self.groups):
             g = group_names(i)
             self._lower(g.tap, g.standby, g.mac, far_up=standby_link)
