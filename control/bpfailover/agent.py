@@ -79,19 +79,27 @@ class Agent:
     def start(self) -> None:
         from pyroute2 import IPRoute
 
+        # Subscribe before dumping: an event between the two is then seen twice, never lost.
+        self.events = netlink.EventSocket()
+        links = {link.ifindex: link for link in netlink.dump_links()}
+        # Bad input fails before anything is created: every group's MAC must be knowable.
+        for gcfg in self.cfg.groups:
+            if gcfg.mac == "auto" and self._resolve_standby(gcfg, links) is None:
+                raise AgentError(
+                    f"group {gcfg.name}: standby {gcfg.standby_name or gcfg.standby} not found "
+                    "(mac: auto needs it to learn the MAC; or set mac: in the config)"
+                )
         try:
             self.dp = Datapath.open(self.cfg.bpffs)
             self.dp.lock()
         except (DatapathError, LoadError) as e:
             raise AgentError(str(e)) from e
-        # Subscribe before dumping: an event between the two is then seen twice, never lost.
-        self.events = netlink.EventSocket()
         self.ipr = IPRoute()
         self.wiring = Wiring(self.dp, self.ipr)
-        links = {link.ifindex: link for link in netlink.dump_links()}
         self._load_addrs()
         for gcfg in self.cfg.groups:
             self.groups[gcfg.name] = self._setup_group(gcfg, links)
+        links = {link.ifindex: link for link in netlink.dump_links()}  # with the new devices
         for grp in self.groups.values():
             self._reconcile_group(grp, links, time.monotonic_ns())
         self.sel.register(self.events, selectors.EVENT_READ, "netlink")
