@@ -1,8 +1,15 @@
 """The control socket: one JSON request per line in, one JSON reply per line out.
 
-Served from the agent's own selector loop, non-blocking, so a slow or
-malicious client can never hold up a switch.  Only root, or members of the
-configured group, may talk to it (checked with SO_PEERCRED at accept).
+Served from the agent's own selector loop and never blocking it: reads and
+writes are non-blocking, replies that do not fit the socket buffer wait for
+the client to become writable, and an idle client is evicted when the slots
+run out, so a slow or malicious client can never hold up a switch.  Only root,
+or members of the configured group, may talk to it: checked with SO_PEERCRED
+at accept (the file mode is a second fence, not the first).
+
+Every failure becomes an error reply (`{"ok": false, "error": "..."}`) and
+changes nothing: not JSON, not an object, truncated (the client closed before
+the newline), over MAX_REQUEST bytes, unknown command, bad arguments.
 """
 
 from __future__ import annotations
@@ -13,17 +20,28 @@ import os
 import selectors
 import socket
 import struct
+import time
 from collections.abc import Callable
 from contextlib import suppress
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 MAX_REQUEST = 64 * 1024  # a request is a few hundred bytes; anything near this is abuse
 MAX_CLIENTS = 64
+IDLE_EVICT_S = 5.0  # when the slots are full, clients idle this long make room
 
 
 class RequestError(ValueError):
     """A request we refuse: its message goes back to the client as the error."""
+
+
+class AgentUnreachable(OSError):
+    """No agent answers on the socket (absent, not running, no permission on the file)."""
+
+
+class ReplyError(RuntimeError):
+    """The agent answered something that is not a reply."""
 
 
 def peer_creds(conn: socket.socket) -> tuple[int, int, int]:
@@ -40,6 +58,14 @@ def _groups_of(pid: int) -> set[int]:
     except OSError:
         pass
     return set()
+
+
+@dataclass
+class _Client:
+    conn: socket.socket
+    inbuf: bytearray = field(default_factory=bytearray)
+    outbuf: bytes = b""
+    last: float = field(default_factory=time.monotonic)
 
 
 class ControlServer:
@@ -63,7 +89,11 @@ class ControlServer:
         self.sock.listen(16)
         self.sock.setblocking(False)
         self.sel: selectors.BaseSelector | None = None
-        self.buffers: dict[socket.socket, bytearray] = {}
+        self.clients: dict[socket.socket, _Client] = {}
+
+    @property
+    def buffers(self) -> dict[socket.socket, bytearray]:  # kept for older callers
+        return {c.conn: c.inbuf for c in self.clients.values()}
 
     def register(self, sel: selectors.BaseSelector) -> None:
         self.sel = sel
@@ -79,43 +109,63 @@ class ControlServer:
         if key.data == "control-listen":
             self._accept()
         elif key.data == "control-conn":
-            self._read(key.fileobj)  # type: ignore[arg-type]
+            client = self.clients.get(key.fileobj)  # type: ignore[call-overload]
+            if client is None:
+                return
+            if client.outbuf:
+                self._flush(client)
+            else:
+                self._read(client)
 
     def _accept(self) -> None:
-        assert self.sel is not None
         try:
             conn, _ = self.sock.accept()
-        except BlockingIOError:
-            return
-        if not self.allowed(conn) or len(self.buffers) >= MAX_CLIENTS:
-            why = "permission denied" if len(self.buffers) < MAX_CLIENTS else "too many clients"
-            self._reply(conn, {"ok": False, "error": why})
-            conn.close()
-            return
-        conn.setblocking(False)
-        self.buffers[conn] = bytearray()
-        self.sel.register(conn, selectors.EVENT_READ, "control-conn")
-
-    def _read(self, conn: socket.socket) -> None:
-        buf = self.buffers[conn]
-        try:
-            chunk = conn.recv(MAX_REQUEST + 1)
-        except BlockingIOError:
+        except (BlockingIOError, InterruptedError):
             return
         except OSError:
-            chunk = b""
-        if not chunk:
-            self._drop(conn)
+            return  # EMFILE and friends: the client sees a reset, we keep serving
+        conn.setblocking(False)
+        if not self.allowed(conn):
+            self._send_once(conn, {"ok": False, "error": "permission denied (root or the "
+                                   "control group only)"})  # fmt: skip
             return
-        buf += chunk
-        if b"\n" not in buf:
-            if len(buf) > MAX_REQUEST:
-                self._reply(conn, {"ok": False, "error": f"request over {MAX_REQUEST} bytes"})
-                self._drop(conn)
+        if len(self.clients) >= MAX_CLIENTS and not self._evict_idle():
+            self._send_once(conn, {"ok": False, "error": "too many clients"})
             return
-        line = bytes(buf.split(b"\n", 1)[0])
-        self._reply(conn, self.dispatch(line))
-        self._drop(conn)
+        assert self.sel is not None
+        self.clients[conn] = _Client(conn)
+        self.sel.register(conn, selectors.EVENT_READ, "control-conn")
+
+    def _evict_idle(self) -> bool:
+        now = time.monotonic()
+        oldest = min(self.clients.values(), key=lambda c: c.last)
+        if now - oldest.last < IDLE_EVICT_S:
+            return False
+        self._drop(oldest)
+        return True
+
+    def _read(self, client: _Client) -> None:
+        try:
+            chunk = client.conn.recv(MAX_REQUEST + 1)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._drop(client)
+            return
+        client.last = time.monotonic()
+        if not chunk:  # EOF: a request without its newline is truncated
+            if client.inbuf:
+                self._respond(client, {"ok": False, "error": "truncated request (no newline)"})
+            else:
+                self._drop(client)
+            return
+        client.inbuf += chunk
+        nl = client.inbuf.find(b"\n")
+        if nl < 0:
+            if len(client.inbuf) > MAX_REQUEST:
+                self._respond(client, {"ok": False, "error": f"request over {MAX_REQUEST} bytes"})
+            return
+        self._respond(client, self.dispatch(bytes(client.inbuf[:nl])))
 
     def dispatch(self, line: bytes) -> dict[str, Any]:
         """Never raises: every failure becomes an error reply, and changes nothing."""
@@ -123,7 +173,7 @@ class ControlServer:
             return {"ok": False, "error": f"request over {MAX_REQUEST} bytes"}
         try:
             req = json.loads(line)
-        except (ValueError, UnicodeDecodeError) as e:
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:
             return {"ok": False, "error": f"malformed request: not JSON ({e.__class__.__name__})"}
         if not isinstance(req, dict):
             return {"ok": False, "error": "malformed request: not a JSON object"}
@@ -132,24 +182,49 @@ class ControlServer:
         except RequestError as e:
             return {"ok": False, "error": str(e)}
         except Exception as e:  # a bug must not take the agent down with it
-            return {"ok": False, "error": f"internal error: {e}"}
+            return {"ok": False, "error": f"internal error: {e.__class__.__name__}: {e}"}
 
-    def _reply(self, conn: socket.socket, msg: dict[str, Any]) -> None:
+    def _respond(self, client: _Client, msg: dict[str, Any]) -> None:
+        """Queue the one reply of this connection; it is closed once the reply is out."""
+        client.inbuf = bytearray()
+        client.outbuf = json.dumps(msg).encode() + b"\n"
         with suppress(OSError):
-            conn.setblocking(True)
-            conn.settimeout(0.2)  # replies are small; never wait long on a client
-            conn.sendall(json.dumps(msg).encode() + b"\n")
-
-    def _drop(self, conn: socket.socket) -> None:
+            client.conn.shutdown(socket.SHUT_RD)  # one request per connection
         if self.sel is not None:
             with suppress(KeyError, ValueError):
-                self.sel.unregister(conn)
-        self.buffers.pop(conn, None)
+                self.sel.modify(client.conn, selectors.EVENT_WRITE, "control-conn")
+        self._flush(client)
+
+    def _flush(self, client: _Client) -> None:
+        try:
+            n = client.conn.send(client.outbuf)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._drop(client)
+            return
+        client.last = time.monotonic()
+        client.outbuf = client.outbuf[n:]
+        if not client.outbuf:
+            self._drop(client)
+
+    @staticmethod
+    def _send_once(conn: socket.socket, msg: dict[str, Any]) -> None:
+        """A short refusal on a fresh connection: fits any socket buffer, never waits."""
+        with suppress(OSError):
+            conn.send(json.dumps(msg).encode() + b"\n")
         conn.close()
 
+    def _drop(self, client: _Client) -> None:
+        if self.sel is not None:
+            with suppress(KeyError, ValueError):
+                self.sel.unregister(client.conn)
+        self.clients.pop(client.conn, None)
+        client.conn.close()
+
     def close(self) -> None:
-        for conn in list(self.buffers):
-            self._drop(conn)
+        for client in list(self.clients.values()):
+            self._drop(client)
         with suppress(KeyError, ValueError):
             if self.sel is not None:
                 self.sel.unregister(self.sock)
@@ -159,16 +234,37 @@ class ControlServer:
 
 
 def request(path: str, msg: dict[str, Any], timeout: float = 5.0) -> dict[str, Any]:
-    """Client side: send one request, read one reply."""
+    """Client side: send one request, read one reply.
+
+    Raises AgentUnreachable when nothing answers on `path` (an OSError, as before),
+    ReplyError when the answer is not a JSON object."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(timeout)
-        s.connect(path)
-        s.sendall(json.dumps(msg).encode() + b"\n")
+        try:
+            s.connect(path)
+        except OSError as e:
+            raise AgentUnreachable(e.errno, f"{path}: {e.strerror or e}") from e
         data = bytearray()
-        while not data.endswith(b"\n"):
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-    reply: dict[str, Any] = json.loads(data)
+        try:
+            # A refusal may come before our request is read; the reply still counts.
+            with suppress(BrokenPipeError, ConnectionResetError):
+                s.sendall(json.dumps(msg).encode() + b"\n")
+            while not data.endswith(b"\n"):
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+        except TimeoutError as e:
+            raise AgentUnreachable(0, f"{path}: no reply within {timeout:g}s") from e
+        except OSError as e:
+            if not data:
+                raise AgentUnreachable(e.errno, f"{path}: {e.strerror or e}") from e
+    if not data:
+        raise AgentUnreachable(0, f"{path}: connection closed without a reply")
+    try:
+        reply = json.loads(data)
+    except ValueError as e:
+        raise ReplyError(f"{path}: not a JSON reply: {bytes(data[:80])!r}") from e
+    if not isinstance(reply, dict):
+        raise ReplyError(f"{path}: reply is not a JSON object")
     return reply

@@ -1,9 +1,321 @@
-"""Prometheus exporter (placeholder until the operators' surface lands)."""
+"""Prometheus exporter of failoverd (metric names: DESIGN.md §3).
+
+Every scrape builds the metrics fresh: counters are summed from the per-CPU
+maps through the exporter's *own* file descriptors of the pinned maps, the
+agent's model (lowers, switches) is copied, never locked.  The agent thread
+is the single writer; the exporter only reads, so a scrape never blocks a
+switch.  Switch latencies come from the agent's `on_switch` hook, which only
+appends to a deque (atomic under the GIL) that the scrape drains into the
+histogram.
+
+If the listen address cannot be bound, the exporter logs one
+`metrics_unavailable` event and the agent keeps forwarding without it:
+failover matters more than its metrics (and `failover_build_info` missing
+from Prometheus, `up == 0`, says so).
+"""
 
 from __future__ import annotations
 
+import functools
+import json
+import logging
+import socket
+import sys
+import threading
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import suppress
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
+from prometheus_client.core import (
+    CollectorRegistry,
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
 
-def serve(agent: Any, address: tuple[str, int] | None) -> None:
-    return None
+from bpfailover.layout import ROLE_SLOTS
+
+log = logging.getLogger("bpfailover.metrics")
+
+# link event -> map written: tens of microseconds on the raw-netlink path, ms with pyroute2
+BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+           0.1, 0.25, 1.0)  # fmt: skip
+# Every reason the policy gives (policy.Decision.reason), exported from 0 so that
+# increase() sees the first switch of each kind (a series born at 1 increases by 0).
+KNOWN_REASONS = ("initial", "override", "no_lower", "reselect", "primary_up", "standby_up",
+                 "primary_down", "standby_down")  # fmt: skip
+HOOK_PROGS = {"tc_egress": "failover device egress", "tc_ingress": "lowers' ingress",
+              "xdp": "lowers' XDP"}  # fmt: skip
+
+
+def build_version() -> str:
+    try:
+        return version("bpfailover")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+@dataclass
+class Histogram:
+    """Cumulative histogram of switch latencies per device (counts never go down)."""
+
+    counts: list[int] = field(default_factory=lambda: [0] * (len(BUCKETS) + 1))
+    total: float = 0.0
+
+    def observe(self, v: float) -> None:
+        for i, bound in enumerate(BUCKETS):
+            if v <= bound:
+                self.counts[i] += 1
+                break
+        else:
+            self.counts[-1] += 1
+        self.total += v
+
+    def buckets(self) -> list[tuple[str, float]]:
+        out, acc = [], 0
+        for bound, n in zip((*[repr(b) for b in BUCKETS], "+Inf"), self.counts, strict=True):
+            acc += n
+            out.append((bound, float(acc)))
+        return out
+
+
+def _copy(fn: Callable[[], Any], tries: int = 5) -> Any:
+    """Copy agent-owned containers; retry if the agent resized one meanwhile."""
+    for _ in range(tries - 1):
+        try:
+            return fn()
+        except RuntimeError:  # "dictionary changed size during iteration"
+            continue
+    return fn()
+
+
+@dataclass(frozen=True)
+class _LowerView:
+    name: str
+    role: str
+    ifindex: int
+    usable: bool
+
+
+@dataclass(frozen=True)
+class _GroupView:
+    name: str
+    gid: int
+    master: int
+    rx_path: str
+    lowers: tuple[_LowerView, ...]
+    switches: dict[str, int]
+    last_switch_time: float | None
+
+
+def snapshot(agent: Any) -> list[_GroupView]:
+    groups = _copy(lambda: list(agent.groups.values()))
+    out = []
+    for g in groups:
+        lowers = _copy(functools.partial(lambda grp: list(grp.lowers.values()), g))
+        sw = g.last_switch
+        out.append(_GroupView(
+            name=g.name, gid=g.gid, master=g.master, rx_path=g.cfg.rx_path,
+            lowers=tuple(_LowerView(lw.name, lw.role, lw.ifindex, bool(lw.usable))
+                         for lw in lowers),
+            switches=_copy(functools.partial(lambda grp: dict(grp.switches), g)),
+            last_switch_time=sw.wall_time if sw is not None else None,
+        ))  # fmt: skip
+    return out
+
+
+class FailoverCollector(Collector):
+    """Reads the agent's model and its own handle on the pinned maps at each scrape."""
+
+    def __init__(self, agent: Any, dp: Any = None) -> None:
+        self.agent = agent
+        self.dp = dp  # a Datapath of our own (own fds); None: the agent's (tests)
+        self.pending: deque[tuple[str, float]] = deque()
+        self.hist: dict[str, Histogram] = {}
+        self.lock = threading.Lock()  # scrapes among themselves; the agent never takes it
+        self.version = build_version()
+        for grp_name, lat in _initial_latencies(agent):
+            self.pending.append((grp_name, lat))
+
+    # called in the agent thread on every switch: O(1), no lock, no I/O
+    def on_switch(self, grp: Any, sw: Any) -> None:
+        self.pending.append((grp.name, sw.latency_s))
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                name, lat = self.pending.popleft()
+            except IndexError:
+                return
+            self.hist.setdefault(name, Histogram()).observe(lat)
+
+    def collect(self) -> Iterator[Metric]:
+        with self.lock:
+            yield from self._collect()
+
+    def _collect(self) -> Iterator[Metric]:
+        self._drain()
+        dp = self.dp or self.agent.dp
+        L = dp.L
+        groups = snapshot(self.agent)
+        info = GaugeMetricFamily("failover_build_info", "bpfailover build", labels=["version"])
+        info.add_metric([self.version], 1)
+        yield info
+
+        active = GaugeMetricFamily(
+            "failover_lower_active",
+            "1 for the lower the datapath transmits through (lower=none: no usable lower); "
+            "exactly one is 1 per device",
+            labels=["device", "lower", "role"],
+        )
+        up = GaugeMetricFamily("failover_lower_up", "1 if the lower is usable (admin up, "
+                               "running, carrier)", labels=["device", "lower", "role"])  # fmt: skip
+        switches = CounterMetricFamily("failover_switches", "switches of the active lower",
+                                       labels=["device", "reason"])  # fmt: skip
+        last = GaugeMetricFamily("failover_last_switch_timestamp_seconds",
+                                 "wall time of the last switch", labels=["device"])  # fmt: skip
+        dur = HistogramMetricFamily(
+            "failover_switch_duration_seconds",
+            "link event received -> active-lower map written",
+            labels=["device"],
+        )
+        ctr = {
+            (d, k): CounterMetricFamily(
+                f"failover_lower_{d}_{k}",
+                f"{k} {d} through the lower by the datapath (summed over CPUs)",
+                labels=["device", "lower"],
+            )  # fmt: skip
+            for d in ("transmit", "receive")
+            for k in ("packets", "bytes")
+        }
+        drops = CounterMetricFamily("failover_datapath_drops", "frames dropped by the "
+                                    "datapath", labels=["device", "hook", "reason"])  # fmt: skip
+        attached = GaugeMetricFamily("failover_datapath_attached", "1 if the program of the "
+                                     "hook is attached where it must be",
+                                     labels=["device", "hook"])  # fmt: skip
+        attach_state = _attachments(groups)
+        for g in groups:
+            act_slot = dp.active(g.gid)
+            found = False
+            for lw in g.lowers:
+                is_active = ROLE_SLOTS.get(lw.role) == act_slot
+                found = found or is_active
+                active.add_metric([g.name, lw.name, lw.role], 1 if is_active else 0)
+                up.add_metric([g.name, lw.name, lw.role], 1 if lw.usable else 0)
+                slot = ROLE_SLOTS[lw.role]
+                for d, dir_id in (("transmit", L.FO_DIR_TX), ("receive", L.FO_DIR_RX)):
+                    c = dp.stats(g.gid, slot, dir_id)
+                    ctr[(d, "packets")].add_metric([g.name, lw.name], c.packets)
+                    ctr[(d, "bytes")].add_metric([g.name, lw.name], c.bytes)
+            active.add_metric([g.name, "none", "none"], 0 if found else 1)
+            for reason, n in sorted({**dict.fromkeys(KNOWN_REASONS, 0), **g.switches}.items()):
+                switches.add_metric([g.name, reason], n)
+            if g.last_switch_time is not None:
+                last.add_metric([g.name], g.last_switch_time)
+            h = self.hist.get(g.name)
+            if h is not None:
+                dur.add_metric([g.name], h.buckets(), h.total)
+            for h_id, hook in enumerate(L.hooks):
+                for r_id, reason in enumerate(L.drop_reasons):
+                    drops.add_metric([g.name, hook, reason], dp.drops(g.gid, h_id, r_id).packets)
+            for hook, ok in attach_state.get(g.name, {}).items():
+                attached.add_metric([g.name, hook], 1 if ok else 0)
+        yield from (active, up, switches, last, dur, *ctr.values(), drops, attached)
+
+
+def _initial_latencies(agent: Any) -> Iterable[tuple[str, float]]:
+    """Switches made before the exporter started (the start-up reconcile)."""
+    for g in _copy(lambda: list(agent.groups.values())):
+        if g.last_switch is not None:
+            yield g.name, g.last_switch.latency_s
+
+
+def _attachments(groups: list[_GroupView]) -> dict[str, dict[str, bool]]:
+    """Whether our programs sit where they must: egress filter on the failover device,
+    ingress filter (and XDP, on the xdp receive path) on every registered lower."""
+    from pyroute2 import IPRoute
+
+    from bpfailover import datapath
+
+    out: dict[str, dict[str, bool]] = {}
+    try:
+        with IPRoute() as ipr:  # our own netlink socket: the agent's is not shared
+            for g in groups:
+                st = {"tc_egress": datapath.tc_attached(ipr, g.master, "egress")}
+                st["tc_ingress"] = all(
+                    datapath.tc_attached(ipr, lw.ifindex, "ingress") for lw in g.lowers
+                )
+                if g.rx_path == "xdp":
+                    st["xdp"] = all(datapath.xdp_prog_id(ipr, lw.ifindex) for lw in g.lowers)
+                out[g.name] = st
+    except Exception as e:  # a device gone mid-scrape: report what we have
+        log.debug("attachment check: %s", e)
+    return out
+
+
+class Exporter:
+    """The running exporter: registry, collector, HTTP server thread."""
+
+    def __init__(self, agent: Any, address: tuple[str, int], dp: Any = None) -> None:
+        from prometheus_client import ProcessCollector
+
+        self.collector = FailoverCollector(agent, dp)
+        self.registry = CollectorRegistry()
+        self.registry.register(self.collector)
+        ProcessCollector(registry=self.registry)
+        self.address = address
+        self.server: Any = None
+        self.thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        from prometheus_client import start_http_server
+
+        host, port = self.address
+        self.server, self.thread = start_http_server(port, addr=host, registry=self.registry)
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+
+
+def serve(agent: Any, address: tuple[str, int] | None) -> Exporter | None:
+    """Start the exporter in a daemon thread and return; never stops the agent."""
+    if address is None:
+        return None
+    dp = None
+    try:
+        from bpfailover.datapath import Datapath
+
+        dp = Datapath.open(agent.dp.pin_dir, load=False)  # our own fds: reads only
+    except Exception as e:
+        log.debug("own map handles failed (%s): sharing the agent's", e)
+    exp = Exporter(agent, address, dp)
+    try:
+        exp.start()
+    except (OSError, socket.gaierror) as e:
+        log.error("%s", json.dumps({"event": "metrics_unavailable", "listen": list(address),
+                                    "error": str(e), "action": "agent continues without "
+                                    "metrics; fix metrics.listen"}))  # fmt: skip
+        if dp is not None:
+            with suppress(Exception):
+                dp.close()
+        return None
+    prev = agent.on_switch
+
+    def hook(grp: Any, sw: Any) -> None:
+        exp.collector.on_switch(grp, sw)
+        if prev is not None:
+            prev(grp, sw)
+
+    agent.on_switch = hook
+    # A scrape thread holding the GIL delays the agent thread by up to the switch
+    # interval (5 ms by default); 0.5 ms keeps a scrape from adding to a switch.
+    sys.setswitchinterval(min(sys.getswitchinterval(), 0.0005))
+    log.info("%s", json.dumps({"event": "metrics", "listen": f"{address[0]}:{address[1]}"}))
+    return exp

@@ -1,0 +1,317 @@
+"""failoverctl: talk to failoverd over its control socket (and check the host: doctor).
+
+    failoverctl [--socket PATH | --config FILE] status [--json] [--check] [GROUP]
+    failoverctl set-primary GROUP LOWER | set-primary GROUP --auto
+    failoverctl teardown GROUP
+    failoverctl doctor [--netns NAME]
+
+Exit codes (DESIGN.md §3): 0 ok, 1 failed (the agent refused: its reason on stderr),
+2 usage, 3 agent unreachable, 4 degraded (`status --check`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+from bpfailover import api
+from bpfailover import config as configmod
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_UNREACHABLE = 3
+EXIT_DEGRADED = 4
+
+DEFAULT_SOCKET = "/run/bpfailover/control.sock"
+STATUS_SCHEMA_VERSION = 1
+
+
+class CliError(Exception):
+    def __init__(self, message: str, code: int = EXIT_FAILED) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def socket_path(cli_socket: str | None, cli_config: str | None) -> str:
+    """--socket, else the config's control.socket (--config / $BPFAILOVER_CONFIG / the
+    default file, when it exists), else the built-in default."""
+    if cli_socket:
+        return cli_socket
+    path = configmod.config_path(cli_config)
+    explicit = bool(cli_config or os.environ.get(configmod.CONFIG_ENV))
+    if explicit or path.exists():
+        try:
+            return configmod.load_config(path).control.socket
+        except configmod.ConfigError as e:
+            raise CliError(str(e), EXIT_USAGE) from None
+    return DEFAULT_SOCKET
+
+
+def call(sock: str, msg: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
+    try:
+        reply = api.request(sock, msg, timeout)
+    except api.AgentUnreachable as e:
+        raise CliError(f"agent unreachable: {e.strerror or e} (is failoverd running?)",
+                       EXIT_UNREACHABLE) from None  # fmt: skip
+    except api.ReplyError as e:
+        raise CliError(str(e), EXIT_UNREACHABLE) from None
+    if not reply.get("ok"):
+        raise CliError(str(reply.get("error") or "refused without a reason"), EXIT_FAILED)
+    return reply
+
+
+# -- status ---------------------------------------------------------------------------------
+
+
+def degraded_reasons(group: dict[str, Any]) -> list[str]:
+    """Why `status --check` calls a group degraded (empty: healthy)."""
+    lowers = group.get("lowers", [])
+    usable = [lw for lw in lowers if lw.get("usable")]
+    if not usable:
+        return ["no usable lower: traffic is dropped"]
+    by_role = {lw.get("role"): lw for lw in lowers}
+    primary = by_role.get("primary")
+    if group.get("active") == "standby" and primary is not None and primary.get("usable"):
+        why = f"running on the standby while primary {primary.get('name')} is usable"
+        if group.get("override") == "standby":
+            why += " (operator override: failoverctl set-primary GROUP --auto clears it)"
+        return [why]
+    return []
+
+
+def status_document(st: dict[str, Any], only: str | None = None) -> dict[str, Any]:
+    """The stable `status --json` document (docs/status-schema.md)."""
+    groups = []
+    for name, g in sorted(st.get("groups", {}).items()):
+        if only is not None and name != only:
+            continue
+        sw = g.get("last_switch")
+        groups.append({
+            "group": name,
+            "device": g.get("device", name),
+            "ifindex": g.get("ifindex"),
+            "mac": g.get("mac"),
+            "mtu": g.get("mtu"),
+            "carrier": bool(g.get("carrier")),
+            "active": g.get("active"),
+            "active_lower": g.get("active_lower"),
+            "override": g.get("override"),
+            "reselect": g.get("reselect"),
+            "inactive_rx": g.get("inactive_rx"),
+            "lowers": [{
+                "name": lw.get("name"), "ifindex": lw.get("ifindex"), "role": lw.get("role"),
+                "active": bool(lw.get("active")), "usable": bool(lw.get("usable")),
+                "admin_up": bool(lw.get("admin_up")), "carrier": bool(lw.get("carrier")),
+                "mtu": lw.get("mtu"),
+                "tx_packets": lw.get("tx_packets", 0), "tx_bytes": lw.get("tx_bytes", 0),
+                "rx_packets": lw.get("rx_packets", 0), "rx_bytes": lw.get("rx_bytes", 0),
+            } for lw in g.get("lowers", [])],  # fmt: skip
+            "switches": dict(g.get("switches", {})),
+            "last_switch": None if not sw else {
+                "time": sw.get("time"), "from": sw.get("from"), "to": sw.get("to"),
+                "reason": sw.get("reason"), "latency_s": sw.get("latency_s"),
+            },  # fmt: skip
+            "drops": dict(g.get("drops", {})),
+            "degraded": degraded_reasons(g),
+        })  # fmt: skip
+    return {
+        "schema": STATUS_SCHEMA_VERSION,
+        "agent": {"pid": st.get("pid"), "started_at": st.get("started_at")},
+        "groups": groups,
+    }
+
+
+def _yes(v: bool) -> str:
+    return "yes" if v else "no"
+
+
+def _ago(t: float | None) -> str:
+    if not t:
+        return "-"
+    d = max(0.0, time.time() - t)
+    if d < 120:
+        return f"{d:.0f}s ago"
+    if d < 7200:
+        return f"{d / 60:.0f}m ago"
+    return f"{d / 3600:.1f}h ago"
+
+
+def format_table(doc: dict[str, Any]) -> str:
+    out: list[str] = []
+    for g in doc["groups"]:
+        override = g["override"] or "auto"
+        state = "DEGRADED: " + "; ".join(g["degraded"]) if g["degraded"] else "ok"
+        out.append(
+            f"{g['group']}: active {g['active_lower'] or 'none'} ({g['active'] or '-'}), "
+            f"override {override}, carrier {'on' if g['carrier'] else 'off'}, "
+            f"mac {g['mac']}, mtu {g['mtu']} -- {state}"
+        )
+        head = ("", "LOWER", "IFINDEX", "ROLE", "USABLE", "ADMIN", "CARRIER",
+                "TX_PKTS", "RX_PKTS")  # fmt: skip
+        rows = [head]
+        for lw in g["lowers"]:
+            rows.append((
+                "*" if lw["active"] else "", lw["name"], str(lw["ifindex"]), lw["role"],
+                _yes(lw["usable"]), "up" if lw["admin_up"] else "down", _yes(lw["carrier"]),
+                str(lw["tx_packets"]), str(lw["rx_packets"]),
+            ))  # fmt: skip
+        widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+        for r in rows:
+            out.append(
+                "  " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+            )
+        sw = g["last_switch"]
+        if sw:
+            lat = sw["latency_s"]
+            out.append(
+                f"  last switch {_ago(sw['time'])}: {sw['from'] or 'none'} -> "
+                f"{sw['to'] or 'none'} ({sw['reason']}"
+                + (f", {lat * 1e6:.0f} us)" if lat is not None else ")")
+            )
+        total = sum(g["switches"].values())
+        if total:
+            parts = ", ".join(f"{k} {v}" for k, v in sorted(g["switches"].items()))
+            out.append(f"  switches {total}: {parts}")
+        drops = {k: v for k, v in g["drops"].items() if v}
+        if drops:
+            out.append("  drops: " + ", ".join(f"{k} {v}" for k, v in sorted(drops.items())))
+    if not doc["groups"]:
+        out.append("no groups")
+    return "\n".join(out)
+
+
+class Status:
+    help = "show groups, lowers, the active lower and the last switch"
+
+    @staticmethod
+    def add_arguments(p: argparse.ArgumentParser) -> None:
+        p.add_argument("group", nargs="?", help="only this group")
+        p.add_argument("--json", action="store_true", help="stable JSON (docs/status-schema.md)")
+        p.add_argument("--check", action="store_true",
+                       help="exit 4 if a group is degraded (no usable lower, or on the "
+                       "standby while the primary is usable)")  # fmt: skip
+
+    @staticmethod
+    def run(args: argparse.Namespace, sock: str) -> int:
+        st = call(sock, {"cmd": "status"})["status"]
+        if args.group is not None and args.group not in st.get("groups", {}):
+            known = ", ".join(sorted(st.get("groups", {}))) or "none"
+            raise CliError(f"unknown group {args.group!r} (groups: {known})")
+        doc = status_document(st, args.group)
+        if args.json:
+            print(json.dumps(doc, indent=2, sort_keys=True))
+        else:
+            print(format_table(doc))
+        if args.check:
+            bad = [(g["group"], r) for g in doc["groups"] for r in g["degraded"]]
+            for name, reason in bad:
+                print(f"failoverctl: {name}: degraded: {reason}", file=sys.stderr)
+            if bad:
+                return EXIT_DEGRADED
+        return EXIT_OK
+
+
+class SetPrimary:
+    help = "prefer a lower (a planned, lossless switch), or --auto to return to the policy"
+
+    @staticmethod
+    def add_arguments(p: argparse.ArgumentParser) -> None:
+        p.add_argument("group")
+        p.add_argument("lower", nargs="?", help="lower name (or role: primary, standby)")
+        p.add_argument("--auto", action="store_true", help="clear the override")
+
+    @staticmethod
+    def run(args: argparse.Namespace, sock: str) -> int:
+        if args.auto == (args.lower is not None):
+            raise CliError("set-primary: give either LOWER or --auto", EXIT_USAGE)
+        reply = call(sock, {"cmd": "set-primary", "group": args.group, "lower": args.lower})
+        active = reply.get("active")
+        print(
+            f"{args.group}: override {reply.get('override') or 'auto'}, active {active or 'none'}"
+        )
+        return EXIT_OK
+
+
+class Teardown:
+    help = "remove a group's datapath (the only way; stopping failoverd never does)"
+
+    @staticmethod
+    def add_arguments(p: argparse.ArgumentParser) -> None:
+        p.add_argument("group")
+
+    @staticmethod
+    def run(args: argparse.Namespace, sock: str) -> int:
+        call(sock, {"cmd": "teardown", "group": args.group})
+        print(f"{args.group}: datapath removed")
+        return EXIT_OK
+
+
+class Doctor:
+    help = "check this host for known net_failover pains; each finding with its fix"
+
+    @staticmethod
+    def add_arguments(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--netns", help="check the lowers in this named network namespace (labs)")
+        p.add_argument("--json", action="store_true", help="findings as JSON")
+
+    @staticmethod
+    def run(args: argparse.Namespace, sock: str | None) -> int:
+        from bpfailover import doctor
+
+        return doctor.main_for_cli(args, sock)
+
+
+VERBS: dict[str, Any] = {
+    "status": Status,
+    "set-primary": SetPrimary,
+    "teardown": Teardown,
+    "doctor": Doctor,
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        print(f"{self.prog}: {message}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = _Parser(prog="failoverctl", description=__doc__.splitlines()[0])
+    ap.add_argument(
+        "--socket", help=f"control socket (default: the config's, else {DEFAULT_SOCKET})"
+    )
+    ap.add_argument("--config", help="agent config to read the socket path from "
+                    "(default: $BPFAILOVER_CONFIG or /etc/bpfailover/config.yaml)")  # fmt: skip
+    sub = ap.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
+    sub.required = True
+    for name, verb in VERBS.items():
+        p = sub.add_parser(name, help=verb.help, description=verb.help)
+        verb.add_arguments(p)
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        if args.verb == "doctor":
+            return int(Doctor.run(args, args.socket))
+        sock = socket_path(args.socket, args.config)
+        return int(VERBS[args.verb].run(args, sock))
+    except CliError as e:
+        print(f"failoverctl: {e}", file=sys.stderr)
+        return e.code
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # `failoverctl status | head`
+        return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,467 @@
+"""failoverctl doctor: the known net_failover pains, each finding with its fix.
+
+Checks (each a function of a `Host`, whose paths tests point at fixtures):
+addresses or IPv6 on a lower; DHCP clients or ifupdown stanzas for a lower;
+lowers managed by NetworkManager or systemd-networkd; a lower enslaved to
+another master (the kernel's own net_failover, a bond, a bridge); bpffs not
+mounted; no kernel headers for bcc; missing root/capabilities; a second
+agent (two failoverd in one netns, or a pin lock held by an agent that does
+not answer).  Exit code 0: nothing found; 4: findings (printed with fixes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import os
+import re
+import sys
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bpfailover import api, kheaders, netns
+from bpfailover import config as configmod
+
+DHCP_CLIENTS = {"dhclient", "dhcpcd", "dhcpcd5", "udhcpc", "pump", "dhcpcd-bin"}
+AGENT_MARKERS = ("failoverd", "bpfailover.agent")
+UPPER_KINDS = {"vlan", "macvlan", "macvtap", "ipvlan", "ipvtap", "bridge", "bond", "team",
+               "vxlan", "geneve", "netkit", "ifb", "dummy"}  # fmt: skip
+CAPS = {"CAP_NET_ADMIN": 12, "CAP_NET_RAW": 13, "CAP_SYS_ADMIN": 21, "CAP_PERFMON": 38,
+        "CAP_BPF": 39}  # fmt: skip
+SNIPPETS = "deploy/ in the bpfailover sources (or /usr/share/doc/bpfailover/deploy)"
+
+
+@dataclass(frozen=True)
+class Finding:
+    check: str
+    subject: str
+    problem: str
+    fix: str
+
+
+@dataclass
+class LinkInfo:
+    ifindex: int
+    name: str
+    mac: str
+    kind: str | None = None
+    master: int | None = None
+    addrs: list[tuple[str, str]] = field(default_factory=list)  # (address/prefix, scope)
+
+
+@dataclass
+class Host:
+    """Where the checks look; tests replace the paths with fixtures."""
+
+    proc: Path = Path("/proc")
+    run: Path = Path("/run")
+    etc: Path = Path("/etc")
+    src_dir: Path = Path("/usr/src")
+    modules: Path = Path("/lib/modules")
+    mounts: Path = Path("/proc/self/mounts")
+    self_status: Path = Path("/proc/self/status")
+    release: str = field(default_factory=lambda: os.uname().release)
+    euid: int = field(default_factory=os.geteuid)
+    netns: str | None = None
+    check_managers: bool = True  # NM/networkd state files describe the host netns only
+
+
+@dataclass
+class Lower:
+    group: str
+    role: str
+    link: LinkInfo
+
+
+# -- gathering -------------------------------------------------------------------------------
+
+
+def dump_links(ns: str | None) -> dict[int, LinkInfo]:
+    from pyroute2 import IPRoute
+
+    out: dict[int, LinkInfo] = {}
+    with netns.entered(ns), IPRoute() as ipr:
+        for msg in ipr.get_links():
+            info = msg.get_attr("IFLA_LINKINFO")
+            kind = info.get_attr("IFLA_INFO_KIND") if info is not None else None
+            out[msg["index"]] = LinkInfo(
+                msg["index"], msg.get_attr("IFLA_IFNAME"), msg.get_attr("IFLA_ADDRESS") or "",
+                kind, msg.get_attr("IFLA_MASTER"),
+            )  # fmt: skip
+        scopes = {0: "global", 200: "site", 253: "link", 254: "host"}
+        for a in ipr.get_addr():
+            link = out.get(a["index"])
+            if link is not None:
+                addr = a.get_attr("IFA_ADDRESS") or a.get_attr("IFA_LOCAL")
+                link.addrs.append((f"{addr}/{a['prefixlen']}", scopes.get(a["scope"], "?")))
+    return out
+
+
+def find_lowers(
+    cfg: configmod.Config | None, links: dict[int, LinkInfo], status: dict[str, Any] | None
+) -> list[Lower]:
+    """Lowers by the agent's word when it answers, else by config: the standby (name or
+    driver-less guess by name) and every other netdev with its MAC."""
+    by_index: dict[int, Lower] = {}
+    if status is not None:
+        for name, g in status.get("groups", {}).items():
+            for lw in g.get("lowers", []):
+                link = links.get(lw.get("ifindex"))
+                if link is not None:
+                    by_index[link.ifindex] = Lower(name, lw.get("role", "?"), link)
+    if cfg is not None:
+        names = {lk.name: lk for lk in links.values()}
+        for g in cfg.groups:
+            standby = names.get(g.standby_name) if g.standby_name else None
+            mac = g.mac if g.mac != "auto" else (standby.mac if standby else None)
+            if mac is None:
+                continue
+            hidden = {g.name, f"{g.name[:12]}_fo"}
+            for lk in links.values():
+                if lk.mac != mac or lk.name in hidden or lk.kind in UPPER_KINDS:
+                    continue
+                if lk.ifindex not in by_index:
+                    role = "standby" if standby is not None and lk is standby else "primary"
+                    by_index[lk.ifindex] = Lower(g.name, role, lk)
+    return sorted(by_index.values(), key=lambda lw: (lw.group, lw.link.name))
+
+
+def _procs(host: Host) -> Iterator[tuple[int, list[str]]]:
+    try:
+        entries = list(host.proc.iterdir())
+    except OSError:
+        return
+    for d in entries:
+        if not d.name.isdigit():
+            continue
+        try:
+            raw = (d / "cmdline").read_bytes()
+        except OSError:
+            continue
+        argv = [a.decode(errors="replace") for a in raw.split(b"\0") if a]
+        if argv:
+            yield int(d.name), argv
+
+
+def _netns_id(host: Host, pid: int | None) -> str | None:
+    """The netns a process is in (`net:[ino]`), or of host.netns / ourselves for None."""
+    try:
+        if pid is None:
+            if host.netns is not None:
+                return f"net:[{os.stat(netns.path_of(host.netns)).st_ino}]"
+            return os.readlink(host.proc / "self" / "ns" / "net")
+        return os.readlink(host.proc / str(pid) / "ns" / "net")
+    except OSError:
+        return None
+
+
+def _same_netns(host: Host, pid: int) -> bool:
+    ours, theirs = _netns_id(host, None), _netns_id(host, pid)
+    return ours is None or theirs is None or ours == theirs
+
+
+# -- checks ------------------------------------------------------------------------------------
+
+
+def check_addresses(lowers: list[Lower]) -> Iterator[Finding]:
+    for lw in lowers:
+        for addr, scope in lw.link.addrs:
+            what = "IPv6 link-local address" if scope == "link" else "address"
+            yield Finding(
+                "lower-address", lw.link.name,
+                f"{what} {addr} on {lw.group}'s {lw.role} lower: traffic sourced from a lower "
+                "bypasses the failover device and is lost when it goes away",
+                f"ip addr flush dev {lw.link.name}; sysctl -w net.ipv6.conf.{lw.link.name}."
+                f"disable_ipv6=1; configure addresses on {lw.group} only",
+            )  # fmt: skip
+
+
+def check_dhcp(host: Host, lowers: list[Lower]) -> Iterator[Finding]:
+    names = {lw.link.name: lw for lw in lowers}
+    for pid, argv in _procs(host):
+        prog = os.path.basename(argv[0])
+        if prog not in DHCP_CLIENTS or not _same_netns(host, pid):
+            continue
+        hit = [a for a in argv[1:] if a in names]
+        ifaces = [a for a in argv[1:] if not a.startswith("-") and "/" not in a and "." not in a]
+        if not hit and prog == "dhclient" and not ifaces and names:
+            hit = sorted(names)  # dhclient without interfaces runs on all of them
+        for name in hit:
+            yield Finding(
+                "lower-dhcp",
+                name,
+                f"DHCP client {prog} (pid {pid}) runs on lower {name}",
+                f"stop it (kill {pid}) and run DHCP on {names[name].group} instead; "
+                "make sure nothing starts it again (ifupdown, NetworkManager, networkd)",
+            )
+    for path in [host.etc / "network" / "interfaces",
+                 *sorted((host.etc / "network" / "interfaces.d").glob("*"))]:  # fmt: skip
+        try:
+            text = path.read_text(errors="replace")
+        except OSError:
+            continue
+        for name, lw in names.items():
+            m = re.search(rf"^\s*iface\s+{re.escape(name)}\s+inet6?\s+(\w+)", text, re.M)
+            if m and m.group(1) not in ("manual",):
+                yield Finding(
+                    "lower-ifupdown",
+                    name,
+                    f"{path} configures lower {name} ({m.group(0).strip()})",
+                    f"change it to `iface {name} inet manual` (or remove it) and configure "
+                    f"{lw.group} instead",
+                )
+
+
+def _keyfile_value(text: str, key: str) -> str | None:
+    m = re.search(rf"^\s*{re.escape(key)}\s*=\s*(.*?)\s*$", text, re.M)
+    return m.group(1) if m else None
+
+
+def check_managers(host: Host, lowers: list[Lower]) -> Iterator[Finding]:
+    if not host.check_managers:
+        return
+    for lw in lowers:
+        nm = host.run / "NetworkManager" / "devices" / str(lw.link.ifindex)
+        try:
+            managed = _keyfile_value(nm.read_text(errors="replace"), "managed")
+        except OSError:
+            managed = None
+        if managed is not None and managed.lower() in ("true", "1", "yes"):
+            yield Finding(
+                "lower-networkmanager",
+                lw.link.name,
+                f"NetworkManager manages lower {lw.link.name} (it may add addresses, DHCP, "
+                "or take it down)",
+                "install deploy/networkmanager/90-bpfailover-lowers.conf (or the udev rule "
+                f"deploy/udev/80-bpfailover-lowers.rules) and `nmcli device set {lw.link.name} "
+                "managed no`",
+            )
+        nd = host.run / "systemd" / "netif" / "links" / str(lw.link.ifindex)
+        try:
+            text = nd.read_text(errors="replace")
+        except OSError:
+            continue
+        state = _keyfile_value(text, "ADMIN_STATE")
+        if state is not None and state not in ("unmanaged", "linger"):
+            net = _keyfile_value(text, "NETWORK_FILE") or "a .network file"
+            yield Finding(
+                "lower-networkd",
+                lw.link.name,
+                f"systemd-networkd manages lower {lw.link.name} (state {state}, from {net})",
+                "install deploy/networkd/00-bpfailover-lowers.network in /etc/systemd/network "
+                "(match the failover device by Name=, never by MAC) and `networkctl reload`",
+            )
+
+
+def check_masters(lowers: list[Lower], links: dict[int, LinkInfo]) -> Iterator[Finding]:
+    for lw in lowers:
+        if lw.link.master:
+            m = links.get(lw.link.master)
+            mname = m.name if m else f"ifindex {lw.link.master}"
+            kind = (m.kind if m else None) or "a master device (the kernel's net_failover?)"
+            yield Finding(
+                "lower-enslaved",
+                lw.link.name,
+                f"lower {lw.link.name} is enslaved to {mname} ({kind}): two failover "
+                "mechanisms fight over it",
+                "boot the guest without the kernel's failover (virtio-net `failover=off`, or "
+                f"blacklist net_failover) or release it: ip link set {lw.link.name} nomaster",
+            )
+
+
+def check_bpffs(host: Host, pin_dir: str) -> Iterator[Finding]:
+    try:
+        lines = host.mounts.read_text().splitlines()
+    except OSError as e:
+        yield Finding("bpffs", str(host.mounts), f"cannot read mounts: {e}", "run as root")
+        return
+    points = [ln.split()[1] for ln in lines if len(ln.split()) > 2 and ln.split()[2] == "bpf"]
+    if not any(pin_dir == p or pin_dir.startswith(p.rstrip("/") + "/") for p in points):
+        parent = str(Path(pin_dir).parent)
+        yield Finding(
+            "bpffs",
+            parent,
+            f"no bpf filesystem mounted at {parent}: pins (and a restart without loss) "
+            "are impossible",
+            f"mount -t bpf bpf {parent} (persist: `bpf {parent} bpf defaults 0 0` in "
+            "/etc/fstab; systemd mounts /sys/fs/bpf by itself)",
+        )
+
+
+def check_headers(host: Host) -> Iterator[Finding]:
+    build = host.modules / host.release / "build" / "include"
+    if build.is_dir() or os.environ.get("BCC_KERNEL_SOURCE"):
+        return
+    if kheaders._debian_pair(host.src_dir) is not None:
+        return
+    yield Finding(
+        "kernel-headers",
+        host.release,
+        f"no kernel headers: neither {host.modules}/{host.release}/build nor "
+        f"{host.src_dir}/linux-headers-*: the datapath cannot be compiled",
+        f"apt-get install linux-headers-amd64 (or linux-headers-{host.release}); in a "
+        "container mount /lib/modules and /usr/src read-only",
+    )
+
+
+def _kernel_has_cap_bpf(release: str) -> bool:
+    nums = [int(x) for x in re.findall(r"\d+", release)[:2]] + [0, 0]
+    return (nums[0], nums[1]) >= (5, 8)
+
+
+def check_privileges(host: Host) -> Iterator[Finding]:
+    if host.euid != 0:
+        yield Finding(
+            "privileges",
+            f"euid {host.euid}",
+            "not root: failoverd refuses to start",
+            "run failoverd as root (systemd unit deploy/systemd/failoverd.service)",
+        )
+    try:
+        text = host.self_status.read_text()
+    except OSError:
+        return
+    m = re.search(r"^CapEff:\s*([0-9a-fA-F]+)", text, re.M)
+    if not m:
+        return
+    eff = int(m.group(1), 16)
+    need = ["CAP_NET_ADMIN", "CAP_NET_RAW", "CAP_PERFMON", "CAP_BPF"]
+    if not _kernel_has_cap_bpf(host.release):
+        need = ["CAP_NET_ADMIN", "CAP_NET_RAW", "CAP_SYS_ADMIN"]
+    missing = [c for c in need if not eff >> CAPS[c] & 1]
+    if missing:
+        yield Finding(
+            "capabilities",
+            "effective set",
+            f"missing {', '.join(missing)}: loading, attaching or notifying will fail",
+            "grant them (container: --cap-add " + " --cap-add ".join(missing) + ", or "
+            "--privileged; systemd: AmbientCapabilities=/CapabilityBoundingSet=)",
+        )
+
+
+def check_agents(host: Host, pin_dir: str, sock: str | None) -> Iterator[Finding]:
+    mine = os.getpid()
+    agents = []
+    for pid, argv in _procs(host):
+        if pid == mine or not _same_netns(host, pid):
+            continue
+        joined = " ".join(argv[:3])
+        if any(m in joined for m in AGENT_MARKERS) and "failoverctl" not in joined:
+            agents.append((pid, " ".join(argv)))
+    if len(agents) > 1:
+        listed = "; ".join(f"{p}: {c[:80]}" for p, c in agents)
+        yield Finding(
+            "second-agent",
+            "failoverd",
+            f"{len(agents)} failoverd processes in this network namespace ({listed}): two "
+            "writers fight over the same lowers",
+            "run exactly one (systemctl status failoverd; kill the stray one by its pid)",
+        )
+    pins = Path(pin_dir)
+    if not pins.is_dir():
+        return
+    try:
+        fd = os.open(pins, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        locked = False
+    except BlockingIOError:
+        locked = True
+    finally:
+        os.close(fd)  # closing drops a lock we took
+    if locked and sock is not None:
+        try:
+            api.request(sock, {"cmd": "status"}, timeout=2.0)
+        except (api.AgentUnreachable, api.ReplyError):
+            yield Finding(
+                "second-agent",
+                pin_dir,
+                f"an agent holds the pin lock of {pin_dir} but none answers on {sock}: a "
+                "second agent with another socket, or a hung one",
+                "find it (fuser -v " + pin_dir + "), stop it, then start failoverd once",
+            )
+
+
+# -- running -------------------------------------------------------------------------------------
+
+
+def run_checks(
+    host: Host,
+    cfg: configmod.Config | None,
+    sock: str | None,
+    links: dict[int, LinkInfo] | None = None,
+) -> list[Finding]:
+    findings: list[Finding] = []
+    status = None
+    if sock is not None:
+        try:
+            reply = api.request(sock, {"cmd": "status"}, timeout=2.0)
+            status = reply.get("status") if reply.get("ok") else None
+        except (api.AgentUnreachable, api.ReplyError):
+            status = None
+    if links is None:
+        try:
+            links = dump_links(host.netns)
+        except OSError as e:
+            findings.append(Finding("links", host.netns or "host", f"cannot list links: {e}",
+                                    "run as root"))  # fmt: skip
+            links = {}
+    lowers = find_lowers(cfg, links, status)
+    pin_dir = cfg.bpffs if cfg is not None else "/sys/fs/bpf/bpfailover"
+    checks: Iterable[Iterable[Finding]] = (
+        check_addresses(lowers),
+        check_dhcp(host, lowers),
+        check_managers(host, lowers),
+        check_masters(lowers, links),
+        check_bpffs(host, pin_dir),
+        check_headers(host),
+        check_privileges(host),
+        check_agents(host, pin_dir, sock),
+    )
+    for found in checks:
+        findings.extend(found)
+    return findings
+
+
+def format_findings(findings: list[Finding]) -> str:
+    if not findings:
+        return "doctor: no problems found"
+    out = []
+    for f in findings:
+        out.append(f"[{f.check}] {f.subject}: {f.problem}\n    fix: {f.fix}")
+    out.append(f"doctor: {len(findings)} finding{'s' if len(findings) != 1 else ''}")
+    return "\n".join(out)
+
+
+def main_for_cli(args: argparse.Namespace, cli_socket: str | None) -> int:
+    """`failoverctl doctor`: 0 when nothing is found, 4 when something is, 2 on a bad config."""
+    path = configmod.config_path(args.config)
+    cfg: configmod.Config | None = None
+    pre: list[Finding] = []
+    try:
+        cfg = configmod.load_config(path)
+    except configmod.ConfigError as e:
+        if args.config or os.environ.get(configmod.CONFIG_ENV) or path.exists():
+            print(f"failoverctl: {e}", file=sys.stderr)
+            return 2
+        pre.append(
+            Finding(
+                "config",
+                str(path),
+                "no agent config: lowers are guessed only from a running agent",
+                f"write {path} (see docs/operators.md)",
+            )
+        )
+    sock = cli_socket or (cfg.control.socket if cfg else "/run/bpfailover/control.sock")
+    host = Host(netns=args.netns, check_managers=args.netns is None)
+    findings = pre + run_checks(host, cfg, sock)
+    if args.json:
+        print(json.dumps([asdict(f) for f in findings], indent=2))
+    else:
+        print(format_findings(findings))
+    return 4 if findings else 0
