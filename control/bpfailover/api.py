@@ -29,7 +29,7 @@ from typing import Any
 
 MAX_REQUEST = 64 * 1024  # a request is a few hundred bytes; anything near this is abuse
 MAX_CLIENTS = 64
-IDLE_EVICT_S = 5.0  # when the slots are full, clients idle this long make room
+IDLE_EVICT_S = 2.0  # when the slots are full, clients idle this long make room
 
 
 class RequestError(ValueError):

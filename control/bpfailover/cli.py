@@ -20,7 +20,6 @@ from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from bpfailover import api
-from bpfailover import config as configmod
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -43,6 +42,8 @@ def socket_path(cli_socket: str | None, cli_config: str | None) -> str:
     default file, when it exists), else the built-in default."""
     if cli_socket:
         return cli_socket
+    from bpfailover import config as configmod  # pydantic: 0.2 s, only when needed
+
     path = configmod.config_path(cli_config)
     explicit = bool(cli_config or os.environ.get(configmod.CONFIG_ENV))
     if explicit or path.exists():

@@ -1,0 +1,226 @@
+"""failoverctl against a running agent in the lab: status, set-primary, refusals, teardown."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bpfailover import cli, netns, traffic
+from bpfailover.lab import Lab
+from tests.opsutil import agent_in_lab, ctl, status_json
+
+# ---- no root needed --------------------------------------------------------------------------
+
+
+def _group(active: str | None, primary_usable: bool, standby_usable: bool,
+           override: str | None = None) -> dict[str, Any]:  # fmt: skip
+    return {
+        "active": active, "override": override,
+        "lowers": [{"name": "ens11", "role": "primary", "usable": primary_usable},
+                   {"name": "ens10nsby", "role": "standby", "usable": standby_usable}],
+    }  # fmt: skip
+
+
+def test_degraded_reasons() -> None:
+    assert cli.degraded_reasons(_group("primary", True, True)) == []
+    assert cli.degraded_reasons(_group("standby", False, True)) == []  # failover: as designed
+    assert "no usable lower" in cli.degraded_reasons(_group(None, False, False))[0]
+    why = cli.degraded_reasons(_group("standby", True, True, override="standby"))
+    assert "primary ens11 is usable" in why[0] and "override" in why[0]
+
+
+def test_socket_path_resolution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("groups: [{name: ens10, standby: ens10nsby}]\n"
+                   "control: {socket: /run/x/ctl.sock}\n")  # fmt: skip
+    monkeypatch.delenv("BPFAILOVER_CONFIG", raising=False)
+    assert cli.socket_path("/s", str(cfg)) == "/s"
+    assert cli.socket_path(None, str(cfg)) == "/run/x/ctl.sock"
+    monkeypatch.setenv("BPFAILOVER_CONFIG", str(cfg))
+    assert cli.socket_path(None, None) == "/run/x/ctl.sock"
+    monkeypatch.setenv("BPFAILOVER_CONFIG", str(tmp_path / "missing.yaml"))
+    with pytest.raises(cli.CliError) as e:
+        cli.socket_path(None, None)
+    assert e.value.code == cli.EXIT_USAGE
+
+
+def test_usage_and_unreachable_exit_codes(tmp_path: Path) -> None:
+    sock = str(tmp_path / "none.sock")
+    assert ctl(socket=sock).returncode == 2  # no verb
+    assert ctl("frobnicate", socket=sock).returncode == 2
+    assert ctl("set-primary", "ens10", socket=sock).returncode == 2  # neither LOWER nor --auto
+    assert ctl("set-primary", "ens10", "ens11", "--auto", socket=sock).returncode == 2
+    p = ctl("status", socket=sock)
+    assert p.returncode == 3 and "agent unreachable" in p.stderr and p.stderr.count("\n") == 1
+
+
+def test_format_table_of_empty_and_full_documents() -> None:
+    assert cli.format_table({"groups": []}) == "no groups"
+    st = {"pid": 1, "started_at": 0, "groups": {"ens10": {
+        "device": "ens10", "mac": "52:54:00:00:12:53", "mtu": 1500, "carrier": True,
+        "active": "primary", "active_lower": "ens11", "override": None,
+        "lowers": [{"name": "ens11", "ifindex": 3, "role": "primary", "usable": True,
+                    "admin_up": True, "carrier": True, "active": True, "tx_packets": 7,
+                    "rx_packets": 9}],
+        "switches": {"initial": 1}, "drops": {"tc_egress/no_lower": 2},
+        "last_switch": {"time": time.time(), "from": None, "to": "ens11",
+                        "reason": "initial", "latency_s": 0.0001},
+    }}}  # fmt: skip
+    text = cli.format_table(cli.status_document(st))
+    assert "ens10: active ens11 (primary)" in text and "initial, 100 us" in text
+    assert "tc_egress/no_lower 2" in text
+
+
+# ---- against a running agent -------------------------------------------------------------------
+
+
+def _state(doc: dict[str, Any]) -> list[tuple[Any, ...]]:
+    """What a refused request must not change (counters move with background traffic)."""
+    return [(g["group"], g["active"], g["active_lower"], g["override"], g["carrier"],
+             sorted((lw["name"], lw["role"], lw["usable"]) for lw in g["lowers"]),
+             sorted(g["switches"].items()))
+            for g in doc["groups"]]  # fmt: skip
+
+
+@pytest.mark.root
+def test_status_table_and_json(lab: Lab) -> None:
+    with agent_in_lab(lab) as run:
+        n = lab.names(0)
+        p = ctl("status", socket=run.socket)
+        assert p.returncode == 0, p.stderr
+        lines = p.stdout.splitlines()
+        assert lines[0].startswith(f"{n.failover}: active {n.primary} (primary)")
+        assert "-- ok" in lines[0]
+        head = lines[1].split()
+        assert head == ["LOWER", "IFINDEX", "ROLE", "USABLE", "ADMIN", "CARRIER", "TX_PKTS",
+                        "RX_PKTS"]  # fmt: skip
+        active_rows = [ln for ln in lines if ln.strip().startswith("*")]
+        assert len(active_rows) == 1 and n.primary in active_rows[0]
+        assert any("last switch" in ln and "initial" in ln for ln in lines)
+
+        doc = status_json(run)
+        assert doc["schema"] == 1 and doc["agent"]["pid"] == run.proc.pid  # type: ignore[union-attr]
+        (g,) = doc["groups"]
+        assert set(g) == {"group", "device", "ifindex", "mac", "mtu", "carrier", "active",
+                          "active_lower", "override", "reselect", "inactive_rx", "lowers",
+                          "switches", "last_switch", "drops", "degraded"}  # fmt: skip
+        assert (g["group"], g["device"], g["mac"]) == (n.failover, n.failover, n.mac)
+        assert (g["active"], g["active_lower"], g["override"]) == ("primary", n.primary, None)
+        lowers = {lw["name"]: lw for lw in g["lowers"]}
+        assert set(lowers) == {n.primary, n.standby}
+        assert lowers[n.primary]["role"] == "primary" and lowers[n.primary]["active"]
+        assert all(lw["usable"] and lw["carrier"] and lw["admin_up"] for lw in lowers.values())
+        with netns.entered(lab.guest):
+            assert lowers[n.primary]["ifindex"] == __import__("socket").if_nametoindex(n.primary)
+        assert g["last_switch"]["to"] == n.primary and g["last_switch"]["reason"] == "initial"
+        assert g["degraded"] == []
+        assert ctl("status", "--check", socket=run.socket).returncode == 0
+        one = ctl("status", "--json", n.failover, socket=run.socket)
+        assert json.loads(one.stdout)["groups"][0]["group"] == n.failover
+        assert ctl("status", "nope", socket=run.socket).returncode == 1
+
+
+@pytest.mark.root
+def test_set_primary_both_ways_loses_nothing(lab: Lab) -> None:
+    with agent_in_lab(lab) as run:
+        n = lab.names(0)
+        assert traffic.run_stream(lab.guest, n.guest_v4, lab.peer, n.peer_v4, rate_pps=200,
+                                  duration_s=0.5).total_lost == 0  # warm: ARP, fdb  # fmt: skip
+        with traffic.start_stream(lab.guest, n.guest_v4, lab.peer, n.peer_v4, rate_pps=5000,
+                                  duration_s=3.0) as h:  # fmt: skip
+            time.sleep(0.7)
+            p = ctl("set-primary", n.failover, n.standby, socket=run.socket)
+            assert p.returncode == 0, p.stderr
+            assert "override standby, active standby" in p.stdout
+            run.wait_active(n.standby)
+            time.sleep(0.8)
+            p = ctl("set-primary", n.failover, "--auto", socket=run.socket)
+            assert p.returncode == 0, p.stderr
+            run.wait_active(n.primary)
+            rep = h.wait()
+        assert rep.total_lost == 0, rep.format()
+        assert rep.a_to_b.received > 10000 and rep.b_to_a is not None
+        switches = [e for e in run.events("switch") if e["reason"] == "override"]
+        assert [(e["from"], e["to"]) for e in switches] == [(n.primary, n.standby),
+                                                            (n.standby, n.primary)]  # fmt: skip
+        g = status_json(run)["groups"][0]
+        assert g["override"] is None and g["switches"]["override"] == 2
+
+
+@pytest.mark.root
+def test_refusals_change_nothing(lab: Lab) -> None:
+    with agent_in_lab(lab) as run:
+        n = lab.names(0)
+        lab.set_far_end(0, "standby", False)  # the standby loses carrier: unusable
+        run.wait_for(lambda: not {lw["name"]: lw for lw in run.group()["lowers"]}[n.standby][
+            "usable"], what="standby unusable")  # fmt: skip
+        before = _state(status_json(run))
+        cases = [
+            (("set-primary", "ens99", n.primary), 1, "unknown group 'ens99'"),
+            (("set-primary", n.failover, "eth7"), 1, f"'eth7' is not a lower of {n.failover}"),
+            (("set-primary", n.failover, n.standby), 1, f"{n.standby} is not usable"),
+            (("set-primary", n.failover, "standby"), 1, "not usable"),
+            (("teardown", "ens99"), 1, "unknown group"),
+            (("set-primary", n.failover), 2, "give either LOWER or --auto"),
+            (("set-primary",), 2, "required"),
+            (("status", "--bogus"), 2, "unrecognized arguments"),
+        ]
+        for argv, code, msg in cases:
+            p = ctl(*argv, socket=run.socket)
+            assert p.returncode == code, (argv, p.stdout, p.stderr)
+            assert msg in p.stderr, (argv, p.stderr)
+            assert p.stdout == "" or code == 2, (argv, p.stdout)
+        after = _state(status_json(run))
+        assert after == before
+        assert not run.events("override")
+
+
+@pytest.mark.root
+def test_status_check_degraded(lab: Lab) -> None:
+    with agent_in_lab(lab) as run:
+        n = lab.names(0)
+        lab.set_far_end(0, "primary", False)
+        run.wait_active(n.standby)
+        assert ctl("status", "--check", socket=run.socket).returncode == 0  # failover: fine
+        lab.set_far_end(0, "standby", False)
+        run.wait_active(None)
+        p = ctl("status", "--check", socket=run.socket)
+        assert p.returncode == 4 and "no usable lower" in p.stderr
+        assert "DEGRADED" in p.stdout
+        lab.set_far_end(0, "primary", True)
+        lab.set_far_end(0, "standby", True)
+        run.wait_active(n.primary)
+        assert ctl("set-primary", n.failover, n.standby, socket=run.socket).returncode == 0
+        p = ctl("status", "--check", "--json", socket=run.socket)
+        assert p.returncode == 4 and "override" in p.stderr
+        assert json.loads(p.stdout)["groups"][0]["degraded"]
+
+
+@pytest.mark.root
+def test_override_survives_restart_and_teardown_removes(lab: Lab) -> None:
+    with agent_in_lab(lab) as run:
+        n = lab.names(0)
+        assert ctl("set-primary", n.failover, n.standby, socket=run.socket).returncode == 0
+        run.wait_active(n.standby)
+        run.restart()
+        g = status_json(run)["groups"][0]
+        assert (g["override"], g["active_lower"]) == ("standby", n.standby)
+        assert ctl("teardown", n.failover, socket=run.socket).returncode == 0
+        assert status_json(run)["groups"] == []
+        assert lab.link(lab.guest, n.failover) is None
+        p = ctl("set-primary", n.failover, "--auto", socket=run.socket)
+        assert p.returncode == 1 and "unknown group" in p.stderr
+
+
+@pytest.mark.root
+def test_socket_from_config_and_env(lab: Lab) -> None:
+    with agent_in_lab(lab, address=False) as run:
+        p = ctl("--config", str(run.config_path), "status", "--json")
+        assert p.returncode == 0, p.stderr
+        env = {**os.environ, "BPFAILOVER_CONFIG": str(run.config_path)}
+        assert ctl("status", env=env).returncode == 0
