@@ -1,0 +1,37 @@
+# failoverd, the bpfailover agent, for a guest that runs its agents as containers.
+# Build:  buildah build -t bpfailover .   (or docker build; scripts/container-image for CI)
+# Run:    see docs/operators.md ("The container"): host network, /sys/fs/bpf, /lib/modules,
+#         /usr/src and /run/bpfailover mounted, CAP_BPF CAP_PERFMON CAP_NET_ADMIN CAP_NET_RAW.
+FROM debian:bookworm-slim
+
+# bcc comes from Debian (not PyPI); the kernel headers are the fallback for guests whose
+# own kernel has none (the programs use only UAPI structures); mount the host's
+# /lib/modules and /usr/src to use the running kernel's own.
+RUN apt-get update \
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+      python3 python3-venv python3-pip python3-bpfcc libbpfcc linux-headers-amd64 \
+      iproute2 ethtool kmod ca-certificates \
+ && rm -rf /var/lib/apt/lists/*
+
+# Dependencies first: this layer stays cached while only the sources change.
+# An optional build secret `ca` (a CA bundle) serves sites whose egress re-signs TLS.
+COPY pyproject.toml /src/pyproject.toml
+RUN --mount=type=secret,id=ca \
+    if [ -s /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi \
+ && python3 -m venv --system-site-packages /opt/bpfailover \
+ && /opt/bpfailover/bin/pip install --no-cache-dir --disable-pip-version-check \
+      "pyroute2>=0.7" "pydantic>=2.5" "prometheus-client>=0.17" "PyYAML>=6.0" setuptools
+
+COPY bpf /src/bpf
+COPY control /src/control
+RUN rm -rf /src/control/*.egg-info \
+ && /opt/bpfailover/bin/pip install --no-cache-dir --no-deps --no-build-isolation \
+      --disable-pip-version-check /src \
+ && mkdir -p /opt/bpfailover/share && cp -r /src/bpf /opt/bpfailover/share/bpf \
+ && ln -s /opt/bpfailover/bin/failoverd /opt/bpfailover/bin/failoverctl /usr/local/bin/
+
+ENV BPFAILOVER_BPF_DIR=/opt/bpfailover/share/bpf \
+    BPFAILOVER_CONFIG=/etc/bpfailover/config.yaml \
+    PYTHONUNBUFFERED=1
+EXPOSE 9617
+ENTRYPOINT ["/opt/bpfailover/bin/failoverd"]

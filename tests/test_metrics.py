@@ -1,0 +1,169 @@
+"""The Prometheus exporter: scraped over HTTP, parsed with prometheus_client's parser,
+checked against the lowers' own kernel counters and the agent's switch events."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import pytest
+import yaml
+
+from bpfailover import metrics, netns, traffic
+from bpfailover.lab import Lab
+from tests.labutil import link_stats
+from tests.opsutil import METRICS_PORT, agent_in_lab, one, pick, scrape, scrape_text
+
+# ---- no root needed --------------------------------------------------------------------------
+
+
+def test_histogram_is_cumulative() -> None:
+    h = metrics.Histogram()
+    for v in (0.00003, 0.0002, 0.0002, 0.003, 7.0):
+        h.observe(v)
+    b = dict(h.buckets())
+    assert b["5e-05"] == 1 and b["0.00025"] == 3 and b["0.005"] == 4 and b["1.0"] == 4
+    assert b["+Inf"] == 5 and abs(h.total - 7.00343) < 1e-9
+
+
+# ---- against a running agent -------------------------------------------------------------------
+
+ALL_NAMES = {
+    "failover_build_info", "failover_lower_active", "failover_lower_up",
+    "failover_switches_total", "failover_switch_duration_seconds_bucket",
+    "failover_switch_duration_seconds_count", "failover_switch_duration_seconds_sum",
+    "failover_last_switch_timestamp_seconds", "failover_lower_transmit_packets_total",
+    "failover_lower_transmit_bytes_total", "failover_lower_receive_packets_total",
+    "failover_lower_receive_bytes_total", "failover_datapath_drops_total",
+    "failover_datapath_attached",
+}  # fmt: skip
+
+
+def kernel(lab: Lab, dev: str) -> dict[str, int]:
+    return link_stats(lab.guest, dev)
+
+
+@pytest.mark.root
+def test_metrics_names_values_and_kernel_counters(lab: Lab) -> None:
+    with agent_in_lab(lab, metrics=True):
+        n = lab.names(0)
+        dev = n.failover
+        s = scrape(lab)
+        assert {name for name, _ in s} >= ALL_NAMES
+        assert one(s, "failover_build_info", version=metrics.build_version()) == 1
+        active = pick(s, "failover_lower_active", device=dev)
+        assert sorted(active.values()) == [0, 0, 1]  # primary, standby, none: exactly one 1
+        assert one(s, "failover_lower_active", device=dev, lower=n.primary, role="primary") == 1
+        assert one(s, "failover_lower_up", device=dev, lower=n.standby, role="standby") == 1
+        assert one(s, "failover_datapath_attached", device=dev, hook="tc_egress") == 1
+        assert one(s, "failover_datapath_attached", device=dev, hook="tc_ingress") == 1
+        assert one(s, "failover_switches_total", device=dev, reason="initial") == 1
+        assert one(s, "failover_switches_total", device=dev, reason="primary_down") == 0
+
+        # Counters agree with the lowers' own kernel counters, within the traffic sent.
+        k0 = {d: kernel(lab, d) for d in (n.primary, n.standby)}
+        m0 = scrape(lab)
+        rep = traffic.run_stream(lab.guest, n.guest_v4, lab.peer, n.peer_v4, rate_pps=2000,
+                                 duration_s=1.5)  # fmt: skip
+        k1 = {d: kernel(lab, d) for d in (n.primary, n.standby)}
+        m1 = scrape(lab)
+        sent = rep.a_to_b.sent
+        assert sent >= 2500 and rep.total_lost == 0
+
+        def delta(name: str, lower: str) -> float:
+            return one(m1, name, device=dev, lower=lower) - one(m0, name, device=dev,
+                                                                   lower=lower)  # fmt: skip
+
+        tx = delta("failover_lower_transmit_packets_total", n.primary)
+        rx = delta("failover_lower_receive_packets_total", n.primary)
+        ktx = k1[n.primary]["tx"] - k0[n.primary]["tx"]
+        krx = k1[n.primary]["rx"] - k0[n.primary]["rx"]
+        slack = 10  # ARP, GARP/NA sent on the lower directly, not through the datapath
+        assert sent <= tx <= sent + slack and abs(tx - ktx) <= slack, (sent, tx, ktx)
+        assert rep.b_to_a is not None and rep.b_to_a.sent <= rx <= rep.b_to_a.sent + slack
+        assert abs(rx - krx) <= slack, (rx, krx)
+        assert delta("failover_lower_transmit_packets_total", n.standby) <= slack
+        txb = delta("failover_lower_transmit_bytes_total", n.primary)
+        assert txb >= sent * (64 + 28 + 14)  # payload + IP/UDP + Ethernet
+
+
+@pytest.mark.root
+def test_switches_counted_once_with_durations_and_drops(lab: Lab) -> None:
+    with agent_in_lab(lab, metrics=True) as run:
+        n = lab.names(0)
+        dev = n.failover
+        # Scrape continuously while switching: the scrapes never disturb the switches.
+        stop = threading.Event()
+        scrapes: list[int] = []
+
+        def scraper() -> None:
+            while not stop.is_set():
+                scrapes.append(len(scrape_text(lab)))
+
+        t = threading.Thread(target=scraper)
+        t.start()
+        try:
+            for _ in range(2):
+                lab.set_far_end(0, "primary", False)
+                run.wait_active(n.standby)
+                lab.set_far_end(0, "primary", True)
+                run.wait_active(n.primary)
+        finally:
+            stop.set()
+            t.join(10)
+        assert len(scrapes) >= 2
+        s = scrape(lab)
+        events = run.events("switch")
+        assert len(events) == 5  # initial + 2 x (down, up)
+        by_reason: dict[str, int] = {}
+        for e in events:
+            by_reason[e["reason"]] = by_reason.get(e["reason"], 0) + 1
+        got = {dict(lb)["reason"]: v for lb, v in pick(s, "failover_switches_total",
+                                                          device=dev).items()}  # fmt: skip
+        assert {r: v for r, v in got.items() if v} == by_reason
+        assert one(s, "failover_switch_duration_seconds_count", device=dev) == 5
+        lat_sum = sum(e["latency_us"] for e in events) / 1e6
+        assert abs(one(s, "failover_switch_duration_seconds_sum", device=dev) - lat_sum) < 1e-3
+        inf = one(s, "failover_switch_duration_seconds_bucket", device=dev, le="+Inf")
+        assert inf == 5
+        last = one(s, "failover_last_switch_timestamp_seconds", device=dev)
+        assert abs(last - time.time()) < 30
+
+        # No usable lower: lower=none is the one 1, and egress drops are counted.
+        lab.set_far_end(0, "primary", False)
+        lab.set_far_end(0, "standby", False)
+        run.wait_active(None)
+        d0 = one(scrape(lab), "failover_datapath_drops_total", device=dev, hook="tc_egress",
+                 reason="no_lower")  # fmt: skip
+        with netns.entered(lab.guest), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+            for _ in range(20):
+                u.sendto(b"x", (n.peer_v4, 9))
+        s = scrape(lab)
+        assert one(s, "failover_lower_active", device=dev, lower="none", role="none") == 1
+        assert sorted(pick(s, "failover_lower_active", device=dev).values()) == [0, 0, 1]
+        assert sum(pick(s, "failover_lower_up", device=dev).values()) == 0
+        d1 = one(s, "failover_datapath_drops_total", device=dev, hook="tc_egress",
+                 reason="no_lower")  # fmt: skip
+        assert d1 - d0 >= 1  # (the failover device has no carrier now: few frames get out)
+        assert one(s, "failover_switches_total", device=dev, reason="no_lower") == 1
+
+
+@pytest.mark.root
+def test_port_taken_agent_keeps_running(lab: Lab) -> None:
+    with agent_in_lab(lab, metrics=False) as run:
+        with netns.entered(lab.guest):
+            squatter = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            squatter.bind(("127.0.0.1", METRICS_PORT))
+            squatter.listen(1)
+            run.stop()
+            run.config["metrics"]["listen"] = f"127.0.0.1:{METRICS_PORT}"
+            run.config_path.write_text(yaml.safe_dump(run.config))
+            run.start()  # the agent serves without its exporter, and says so once
+            assert run.status()["groups"]
+            assert "metrics_unavailable" in run.log_path.read_text()
+            lab.set_far_end(0, "primary", False)
+            run.wait_active(lab.names(0).standby)
+        finally:
+            squatter.close()
