@@ -4,7 +4,8 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 APT_PKGS := python3-bpfcc libbpfcc linux-headers-amd64 iproute2 iperf3 ethtool \
-            python3-venv python3-yaml kmod procps bpftool iputils-ping
+            python3-venv python3-yaml kmod procps bpftool iputils-ping \
+            prometheus prometheus-node-exporter buildah debootstrap
 STAMP := $(VENV)/.setup-stamp
 
 .PHONY: setup demo test lint typecheck unit bench bench-quick clean
@@ -36,8 +37,15 @@ lint: setup
 typecheck: setup
 	$(VENV)/bin/mypy control/bpfailover
 
-test: setup lint typecheck
+test: setup lint typecheck container-image
 	$(VENV)/bin/python -m pytest -q tests
+
+# The failoverd image (Dockerfile) built with buildah; the debootstrap base and every layer
+# are cached, so a rerun takes about a second. tests/test_container.py runs it in the lab.
+container-image: setup
+	scripts/container-image localhost/bpfailover:test
+
+.PHONY: container-image
 
 bench: setup
 	$(PY) -m bench.run

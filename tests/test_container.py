@@ -1,0 +1,116 @@
+"""The container: the Dockerfile built with buildah (chroot isolation, debootstrap base tagged
+as its FROM, cached) and failoverd run from that image failing traffic over in the lab."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from bpfailover import traffic
+from bpfailover.harness import AgentRun
+from bpfailover.lab import Lab
+from tests.opsutil import ctl
+
+pytestmark = pytest.mark.root
+
+REPO = Path(__file__).resolve().parents[1]
+IMAGE = "localhost/bpfailover:test"
+CAPS = "CAP_BPF,CAP_PERFMON,CAP_NET_ADMIN,CAP_NET_RAW,CAP_SYS_ADMIN"
+HOST_BPFFS = "/host/bpffs"  # buildah's chroot isolation keeps /sys read-only, submounts too
+
+
+@pytest.fixture(scope="module")
+def image() -> str:
+    """Build (or reuse: every layer is cached) the image with scripts/container-image."""
+    p = subprocess.run([str(REPO / "scripts" / "container-image"), IMAGE], cwd=REPO,
+                       capture_output=True, text=True, timeout=1800, check=False)  # fmt: skip
+    assert p.returncode == 0, p.stderr[-3000:]
+    return IMAGE
+
+
+@pytest.fixture
+def container(image: str) -> Iterator[str]:
+    name = f"bpfo-test-{time.monotonic_ns() % 10**9}"
+    subprocess.run(["buildah", "from", "--pull=never", "--name", name, image],
+                   check=True, capture_output=True)  # fmt: skip
+    try:
+        yield name
+    finally:
+        subprocess.run(["buildah", "rm", name], check=False, capture_output=True)
+
+
+class ContainerRun(AgentRun):
+    """failoverd from the image, in the lab's guest netns, pins in the host's bpffs."""
+
+    def __init__(self, lab: Lab, container: str) -> None:
+        super().__init__(lab)
+        self.container = container
+        self.config["bpffs"] = f"{HOST_BPFFS}/{self.pin_dir.name}"  # = self.pin_dir on the host
+        self.config_path.write_text(yaml.safe_dump(self.config))
+        Path(self.socket).parent.mkdir(parents=True, exist_ok=True)
+
+    def command(self, netns_name: str, config_path: Path) -> list[str]:  # type: ignore[override]
+        return [
+            "buildah", "run", "--isolation", "chroot", "--network", "host", "--cap-add", CAPS,
+            "-v", f"/sys/fs/bpf:{HOST_BPFFS}:rw", "-v", "/run/netns:/run/netns",
+            "-v", f"{Path(self.socket).parent}:{Path(self.socket).parent}",
+            "-v", f"{self.workdir}:{self.workdir}:ro",
+            self.container, "--", "failoverd", "--netns", netns_name,
+            "--config", str(config_path),
+        ]  # fmt: skip
+
+
+def test_image_contents(image: str, container: str) -> None:
+    p = subprocess.run(
+        ["buildah", "run", "--isolation", "chroot", container, "--", "sh", "-c",
+         "failoverctl --help >/dev/null && "
+         "/opt/bpfailover/bin/python -c 'import bcc, bpfailover.metrics' && "
+         "ls -d /usr/src/linux-headers-*-amd64 && . /etc/os-release && echo $VERSION_CODENAME"],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip().endswith("bookworm")
+    cfg = subprocess.run(["buildah", "inspect", "--type", "image", "--format",
+                          "{{.OCIv1.Config.Entrypoint}}", image],
+                         capture_output=True, text=True, check=True)  # fmt: skip
+    assert "failoverd" in cfg.stdout
+
+
+def test_agent_from_the_image_fails_over_traffic(lab: Lab, container: str) -> None:
+    lab.up()
+    run = ContainerRun(lab, container)
+    try:
+        run.start(timeout=180)
+        lab.address_failover(0)
+        n = lab.names(0)
+        run.wait_active(n.primary)
+        assert traffic.run_stream(lab.guest, n.guest_v4, lab.peer, n.peer_v4, rate_pps=200,
+                                  duration_s=0.5).total_lost == 0  # fmt: skip
+        with traffic.start_stream(lab.guest, n.guest_v4, lab.peer, n.peer_v4, rate_pps=2000,
+                                  duration_s=3.0) as h:  # fmt: skip
+            time.sleep(0.8)
+            lab.set_far_end(0, "primary", False)  # unplanned: the VF loses carrier
+            run.wait_active(n.standby)
+            time.sleep(0.8)
+            p = ctl("set-primary", n.failover, "standby", socket=run.socket)  # host CLI
+            assert p.returncode == 0, p.stderr
+            lab.set_far_end(0, "primary", True)
+            time.sleep(0.3)
+            assert run.group()["active_lower"] == n.standby  # the override holds
+            assert ctl("set-primary", n.failover, "--auto", socket=run.socket).returncode == 0
+            run.wait_active(n.primary)
+            rep = h.wait()
+        # Unplanned failover costs the few frames in flight; the traffic keeps flowing.
+        assert rep.a_to_b.received >= rep.a_to_b.sent - 20, rep.format()
+        assert rep.max_gap_ms < 200, rep.format()
+        reasons = [e["reason"] for e in run.events("switch")]
+        assert reasons == ["initial", "primary_down", "override"], reasons
+        assert run.pin_dir.is_dir()  # pinned in the host's bpffs through the container
+    finally:
+        run.cleanup()
+        lab.down()
