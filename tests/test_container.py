@@ -64,6 +64,23 @@ class ContainerRun(AgentRun):
             "--config", str(config_path),
         ]  # fmt: skip
 
+    def start(self, timeout: float = 180.0) -> ContainerRun:
+        """Like AgentRun.start, with failoverd started through `buildah run`."""
+        argv = self.command(self.lab.guest, self.config_path)
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"failoverd exited {self.proc.returncode}: {self.tail()}")
+            try:
+                if len(self.status()["groups"]) == self.lab.groups:
+                    return self
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise AssertionError(f"failoverd did not come up in {timeout}s: {self.tail()}")
+
 
 def test_image_contents(image: str, container: str) -> None:
     p = subprocess.run(
