@@ -1,0 +1,156 @@
+"""failoverctl doctor: each check against fixtures (no root), then against the lab."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from bpfailover import config, doctor
+from bpfailover.doctor import Host, LinkInfo
+from bpfailover.lab import Lab
+from tests.opsutil import agent_in_lab, ctl
+
+MAC = "52:54:00:00:12:53"
+CFG = config.parse_config("groups: [{name: ens10, standby: ens10nsby}]\n"
+                          "bpffs: /sys/fs/bpf/bpfailover-doctor-test\n")  # fmt: skip
+ALL_CAPS = "000001ffffffffff"
+
+
+def links(**extra: object) -> dict[int, LinkInfo]:
+    out = {
+        1: LinkInfo(1, "lo", "00:00:00:00:00:00"),
+        2: LinkInfo(2, "ens10nsby", MAC),
+        3: LinkInfo(3, "ens11", MAC),
+        4: LinkInfo(4, "ens10", MAC, "veth"),
+        5: LinkInfo(5, "ens10_fo", "aa:bb:cc:dd:ee:ff", "veth"),
+        6: LinkInfo(6, "ens11.100", MAC, "vlan"),
+    }
+    for k, v in extra.items():
+        setattr(out[3], k, v)
+    return out
+
+
+def healthy_host(tmp: Path) -> Host:
+    (tmp / "proc").mkdir()
+    (tmp / "mounts").write_text("bpf /sys/fs/bpf bpf rw,relatime 0 0\n")
+    (tmp / "status").write_text(f"Name:\tx\nCapEff:\t{ALL_CAPS}\n")
+    inc = tmp / "modules" / "6.18.0" / "build" / "include"
+    inc.mkdir(parents=True)
+    return Host(proc=tmp / "proc", run=tmp / "run", etc=tmp / "etc", src_dir=tmp / "src",
+                modules=tmp / "modules", mounts=tmp / "mounts", self_status=tmp / "status",
+                release="6.18.0", euid=0)  # fmt: skip
+
+
+def fake_proc(host: Host, pid: int, *argv: str) -> None:
+    d = host.proc / str(pid)
+    d.mkdir(parents=True)
+    (d / "cmdline").write_bytes(b"\0".join(a.encode() for a in argv) + b"\0")
+
+
+def checks(found: list[doctor.Finding]) -> list[tuple[str, str]]:
+    return sorted((f.check, f.subject) for f in found)
+
+
+def test_lowers_by_config_skip_failover_device_and_uppers() -> None:
+    lowers = doctor.find_lowers(CFG, links(), None)
+    assert [(lw.link.name, lw.role) for lw in lowers] == [("ens10nsby", "standby"),
+                                                          ("ens11", "primary")]  # fmt: skip
+
+
+def test_healthy_host_has_no_findings(tmp_path: Path) -> None:
+    assert doctor.run_checks(healthy_host(tmp_path), CFG, None, links()) == []
+
+
+def test_each_finding_with_its_fix(tmp_path: Path) -> None:
+    host = healthy_host(tmp_path)
+    lk = links(addrs=[("198.18.0.9/24", "global")], master=6)
+    fake_proc(host, 4242, "/sbin/dhclient", "-4", "-v", "ens11")
+    fake_proc(host, 4243, "/usr/bin/python3", "-m", "bpfailover.agent", "--config", "a")
+    fake_proc(host, 4244, "/usr/local/bin/failoverd", "--config", "b")
+    (host.run / "NetworkManager" / "devices").mkdir(parents=True)
+    (host.run / "NetworkManager" / "devices" / "3").write_text("[device]\nmanaged=true\n")
+    (host.run / "systemd" / "netif" / "links").mkdir(parents=True)
+    (host.run / "systemd" / "netif" / "links" / "2").write_text(
+        "ADMIN_STATE=configured\nNETWORK_FILE=/etc/systemd/network/50-dhcp.network\n"
+    )
+    (host.etc / "network").mkdir(parents=True)
+    (host.etc / "network" / "interfaces").write_text("auto ens10nsby\niface ens10nsby inet dhcp\n")
+    host.mounts.write_text("proc /proc proc rw 0 0\n")
+    host.self_status.write_text("CapEff:\t0000000000003000\n")  # NET_ADMIN + NET_RAW only
+    host.euid = 1000
+    for p in (host.modules / "6.18.0" / "build" / "include",):
+        p.rmdir()
+    found = doctor.run_checks(host, CFG, None, lk)
+    assert checks(found) == sorted([
+        ("lower-address", "ens11"), ("lower-dhcp", "ens11"), ("lower-ifupdown", "ens10nsby"),
+        ("lower-networkmanager", "ens11"), ("lower-networkd", "ens10nsby"),
+        ("lower-enslaved", "ens11"), ("bpffs", "/sys/fs/bpf"), ("kernel-headers", "6.18.0"),
+        ("privileges", "euid 1000"), ("capabilities", "effective set"),
+        ("second-agent", "failoverd"),
+    ])  # fmt: skip
+    assert all(f.fix for f in found)
+    by = {f.check: f for f in found}
+    assert "CAP_BPF" in by["capabilities"].problem and "CAP_PERFMON" in by["capabilities"].problem
+    assert "mount -t bpf bpf /sys/fs/bpf" in by["bpffs"].fix
+    assert "ip addr flush dev ens11" in by["lower-address"].fix
+    assert "4242" in by["lower-dhcp"].problem
+    assert "50-dhcp.network" in by["lower-networkd"].problem
+    text = doctor.format_findings(found)
+    assert text.count("    fix: ") == len(found) and text.endswith("doctor: 11 findings")
+
+
+def test_headers_fallback_and_dhclient_on_all(tmp_path: Path) -> None:
+    host = healthy_host(tmp_path)
+    (host.modules / "6.18.0" / "build" / "include").rmdir()
+    common = host.src_dir / "linux-headers-6.1.0-9-common" / "include" / "linux"
+    common.mkdir(parents=True)
+    (common / "kconfig.h").touch()
+    (host.src_dir / "linux-headers-6.1.0-9-amd64" / "include" / "generated").mkdir(parents=True)
+    fake_proc(host, 77, "dhclient")  # no interface: it runs on every one
+    found = doctor.run_checks(host, CFG, None, links())
+    assert checks(found) == [("lower-dhcp", "ens10nsby"), ("lower-dhcp", "ens11")]
+
+
+def test_no_config_is_a_finding(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("BPFAILOVER_CONFIG", raising=False)
+    p = ctl("--config", str(tmp_path / "missing.yaml"), "doctor")
+    assert p.returncode == 2 and "no such file" in p.stderr
+
+
+# ---- in the lab ------------------------------------------------------------------------------
+
+
+@pytest.mark.root
+def test_doctor_in_the_lab(lab: Lab) -> None:
+    with agent_in_lab(lab) as run:
+        n = lab.names(0)
+        base = ["--config", str(run.config_path), "doctor", "--netns", lab.guest, "--json"]
+        p = ctl(*base)
+        found = json.loads(p.stdout)
+        assert p.returncode == 0, found  # the agent, its lock and its lowers are fine
+        assert found == []
+        # an address on the primary, a second agent in the same netns
+        subprocess.run(["ip", "-n", lab.guest, "addr", "add", "198.18.0.77/32", "dev",
+                        n.primary], check=True)  # fmt: skip
+        stray = subprocess.Popen(["ip", "netns", "exec", lab.guest, "bash", "-c",
+                                  "exec -a failoverd sleep 60"])  # fmt: skip
+        try:
+            cmdline = Path(f"/proc/{stray.pid}/cmdline")
+            for _ in range(100):  # until `ip netns exec` has exec'd into "failoverd"
+                if cmdline.read_bytes().startswith(b"failoverd"):
+                    break
+                time.sleep(0.05)
+            p = ctl(*base)
+            found = json.loads(p.stdout)
+            assert p.returncode == 4
+            got = {(f["check"], f["subject"]) for f in found}
+            assert got == {("lower-address", n.primary), ("second-agent", "failoverd")}, found
+            human = ctl(*base[:-1])
+            assert "fix: ip addr flush dev ens11" in human.stdout
+        finally:
+            stray.kill()
+            stray.wait()
