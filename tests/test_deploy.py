@@ -1,0 +1,54 @@
+"""The shipped snippets parse, and the unit passes systemd-analyze verify."""
+
+from __future__ import annotations
+
+import configparser
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
+LAB_MAC = "52:54:00:00:12:53"
+
+
+def ini(path: Path) -> configparser.ConfigParser:
+    cp = configparser.ConfigParser(strict=True, interpolation=None)
+    cp.optionxform = str  # type: ignore[assignment,method-assign]
+    cp.read_string(path.read_text())
+    return cp
+
+
+def test_networkmanager_and_networkd_snippets() -> None:
+    nm = ini(DEPLOY / "networkmanager" / "90-bpfailover-lowers.conf")
+    spec = nm["keyfile"]["unmanaged-devices"].split(";")
+    assert spec == [f"mac:{LAB_MAC}", "except:driver:veth"]  # never the failover device
+    nd = ini(DEPLOY / "networkd" / "00-bpfailover-lowers.network")
+    assert nd["Match"]["MACAddress"] == LAB_MAC and nd["Match"]["Driver"] == "!veth"
+    assert nd["Link"]["Unmanaged"] == "yes"
+
+
+def test_udev_rule() -> None:
+    rules = [ln for ln in (DEPLOY / "udev" / "80-bpfailover-lowers.rules").read_text()
+             .splitlines() if ln.strip() and not ln.startswith("#")]  # fmt: skip
+    assert len(rules) == 1
+    keys = dict(re.findall(r'([A-Z_]+(?:\{[A-Za-z_]+\})?)[!=]=?"([^"]*)"', rules[0]))
+    assert keys["SUBSYSTEM"] == "net" and keys["ATTR{address}"] == LAB_MAC
+    assert keys["DRIVERS"] == "?*" and keys["ENV{NM_UNMANAGED}"] == "1"
+
+
+@pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="no systemd-analyze")
+def test_systemd_unit_verifies(tmp_path: Path) -> None:
+    unit = (DEPLOY / "systemd" / "failoverd.service").read_text()
+    failoverd = Path(sys.executable).parent / "failoverd"
+    assert "ExecStart=/usr/local/bin/failoverd " in unit
+    (tmp_path / "failoverd.service").write_text(
+        unit.replace("/usr/local/bin/failoverd", str(failoverd)))  # fmt: skip
+    p = subprocess.run(["systemd-analyze", "verify", str(tmp_path / "failoverd.service")],
+                       capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+    problems = [ln for ln in (p.stdout + p.stderr).splitlines()
+                if "failoverd.service" in ln and "Unknown" in ln or "Invalid" in ln]  # fmt: skip
+    assert p.returncode == 0 and not problems, p.stdout + p.stderr
