@@ -31,6 +31,21 @@ from bench.common import (
 from bench.stream import Stream
 from bpfailover import netlink, netns
 
+EVENT_GAP_S = 0.02  # 50 events/s: what the agent keeps up with (each GARP costs ~16 ms)
+
+
+def _wait_settled(agent: Any, lower: str, timeout: float) -> None:
+    """Until the agent answers again and the primary is active (it may lag a storm)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if agent.group(0)["active_lower"] == lower:
+                return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"agent did not settle within {timeout}s")
+
 
 def _address_when_created(lab: Any, stop: threading.Event) -> threading.Thread:
     """Add the guest address as soon as the failover device appears (event driven)."""
@@ -61,7 +76,7 @@ def cold_start(tag: str) -> dict[str, Any]:
         lab, n = lr.lab, lr.lab.names(0)
         stop = threading.Event()
         watcher = _address_when_created(lab, stop)
-        st = Stream(lab.guest, n.guest_v4, lab.peer, n.peer_v4, 1000, 8.0)
+        st = Stream(lab.guest, n.guest_v4, lab.peer, n.peer_v4, 1000, 5.0)
         try:
             agent = lr.agent()
             time.sleep(max(0.0, (st.t0 - time.monotonic_ns()) / 1e9))
@@ -83,9 +98,9 @@ def cold_start(tag: str) -> dict[str, Any]:
 
 
 def run(quick: bool, meta: dict[str, Any]) -> dict[str, Any]:
-    colds, warms = (1, 2) if quick else (3, 5)
+    colds, warms = (1, 1) if quick else (3, 5)
     idle_s = 10.0 if quick else 60.0
-    n_events = 600 if quick else 3600
+    n_events = 300 if quick else 3600
     out: dict[str, Any] = {"idle_s": idle_s, "events": n_events}
     out["cold"] = [cold_start("ac") for _ in range(colds)]
     log(f"  cold starts: {[round(c['to_first_packet_s'] or -1, 2) for c in out['cold']]} s")
@@ -118,11 +133,11 @@ def run(quick: bool, meta: dict[str, Any]) -> dict[str, Any]:
         try:
             for i in range(n_events):
                 hv.set(n.vfport, i % 2 == 1)
-                time.sleep(0.002)
+                time.sleep(EVENT_GAP_S)
             hv.set(n.vfport, True)
         finally:
             hv.close()
-        agent.wait_active(n.primary, timeout=20)
+        _wait_settled(agent, n.primary, timeout=120)
         time.sleep(0.5)
         out["events_wall_s"] = time.monotonic() - t0
         out["events_cpu_s"] = proc_cpu_s(pid) - c0

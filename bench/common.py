@@ -376,10 +376,13 @@ def proc_cpu_s(pid: int) -> float:
 
 
 def proc_ctxsw(pid: int) -> int:
+    """Context switches of every thread of the process (wake-ups, so polling shows)."""
     n = 0
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")):
-            n += int(line.split()[1])
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            for line in (task / "status").read_text().splitlines():
+                if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")):
+                    n += int(line.split()[1])
     return n
 
 

@@ -178,8 +178,8 @@ def run(quick: bool, meta: dict[str, Any]) -> dict[str, Any]:
     with lab_run("uf") as lr:
         agent = lr.agent(traced=True).start()
         lr.lab.address_failover(0)
-        cands = [20000, 40000, 60000] if quick else [20000, 30000, 40000, 50000, 60000, 80000]
-        probe = find_lossless_rate(lr.lab, cands, 1.5 if quick else 2.0)
+        cands = [20000, 40000] if quick else [20000, 30000, 40000, 50000, 60000, 80000]
+        probe = find_lossless_rate(lr.lab, cands, 1.0 if quick else 2.0)
         out["lossless_rate_probe"] = probe
         rates = [10000] + ([probe["rate_pps"]] if probe["rate_pps"] > 10000 else [])
         out["runs"] = [run_trials(lr.lab, agent, r, trials, hold) for r in rates]

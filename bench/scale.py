@@ -50,6 +50,8 @@ def one_size(groups: int, rounds: int) -> dict[str, Any]:
         lab_s = time.monotonic() - t
         agent = lr.agent().start(timeout=180)
         ready_s = agent.t_ready - agent.t_spawn
+        for i in range(groups):  # addresses, so every switch also sends its GARP/NA
+            lr.lab.address_failover(i)
         time.sleep(0.5)
         rss = proc_rss_kb(agent.pid)
         from bpfailover.datapath import Datapath

@@ -71,7 +71,7 @@ def iperf(lab: Any, args: list[str], seconds: float) -> dict[str, float]:
 
 
 def run(quick: bool, meta: dict[str, Any]) -> dict[str, Any]:
-    rounds, seconds = (1, 2.0) if quick else (3, 4.0)
+    rounds, seconds = (1, 1.5) if quick else (3, 4.0)
     samples: dict[tuple[str, str], list[dict[str, float]]] = {}
     counters: dict[str, Any] = {}
     with contextlib.ExitStack() as stack:
