@@ -53,6 +53,16 @@ bench: setup
 bench-quick: setup
 	$(PY) -m bench.run --quick
 
+# Real drivers: kernel net_failover vs bpfailover in a QEMU (TCG) guest, side by side.
+# The guest image is cached under /var/cache/bpfailover/pg (BPFAILOVER_PG_CACHE).
+proving-ground: setup
+	$(PY) -m bench.proving_ground
+
+proving-ground-quick: setup
+	$(PY) -m bench.proving_ground --quick
+
+.PHONY: proving-ground proving-ground-quick
+
 clean:
 	-$(VENV)/bin/failover-lab down 2>/dev/null
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

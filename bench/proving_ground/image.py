@@ -1,0 +1,234 @@
+"""The guest image: Debian bookworm (debootstrap minbase) with its kernel, exact headers and bcc.
+
+Built once into a cache directory outside the repository and reused while the recipe (this
+file's RECIPE, the package list, the project's pyproject.toml) is unchanged.  No loop
+mounts: the root tree is made with debootstrap + chroot and turned into an ext4 image with
+`mke2fs -d`.  The project goes in the way the README installs it (`make setup`): a venv
+made with `--system-site-packages` (so Debian's bcc imports) and `pip install -e` of the
+repository.  At boot the live repository is mounted read-only over that same path (9p), so
+a run always exercises the working tree, not the copy made at build time.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+RECIPE = "pg-image-4"  # bump when the build steps below change
+SUITE = "bookworm"
+MIRROR = os.environ.get("BPFAILOVER_PG_MIRROR", "http://deb.debian.org/debian")
+CACHE = Path(os.environ.get("BPFAILOVER_PG_CACHE", "/var/cache/bpfailover/pg"))
+GUEST_PACKAGES = (
+    "linux-image-amd64", "linux-headers-amd64", "kmod", "iproute2", "python3", "python3-venv",
+    "python3-bpfcc", "ethtool", "iputils-ping", "procps", "ca-certificates",
+)  # fmt: skip
+GUEST_REPO = "/opt/bpfailover"  # the repository (9p at run time, a copy at build time)
+GUEST_VENV = "/opt/bpfailover-venv"
+IMAGE_SIZE = "4G"
+HOST_PACKAGES = ("qemu-system-x86", "qemu-utils", "debootstrap", "e2fsprogs")
+REPO = Path(__file__).resolve().parents[2]
+
+# PID 1 of the guest: mounts, modules, the repository, then the command server.
+INIT = f"""#!/bin/sh
+export PATH=/usr/sbin:/usr/bin:/sbin:/bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev 2>/dev/null
+mount -t tmpfs tmpfs /run
+mount -t tmpfs tmpfs /tmp
+mount -t bpf bpf /sys/fs/bpf
+mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null
+for m in virtio_console 9pnet_virtio 9p virtio_net e1000e sch_ingress cls_bpf veth; do
+  modprobe $m
+done
+mount -t 9p -o trans=virtio,version=9p2000.L,ro,cache=loose repo {GUEST_REPO} || echo "no repo"
+sysctl -qw net.ipv6.conf.default.disable_ipv6=1
+ip link set lo up
+echo 1 > /proc/sys/net/ipv6/conf/all/disable_ipv6
+export PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
+exec {GUEST_VENV}/bin/python3 {GUEST_REPO}/bench/proving_ground/guestd.py
+"""
+
+
+class ImageError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class Image:
+    dir: Path
+    disk: Path
+    kernel: Path
+    initrd: Path
+    meta: dict[str, object]
+
+
+def _key() -> str:
+    h = hashlib.sha256()
+    h.update(RECIPE.encode())
+    h.update(" ".join(GUEST_PACKAGES).encode())
+    h.update(INIT.encode())
+    h.update((REPO / "pyproject.toml").read_bytes())
+    return h.hexdigest()[:12]
+
+
+def _run(argv: list[str], timeout: float, log: Callable[[str], None], **kw: object) -> None:
+    t0 = time.monotonic()
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False,
+                          **kw)  # type: ignore[call-overload]  # fmt: skip
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip() or proc.stdout.strip()).splitlines()[-5:]
+        raise ImageError(f"{' '.join(argv[:4])}... failed ({proc.returncode}): {' | '.join(tail)}")
+    log(f"  {' '.join(argv[:5])}{' ...' if len(argv) > 5 else ''}: {time.monotonic() - t0:.0f}s")
+
+
+def ensure_host_packages(log: Callable[[str], None] = print) -> None:
+    def absent(pkg: str) -> bool:
+        return subprocess.run(["dpkg", "-s", pkg], capture_output=True, check=False).returncode != 0
+
+    missing = [p for p in HOST_PACKAGES if absent(p)]
+    if missing:
+        log(f"installing host packages: {' '.join(missing)}")
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        _run(["apt-get", "update", "-qq"], 300, log, env=env)
+        _run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing], 600, log,
+             env=env)  # fmt: skip
+
+
+def _chroot(root: Path, argv: list[str], timeout: float, log: Callable[[str], None]) -> None:
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "DEBIAN_FRONTEND": "noninteractive",
+           "LC_ALL": "C.UTF-8", "HOME": "/root"}  # fmt: skip
+    _run(["chroot", str(root), *argv], timeout, log, env=env)
+
+
+def _dependencies() -> list[str]:
+    with open(REPO / "pyproject.toml", "rb") as f:
+        deps: list[str] = tomllib.load(f)["project"]["dependencies"]
+    return deps
+
+
+def _copy_repo(dst: Path) -> None:
+    """The tracked files of the repository (what `git clone` would give), for pip install -e."""
+    files = subprocess.run(["git", "-C", str(REPO), "ls-files", "-z"], capture_output=True,
+                           check=True).stdout.decode().split("\0")  # fmt: skip
+    for rel in filter(None, files):
+        src = REPO / rel
+        if src.is_file():
+            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst / rel)
+
+
+def _rmtree_unmounted(root: Path) -> None:
+    """rm -r of the build root, never while something (proc, sysfs) is still mounted in it."""
+    with open("/proc/mounts") as f:
+        if any(line.split()[1].startswith(str(root) + "/") for line in f):
+            raise ImageError(f"{root} still has mounts in it; not removing it")
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def _build(out: Path, log: Callable[[str], None]) -> None:
+    root = out / "root"
+    _rmtree_unmounted(root)
+    _run(["debootstrap", "--variant=minbase", "--include=ca-certificates", SUITE, str(root),
+          MIRROR], 1200, log)  # fmt: skip
+    (root / "usr/sbin/policy-rc.d").write_text("#!/bin/sh\nexit 101\n")
+    (root / "usr/sbin/policy-rc.d").chmod(0o755)
+    shutil.copy("/etc/resolv.conf", root / "etc/resolv.conf")
+    mounts = [("proc", root / "proc"), ("sysfs", root / "sys")]
+    mounted: list[Path] = []
+    try:
+        for fstype, where in mounts:
+            subprocess.run(["mount", "-t", fstype, fstype, str(where)], check=True, timeout=30)
+            mounted.append(where)
+        _chroot(root, ["apt-get", "update", "-qq"], 300, log)
+        _chroot(root, ["apt-get", "install", "-y", "-qq", "--no-install-recommends",
+                       *GUEST_PACKAGES], 1200, log)  # fmt: skip
+        _chroot(root, ["apt-get", "clean"], 60, log)
+        _copy_repo(root / GUEST_REPO.lstrip("/"))
+        _chroot(root, ["/usr/bin/python3", "-m", "venv", "--system-site-packages", GUEST_VENV],
+                300, log)  # fmt: skip
+        # The project's dependencies come as wheels fetched by the host's own pip (its index
+        # and certificates); the guest's pip installs offline from them.
+        wheels = root / "tmp/wheels"
+        wheels.mkdir(parents=True, exist_ok=True)
+        _run([sys.executable, "-m", "pip", "download", "-q", "--only-binary=:all:", "-d",
+              str(wheels), "setuptools>=68", "wheel", *_dependencies()], 600, log)  # fmt: skip
+        _chroot(root, [f"{GUEST_VENV}/bin/pip", "install", "-q", "--no-index", "--find-links",
+                       "/tmp/wheels", "setuptools>=68", "wheel"], 300, log)  # fmt: skip
+        _chroot(root, [f"{GUEST_VENV}/bin/pip", "install", "-q", "--disable-pip-version-check",
+                       "--no-index", "--find-links", "/tmp/wheels", "--no-build-isolation",
+                       "-e", GUEST_REPO], 900, log)  # fmt: skip
+        shutil.rmtree(wheels, ignore_errors=True)
+    finally:
+        for where in reversed(mounted):
+            subprocess.run(["umount", "-l", str(where)], check=False, timeout=30)
+    init = root / "sbin/pg-init"
+    init.write_text(INIT)
+    init.chmod(0o755)
+    (root / "etc/hostname").write_text("pg-guest\n")
+    kernels = sorted((root / "boot").glob("vmlinuz-*"))
+    if not kernels:
+        raise ImageError("no kernel in the guest root")
+    release = kernels[-1].name.removeprefix("vmlinuz-")
+    if not (root / "usr/src" / f"linux-headers-{release}").is_dir():
+        raise ImageError(f"no headers for the guest kernel {release}")
+    shutil.copy(kernels[-1], out / "vmlinuz")
+    shutil.copy(root / "boot" / f"initrd.img-{release}", out / "initrd.img")
+    disk = out / "root.img"
+    disk.unlink(missing_ok=True)
+    _run(["mke2fs", "-q", "-t", "ext4", "-L", "pgroot", "-d", str(root), str(disk), IMAGE_SIZE],
+         900, log)  # fmt: skip
+    (out / "meta.json").write_text(json.dumps({
+        "key": _key(), "kernel": release, "suite": SUITE, "packages": list(GUEST_PACKAGES),
+        "built_at": time.time(),
+    }))  # fmt: skip
+    _rmtree_unmounted(root)  # the disk image has it all
+
+
+def ensure_image(log: Callable[[str], None] = print, rebuild: bool = False) -> tuple[Image, float]:
+    """The cached image (built if missing or stale); returns it and the build time (0 if cached)."""
+    CACHE.mkdir(parents=True, exist_ok=True)
+    key = _key()
+    out = CACHE / key
+    lock = os.open(CACHE, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one builder at a time
+        built = 0.0
+        if rebuild or not (out / "meta.json").exists():
+            ensure_host_packages(log)
+            log(f"building guest image {out} (debootstrap {SUITE}; a few minutes)")
+            t0 = time.monotonic()
+            if out.exists():
+                _rmtree_unmounted(out / "root")
+                shutil.rmtree(out, ignore_errors=True)
+            out.mkdir(parents=True)
+            try:
+                _build(out, log)
+            except BaseException:
+                _rmtree_unmounted(out / "root")
+                shutil.rmtree(out, ignore_errors=True)
+                raise
+            built = time.monotonic() - t0
+            log(f"guest image built in {built:.0f}s")
+            for old in CACHE.iterdir():  # stale recipes: keep the cache to one image
+                if old.is_dir() and old.name != key:
+                    shutil.rmtree(old, ignore_errors=True)
+        meta = json.loads((out / "meta.json").read_text())
+        return Image(out, out / "root.img", out / "vmlinuz", out / "initrd.img", meta), built
+    finally:
+        os.close(lock)
+
+
+if __name__ == "__main__":
+    img, secs = ensure_image()
+    print(json.dumps({"dir": str(img.dir), "build_s": round(secs, 1), **img.meta}))

@@ -1,0 +1,500 @@
+"""The scenario: the same faults under the same traffic, kernel net_failover vs bpfailover.
+
+Per mode one guest boot; per trial every step runs under a sequence-numbered UDP stream both
+ways (bpfailover.traffic endpoints: the guest's runs inside the VM) and a paced TCP stream
+(tcpstream.py), with the faults driven over QMP at fixed offsets from the stream start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import random
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench.proving_ground.image import GUEST_REPO, GUEST_VENV, Image
+from bench.proving_ground.vm import (
+    GUEST_V4,
+    MAC,
+    PEER_V4,
+    UDP_PORT,
+    VM,
+    Net,
+    TapWatch,
+    VMError,
+)
+from bpfailover import netns
+from bpfailover.traffic import DirectionStats
+
+GUEST_PY = f"{GUEST_VENV}/bin/python3"
+AGENT_SOCK = "/run/bpfailover/control.sock"
+GROUP = "fo0"
+TCP_PORT = 9100
+END_WINDOW = 20  # the last N guest frames decide which lower carried traffic at the end
+
+
+@dataclass
+class Settings:
+    trials: int = 10
+    rate_pps: int = 500  # per direction; what the TCG guest sustains with room to spare
+    tcp_rate: int = 50  # writes per second of 1000 bytes
+    modes: tuple[str, ...] = ("kernel", "bpfailover")
+    steps: tuple[str, ...] = ("baseline", "carrier", "unplug", "planned", "migration")
+    workdir: Path = Path("/tmp/bpfailover-pg")
+    prefix: str = "pg"
+    log: Callable[[str], None] = print
+
+
+@dataclass
+class StepResult:
+    mode: str
+    step: str
+    trial: int
+    lost_out: int = 0  # guest -> peer
+    lost_in: int = 0  # peer -> guest
+    sent_out: int = 0
+    sent_in: int = 0
+    gap_out_ms: float = 0.0
+    gap_in_ms: float = 0.0
+    duplicates: int = 0
+    back_on_primary_ms: float | None = None
+    end_on: str | None = None
+    expected_end: str = "primary"
+    tcp_survived: bool = False
+    tcp_gap_ms: float | None = None
+    tcp_error: str | None = None
+    marks: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def lost(self) -> int:
+        return self.lost_out + self.lost_in
+
+    @property
+    def gap_ms(self) -> float:
+        return max(self.gap_out_ms, self.gap_in_ms)
+
+
+class Mode:
+    """One booted guest in one mode, with what the scenario needs from it."""
+
+    def __init__(self, name: str, img: Image, net: Net, s: Settings) -> None:
+        self.name, self.s, self.net = name, s, net
+        self.vm = VM(img, net, name, s.workdir / name)
+        self.agent_h: int | None = None
+        self.timings: dict[str, float] = {}
+
+    @property
+    def g(self) -> Any:
+        assert self.vm.guest is not None
+        return self.vm.guest
+
+    def links(self) -> list[dict[str, Any]]:
+        links: list[dict[str, Any]] = self.g.req("links")["links"]
+        return links
+
+    def by_driver(self, driver: str) -> dict[str, Any] | None:
+        return next((lk for lk in self.links() if lk["driver"] == driver), None)
+
+    def wait(self, pred: Callable[[], Any], timeout: float, what: str) -> Any:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            v = pred()
+            if v:
+                return v
+            time.sleep(0.1)
+        raise VMError(f"{self.name}: timed out ({timeout:.0f}s) waiting for {what}")
+
+    # -- boot and set-up ---------------------------------------------------------------------
+    def start(self) -> None:
+        t0 = time.monotonic()
+        self.vm.start()
+        self.timings["boot_s"] = self.vm.boot_s
+        self.g.sh("sysctl -qw net.ipv6.conf.default.disable_ipv6=1")
+        self.wait(lambda: self.by_driver("e1000e"), 60, "the e1000e primary")
+        if self.name == "kernel":
+            master = self.wait(lambda: self.by_driver("net_failover"), 30, "net_failover master")
+            self.g.sh(f"ip addr add {GUEST_V4}/24 dev {master['name']} && "
+                      f"ip link set {master['name']} up")  # fmt: skip
+        else:
+            for drv in ("virtio_net", "e1000e"):
+                self.g.sh(f"ip link set {self.by_driver(drv)['name']} up")  # type: ignore[index]
+            self.start_agent()
+            self.g.sh(f"ip addr add {GUEST_V4}/24 dev {GROUP}")
+        self.wait(self.on_primary, 60, "traffic on the primary")
+        self.timings["ready_s"] = time.monotonic() - t0
+
+    def start_agent(self) -> None:
+        cfg = {
+            "groups": [{"name": GROUP, "standby": {"driver": "virtio_net"}, "primary": "auto"}],
+            "control": {"socket": AGENT_SOCK}, "bpffs": "/sys/fs/bpf/bpfailover",
+            "metrics": {"listen": None}, "log": {"level": "info"},
+        }  # fmt: skip
+        self.g.req("write", path="/run/failoverd.yaml", data=json.dumps(cfg))
+        t0 = time.monotonic()
+        # As the README runs it: the venv's entry point, config file, foreground, log to stderr.
+        self.agent_h = self.g.req(
+            "spawn", argv=[f"{GUEST_VENV}/bin/failoverd", "--config", "/run/failoverd.yaml"],
+            log="/run/failoverd.log",
+        )["h"]  # fmt: skip
+        self.wait(lambda: self.agent_status() is not None, 240, "failoverd (bcc compile in TCG)")
+        self.timings["agent_start_s"] = time.monotonic() - t0
+
+    def agent_status(self) -> dict[str, Any] | None:
+        try:
+            r = self.g.req("unix", path=AGENT_SOCK, msg={"cmd": "status"})["reply"]
+        except VMError:
+            return None
+        group: dict[str, Any] | None = r.get("status", {}).get("groups", {}).get(GROUP)
+        return group
+
+    def agent(self, msg: dict[str, Any]) -> dict[str, Any]:
+        reply: dict[str, Any] = self.g.req("unix", path=AGENT_SOCK, msg=msg)["reply"]
+        if not reply.get("ok"):
+            raise VMError(f"failoverd {msg}: {reply.get('error')}")
+        return reply
+
+    def agent_log(self) -> str:
+        return str(self.g.req("read", path="/run/failoverd.log")["data"])
+
+    def on_primary(self) -> bool:
+        """Normal state: primary present with carrier and (as far as we can see) in use."""
+        pri = self.by_driver("e1000e")
+        if pri is None or not pri["carrier"] or not pri["up"]:
+            return False
+        if self.name == "kernel":
+            return bool(pri["master"])
+        st = self.agent_status()
+        return bool(st and st.get("active") == "primary")
+
+    def standby_ready(self) -> bool:
+        sby = self.by_driver("virtio_net")
+        return bool(sby and sby["carrier"])
+
+    def close(self) -> None:
+        if self.vm.guest is not None and self.agent_h is not None:
+            with contextlib.suppress(VMError, OSError):
+                self.g.req("kill", h=self.agent_h, sig=15)
+        self.vm.close()
+
+
+# ---- streams ---------------------------------------------------------------------------------
+
+
+class Streams:
+    """UDP both ways + TCP guest->peer, started together; collect() returns the raw results."""
+
+    def __init__(self, m: Mode, duration: float) -> None:
+        self.m, self.duration = m, duration
+        s = m.s
+        self.sid = random.getrandbits(32)
+        common = ["--port", str(UDP_PORT), "--stream-id", str(self.sid), "--rate",
+                  str(s.rate_pps), "--duration", str(duration), "--size", "64",
+                  "--linger", "0.5"]  # fmt: skip
+        self.limit = duration + 30.0
+        peer = m.net.peer
+        host_py = sys.executable
+        self.tcp_srv = subprocess.Popen(
+            netns.cmd_in(peer, [host_py, "-m", "bench.proving_ground.tcpstream", "server",
+                                "--bind", PEER_V4, "--port", str(TCP_PORT),
+                                "--limit", str(self.limit)]),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        self._ready(self.tcp_srv, "READY")
+        self.udp_peer = subprocess.Popen(
+            netns.cmd_in(peer, [host_py, "-m", "bpfailover.traffic", "endpoint", "--bind",
+                                PEER_V4, "--to", GUEST_V4, *common]),
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        g = m.g
+        argv = [GUEST_PY, "-m", "bpfailover.traffic", "endpoint", "--bind", GUEST_V4, "--to",
+                PEER_V4, *common]  # fmt: skip
+        self.udp_guest = g.req("spawn", argv=argv)["h"]
+        self.tcp_cli = g.req("spawn", argv=[
+            GUEST_PY, f"{GUEST_REPO}/bench/proving_ground/tcpstream.py", "client", "--to",
+            PEER_V4, "--port", str(TCP_PORT), "--rate", str(s.tcp_rate), "--size", "1000",
+            "--duration", str(duration), "--limit", str(self.limit)])["h"]  # fmt: skip
+        for h, want in ((self.udp_guest, "READY"), (self.tcp_cli, "CONNECTED")):
+            line = g.req("readline", h=h, timeout=30)["line"]
+            if line is None or line.strip() != want:
+                raise VMError(f"guest stream side did not start ({want}): {line!r}")
+        self._ready(self.udp_peer, "READY")
+        assert self.udp_peer.stdin is not None
+        g.req("send", h=self.udp_guest, go=True)
+        self.t0 = time.monotonic()
+        self.udp_peer.stdin.write(f"GO {time.monotonic_ns()}\n")
+        self.udp_peer.stdin.flush()
+
+    @staticmethod
+    def _ready(p: subprocess.Popen[str], want: str) -> None:
+        assert p.stdout is not None
+        import select
+
+        r, _, _ = select.select([p.stdout], [], [], 20)
+        line = p.stdout.readline() if r else ""
+        if line.strip() != want:
+            p.kill()
+            err = p.stderr.read() if p.stderr else ""
+            raise VMError(f"peer stream side did not start: {line!r} {err}")
+
+    def at(self, t_rel: float) -> None:
+        """Sleep until t_rel seconds after the stream start."""
+        time.sleep(max(0.0, self.t0 + t_rel - time.monotonic()))
+
+    def rel(self, t: float) -> float:
+        return round(t - self.t0, 4)
+
+    def collect(self) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], dict[str, Any]]:
+        g = self.m.g
+        deadline = self.t0 + self.limit + 5
+        try:
+            left = max(1.0, deadline - time.monotonic())
+            ug = g.req("wait", h=self.udp_guest, timeout=left)
+            if ug.get("rc") is None:
+                raise VMError("guest UDP endpoint did not finish")
+            out, _ = self.udp_peer.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            tc = g.req("wait", h=self.tcp_cli, timeout=max(1.0, deadline - time.monotonic()))
+            ts_out, _ = self.tcp_srv.communicate(timeout=max(1.0, deadline - time.monotonic()))
+        finally:
+            self.kill()
+        return (_last_json(ug.get("out", "")), _last_json(out), _last_json(tc.get("out", "")),
+                _last_json(ts_out))  # fmt: skip
+
+    def kill(self) -> None:
+        for p in (self.udp_peer, self.tcp_srv):
+            if p.poll() is None:
+                p.kill()
+                p.wait(timeout=5)
+        for h in (self.udp_guest, self.tcp_cli):
+            with contextlib.suppress(VMError):
+                self.m.g.req("kill", h=h)
+
+
+def _last_json(text: str) -> dict[str, Any]:
+    for line in reversed(text.splitlines()):
+        if line.startswith("{"):
+            d: dict[str, Any] = json.loads(line)
+            return d
+    return {"error": f"no result: {text[-200:]!r}"}
+
+
+# ---- steps -----------------------------------------------------------------------------------
+
+# Stream length per step: the fault, e1000e's own link-up after a plug (~2.5-3 s under TCG:
+# QEMU's autonegotiation timer and the driver's watchdog) and a margin to see where it ends.
+STEP_DURATION = {"baseline": 2.0, "carrier": 3.0, "unplug": 4.5, "planned": 6.0, "migration": 5.5}
+
+
+def _step_baseline(m: Mode, st: Streams, marks: dict[str, float]) -> None:
+    return None
+
+
+def _step_carrier(m: Mode, st: Streams, marks: dict[str, float]) -> None:
+    st.at(0.5)
+    marks["fault"] = st.rel(time.monotonic())
+    m.vm.set_link("pri0", False)
+    st.at(1.5)
+    marks["restore"] = st.rel(time.monotonic())
+    m.vm.set_link("pri0", True)
+
+
+def _step_unplug(m: Mode, st: Streams, marks: dict[str, float]) -> None:
+    st.at(0.5)
+    t_req, t_del = m.vm.unplug()
+    marks["fault"], marks["deleted"] = st.rel(t_req), st.rel(t_del)
+    st.at(max(1.0, marks["deleted"] + 0.3))
+    t_add, _ = m.vm.plug()
+    marks["restore"] = st.rel(t_add)
+
+
+def _step_planned(m: Mode, st: Streams, marks: dict[str, float]) -> None:
+    """bpfailover only: set-primary to the standby, then unplug; back with --auto."""
+    st.at(0.5)
+    marks["set_standby"] = st.rel(time.monotonic())
+    m.agent({"cmd": "set-primary", "group": GROUP, "lower": "standby"})
+    st.at(1.0)
+    t_req, t_del = m.vm.unplug()
+    marks["fault"], marks["deleted"] = st.rel(t_req), st.rel(t_del)
+    st.at(max(1.5, marks["deleted"] + 0.3))
+    t_add, _ = m.vm.plug()
+    marks["restore"] = st.rel(t_add)
+
+    def registered() -> bool:
+        s = m.agent_status()
+        return bool(s and any(lw["role"] == "primary" and lw["usable"] for lw in s["lowers"]))
+
+    m.wait(registered, max(1.0, st.duration - 0.5 - (time.monotonic() - st.t0)),
+           "the re-plugged primary in failoverd")  # fmt: skip
+    marks["auto"] = st.rel(time.monotonic())
+    m.agent({"cmd": "set-primary", "group": GROUP})
+
+
+def _step_migration(m: Mode, st: Streams, marks: dict[str, float]) -> None:
+    """net_failover.rst's script: standby link up, fdb del, VF unplug, migrate, plug, down."""
+    st.at(0.3)
+    marks["standby_up"] = st.rel(time.monotonic())
+    m.vm.set_link("net0", True)
+    st.at(0.6)
+    m.net.fdb_del(MAC, m.net.tap_pri)
+    t_req, t_del = m.vm.unplug()
+    marks["fault"], marks["deleted"] = st.rel(t_req), st.rel(t_del)
+    time.sleep(0.3)  # "virsh migrate --live" (its length changes nothing here)
+    t_add, _ = m.vm.plug()
+    marks["restore"] = st.rel(t_add)
+    m.vm.set_link("net0", False)
+    marks["standby_down"] = st.rel(time.monotonic())
+
+
+STEPS: dict[str, Callable[[Mode, Streams, dict[str, float]], None]] = {
+    "baseline": _step_baseline,
+    "carrier": _step_carrier,
+    "unplug": _step_unplug,
+    "planned": _step_planned,
+    "migration": _step_migration,
+}
+
+
+def _settle(m: Mode, step: str) -> None:
+    """Back to the normal state before a step (and the step's own starting state)."""
+    if not m.vm.plugged:
+        m.vm.plug()
+    m.vm.set_link("pri0", True)
+    m.vm.set_link("net0", step != "migration")  # the seed's standby starts with link down
+    if m.name == "bpfailover":
+        st = m.agent_status()
+        if st and st.get("override"):
+            m.agent({"cmd": "set-primary", "group": GROUP})
+    m.wait(m.on_primary, 60, "the primary back in use")
+    if step == "migration":
+        m.wait(lambda: not m.standby_ready(), 20, "standby carrier down")
+    else:
+        m.wait(m.standby_ready, 20, "standby carrier up")
+    time.sleep(0.3)
+
+
+def run_step(m: Mode, watch: TapWatch, step: str, trial: int) -> StepResult:
+    res = StepResult(m.name, step, trial)
+    _settle(m, step)
+    watch.reset()
+    st = Streams(m, STEP_DURATION[step])
+    try:
+        STEPS[step](m, st, res.marks)
+    except Exception:
+        st.kill()
+        raise
+    ug, up, tc, ts = st.collect()
+    for side in (ug, up):
+        if "error" in side:
+            raise VMError(f"{m.name}/{step}: UDP endpoint: {side['error']}")
+    out = DirectionStats.from_dict(up["rx"]).with_sender(ug["sent"], ug["send_errors"],
+                                                          ug["send_errnos"])  # fmt: skip
+    inn = DirectionStats.from_dict(ug["rx"]).with_sender(up["sent"], up["send_errors"],
+                                                         up["send_errnos"])  # fmt: skip
+    res.sent_out, res.lost_out, res.gap_out_ms = out.sent, out.lost, round(out.max_gap_ms, 1)
+    res.sent_in, res.lost_in, res.gap_in_ms = inn.sent, inn.lost, round(inn.max_gap_ms, 1)
+    res.duplicates = out.duplicates + inn.duplicates
+    if out.send_errors:
+        res.notes.append(f"guest send errors {out.send_errnos}")
+    res.tcp_survived = bool(tc.get("ok"))
+    res.tcp_gap_ms = round(ts["max_gap_ms"], 1) if "max_gap_ms" in ts else None
+    res.tcp_error = tc.get("error") or ts.get("error")
+    pri, sby = watch.times[m.net.tap_pri], watch.times[m.net.tap_sby]
+    if "restore" in res.marks:
+        t_restore = st.t0 + res.marks["restore"]
+        after = [t for t in pri if t >= t_restore]
+        if after:
+            res.back_on_primary_ms = round((after[0] - t_restore) * 1e3, 1)
+    last = sorted([(t, "primary") for t in pri[-END_WINDOW:]] +
+                  [(t, "standby") for t in sby[-END_WINDOW:]])[-END_WINDOW:]  # fmt: skip
+    kinds = {k for _, k in last}
+    res.end_on = kinds.pop() if len(kinds) == 1 else ("mixed" if kinds else None)
+    return res
+
+
+# ---- the whole run ---------------------------------------------------------------------------
+
+
+def run(img: Image, s: Settings) -> dict[str, Any]:
+    results: list[StepResult] = []
+    timings: dict[str, dict[str, float]] = {}
+    failures: list[str] = []
+    net = Net(s.prefix)
+    for mode in s.modes:
+        net.up()
+        watch: TapWatch | None = None
+        m = Mode(mode, img, net, s)
+        t_mode = time.monotonic()
+        try:
+            watch = TapWatch(net)
+            s.log(f"[{mode}] booting the guest (TCG)")
+            m.start()
+            s.log(f"[{mode}] ready: boot {m.timings['boot_s']:.1f}s, "
+                  f"set-up {m.timings['ready_s']:.1f}s, kernel {m.vm.guest.hello['kernel']}")  # type: ignore[union-attr]  # fmt: skip
+            steps = [st for st in s.steps if not (st == "planned" and mode == "kernel")]
+            for trial in range(s.trials):
+                for step in steps:
+                    if step == "baseline" and trial > 0:
+                        continue  # the no-fault reference: once per boot is enough
+                    r = run_step(m, watch, step, trial)
+                    results.append(r)
+                    s.log(
+                          f"[{mode}] trial {trial + 1}/{s.trials} {step:<9} lost {r.lost_out:>4}"
+                          f"/{r.lost_in:<4} gap {r.gap_out_ms:>7.1f}/{r.gap_in_ms:<7.1f}ms "
+                          f"back {r.back_on_primary_ms} end {r.end_on} tcp "
+                          f"{'ok' if r.tcp_survived else 'FAILED ' + str(r.tcp_error)}"
+                    )  # fmt: skip
+        except Exception as e:
+            failures.append(f"{mode}: {e}")
+            s.log(f"[{mode}] FAILED: {e}")
+            if mode == "bpfailover" and m.vm.guest is not None:
+                with contextlib.suppress(Exception):
+                    s.log("failoverd log tail:\n" + "\n".join(m.agent_log().splitlines()[-15:]))
+        finally:
+            if mode == "bpfailover" and m.vm.guest is not None:
+                with contextlib.suppress(Exception):
+                    (s.workdir / "failoverd.log").write_text(m.agent_log())
+            m.close()
+            if watch is not None:
+                watch.close()
+            net.down()
+        timings[mode] = {**m.timings, "total_s": time.monotonic() - t_mode}
+    return {"results": results, "timings": timings, "failures": failures}
+
+
+def pct(values: list[float], q: float) -> float:
+    v = sorted(values)
+    if not v:
+        return float("nan")
+    return v[min(len(v) - 1, int(round(q * (len(v) - 1))))]
+
+
+def summarize(results: list[StepResult]) -> list[dict[str, Any]]:
+    rows = []
+    keys = sorted({(r.mode, r.step) for r in results},
+                  key=lambda k: (list(STEPS).index(k[1]), k[0] != "kernel"))  # fmt: skip
+    for mode, step in keys:
+        rs = [r for r in results if r.mode == mode and r.step == step]
+        back = [r.back_on_primary_ms for r in rs if r.back_on_primary_ms is not None]
+        rows.append({
+            "mode": mode, "step": step, "trials": len(rs),
+            "lost_p50": statistics.median(r.lost for r in rs), "lost_max": max(r.lost for r in rs),
+            "lost_out_p50": statistics.median(r.lost_out for r in rs),
+            "lost_in_p50": statistics.median(r.lost_in for r in rs),
+            "gap_ms_p50": statistics.median(r.gap_ms for r in rs),
+            "gap_ms_max": max(r.gap_ms for r in rs),
+            "back_on_primary_ms_p50": statistics.median(back) if back else None,
+            "back_on_primary_ms_max": max(back) if back else None,
+            "back_missing": sum(1 for r in rs if "restore" in r.marks
+                                and r.back_on_primary_ms is None),
+            "end_state_ok": sum(1 for r in rs if r.end_on == r.expected_end),
+            "tcp_survived": sum(1 for r in rs if r.tcp_survived),
+            "duplicates_max": max(r.duplicates for r in rs),
+        })  # fmt: skip
+    return rows
