@@ -255,7 +255,23 @@ class Agent:
             if not link.deleted and self._maybe_register(grp, link):
                 self._decide(grp, t_ns, f"registered {link.ifname}")
                 self._sync_mc(grp)
+                self._open_plugged(grp, link)
                 return
+
+    def _open_plugged(self, grp: Group, link: netlink.Link) -> None:
+        """A lower hot-plugged while we run comes up admin down (a re-plugged VF), and the
+        lowers are unmanaged (deploy/): open it, as net_failover_slave_register() does with
+        dev_open().  Found by the proving ground (docs/proving-ground.md).  Lowers present at
+        start-up are left as the operator set them."""
+        if link.admin_up:
+            return
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        try:
+            self.ipr.link("set", index=link.ifindex, state="up")
+            event("lower_opened", group=grp.name, lower=link.ifname)
+        except NetlinkError as e:
+            event("lower_open_error", group=grp.name, lower=link.ifname, error=str(e))
 
     def _update_lower(self, grp: Group, link: netlink.Link) -> None:
         lower = grp.lower_by_ifindex(link.ifindex)
