@@ -141,3 +141,50 @@ def wired_lab(lab: Lab, pin_dir: Path, rx_path: str = "tc",
         import shutil
 
         shutil.rmtree(pin_dir, ignore_errors=True)
+
+
+_TCP_TICKER = textwrap.dedent(
+    """
+    import socket, sys, time
+    addr, port, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+    c = socket.create_connection((addr, port), timeout=10)
+    c.settimeout(10)
+    sent = got = 0
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        c.sendall(b"x" * 1024); sent += 1024
+        while got < sent:
+            got += len(c.recv(65536) or b"")
+        time.sleep(0.01)
+    c.close(); print(sent, got)
+    """
+)
+
+
+class TcpTicker:
+    """A TCP connection that exchanges 1 KiB every 10 ms for `seconds`: survives a switch
+    or migration only if no segment is lost for good (no reset, no timeout)."""
+
+    def __init__(self, server_ns: str, server_addr: str, client_ns: str, seconds: float,
+                 port: int = 9200) -> None:  # fmt: skip
+        self.srv = subprocess.Popen(
+            netns.cmd_in(server_ns, [sys.executable, "-c", _TCP_SERVER, server_addr, str(port)]),
+            stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        assert self.srv.stdout is not None and self.srv.stdout.readline().strip() == "ready"
+        argv = [sys.executable, "-c", _TCP_TICKER, server_addr, str(port), str(seconds)]
+        self.cli = subprocess.Popen(netns.cmd_in(client_ns, argv), stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True)  # fmt: skip
+
+    def wait(self, timeout: float = 60) -> tuple[bool, str]:
+        """(survived, detail)."""
+        try:
+            out, err = self.cli.communicate(timeout=timeout)
+        finally:
+            self.cli.kill()
+            self.srv.kill()
+            self.srv.wait()
+        if self.cli.returncode != 0:
+            return False, err.strip().splitlines()[-1] if err.strip() else "client failed"
+        sent, got = map(int, out.split())
+        return sent == got and sent > 0, f"sent {sent} echoed {got}"

@@ -167,6 +167,7 @@ class Agent:
 
     def close(self) -> None:
         """Stop serving; the pinned datapath keeps forwarding."""
+        started = self.control is not None
         if self.control is not None:
             self.control.close()
         if self.events is not None:
@@ -175,7 +176,8 @@ class Agent:
             self.ipr.close()
         if self.dp is not None:
             self.dp.close()
-        event("stopped", datapath="left forwarding")
+        if started:
+            event("stopped", datapath="left forwarding")
 
     def _next_timeout(self) -> float | None:
         due = [g.deadline_ms for g in self.groups.values() if g.deadline_ms is not None]

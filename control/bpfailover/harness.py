@@ -70,8 +70,7 @@ class AgentRun:
     # -- process --------------------------------------------------------------------------
     def start(self, timeout: float = 60.0) -> AgentRun:
         ensure_bpffs()
-        argv = [sys.executable, "-m", "bpfailover.agent", "--netns", self.lab.guest,
-                "--config", str(self.config_path)]  # fmt: skip
+        argv = self.command(self.lab.guest, self.config_path)
         log = open(self.log_path, "ab")  # noqa: SIM115 - the child owns it
         self.proc = subprocess.Popen(argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
         log.close()
@@ -87,6 +86,11 @@ class AgentRun:
             if len(st["groups"]) == self.lab.groups:
                 return self
         raise HarnessError(f"failoverd did not come up in {timeout}s: {self.tail()}")
+
+    @staticmethod
+    def command(netns_name: str, config_path: Path) -> list[str]:
+        return [sys.executable, "-m", "bpfailover.agent", "--netns", netns_name,
+                "--config", str(config_path)]  # fmt: skip
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int | None:
         if self.proc is None or self.proc.poll() is not None:

@@ -1,0 +1,336 @@
+"""Layer 3 with the agent: net_failover semantics from link events in the lab."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bpfailover import netns, traffic
+from bpfailover.harness import AgentRun, HarnessError
+from bpfailover.lab import Lab
+from tests.labutil import TcpTicker, link_stats, neigh, ping
+
+pytestmark = pytest.mark.root
+
+IFF_LOWER_UP = 0x10000
+
+
+def start(lab: Lab, **overrides: Any) -> AgentRun:
+    agent = AgentRun(lab, group_overrides=overrides or None)
+    try:
+        agent.start()
+    except BaseException:
+        agent.cleanup()
+        raise
+    return agent
+
+
+@pytest.fixture
+def running(lab: Lab) -> Iterator[tuple[Lab, AgentRun]]:
+    lab.up()
+    agent = start(lab)
+    try:
+        lab.address_failover(0)
+        assert ping(lab.guest, lab.names(0).peer_v4)  # ARP and fdb warmed up
+        yield lab, agent
+    finally:
+        agent.cleanup()
+
+
+def stream(lab: Lab, rate: int = 5000, seconds: float = 3.0) -> traffic.StreamHandle:
+    n = lab.names(0)
+    return traffic.start_stream(lab.guest, n.guest_v4, lab.peer, n.peer_v4, rate_pps=rate,
+                                duration_s=seconds)  # fmt: skip
+
+
+def carrier(lab: Lab, dev: str) -> bool:
+    info = lab.link(lab.guest, dev)
+    return bool(info and info["flags"] & IFF_LOWER_UP)
+
+
+def test_unplanned_failover_and_return(running: tuple[Lab, AgentRun]) -> None:
+    lab, agent = running
+    n = lab.names(0)
+    with stream(lab) as h:
+        time.sleep(1.0)
+        lab.set_far_end(0, "primary", False)  # the VF loses carrier
+        agent.wait_active(n.standby)
+        rep = h.wait()
+    sw = agent.events("switch")[-1]
+    assert (sw["from"], sw["to"], sw["reason"]) == (n.primary, n.standby, "primary_down")
+    assert sw["latency_us"] > 0
+    # traffic continued through the standby to the end of the stream
+    for _name, d in rep.directions:
+        assert d.received > 0.9 * d.sent and d.last_arrival_s > 2.5, rep.format()
+    print(f"\nunplanned failover: event->map {sw['latency_us']} us\n{rep.format()}")
+    lab.set_far_end(0, "primary", True)
+    agent.wait_active(n.primary)  # reselect: always
+    assert agent.events("switch")[-1]["reason"] == "primary_up"
+
+
+def test_reselect_failure_stays_on_standby(lab: Lab) -> None:
+    lab.up()
+    agent = start(lab, policy={"reselect": "failure"})
+    try:
+        n = lab.names(0)
+        lab.set_far_end(0, "primary", False)
+        agent.wait_active(n.standby)
+        lab.set_far_end(0, "primary", True)
+        agent.wait_for(lambda: any(lw["usable"] for lw in agent.group()["lowers"]
+                                   if lw["role"] == "primary"), what="primary usable")  # fmt: skip
+        time.sleep(0.3)
+        assert agent.group()["active_lower"] == n.standby  # no switch back while standby is up
+        lab.set_far_end(0, "standby", False)
+        agent.wait_active(n.primary)
+    finally:
+        agent.cleanup()
+
+
+def test_both_lowers_down_drops_carrier(running: tuple[Lab, AgentRun]) -> None:
+    lab, agent = running
+    n = lab.names(0)
+    assert carrier(lab, n.failover)
+    lab.set_far_end(0, "primary", False)
+    lab.set_far_end(0, "standby", False)
+    agent.wait_active(None)
+    agent.wait_for(lambda: not carrier(lab, n.failover), what="failover carrier off")
+    lab.set_far_end(0, "standby", True)
+    agent.wait_active(n.standby)
+    agent.wait_for(lambda: carrier(lab, n.failover), what="failover carrier on")
+
+
+def test_vf_unplug_switches_on_first_sign(running: tuple[Lab, AgentRun]) -> None:
+    lab, agent = running
+    n = lab.names(0)
+    with stream(lab, rate=10000, seconds=2.0) as h:
+        time.sleep(0.8)
+        lab.unplug_vf(0)
+        agent.wait_active(n.standby)
+        rep = h.wait()
+    ev = [e for e in agent.events() if e["event"] in ("switch", "lower_unregistered")]
+    kinds = [e["event"] for e in ev[-2:]]
+    # the switch is made on the RTM_NEWLINK (admin down / carrier off) that precedes
+    # unregister, not on the later RTM_DELLINK
+    assert kinds == ["switch", "lower_unregistered"], ev
+    assert ev[-2]["cause"] == f"link {n.primary}"
+    print(f"\nVF unplug at 10k pps: lost {rep.total_lost}, gap {rep.max_gap_ms:.2f} ms")
+    assert rep.a_to_b.received > 0.9 * rep.a_to_b.sent
+
+
+def test_migration_replay_keeps_tcp_and_ends_on_new_vf(running: tuple[Lab, AgentRun]) -> None:
+    lab, agent = running
+    n = lab.names(0)
+    old_ifindex = lab.link(lab.guest, n.primary)["ifindex"]  # type: ignore[index]
+    tcp = TcpTicker(lab.peer, n.peer_v4, lab.guest, seconds=4.0)
+    with stream(lab, rate=2000, seconds=4.0) as h:
+        time.sleep(0.5)
+        lab.migrate(0, pause_s=0.5, log=lambda *_: None)
+        agent.wait_active(n.primary)
+        rep = h.wait()
+    survived, detail = tcp.wait()
+    assert survived, f"TCP stream broke during migration: {detail}"
+    new = lab.link(lab.guest, n.primary)
+    assert new and new["ifindex"] != old_ifindex
+    g = agent.group()
+    prim = next(lw for lw in g["lowers"] if lw["role"] == "primary")
+    assert prim["ifindex"] == new["ifindex"] and prim["active"]
+    print(f"\nmigration: UDP lost {rep.total_lost}, longest gap {rep.max_gap_ms:.1f} ms; {detail}")
+    # after the plug the standby carries nothing more, the new VF does
+    before = {lw["role"]: lw["tx_packets"] for lw in g["lowers"]}
+    with stream(lab, rate=2000, seconds=0.5) as h2:
+        h2.wait()
+    after = {lw["role"]: lw["tx_packets"] for lw in agent.group()["lowers"]}
+    assert after["standby"] == before["standby"]
+    assert after["primary"] - before["primary"] >= 900
+    assert link_stats(lab.guest, n.primary)["tx"] >= 900
+
+
+def test_primary_hot_plugged_after_start(lab: Lab) -> None:
+    lab.up()
+    lab.unplug_vf(0)
+    agent = start(lab)
+    try:
+        n = lab.names(0)
+        agent.wait_active(n.standby)
+        lab.plug_vf(0)
+        agent.wait_active(n.primary)
+        reg = agent.events("lower_registered")[-1]
+        assert (reg["role"], reg["lower"]) == ("primary", n.primary)
+    finally:
+        agent.cleanup()
+
+
+def test_renamed_lower_keeps_its_role(running: tuple[Lab, AgentRun]) -> None:
+    lab, agent = running
+    n = lab.names(0)
+    ifindex = lab.link(lab.guest, n.primary)["ifindex"]  # type: ignore[index]
+    netns.run_in(lab.guest, ["ip", "link", "set", n.primary, "down"])
+    agent.wait_active(n.standby)
+    netns.run_in(lab.guest, ["ip", "link", "set", n.primary, "name", "vf0renamed"])
+    netns.run_in(lab.guest, ["ip", "link", "set", "vf0renamed", "up"])
+    agent.wait_active("vf0renamed")
+    prim = next(lw for lw in agent.group()["lowers"] if lw["role"] == "primary")
+    assert (prim["name"], prim["ifindex"]) == ("vf0renamed", ifindex)
+    assert agent.events("lower_renamed")[-1]["new"] == "vf0renamed"
+
+
+def test_peers_learn_the_switch_from_garp_and_na(running: tuple[Lab, AgentRun]) -> None:
+    lab, agent = running
+    n = lab.names(0)
+    assert ping(lab.guest, n.peer_v6)
+    bogus = "52:54:00:ff:ff:ff"
+    for addr in (n.guest_v4, n.guest_v6):
+        netns.run_in(lab.peer, ["ip", "neigh", "replace", addr, "lladdr", bogus, "dev", "eth0",
+                                "nud", "stale"])  # fmt: skip
+    assert lab.fdb_ports(0) == [n.vfport]
+    time.sleep(1.2)  # ARP ignores updates within locktime (1 s) of the last one
+    reply = agent.request({"cmd": "set-primary", "group": n.failover, "lower": n.standby})
+    assert reply["ok"], reply
+    # one GARP through the standby moves the MAC to its port and fixes both caches
+    agent.wait_for(lambda: lab.fdb_ports(0) == [n.tap], what="fdb entry on the standby port")
+    agent.wait_for(lambda: (neigh(lab.peer, n.guest_v4) or {}).get("lladdr") == n.mac,
+                   what="peer ARP entry updated")  # fmt: skip
+    agent.wait_for(lambda: (neigh(lab.peer, n.guest_v6) or {}).get("lladdr") == n.mac,
+                   what="peer IPv6 neighbour entry updated")  # fmt: skip
+
+
+def test_planned_switch_loses_nothing(running: tuple[Lab, AgentRun]) -> None:
+    lab, agent = running
+    n = lab.names(0)
+    with stream(lab, rate=10000, seconds=2.0) as h:
+        for k in range(6):
+            time.sleep(0.25)
+            lower = n.standby if k % 2 == 0 else None
+            assert agent.request({"cmd": "set-primary", "group": n.failover, "lower": lower})["ok"]
+        rep = h.wait()
+    assert rep.total_lost == 0, rep.format()
+
+
+def test_sigkill_and_restart_lose_nothing_and_adopt(running: tuple[Lab, AgentRun]) -> None:
+    lab, agent = running
+    n = lab.names(0)
+    switches = len(agent.events("switch"))
+    before = agent.group()
+    with stream(lab, rate=5000, seconds=3.0) as h:
+        time.sleep(0.7)
+        agent.kill()  # the pinned datapath keeps forwarding while nobody watches
+        time.sleep(1.0)
+        agent.start()
+        rep = h.wait()
+    assert rep.total_lost == 0, rep.format()
+    assert len(agent.events("switch")) == switches, "restart adopted: no flap"
+    after = agent.group()
+    assert after["active_lower"] == n.primary
+    tx = {lw["role"]: lw["tx_packets"] for lw in after["lowers"]}
+    tx0 = {lw["role"]: lw["tx_packets"] for lw in before["lowers"]}
+    assert tx["primary"] >= tx0["primary"] + 14000, "counters continued"
+    filters = netns.run_in(lab.guest, ["tc", "filter", "show", "dev", n.primary, "ingress"])
+    assert filters.stdout.count("bpfailover:") == 1, "no duplicate filters"
+
+
+def test_second_agent_on_same_pins_is_refused(running: tuple[Lab, AgentRun]) -> None:
+    lab, agent = running
+    proc = subprocess.run(
+        [*AgentRun.command(lab.guest, agent.config_path)], capture_output=True, text=True,
+        timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 1
+    assert "another agent" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert agent.status()["pid"] == agent.proc.pid  # type: ignore[union-attr]
+
+
+def test_mtu_follows_the_failover_device(running: tuple[Lab, AgentRun]) -> None:
+    lab, agent = running
+    n = lab.names(0)
+    netns.run_in(lab.guest, ["ip", "link", "set", n.failover, "mtu", "1400"])
+    for dev in (n.primary, n.standby, f"{n.failover}_fo"):
+        agent.wait_for(lambda d=dev: _mtu(lab, d) == 1400, what=f"{dev} mtu 1400")
+
+
+def test_mtu_refused_by_a_lower_is_rolled_back(running: tuple[Lab, AgentRun]) -> None:
+    lab, agent = running
+    n = lab.names(0)
+    # Native XDP (without frags) on a veth caps its *peer's* max MTU at about a page: put
+    # a program on the VF's far end and the guest's primary refuses MTU 9000.
+    from pyroute2 import IPRoute
+
+    from bpfailover import bpfsys
+    from bpfailover.datapath import attach_xdp
+
+    fd = bpfsys.obj_get(str(agent.pin_dir / "prog_xdp_lower_rx"))
+    with netns.entered(lab.hv), IPRoute() as ipr:  # (`ip -n` would hide /sys/fs/bpf)
+        assert attach_xdp(ipr, ipr.link_lookup(ifname=n.vfport)[0], fd, bpfsys.prog_info(fd).id)
+    os.close(fd)
+    netns.run_in(lab.guest, ["ip", "link", "set", n.failover, "mtu", "9000"])
+    agent.wait_for(lambda: agent.events("mtu_refused"), what="mtu refused")
+    agent.wait_for(lambda: _mtu(lab, n.failover) == 1500, what="failover mtu rolled back")
+    for dev in (n.primary, n.standby, f"{n.failover}_fo"):
+        assert _mtu(lab, dev) == 1500
+
+
+def _mtu(lab: Lab, dev: str) -> int:
+    out = netns.run_in(lab.guest, ["cat", f"/sys/class/net/{dev}/mtu"], check=False)
+    if out.returncode == 0:
+        return int(out.stdout)
+    import json
+
+    info = json.loads(netns.run_in(lab.guest, ["ip", "-j", "link", "show", dev]).stdout)
+    return int(info[0]["mtu"])
+
+
+def test_multicast_joined_on_failover_is_synced_to_lowers(running: tuple[Lab, AgentRun]) -> None:
+    lab, agent = running
+    n = lab.names(0)
+    netns.run_in(lab.guest, ["ip", "addr", "add", "239.1.2.3/32", "dev", n.failover, "autojoin"])
+    mac = "01:00:5e:01:02:03"
+    for dev in (n.primary, n.standby):
+        agent.wait_for(lambda d=dev: mac in _maddrs(lab, d), what=f"{mac} on {dev}")
+    netns.run_in(lab.guest, ["ip", "addr", "del", "239.1.2.3/32", "dev", n.failover])
+    for dev in (n.primary, n.standby):
+        agent.wait_for(lambda d=dev: mac not in _maddrs(lab, d), what=f"{mac} gone from {dev}")
+
+
+def _maddrs(lab: Lab, dev: str) -> str:
+    return netns.run_in(lab.guest, ["ip", "maddr", "show", "dev", dev]).stdout
+
+
+def test_missing_standby_is_one_clear_line_and_creates_nothing(lab: Lab, pin_dir: Path) -> None:
+    lab.up()
+    cfg = pin_dir.parent / f"{pin_dir.name}.yaml"
+    import yaml
+
+    Path(f"/tmp/{pin_dir.name}.yaml").write_text(yaml.safe_dump({
+        "groups": [{"name": "ens10", "standby": "nosuch0"}], "bpffs": str(pin_dir),
+        "control": {"socket": f"/run/bpfailover/{pin_dir.name}.sock"}, "metrics": {"listen": None},
+    }))  # fmt: skip
+    del cfg
+    proc = subprocess.run([*AgentRun.command(lab.guest, Path(f"/tmp/{pin_dir.name}.yaml"))],
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    Path(f"/tmp/{pin_dir.name}.yaml").unlink()
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "standby nosuch0 not found" in lines[0]
+    assert not pin_dir.exists()
+    assert lab.link(lab.guest, "ens10") is None
+
+
+def test_harness_reports_agent_death(lab: Lab) -> None:
+    lab.up()
+    agent = AgentRun(lab)
+    agent.config["bpffs"] = "/nonexistent/dir/pins"
+    import yaml
+
+    agent.config_path.write_text(yaml.safe_dump(agent.config))
+    try:
+        with pytest.raises(HarnessError, match="bpffs"):
+            agent.start()
+    finally:
+        agent.cleanup()
+        shutil.rmtree("/nonexistent", ignore_errors=True)
