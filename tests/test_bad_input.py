@@ -1,0 +1,89 @@
+"""Bad input to the datapath and the agent: one clear line that says what to do, and
+nothing half-created behind it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from bpfailover import kheaders
+from bpfailover.datapath import Datapath, DatapathError
+from bpfailover.loader import LoadError
+
+
+def test_no_kernel_headers_at_all(tmp_path: Path) -> None:
+    with pytest.raises(kheaders.HeadersError) as e:
+        kheaders.find(release="0.0.0-none", src_dir=tmp_path, cache=tmp_path / "cache")
+    msg = str(e.value)
+    assert "\n" not in msg and "apt-get install linux-headers-amd64" in msg
+    assert not (tmp_path / "cache").exists()
+
+
+def test_fallback_headers_pair_is_merged_and_reused(tmp_path: Path) -> None:
+    common = tmp_path / "src" / "linux-headers-9.9.0-1-common"
+    arch = tmp_path / "src" / "linux-headers-9.9.0-1-amd64"
+    (common / "include" / "linux").mkdir(parents=True)
+    (common / "include" / "linux" / "kconfig.h").write_text("/* common */\n")
+    (arch / "include" / "generated").mkdir(parents=True)
+    (arch / "include" / "generated" / "autoconf.h").write_text("/* arch */\n")
+    h = kheaders.find(release="0.0.0-none", src_dir=tmp_path / "src", cache=tmp_path / "c")
+    tree = Path(h.env["BCC_KERNEL_SOURCE"])
+    assert (tree / "include" / "linux" / "kconfig.h").read_text() == "/* common */\n"
+    assert (tree / "include" / "generated" / "autoconf.h").read_text() == "/* arch */\n"
+    assert "linux-headers-9.9.0-1-amd64" in h.description
+    again = kheaders.find(release="0.0.0-none", src_dir=tmp_path / "src", cache=tmp_path / "c")
+    assert again.env == h.env  # cached: built once
+
+
+@pytest.mark.root
+def test_pin_dir_not_on_bpffs_is_refused_and_nothing_created(tmp_path: Path) -> None:
+    pins = tmp_path / "pins"
+    with pytest.raises(LoadError) as e:
+        Datapath.open(pins)
+    assert "not a bpffs mount" in str(e.value) and "mount -t bpf" in str(e.value)
+    assert "\n" not in str(e.value)
+    assert not pins.exists()
+
+
+@pytest.mark.root
+def test_a_half_pinned_directory_is_named_not_adopted(pin_dir: Path) -> None:
+    pin_dir.mkdir()  # e.g. someone removed pins by hand
+    with pytest.raises(DatapathError) as e:
+        Datapath.open(pin_dir)
+    assert "not a complete bpfailover datapath" in str(e.value) and str(pin_dir) in str(e.value)
+
+
+@pytest.mark.root
+def test_failoverd_not_root_says_so() -> None:
+    d = Path(tempfile.mkdtemp(prefix="bpfailover-nonroot-"))  # /tmp: readable by nobody
+    os.chmod(d, 0o755)
+    cfg = d / "c.yaml"
+    cfg.write_text("groups: [{name: ens10, standby: ens10nsby}]\n")
+    os.chmod(cfg, 0o644)
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "bpfailover.agent", "--config", str(cfg)],
+            capture_output=True, text=True, timeout=60, user="nobody",
+            env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
+        )  # fmt: skip
+    finally:
+        shutil.rmtree(d)
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "needs root" in lines[0], proc.stderr
+
+
+def test_failoverd_bad_config_exits_2_with_the_key_path(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("groups: [{name: ens10, standby: ens10nsby, policy: {reselect: sometimes}}]\n")
+    proc = subprocess.run([sys.executable, "-m", "bpfailover.agent", "--config", str(cfg)],
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "groups[0].policy.reselect" in lines[0]
