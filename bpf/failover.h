@@ -12,7 +12,7 @@
 
 /* Bumped whenever a layout below changes: a pinned datapath with another ABI
  * is not adopted (a restart would read it wrongly). */
-#define FO_ABI_VERSION 1
+#define FO_ABI_VERSION 2
 
 #define FO_MAX_GROUPS 64
 #define FO_MAX_DEVS 1024
@@ -38,7 +38,8 @@
 /* Drop reasons, mirrored by name in control/bpfailover/layout.py. */
 #define FO_DROP_NO_LOWER 0
 #define FO_DROP_INACTIVE_RX 1
-#define FO_NDROPS 2
+#define FO_DROP_LOOP 2
+#define FO_NDROPS 3
 
 /* fo_group.flags */
 #define FO_F_INACTIVE_RX_DROP 1
@@ -64,6 +65,11 @@ struct fo_group {
 	__u32 peer_ifindex;
 	__u32 override_slot;
 	char name[16];
+	/* The group MAC as the first four and last two bytes loaded from a frame (host
+	 * order): a frame from a lower with our own source MAC is one we sent that a
+	 * switch flooded back (drop reason "loop"). */
+	__u32 mac_hi;
+	__u32 mac_lo;
 };
 
 struct fo_counter {

@@ -31,14 +31,19 @@ int fo_egress(struct __sk_buff *skb)
 int lower_ingress(struct __sk_buff *skb)
 {
 	struct fo_rx rx = {};
+	__u32 src_hi, src_lo;
 
-	switch (fo_rx_decide(skb->ifindex, &rx)) {
+	fo_eth_src((void *)(long)skb->data, (void *)(long)skb->data_end, &src_hi, &src_lo);
+	switch (fo_rx_decide(skb->ifindex, src_hi, src_lo, &rx)) {
 	case FO_RX_UP:
 		fo_count(FO_STATS_IDX(rx.group, rx.slot, FO_DIR_RX), skb->len);
 		fo_note_redirect(rx.master_ifindex);
 		return bpf_redirect(rx.master_ifindex, BPF_F_INGRESS);
 	case FO_RX_DROP:
 		fo_count_drop(rx.group, FO_HOOK_TC_INGRESS, FO_DROP_INACTIVE_RX, skb->len);
+		return TC_ACT_SHOT;
+	case FO_RX_LOOP:
+		fo_count_drop(rx.group, FO_HOOK_TC_INGRESS, FO_DROP_LOOP, skb->len);
 		return TC_ACT_SHOT;
 	default:
 		return TC_ACT_OK;

@@ -16,9 +16,11 @@ int xdp_lower_rx(struct xdp_md *ctx)
 	void *data_end = (void *)(long)ctx->data_end;
 	__u64 len = data_end - data;
 	struct fo_rx rx = {};
+	__u32 src_hi, src_lo;
 	int verdict;
 
-	switch (fo_rx_decide(ctx->ingress_ifindex, &rx)) {
+	fo_eth_src(data, data_end, &src_hi, &src_lo);
+	switch (fo_rx_decide(ctx->ingress_ifindex, src_hi, src_lo, &rx)) {
 	case FO_RX_UP:
 		/* Falls back to XDP_PASS (the TC path) when the group has no
 		 * devmap entry yet. */
@@ -30,6 +32,9 @@ int xdp_lower_rx(struct xdp_md *ctx)
 		return verdict;
 	case FO_RX_DROP:
 		fo_count_drop(rx.group, FO_HOOK_XDP, FO_DROP_INACTIVE_RX, len);
+		return XDP_DROP;
+	case FO_RX_LOOP:
+		fo_count_drop(rx.group, FO_HOOK_XDP, FO_DROP_LOOP, len);
 		return XDP_DROP;
 	default:
 		return XDP_PASS;

@@ -64,6 +64,7 @@ enum fo_rx_verdict {
 	FO_RX_NOT_OURS = 0,	/* not a registered lower: leave the frame alone */
 	FO_RX_UP,		/* deliver to the failover device */
 	FO_RX_DROP,		/* inactive lower under inactive_rx: drop */
+	FO_RX_LOOP,		/* our own frame, flooded back by the switch: drop */
 };
 
 struct fo_rx {
@@ -72,8 +73,25 @@ struct fo_rx {
 	__u32 master_ifindex;
 };
 
-/* Receive: should a frame from lower `ifindex` go up to its failover device? */
-static __always_inline int fo_rx_decide(__u32 ifindex, struct fo_rx *rx)
+/* The source MAC of an Ethernet frame as (first 4 bytes, last 2 bytes); zeros when the
+ * frame is too short to have one. */
+static __always_inline void fo_eth_src(void *data, void *data_end, __u32 *hi, __u32 *lo)
+{
+	__u16 last = 0;
+
+	*hi = 0;
+	*lo = 0;
+	if (data + 14 > data_end)
+		return;
+	__builtin_memcpy(hi, data + 6, 4);
+	__builtin_memcpy(&last, data + 10, 2);
+	*lo = last;
+}
+
+/* Receive: should a frame from lower `ifindex` (source MAC src_hi/src_lo) go up to its
+ * failover device? */
+static __always_inline int fo_rx_decide(__u32 ifindex, __u32 src_hi, __u32 src_lo,
+					struct fo_rx *rx)
 {
 	struct fo_dev *dev = fo_dev.lookup(&ifindex);
 	struct fo_group *cfg;
@@ -88,6 +106,8 @@ static __always_inline int fo_rx_decide(__u32 ifindex, struct fo_rx *rx)
 	rx->group = group;
 	rx->slot = dev->role;
 	rx->master_ifindex = cfg->master_ifindex;
+	if (src_hi == cfg->mac_hi && src_lo == cfg->mac_lo)
+		return FO_RX_LOOP;
 	if (cfg->flags & FO_F_INACTIVE_RX_DROP) {
 		/* net_failover/bonding: nothing from the inactive lower, so a
 		 * flooding switch causes no duplicates. */

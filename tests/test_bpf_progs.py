@@ -28,6 +28,11 @@ XDP_CTX_SIZE = 24  # sizeof(struct xdp_md); ingress_ifindex at offset 12
 V4 = frames.ipv4_udp(frames.PEER_MAC, frames.MAC, "198.18.0.1", "198.18.0.2")
 V6 = frames.ipv6_udp(frames.PEER_MAC, frames.MAC, "2001:db8::1", "2001:db8::2")
 ARP = frames.arp_request(frames.MAC, "198.18.0.1", "198.18.0.2")
+# received from the peer: its source MAC is not ours
+RX_V4 = frames.ipv4_udp(frames.MAC, frames.PEER_MAC, "198.18.0.2", "198.18.0.1")
+RX_V6 = frames.ipv6_udp(frames.MAC, frames.PEER_MAC, "2001:db8::2", "2001:db8::1")
+RX_ARP = frames.arp_request(frames.PEER_MAC, "198.18.0.2", "198.18.0.1")
+OTHER_MAC = "52:54:00:00:12:54"
 
 
 def skb_ctx(ifindex: int) -> bytes:
@@ -81,7 +86,8 @@ def rig(pin_dir: Path, scratch_netns: str) -> Iterator[Rig]:
     for i in (0, 1):
         g = dp.alloc_group(f"fo{i}")
         assert g == i
-        dp.set_group(g, f"fo{i}", ifx[f"fo{i}"], ifx[f"fo{i}p"])
+        dp.update_group(g, master_ifindex=ifx[f"fo{i}"], peer_ifindex=ifx[f"fo{i}p"],
+                        mac=(frames.MAC, OTHER_MAC)[i])  # fmt: skip
         dp.set_dev(ifx[f"fo{i}"], g, L.FO_ROLE_MASTER)
         for slot, dev in ((L.FO_SLOT_STANDBY, f"sb{i}"), (L.FO_SLOT_PRIMARY, f"pr{i}")):
             dp.set_dev(ifx[dev], g, slot)
@@ -138,13 +144,13 @@ def test_active_slot_whose_lower_is_unregistered_drops(rig: Rig) -> None:
 
 def test_unknown_devices_are_left_alone(rig: Rig) -> None:
     assert rig.run_tc("prog_fo_egress", "other", V4) == TC_ACT_OK
-    assert rig.run_tc("prog_lower_ingress", "other", V4) == TC_ACT_OK
-    assert rig.run_xdp("other", V4) == XDP_PASS
+    assert rig.run_tc("prog_lower_ingress", "other", RX_V4) == TC_ACT_OK
+    assert rig.run_xdp("other", RX_V4) == XDP_PASS
     # a lower is not a failover device: its own egress is not redirected
     assert rig.run_tc("prog_fo_egress", "pr0", V4) == TC_ACT_OK
 
 
-@pytest.mark.parametrize("frame", [V4, V6, ARP], ids=["ipv4", "ipv6", "arp"])
+@pytest.mark.parametrize("frame", [RX_V4, RX_V6, RX_ARP], ids=["ipv4", "ipv6", "arp"])
 def test_ingress_delivers_from_both_lowers_by_default(rig: Rig, frame: bytes) -> None:
     L = rig.dp.L
     rig.dp.flip(0, L.FO_SLOT_PRIMARY)
@@ -157,16 +163,32 @@ def test_ingress_delivers_from_both_lowers_by_default(rig: Rig, frame: bytes) ->
 
 def test_ingress_drop_mode_drops_only_the_inactive_lower(rig: Rig) -> None:
     L = rig.dp.L
-    rec = rig.dp.group(0)
-    rig.dp.set_group(0, "fo0", rec.master_ifindex, rec.peer_ifindex, L.FO_F_INACTIVE_RX_DROP)
+    rig.dp.update_group(0, flags=L.FO_F_INACTIVE_RX_DROP)
     rig.dp.flip(0, L.FO_SLOT_PRIMARY)
-    assert rig.run_tc("prog_lower_ingress", "pr0", V4) == TC_ACT_REDIRECT
-    assert rig.run_tc("prog_lower_ingress", "sb0", V4) == TC_ACT_SHOT
-    assert rig.dp.drops(0, L.FO_HOOK_TC_INGRESS, L.FO_DROP_INACTIVE_RX) == Counter(1, len(V4))
+    assert rig.run_tc("prog_lower_ingress", "pr0", RX_V4) == TC_ACT_REDIRECT
+    assert rig.run_tc("prog_lower_ingress", "sb0", RX_V4) == TC_ACT_SHOT
+    assert rig.dp.drops(0, L.FO_HOOK_TC_INGRESS, L.FO_DROP_INACTIVE_RX) == Counter(1, len(RX_V4))
     assert rig.dp.stats(0, L.FO_SLOT_STANDBY, L.FO_DIR_RX) == Counter()
     rig.dp.flip(0, L.FO_SLOT_STANDBY)
-    assert rig.run_tc("prog_lower_ingress", "sb0", V4) == TC_ACT_REDIRECT
-    assert rig.run_tc("prog_lower_ingress", "pr0", V4) == TC_ACT_SHOT
+    assert rig.run_tc("prog_lower_ingress", "sb0", RX_V4) == TC_ACT_REDIRECT
+    assert rig.run_tc("prog_lower_ingress", "pr0", RX_V4) == TC_ACT_SHOT
+
+
+@pytest.mark.parametrize("frame", [V4, V6, ARP], ids=["ipv4", "ipv6", "arp"])
+def test_own_frames_flooded_back_are_dropped_as_loop(rig: Rig, frame: bytes) -> None:
+    """A frame with the group's own source MAC arriving on a lower is one we sent that the
+    switch flooded back (deliver mode would otherwise hand our own broadcasts up)."""
+    L = rig.dp.L
+    rig.dp.flip(0, L.FO_SLOT_PRIMARY)
+    rig.dp.set_xdp_up(0, rig.ifx["fo0p"])
+    for dev in ("sb0", "pr0"):
+        assert rig.run_tc("prog_lower_ingress", dev, frame) == TC_ACT_SHOT
+        assert rig.run_xdp(dev, frame) == XDP_DROP
+    assert rig.dp.drops(0, L.FO_HOOK_TC_INGRESS, L.FO_DROP_LOOP) == Counter(2, 2 * len(frame))
+    assert rig.dp.drops(0, L.FO_HOOK_XDP, L.FO_DROP_LOOP) == Counter(2, 2 * len(frame))
+    # the other group's MAC is not ours: group 1's own frame passes group 0's lowers
+    other = frames.ipv4_udp(frames.PEER_MAC, OTHER_MAC, "198.18.1.1", "198.18.1.2")
+    assert rig.run_tc("prog_lower_ingress", "pr0", other) == TC_ACT_REDIRECT
 
 
 def test_groups_are_isolated(rig: Rig) -> None:
@@ -175,7 +197,7 @@ def test_groups_are_isolated(rig: Rig) -> None:
     rig.dp.flip(1, L.FO_SLOT_STANDBY)
     assert rig.run_tc("prog_fo_egress", "fo1", V4) == TC_ACT_REDIRECT
     assert rig.dp.last_redirect() == rig.ifx["sb1"]
-    assert rig.run_tc("prog_lower_ingress", "pr1", V4) == TC_ACT_REDIRECT
+    assert rig.run_tc("prog_lower_ingress", "pr1", RX_V4) == TC_ACT_REDIRECT
     assert rig.dp.last_redirect() == rig.ifx["fo1"]
     for slot in (L.FO_SLOT_STANDBY, L.FO_SLOT_PRIMARY):
         for d in (L.FO_DIR_TX, L.FO_DIR_RX):
@@ -186,25 +208,24 @@ def test_xdp_redirects_up_through_devmap_else_passes_to_tc(rig: Rig) -> None:
     L = rig.dp.L
     rig.dp.flip(0, L.FO_SLOT_PRIMARY)
     # no devmap entry yet: pass on to the TC path, count nothing here
-    assert rig.run_xdp("pr0", V4) == XDP_PASS
+    assert rig.run_xdp("pr0", RX_V4) == XDP_PASS
     assert rig.dp.stats(0, L.FO_SLOT_PRIMARY, L.FO_DIR_RX) == Counter()
     rig.dp.set_xdp_up(0, rig.ifx["fo0p"])
-    for frame in (V4, V6, ARP):
+    for frame in (RX_V4, RX_V6, RX_ARP):
         assert rig.run_xdp("pr0", frame) == XDP_REDIRECT
         assert rig.dp.last_redirect() == rig.ifx["fo0"]
-    total = len(V4) + len(V6) + len(ARP)
+    total = len(RX_V4) + len(RX_V6) + len(RX_ARP)
     assert rig.dp.stats(0, L.FO_SLOT_PRIMARY, L.FO_DIR_RX) == Counter(3, total)
 
 
 def test_xdp_drop_mode(rig: Rig) -> None:
     L = rig.dp.L
-    rec = rig.dp.group(0)
-    rig.dp.set_group(0, "fo0", rec.master_ifindex, rec.peer_ifindex, L.FO_F_INACTIVE_RX_DROP)
+    rig.dp.update_group(0, flags=L.FO_F_INACTIVE_RX_DROP)
     rig.dp.set_xdp_up(0, rig.ifx["fo0p"])
     rig.dp.flip(0, L.FO_SLOT_PRIMARY)
-    assert rig.run_xdp("sb0", V4) == XDP_DROP
-    assert rig.dp.drops(0, L.FO_HOOK_XDP, L.FO_DROP_INACTIVE_RX) == Counter(1, len(V4))
-    assert rig.run_xdp("pr0", V4) == XDP_REDIRECT
+    assert rig.run_xdp("sb0", RX_V4) == XDP_DROP
+    assert rig.dp.drops(0, L.FO_HOOK_XDP, L.FO_DROP_INACTIVE_RX) == Counter(1, len(RX_V4))
+    assert rig.run_xdp("pr0", RX_V4) == XDP_REDIRECT
 
 
 def test_counters_survive_reopen_and_reset_on_new_group(rig: Rig, pin_dir: Path) -> None:

@@ -486,9 +486,8 @@ class Agent:
                 raise RequestError(f"{found[0].name} is not usable (down or no carrier): refused")
             target = found[0].role
         grp.override = target
-        rec = self.dp.group(grp.gid)  # persisted with the pins: survives a restart
-        self.dp.set_group(grp.gid, grp.name, rec.master_ifindex, rec.peer_ifindex, rec.flags,
-                          ROLE_SLOTS[target] if target else 0)  # fmt: skip
+        # persisted with the pins: survives a restart
+        self.dp.update_group(grp.gid, override_slot=ROLE_SLOTS[target] if target else 0)
         self._decide(grp, time.monotonic_ns(), "set-primary")
         event("override", group=grp.name, lower=lower, role=target)
         return {"ok": True, "active": grp.active, "override": grp.override}

@@ -159,10 +159,18 @@ class Datapath:
         assert raw is not None  # an array map has every index
         return self._s_group.from_buffer_copy(raw)
 
-    def set_group(
-        self, g: int, name: str, master: int, peer: int, flags: int = 0, override_slot: int = 0
-    ) -> None:
-        rec = self._s_group(master, flags, peer, override_slot, name.encode())
+    def update_group(self, g: int, **fields: int | str) -> None:
+        """Rewrite some fields of fo_group[g] (single writer: read-modify-write is safe).
+        `name` is a str; `mac` a MAC string, stored as the words the programs compare."""
+        rec = self.group(g)
+        for key, value in fields.items():
+            if key == "name":
+                rec.name = str(value).encode()
+            elif key == "mac":
+                raw = bytes(int(x, 16) for x in str(value).split(":"))
+                rec.mac_hi, rec.mac_lo = struct.unpack("=IH", raw)
+            else:
+                setattr(rec, key, int(value))
         bpfsys.map_update(self.fds["fo_group"], _u32(g), bytes(rec))
 
     def groups(self) -> dict[str, int]:
@@ -182,7 +190,7 @@ class Datapath:
         for g in range(self.L.FO_MAX_GROUPS):
             if g not in existing.values():
                 self.reset_group(g)
-                self.set_group(g, name, 0, 0)
+                self.update_group(g, name=name)
                 return g
         raise DatapathError(f"all {self.L.FO_MAX_GROUPS} datapath groups are in use")
 
@@ -438,9 +446,10 @@ class Wiring:
         """Create/adopt the failover device and its group; returns the group id."""
         g = self.dp.alloc_group(name)
         master, peer = create_failover_dev(self.ipr, name, mac, mtu)
-        old = self.dp.group(g)
         flags = self.L.FO_F_INACTIVE_RX_DROP if inactive_rx_drop else 0
-        self.dp.set_group(g, name, master, peer, flags, old.override_slot)
+        self.dp.update_group(
+            g, master_ifindex=master, peer_ifindex=peer, flags=flags, mac=mac
+        )  # (override_slot is kept: it survives restarts)
         self.dp.set_dev(master, g, self.L.FO_ROLE_MASTER)
         if rx_path == "xdp":
             set_gro(name, True)
