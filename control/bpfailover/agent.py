@@ -9,6 +9,7 @@ logging, carrier, GARP come after.  The metrics endpoint only reads.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import errno
 import fcntl
@@ -59,6 +60,34 @@ def event(name: str, **fields: Any) -> None:
     log.info("%s", json.dumps({"event": name, **fields}, default=str))
 
 
+# -- TEST-ONLY fault injection ----------------------------------------------------------------
+# BPFAILOVER_FAULT="<point>[:<action>][@<nth>]" makes the agent fail on purpose the nth time
+# (default 1st) it passes a named point, for the fault suite (tests/test_reliability.py).
+# It is read once, at start; unset (always, outside tests) a point costs one `is None` test.
+# Actions: kill (SIGKILL itself), close-netlink (close the event socket under itself), stall
+# (wait, at most 30 s, until the file $BPFAILOVER_FAULT_GATE exists: the test acts meanwhile).
+FAULT_POINTS = ("adopt", "before-flip", "after-flip", "garp", "netlink-read")
+FAULT_ACTIONS = ("kill", "close-netlink", "stall")
+
+
+class Fault:
+    def __init__(self, spec: str, gate: str | None = None) -> None:
+        rest, _, nth = spec.partition("@")
+        self.point, _, action = rest.partition(":")
+        self.action = action or "kill"
+        self.nth = int(nth or 1)
+        self.hits = 0
+        self.gate = gate
+        if self.point not in FAULT_POINTS or self.action not in FAULT_ACTIONS:
+            raise AgentError(f"BPFAILOVER_FAULT={spec!r}: points {FAULT_POINTS}, "
+                             f"actions {FAULT_ACTIONS}")  # fmt: skip
+
+    @classmethod
+    def from_env(cls) -> Fault | None:
+        spec = os.environ.get("BPFAILOVER_FAULT")
+        return cls(spec, os.environ.get("BPFAILOVER_FAULT_GATE")) if spec else None
+
+
 class Agent:
     def __init__(self, cfg: configmod.Config) -> None:
         self.cfg = cfg
@@ -74,6 +103,25 @@ class Agent:
         self.started_at = time.time()
         self.ipr: Any = None
         self.on_switch: Callable[[Group, Switch], None] | None = None  # metrics hook
+        self.fault = Fault.from_env()  # TEST-ONLY: None outside the fault suite
+
+    def _fault(self, point: str) -> None:
+        """TEST-ONLY: fire the injected fault if this is its point and turn."""
+        f = self.fault
+        if f is None or f.point != point:
+            return
+        f.hits += 1
+        if f.hits != f.nth:
+            return
+        event("fault_injected", point=point, action=f.action)
+        if f.action == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        elif f.action == "close-netlink" and self.events is not None:
+            self.events.sock.close()
+        elif f.action == "stall":
+            deadline = time.monotonic() + 30
+            while f.gate and not os.path.exists(f.gate) and time.monotonic() < deadline:
+                time.sleep(0.01)
 
     # -- start-up ---------------------------------------------------------------------
     def start(self) -> None:
@@ -99,6 +147,8 @@ class Agent:
         self._load_addrs()
         for gcfg in self.cfg.groups:
             self.groups[gcfg.name] = self._setup_group(gcfg, links)
+        if self.fault is not None:
+            self._fault("adopt")  # TEST-ONLY: adopted, not yet reconciled
         links = {link.ifindex: link for link in netlink.dump_links()}  # with the new devices
         for grp in self.groups.values():
             self._reconcile_group(grp, links, time.monotonic_ns())
@@ -197,11 +247,16 @@ class Agent:
     def _on_netlink(self) -> None:
         assert self.events is not None
         t_ns = time.monotonic_ns()
+        if self.fault is not None:
+            self._fault("netlink-read")  # TEST-ONLY
         try:
             batch = self.events.read()
         except netlink.Overflow:
             event("netlink_overflow", action="re-dump and reconcile")
             self.reconcile()
+            return
+        except OSError as e:  # the socket itself failed: a new one, then a full re-read
+            self._reconnect_netlink(e)
             return
         for ev in batch:
             try:
@@ -213,6 +268,17 @@ class Agent:
                     self._on_mcast(ev.ifindex)
             except Exception as e:  # one bad event (a device gone meanwhile) must not kill us
                 event("event_error", error=str(e), ifindex=getattr(ev, "ifindex", None))
+
+    def _reconnect_netlink(self, err: OSError) -> None:
+        old = self.events
+        with contextlib.suppress(KeyError, ValueError):
+            self.sel.unregister(old)  # type: ignore[arg-type]
+        if old is not None:
+            old.close()
+        self.events = netlink.EventSocket()  # subscribe before the dump, as at start
+        self.sel.register(self.events, selectors.EVENT_READ, "netlink")
+        event("netlink_reconnected", error=str(err), action="re-dump and reconcile")
+        self.reconcile()
 
     def reconcile(self) -> None:
         """Full re-read of links and addresses; never trust a missed event."""
@@ -407,7 +473,11 @@ class Agent:
                 ifindex = grp.lowers[d.active].ifindex
                 if self.dp.lower(grp.gid, slot) != ifindex:  # (re)plugged: fill its slot first
                     self.dp.set_lower(grp.gid, slot, ifindex)
+            if self.fault is not None:
+                self._fault("before-flip")  # TEST-ONLY: decided, map not written
             self.dp.flip(grp.gid, slot)  # the switch itself: everything else comes after
+            if self.fault is not None:
+                self._fault("after-flip")  # TEST-ONLY: map written, nothing else yet
             latency = (time.monotonic_ns() - t_event_ns) / 1e9
             old = grp.active
             sw = Switch(
@@ -442,6 +512,8 @@ class Agent:
             if lower is None or grp.active != role:
                 continue  # switched again meanwhile: the newer switch notifies
             addrs = sorted(self.addrs.get(grp.master, set()))
+            if self.fault is not None:
+                self._fault("garp")  # TEST-ONLY: switched, peers not told yet
             try:
                 n = notify.send(lower.name, notify.frames_for(grp.mac, addrs))
                 event("notify", group=grp.name, via=lower.name, frames=n)
