@@ -152,11 +152,23 @@ class Agent:
         links = {link.ifindex: link for link in netlink.dump_links()}  # with the new devices
         for grp in self.groups.values():
             self._reconcile_group(grp, links, time.monotonic_ns())
+            if grp.last_switch is None:
+                self._renotify(grp)
         self.sel.register(self.events, selectors.EVENT_READ, "netlink")
         self.control = ControlServer(self.cfg.control.socket, self.handle_request,
                                      self.cfg.control.group)  # fmt: skip
         self.control.register(self.sel)
         event("started", groups=list(self.groups), pin_dir=self.cfg.bpffs, pid=os.getpid())
+
+    def _renotify(self, grp: Group) -> None:
+        """Adopted an active lower without switching: the run that switched to it may have
+        died before its GARP/NA went out (peers still send to the old port), so tell them
+        again.  Harmless when they already knew."""
+        if grp.active is None or grp.cfg.notify.garp_count <= 0:
+            return
+        event("renotify", group=grp.name, via=grp.lowers[grp.active].name, why="adopted")
+        grp.notify_due = [(now_ms(), grp.active, grp.cfg.notify.garp_count)]
+        self._notify_peers(grp, now_ms())
 
     def _resolve_standby(self, gcfg: configmod.Group, links: dict[int, netlink.Link]) -> int | None:
         if gcfg.standby_name is not None:
