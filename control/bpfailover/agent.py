@@ -412,11 +412,42 @@ class Agent:
 
     def _on_master(self, grp: Group, link: netlink.Link) -> None:
         if link.deleted:
-            action = "restart failoverd to re-create it, or failoverctl teardown"
-            event("failover_device_deleted", group=grp.name, action=action)
+            self._recreate_master(grp)
             return
         if link.mtu and link.mtu != grp.mtu:
             self._propagate_mtu(grp, link.mtu)
+        self._sync_mc(grp)
+
+    def _recreate_master(self, grp: Group) -> None:
+        """The failover device was deleted by hand (`failoverctl teardown` is the way to
+        remove a group): put it back as it was, same name, MAC and MTU, and carry on.  The
+        lowers' filters find the new device through the group map.  Its addresses belong to
+        the OS's network configuration (networkd/NM/DHCP bring them back on a new netdev)."""
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        assert self.wiring is not None and self.dp is not None
+        old = grp.master
+        event("failover_device_deleted", group=grp.name, ifindex=old, action="re-creating it")
+        try:
+            gid = self.wiring.setup_group(
+                grp.cfg.name, grp.mac, grp.cfg.inactive_rx == "drop", grp.cfg.rx_path,
+                mtu=grp.mtu or None,
+            )  # fmt: skip
+        except (DatapathError, NetlinkError, OSError) as e:
+            event("failover_device_lost", group=grp.name, error=str(e),
+                  action="cannot re-create it: failoverctl teardown "
+                  f"{grp.name}, then restart failoverd")  # fmt: skip
+            return
+        rec = self.dp.group(gid)
+        grp.master, grp.peer = rec.master_ifindex, rec.peer_ifindex
+        if old != grp.master:
+            self.dp.del_dev(old)
+        self.addrs.pop(old, None)
+        grp.carrier = None  # the new peer starts down: _decide sets it
+        note = "addresses are the OS network config's to restore"
+        event("failover_device_recreated", group=grp.name, old_ifindex=old,
+              ifindex=grp.master, note=note)  # fmt: skip
+        self._decide(grp, time.monotonic_ns(), "failover device re-created")
         self._sync_mc(grp)
 
     def _propagate_mtu(self, grp: Group, mtu: int) -> None:
