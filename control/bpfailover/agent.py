@@ -29,7 +29,7 @@ from typing import Any
 from bpfailover import config as configmod
 from bpfailover import mcsync, netlink, netns, notify, policy
 from bpfailover.api import ControlServer, RequestError
-from bpfailover.datapath import Datapath, DatapathError, Wiring, set_carrier
+from bpfailover.datapath import Datapath, DatapathError, Wiring, peer_name, set_carrier
 from bpfailover.layout import ROLE_SLOTS, SLOT_NAMES
 from bpfailover.loader import LoadError
 from bpfailover.model import Group, Lower, Switch
@@ -137,6 +137,7 @@ class Agent:
                     f"group {gcfg.name}: standby {gcfg.standby_name or gcfg.standby} not found "
                     "(mac: auto needs it to learn the MAC; or set mac: in the config)"
                 )
+            _check_failover_name(gcfg.name, links)
         try:
             self.dp = Datapath.open(self.cfg.bpffs)
             self.dp.lock()
@@ -651,6 +652,24 @@ class Agent:
                 },
             }  # fmt: skip
         return out
+
+
+def _check_failover_name(name: str, links: dict[int, netlink.Link]) -> None:
+    """The failover device `name` and its hidden peer are ours to create or adopt: a netdev
+    already there under either name that is not that veth pair fails start-up before the
+    datapath is loaded or anything is created."""
+    by_name = {lk.ifname: lk for lk in links.values()}
+    peer = peer_name(name)
+    master, hidden = by_name.get(name), by_name.get(peer)
+    if master is None and hidden is None:
+        return
+    if master is not None and hidden is not None and master.link == hidden.ifindex:
+        return  # our veth pair from an earlier run: adopted
+    taken = name if master is not None else peer
+    raise AgentError(
+        f"group {name}: netdev {taken} exists and is not a bpfailover failover device "
+        f"(veth {name} + {peer}): rename the group or remove {taken}"
+    )
 
 
 def _driver_of(ifname: str) -> str | None:
