@@ -33,6 +33,7 @@ from bpfailover.datapath import Datapath, DatapathError, Wiring, peer_name, set_
 from bpfailover.layout import ROLE_SLOTS, SLOT_NAMES
 from bpfailover.loader import LoadError
 from bpfailover.model import Group, Lower, Switch
+from bpfailover.pinwatch import PinWatch
 from bpfailover.policy import Role
 
 log = logging.getLogger("bpfailover.agent")
@@ -103,6 +104,8 @@ class Agent:
         self.started_at = time.time()
         self.ipr: Any = None
         self.on_switch: Callable[[Group, Switch], None] | None = None  # metrics hook
+        self.pinwatch: PinWatch | None = None
+        self.repin_due_ms: int | None = None
         self.fault = Fault.from_env()  # TEST-ONLY: None outside the fault suite
 
     def _fault(self, point: str) -> None:
@@ -141,6 +144,7 @@ class Agent:
         try:
             self.dp = Datapath.open(self.cfg.bpffs)
             self.dp.lock()
+            self.pinwatch = PinWatch(self.dp.pin_dir)
         except (DatapathError, LoadError) as e:
             raise AgentError(str(e)) from e
         self.ipr = IPRoute()
@@ -156,6 +160,7 @@ class Agent:
             if grp.last_switch is None:
                 self._renotify(grp)
         self.sel.register(self.events, selectors.EVENT_READ, "netlink")
+        self.sel.register(self.pinwatch, selectors.EVENT_READ, "pins")
         self.control = ControlServer(self.cfg.control.socket, self.handle_request,
                                      self.cfg.control.group)  # fmt: skip
         self.control.register(self.sel)
@@ -221,6 +226,8 @@ class Agent:
             for key, _mask in self.sel.select(timeout):
                 if key.data == "netlink":
                     self._on_netlink()
+                elif key.data == "pins":
+                    self._on_pins()
                 elif self.control is not None:
                     self.control.on_ready(key)
             self._run_timers()
@@ -235,6 +242,8 @@ class Agent:
             self.control.close()
         if self.events is not None:
             self.events.close()
+        if self.pinwatch is not None:
+            self.pinwatch.close()
         if self.ipr is not None:
             self.ipr.close()
         if self.dp is not None:
@@ -245,12 +254,16 @@ class Agent:
     def _next_timeout(self) -> float | None:
         due = [g.deadline_ms for g in self.groups.values() if g.deadline_ms is not None]
         due += [n[0] for g in self.groups.values() for n in g.notify_due]
+        if self.repin_due_ms is not None:
+            due.append(self.repin_due_ms)
         if not due:
             return None  # event driven: nothing to do until the kernel says something
         return max(0.0, (min(due) - now_ms()) / 1000)
 
     def _run_timers(self) -> None:
         t = now_ms()
+        if self.repin_due_ms is not None and self.repin_due_ms <= t:
+            self._repin()
         for grp in self.groups.values():
             if grp.deadline_ms is not None and grp.deadline_ms <= t:
                 self._decide(grp, time.monotonic_ns(), "hold-down")
@@ -281,6 +294,31 @@ class Agent:
                     self._on_mcast(ev.ifindex)
             except Exception as e:  # one bad event (a device gone meanwhile) must not kill us
                 event("event_error", error=str(e), ifindex=getattr(ev, "ifindex", None))
+
+    # -- pins removed by hand ------------------------------------------------------------------
+    def _on_pins(self) -> None:
+        assert self.pinwatch is not None
+        pin_gone, dir_gone = self.pinwatch.read()
+        if dir_gone:
+            self._repin()  # `rm -r` is done: put everything back now
+        elif pin_gone and self.repin_due_ms is None:
+            # a pin went: maybe the start of an `rm -r`; let it finish rather than fight it
+            self.repin_due_ms = now_ms() + 500
+
+    def _repin(self) -> None:
+        assert self.dp is not None and self.pinwatch is not None
+        self.repin_due_ms = None
+        dir_gone = not self.dp.pin_dir.is_dir()
+        try:
+            done = self.dp.repin()
+            if dir_gone:
+                self.pinwatch.watch()
+        except (OSError, DatapathError) as e:
+            event("pins_restore_error", pin_dir=self.dp.pin_dir, error=str(e),
+                  action="forwarding goes on; restart failoverd to re-pin")  # fmt: skip
+            return
+        if done:
+            event("pins_restored", pin_dir=self.dp.pin_dir, pins=done, relocked=dir_gone)
 
     def _reconnect_netlink(self, err: OSError) -> None:
         old = self.events

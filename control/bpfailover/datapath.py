@@ -115,6 +115,26 @@ class Datapath:
             ) from None
         self._lock_fd = fd
 
+    def repin(self) -> list[str]:
+        """Pin again, from our own fds, whatever was removed from the pin directory by hand
+        (the directory too: then it is created and locked again).  Returns what was pinned."""
+        relock = False
+        if not self.pin_dir.is_dir():
+            self.pin_dir.mkdir()
+            relock = self._lock_fd is not None
+        done = []
+        for name, fd in self.fds.items():
+            path = self.pin_dir / name
+            if not path.exists():
+                bpfsys.obj_pin(fd, str(path))
+                done.append(name)
+        if relock:
+            assert self._lock_fd is not None
+            os.close(self._lock_fd)  # the lock of a directory that is gone
+            self._lock_fd = None
+            self.lock()
+        return done
+
     def close(self) -> None:
         for fd in self.fds.values():
             os.close(fd)
