@@ -71,6 +71,7 @@ class Layout:
                     self.consts[name] = _eval(body, self.consts)
                 except (KeyError, SyntaxError, ValueError):
                     continue  # not an integer define (none today)
+        self._compiled: dict[str, Callable[..., int]] = {}
         self.structs: dict[str, type[ctypes.Structure]] = {}
         for m in re.finditer(r"struct\s+(\w+)\s*\{([^}]*)\};", text):
             fields: list[tuple[str, type]] = []
@@ -109,8 +110,24 @@ class Layout:
             raise AttributeError(name) from None
 
     def index(self, macro: str, *args: int) -> int:
+        """FO_*_IDX(args); on the switch path, so each macro is compiled once."""
+        fn = self._compiled.get(macro)
+        if fn is None:
+            fn = self._compiled[macro] = self._compile(macro)
+        return fn(*args)
+
+    def _compile(self, macro: str) -> Callable[..., int]:
         params, body = self._macros[macro]
-        return _eval(body, {**self.consts, **dict(zip(params, args, strict=True))})
+        _eval(body, {**self.consts, **dict.fromkeys(params, 1)})  # validate: arithmetic only
+        code = compile(ast.parse(body.strip(), mode="eval"), f"<{macro}>", "eval")
+        consts = dict(self.consts)
+
+        def index(*args: int) -> int:
+            return int(
+                eval(code, {"__builtins__": {}}, {**consts, **dict(zip(params, args, strict=True))})
+            )
+
+        return index
 
 
 @cache

@@ -273,15 +273,32 @@ class Exporter:
         self.thread: threading.Thread | None = None
 
     def start(self) -> None:
-        from prometheus_client import start_http_server
+        from wsgiref.simple_server import make_server
+
+        from prometheus_client import exposition as ex
+
+        class Server(ex.ThreadingWSGIServer):
+            pass
 
         host, port = self.address
-        self.server, self.thread = start_http_server(port, addr=host, registry=self.registry)
+        Server.address_family, host = ex._get_best_family(host, port)
+        self.server = make_server(host, port, ex.make_wsgi_app(self.registry), Server,
+                                  handler_class=ex._SilentHandler)  # fmt: skip
+        self.server.timeout = None
+        self.thread = threading.Thread(target=self._serve, name="metrics", daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        # handle_request() waits in select() with no timeout, so an idle agent is never
+        # woken; prometheus_client's serve_forever() polls twice a second.
+        with suppress(OSError, ValueError):
+            while self.server is not None:
+                self.server.handle_request()
 
     def stop(self) -> None:
-        if self.server is not None:
-            self.server.shutdown()
-            self.server.server_close()
+        server, self.server = self.server, None
+        if server is not None:
+            server.server_close()
 
 
 def serve(agent: Any, address: tuple[str, int] | None) -> Exporter | None:

@@ -58,14 +58,21 @@ def frames_for(mac: str, addresses: list[tuple[int, str]]) -> list[bytes]:
     return out
 
 
+_sock: socket.socket | None = None
+
+
 def send(ifname: str, frames: list[bytes]) -> int:
-    """Send raw frames out of ifname; returns how many went."""
+    """Send raw frames out of ifname; returns how many went.
+
+    One unbound AF_PACKET socket for the agent's life: closing a packet socket waits for
+    an RCU grace period (~16 ms measured), which a socket per switch put on the event loop.
+    """
+    global _sock
     if not frames:
         return 0
-    sent = 0
-    with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as s:
-        s.bind((ifname, 0))
-        for frame in frames:
-            s.send(frame)
-            sent += 1
-    return sent
+    if _sock is None:
+        # protocol 0: a send-only socket, nothing is queued to it on receive
+        _sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW | socket.SOCK_CLOEXEC, 0)
+    for frame in frames:
+        _sock.sendto(frame, (ifname, 0))
+    return len(frames)
