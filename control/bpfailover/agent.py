@@ -433,7 +433,13 @@ class Agent:
             event("lower_refused", group=grp.name, lower=link.ifname, role=role,
                   why=f"MTU {link.mtu} < {grp.mtu} and cannot be raised")  # fmt: skip
             return False
-        self.wiring.register_lower(grp.gid, ROLE_SLOTS[role], link.ifindex, grp.cfg.rx_path)
+        try:
+            self.wiring.register_lower(grp.gid, ROLE_SLOTS[role], link.ifindex, grp.cfg.rx_path)
+        except Exception:
+            # gone meanwhile (its RTM_DELLINK is still queued): no half registration left
+            with contextlib.suppress(Exception):
+                self.wiring.unregister_lower(grp.gid, ROLE_SLOTS[role], link.ifindex, gone=True)
+            raise
         grp.lowers[role] = Lower(role, link.ifindex, link.ifname, link.admin_up, link.carrier,
                                  max(link.mtu, grp.mtu))  # fmt: skip
         event("lower_registered", group=grp.name, role=role, lower=link.ifname,
