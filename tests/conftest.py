@@ -76,3 +76,15 @@ def lab(lab_prefix: str) -> Iterator[Any]:
         yield lab
     finally:
         lab.down()
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """The fault suite's one-line summary (tests/test_reliability.py, issue 5)."""
+    from tests.faultutil import TALLY
+
+    line = TALLY.line()
+    if line is not None:
+        terminalreporter.write_sep("-", "reliability")
+        terminalreporter.write_line(line)
+        for item in TALLY.leak_detail:
+            terminalreporter.write_line(f"  leak: {item}")
