@@ -193,7 +193,13 @@ class Lab:
     def _hv_port(self, port: str, ns: str, dev: str) -> None:
         """veth `port` in hv (enslaved to br0, ipv6 off) with its other end `dev` in ns."""
         with self._ipr(self.hv) as ipr:
-            ipr.link("add", ifname=port, kind="veth", peer={"ifname": dev, "net_ns_fd": ns})
+            # hv ports get ifindexes from 1000 up: when a veth end and its peer have the
+            # same ifindex (in different namespaces) the kernel's link-watch takes the
+            # pair for a non-stacked device and delays its carrier events by up to 1 s,
+            # which left a freshly plugged VF port disabled in br0 after the guest used it.
+            index = max([1000] + [int(x["index"]) + 1 for x in ipr.get_links()])
+            ipr.link("add", ifname=port, kind="veth", index=index,
+                     peer={"ifname": dev, "net_ns_fd": ns})  # fmt: skip
             self._no_ipv6(self.hv, port)
             br = self._index(ipr, self.hv, "br0")
             ipr.link("set", index=self._index(ipr, self.hv, port), master=br)
