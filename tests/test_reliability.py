@@ -114,12 +114,16 @@ def stream(lab: Lab, rate: int = 2000, seconds: float = 3.0) -> traffic.StreamHa
                                 duration_s=seconds)  # fmt: skip
 
 
-def converged(agent: AgentRun, lab: Lab, override: str | None = None) -> dict[str, Any]:
+def converged(
+    agent: AgentRun, lab: Lab, override: str | None = None, check_map: bool = True
+) -> dict[str, Any]:
     """Wait (bounded) until the agent's active lower is the policy's answer; return status."""
     want = expected_active(lab, agent, override=override)
     agent.wait_for(lambda: agent.group()["active_lower"] == want, 15.0,
                    f"active lower {want} (the policy's answer)")  # fmt: skip
     g = agent.group()
+    if not check_map:
+        return g
     # what the agent says is what the datapath does
     dp = Datapath.open(agent.pin_dir, load=False)
     try:
@@ -353,7 +357,7 @@ def flap_run(lab: Lab, agent: AgentRun, toggles: int, interval_s: float = 0.0,
     sw0 = len(agent.events("switch"))
     with stream(lab, rate=1000, seconds=stream_s) as h:
         time.sleep(0.3)
-        took = storm(lab, toggles + 1)  # odd: ends with the primary down
+        took = storm(lab, toggles + 1, interval_s)  # odd: ends with the primary down
         g = converged(agent, lab)
         assert g["active_lower"] == n.standby
         lab.set_far_end(0, "primary", True)
@@ -587,6 +591,55 @@ def test_pins_removed_by_hand_are_restored(running: tuple[Lab, AgentRun]) -> Non
     agent.wait_for(lambda: (agent.pin_dir / "fo_active").exists(), what="fo_active re-pinned")
     TALLY.fault(rep.total_lost)
     TALLY.fault(0)
+
+
+@pytest.mark.root
+def test_bpffs_unmounted_under_the_agent(lab: Lab) -> None:
+    """`umount -l` of the agent's bpffs: nothing tells the agent (its fds keep the detached
+    mount alive), and nothing needs to: forwarding goes on.  A restart onto the re-mounted,
+    empty bpffs loads a fresh datapath and takes the devices over in place (filters
+    replaced, not duplicated; counters start again at zero)."""
+    mnt = Path(tempfile.mkdtemp(prefix="bpfailover-rl-bpffs-"))
+    subprocess.run(["mount", "-t", "bpf", "bpf", str(mnt)], check=True)
+    lab.up()
+    agent = AgentRun(lab)
+    agent.pin_dir = mnt / "bpfailover"
+    agent.config["bpffs"] = str(agent.pin_dir)
+    agent.config_path.write_text(yaml.safe_dump(agent.config))
+    n = lab.names(0)
+    try:
+        agent.start()
+        lab.address_failover(0)
+        assert ping(lab.guest, n.peer_v4)
+        with stream(lab) as h:
+            time.sleep(0.3)
+            subprocess.run(["umount", "-l", str(mnt)], check=True)
+            rep = h.wait()
+        assert rep.total_lost == 0, rep.format()
+        assert not agent.pin_dir.exists()
+        lab.set_far_end(0, "primary", False)  # the agent still writes its (detached) maps
+        assert converged(agent, lab, check_map=False)["active_lower"] == n.standby
+        subprocess.run(["mount", "-t", "bpf", "bpf", str(mnt)], check=True)
+        with stream(lab) as h:
+            time.sleep(0.3)
+            agent.restart()
+            g = converged(agent, lab)
+            rep2 = h.wait()
+        assert agent.pin_dir.exists() and g["active_lower"] == n.standby
+        one_filter_each(lab)
+        lab.set_far_end(0, "primary", True)
+        assert converged(agent, lab)["active_lower"] == n.primary
+        assert ping(lab.guest, n.peer_v4)
+    finally:
+        agent.cleanup()
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+        shutil.rmtree(mnt, ignore_errors=True)
+    TALLY.fault(rep.total_lost)
+    TALLY.fault(rep2.total_lost)
+    print(
+        f"\nbpffs unmounted: lost {rep.total_lost}; restart onto a fresh bpffs: "
+        f"lost {rep2.total_lost}"
+    )
 
 
 # -- bad input --------------------------------------------------------------------------------
