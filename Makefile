@@ -4,7 +4,7 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 APT_PKGS := python3-bpfcc libbpfcc linux-headers-amd64 iproute2 iperf3 ethtool \
-            python3-venv python3-yaml kmod procps bpftool iputils-ping \
+            python3-venv python3-yaml kmod procps bpftool iputils-ping systemd \
             prometheus prometheus-node-exporter buildah debootstrap
 STAMP := $(VENV)/.setup-stamp
 
