@@ -65,15 +65,20 @@ class AgentRun:
         self.config_path = self.workdir / "config.yaml"
         self.config_path.write_text(yaml.safe_dump(self.config))
         self.proc: subprocess.Popen[bytes] | None = None
-        self._log_offset = 0
+        self.t_spawn = self.t_ready = 0.0  # monotonic: process started, agent answering
 
     # -- process --------------------------------------------------------------------------
+    module = "bpfailover.agent"  # the entry module (benchmarks run a traced variant)
+    cwd: Path | None = None  # where it runs (a module outside the package needs its root)
+    poll_s = 0.02
+
     def start(self, timeout: float = 60.0) -> AgentRun:
         ensure_bpffs()
         argv = self.command(self.lab.guest, self.config_path)
-        log = open(self.log_path, "ab")  # noqa: SIM115 - the child owns it
-        self.proc = subprocess.Popen(argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
-        log.close()
+        with open(self.log_path, "ab") as log:  # the child keeps its own copy of the fd
+            self.t_spawn = time.monotonic()
+            self.proc = subprocess.Popen(argv, stdout=log, stderr=log,
+                                         stdin=subprocess.DEVNULL, cwd=self.cwd)  # fmt: skip
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -81,15 +86,16 @@ class AgentRun:
             try:
                 st = self.status()
             except OSError:
-                time.sleep(0.05)
+                time.sleep(self.poll_s)
                 continue
             if len(st["groups"]) == self.lab.groups:
+                self.t_ready = time.monotonic()
                 return self
         raise HarnessError(f"failoverd did not come up in {timeout}s: {self.tail()}")
 
-    @staticmethod
-    def command(netns_name: str, config_path: Path) -> list[str]:
-        return [sys.executable, "-m", "bpfailover.agent", "--netns", netns_name,
+    @classmethod
+    def command(cls, netns_name: str, config_path: Path) -> list[str]:
+        return [sys.executable, "-m", cls.module, "--netns", netns_name,
                 "--config", str(config_path)]  # fmt: skip
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int | None:
