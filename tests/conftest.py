@@ -67,6 +67,18 @@ def lab_prefix() -> str:
 
 
 @pytest.fixture
+def running(lab: Any) -> Iterator[tuple[Any, Any]]:
+    """(lab, agent): a one-group lab with failoverd running and traffic warmed up."""
+    from tests.labutil import bring_up
+
+    agent = bring_up(lab)
+    try:
+        yield lab, agent
+    finally:
+        agent.cleanup()
+
+
+@pytest.fixture
 def lab(lab_prefix: str) -> Iterator[Any]:
     """A one-group lab (not yet up); always taken down."""
     from bpfailover.lab import Lab

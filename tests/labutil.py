@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bpfailover import netns
+from bpfailover import netns, traffic
 from bpfailover.datapath import Datapath, Wiring, set_carrier
+from bpfailover.harness import AgentRun
 from bpfailover.lab import Lab
 
 
@@ -188,3 +189,34 @@ class TcpTicker:
             return False, err.strip().splitlines()[-1] if err.strip() else "client failed"
         sent, got = map(int, out.split())
         return sent == got and sent > 0, f"sent {sent} echoed {got}"
+
+
+def start_agent(lab: Lab, **overrides: Any) -> AgentRun:
+    """failoverd on an up lab (group settings overridden); cleaned up if start fails."""
+    agent = AgentRun(lab, group_overrides=overrides or None)
+    try:
+        agent.start()
+    except BaseException:
+        agent.cleanup()
+        raise
+    return agent
+
+
+def bring_up(lab: Lab, **overrides: Any) -> AgentRun:
+    """Lab up, agent running, guest addressed, ARP and the bridge's fdb warmed up."""
+    lab.up()
+    agent = start_agent(lab, **overrides)
+    try:
+        lab.address_failover(0)
+        assert ping(lab.guest, lab.names(0).peer_v4)
+    except BaseException:
+        agent.cleanup()
+        raise
+    return agent
+
+
+def stream(lab: Lab, rate: int = 2000, seconds: float = 3.0) -> traffic.StreamHandle:
+    """UDP both ways between the guest's failover address and the peer (group 0)."""
+    n = lab.names(0)
+    return traffic.start_stream(lab.guest, n.guest_v4, lab.peer, n.peer_v4, rate_pps=rate,
+                                duration_s=seconds)  # fmt: skip

@@ -6,48 +6,23 @@ import os
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from bpfailover import netns, traffic
 from bpfailover.harness import AgentRun, HarnessError
 from bpfailover.lab import Lab
-from tests.labutil import TcpTicker, link_stats, neigh, ping
+from tests import labutil
+from tests.labutil import TcpTicker, link_stats, neigh, ping, start_agent
 
 pytestmark = pytest.mark.root
 
 IFF_LOWER_UP = 0x10000
 
 
-def start(lab: Lab, **overrides: Any) -> AgentRun:
-    agent = AgentRun(lab, group_overrides=overrides or None)
-    try:
-        agent.start()
-    except BaseException:
-        agent.cleanup()
-        raise
-    return agent
-
-
-@pytest.fixture
-def running(lab: Lab) -> Iterator[tuple[Lab, AgentRun]]:
-    lab.up()
-    agent = start(lab)
-    try:
-        lab.address_failover(0)
-        assert ping(lab.guest, lab.names(0).peer_v4)  # ARP and fdb warmed up
-        yield lab, agent
-    finally:
-        agent.cleanup()
-
-
 def stream(lab: Lab, rate: int = 5000, seconds: float = 3.0) -> traffic.StreamHandle:
-    n = lab.names(0)
-    return traffic.start_stream(lab.guest, n.guest_v4, lab.peer, n.peer_v4, rate_pps=rate,
-                                duration_s=seconds)  # fmt: skip
+    return labutil.stream(lab, rate, seconds)
 
 
 def carrier(lab: Lab, dev: str) -> bool:
@@ -77,7 +52,7 @@ def test_unplanned_failover_and_return(running: tuple[Lab, AgentRun]) -> None:
 
 def test_reselect_failure_stays_on_standby(lab: Lab) -> None:
     lab.up()
-    agent = start(lab, policy={"reselect": "failure"})
+    agent = start_agent(lab, policy={"reselect": "failure"})
     try:
         n = lab.names(0)
         lab.set_far_end(0, "primary", False)
@@ -155,7 +130,7 @@ def test_migration_replay_keeps_tcp_and_ends_on_new_vf(running: tuple[Lab, Agent
 def test_primary_hot_plugged_after_start(lab: Lab) -> None:
     lab.up()
     lab.unplug_vf(0)
-    agent = start(lab)
+    agent = start_agent(lab)
     try:
         n = lab.names(0)
         agent.wait_active(n.standby)

@@ -52,7 +52,7 @@ from tests.faultutil import (
     settle_leaks,
     vm_rss_kb,
 )
-from tests.labutil import ping
+from tests.labutil import bring_up, ping, stream
 from tests.test_config import BROKEN
 
 IFF_LOWER_UP = 0x10000
@@ -75,43 +75,6 @@ def lab_prefix() -> str:
     prefix = unique("rl")
     TALLY.prefixes.add(prefix)
     return prefix
-
-
-def start(lab: Lab, **overrides: Any) -> AgentRun:
-    agent = AgentRun(lab, group_overrides=overrides or None)
-    try:
-        agent.start()
-    except BaseException:
-        agent.cleanup()
-        raise
-    return agent
-
-
-def bring_up(lab: Lab, **overrides: Any) -> AgentRun:
-    lab.up()
-    agent = start(lab, **overrides)
-    try:
-        lab.address_failover(0)
-        assert ping(lab.guest, lab.names(0).peer_v4)  # ARP and fdb warmed up
-    except BaseException:
-        agent.cleanup()
-        raise
-    return agent
-
-
-@pytest.fixture
-def running(lab: Lab) -> Iterator[tuple[Lab, AgentRun]]:
-    agent = bring_up(lab)
-    try:
-        yield lab, agent
-    finally:
-        agent.cleanup()
-
-
-def stream(lab: Lab, rate: int = 2000, seconds: float = 3.0) -> traffic.StreamHandle:
-    n = lab.names(0)
-    return traffic.start_stream(lab.guest, n.guest_v4, lab.peer, n.peer_v4, rate_pps=rate,
-                                duration_s=seconds)  # fmt: skip
 
 
 def converged(
