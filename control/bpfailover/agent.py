@@ -30,6 +30,7 @@ from bpfailover import config as configmod
 from bpfailover import mcsync, netlink, netns, notify, policy
 from bpfailover.api import ControlServer, RequestError
 from bpfailover.datapath import Datapath, DatapathError, Wiring, peer_name, set_carrier
+from bpfailover.fault import Fault, FaultSpecError
 from bpfailover.layout import ROLE_SLOTS, SLOT_NAMES
 from bpfailover.loader import LoadError
 from bpfailover.model import Group, Lower, Switch
@@ -59,34 +60,6 @@ def now_ms() -> int:
 def event(name: str, **fields: Any) -> None:
     """One structured log line per event."""
     log.info("%s", json.dumps({"event": name, **fields}, default=str))
-
-
-# -- TEST-ONLY fault injection ----------------------------------------------------------------
-# BPFAILOVER_FAULT="<point>[:<action>][@<nth>]" makes the agent fail on purpose the nth time
-# (default 1st) it passes a named point, for the fault suite (tests/test_reliability.py).
-# It is read once, at start; unset (always, outside tests) a point costs one `is None` test.
-# Actions: kill (SIGKILL itself), close-netlink (close the event socket under itself), stall
-# (wait, at most 30 s, until the file $BPFAILOVER_FAULT_GATE exists: the test acts meanwhile).
-FAULT_POINTS = ("adopt", "before-flip", "after-flip", "garp", "netlink-read")
-FAULT_ACTIONS = ("kill", "close-netlink", "stall")
-
-
-class Fault:
-    def __init__(self, spec: str, gate: str | None = None) -> None:
-        rest, _, nth = spec.partition("@")
-        self.point, _, action = rest.partition(":")
-        self.action = action or "kill"
-        self.nth = int(nth or 1)
-        self.hits = 0
-        self.gate = gate
-        if self.point not in FAULT_POINTS or self.action not in FAULT_ACTIONS:
-            raise AgentError(f"BPFAILOVER_FAULT={spec!r}: points {FAULT_POINTS}, "
-                             f"actions {FAULT_ACTIONS}")  # fmt: skip
-
-    @classmethod
-    def from_env(cls) -> Fault | None:
-        spec = os.environ.get("BPFAILOVER_FAULT")
-        return cls(spec, os.environ.get("BPFAILOVER_FAULT_GATE")) if spec else None
 
 
 class Agent:
@@ -764,7 +737,11 @@ def main(argv: list[str] | None = None) -> int:
         except OSError as e:
             print(f"failoverd: netns {args.netns}: {e.strerror}", file=sys.stderr)
             return 1
-    agent = Agent(cfg)
+    try:
+        agent = Agent(cfg)
+    except FaultSpecError as e:
+        print(f"failoverd: {e}", file=sys.stderr)
+        return 2
     signal.signal(signal.SIGTERM, lambda *_: agent.stop())
     signal.signal(signal.SIGINT, lambda *_: agent.stop())
     try:
