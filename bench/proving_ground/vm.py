@@ -100,20 +100,26 @@ class Net:
         sh(["bridge", "fdb", "del", mac, "dev", port, "master"], self.hv, check=False)
 
 
+def connect_unix(path: Path, timeout: float, what: str) -> socket.socket:
+    """Connect to a unix socket QEMU creates when it gets to it, waiting up to timeout."""
+    deadline = time.monotonic() + timeout
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    while True:
+        try:
+            sock.connect(str(path))
+            return sock
+        except (FileNotFoundError, ConnectionRefusedError):
+            if time.monotonic() > deadline:
+                sock.close()
+                raise VMError(f"{what} {path} never came up") from None
+            time.sleep(0.05)
+
+
 class QMP:
     """QMP over a unix socket; a reader thread stamps every event with time.monotonic()."""
 
     def __init__(self, path: Path, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        while True:
-            try:
-                self.sock.connect(str(path))
-                break
-            except (FileNotFoundError, ConnectionRefusedError):
-                if time.monotonic() > deadline:
-                    raise VMError(f"QMP socket {path} never came up") from None
-                time.sleep(0.05)
+        self.sock = connect_unix(path, timeout, "QMP socket")
         self.f = self.sock.makefile("rwb", buffering=0)
         self.events: list[tuple[float, dict[str, Any]]] = []
         self.replies: dict[int, dict[str, Any]] = {}
@@ -185,16 +191,7 @@ class Guest:
     """The command channel to guestd (virtio-serial port `pg`, a unix socket on the host)."""
 
     def __init__(self, path: Path, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        while True:
-            try:
-                self.sock.connect(str(path))
-                break
-            except (FileNotFoundError, ConnectionRefusedError):
-                if time.monotonic() > deadline:
-                    raise VMError(f"guest channel {path} never came up") from None
-                time.sleep(0.05)
+        self.sock = connect_unix(path, timeout, "guest channel")
         self.buf = b""
         self.next_id = 1
         self.lock = threading.Lock()
