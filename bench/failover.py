@@ -171,6 +171,22 @@ def _breakdown(traces: list[dict[str, Any]]) -> dict[str, Any]:
     return {k: summary(v) for k, v in parts.items()}
 
 
+# One row per rate, shared by the console table and bench/report.py's markdown.
+ROW_HEADERS = ["pps/dir", "trials", "g2p p50 ms", "g2p p99 ms", "g2p max ms", "p2g p99 ms",
+               "gap p99 ms", "set call µs p50", "notify µs p50", "agent µs p50",
+               "agent µs p99"]  # fmt: skip
+
+
+def row(r: dict[str, Any]) -> list[Any]:
+    s, a = r["stats"], r["agent_latency_us"]["primary_down"]
+    return [
+        f"{r['rate_pps']:,}", r["trials"], s["g2p_window_ms"]["p50"],
+        s["g2p_window_ms"]["p99"], s["g2p_window_ms"]["max"], s["p2g_window_ms"]["p99"],
+        s["g2p_gap_ms"]["p99"], s["set_call_us"]["p50"], s["probe_us"].get("p50"),
+        a.get("p50"), a.get("p99"),
+    ]  # fmt: skip
+
+
 def run(quick: bool, meta: dict[str, Any]) -> dict[str, Any]:
     trials = 10 if quick else 100
     hold = 0.12 if quick else 0.15
@@ -183,44 +199,10 @@ def run(quick: bool, meta: dict[str, Any]) -> dict[str, Any]:
         out["lossless_rate_probe"] = probe
         rates = [10000] + ([probe["rate_pps"]] if probe["rate_pps"] > 10000 else [])
         out["runs"] = [run_trials(lr.lab, agent, r, trials, hold) for r in rates]
-    rows = []
-    for r in out["runs"]:
-        s = r["stats"]
-        a = r["agent_latency_us"]["primary_down"]
-        rows.append(
-            [
-                f"{r['rate_pps']:,}",
-                r["trials"],
-                s["g2p_window_ms"]["p50"],
-                s["g2p_window_ms"]["p99"],
-                s["g2p_window_ms"]["max"],
-                s["p2g_window_ms"]["p99"],
-                s["g2p_gap_ms"]["p99"],
-                s["probe_us"].get("p50"),
-                a.get("p50"),
-                a.get("p99"),
-                r["background_lost"]["g2p"] + r["background_lost"]["p2g"],
-            ]
-        )
+    rows = [[*row(r), r["background_lost"]["g2p"] + r["background_lost"]["p2g"]]
+            for r in out["runs"]]  # fmt: skip
     print("\n== unplanned failover (primary carrier loss), lost window ms (guest->peer = g2p)")
-    print(
-        table(
-            [
-                "pps/dir",
-                "trials",
-                "g2p p50",
-                "g2p p99",
-                "g2p max",
-                "p2g p99",
-                "gap p99 ms",
-                "notify us p50",
-                "agent us p50",
-                "agent us p99",
-                "bg lost",
-            ],
-            rows,
-        )
-    )
+    print(table([*ROW_HEADERS, "bg lost"], rows))
     for r in out["runs"]:
         b = r["breakdown_us"]
         print(

@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from bench import failover
 from bench.common import RESULTS, fmt
 
 
@@ -68,26 +69,8 @@ def sections() -> tuple[list[str], dict[str, Any]]:
     if fo:
         r = fo["results"]
         info["failover"] = fo
-        rows = []
-        for run in r["runs"]:
-            s = run["stats"]
-            a = run["agent_latency_us"]["primary_down"]
-            rows.append(
-                [
-                    f"{run['rate_pps']:,}",
-                    run["trials"],
-                    s["g2p_window_ms"]["p50"],
-                    s["g2p_window_ms"]["p99"],
-                    s["g2p_window_ms"]["max"],
-                    s["p2g_window_ms"]["p99"],
-                    s["g2p_gap_ms"]["p99"],
-                    s["set_call_us"]["p50"],
-                    s["probe_us"].get("p50"),
-                    a.get("p50"),
-                    a.get("p99"),
-                    _ok(s["g2p_window_ms"]["p99"], 1.0, above=False),
-                ]
-            )
+        rows = [[*failover.row(run), _ok(run["stats"]["g2p_window_ms"]["p99"], 1.0, above=False)]
+                for run in r["runs"]]  # fmt: skip
         bd = r["runs"][0]["breakdown_us"] if r["runs"] else {}
         bd_txt = ", ".join(
             f"{k.replace('_', ' ')} {v.get('p50', 0):.0f} µs" for k, v in bd.items() if v.get("n")
@@ -103,20 +86,7 @@ def sections() -> tuple[list[str], dict[str, Any]]:
             "listener in the guest hears the carrier loss (both from the request's start); "
             "agent = failoverd's own event received → map written.\n\n"
             + _md(
-                [
-                    "pps/dir",
-                    "trials",
-                    "g2p p50 ms",
-                    "g2p p99 ms",
-                    "g2p max ms",
-                    "p2g p99 ms",
-                    "gap p99 ms",
-                    "set call µs p50",
-                    "notify µs p50",
-                    "agent µs p50",
-                    "agent µs p99",
-                    "p99 ≤ 1 ms",
-                ],
+                [*failover.ROW_HEADERS, "p99 ≤ 1 ms"],
                 rows,
             )
             + (
