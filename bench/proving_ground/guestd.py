@@ -1,4 +1,4 @@
-"""Command server inside the proving-ground guest (started by /sbin/pg-init, stdlib only).
+"""Command server inside the proving-ground guest (started by /sbin/pg-init).
 
 One JSON request per line on the virtio-serial port named `pg`, one JSON reply per line
 back, each carrying the request's `id`.  Requests are served one at a time; long-running
@@ -9,24 +9,21 @@ blocks the guest for longer than the timeout it asked for.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import fcntl
 import json
 import os
 import select
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import IO, Any
 
+from bpfailover.ethtool import driver_of
+
 PORT_NAME = "pg"
-MAX_OUT = 1 << 20
-SIOCETHTOOL = 0x8946
-ETHTOOL_GDRVINFO = 0x3  # bytes of stdout/stderr returned per request
+MAX_OUT = 1 << 20  # bytes of stdout/stderr returned per request
 
 
 def find_port() -> str:
@@ -186,18 +183,6 @@ class Server:
         if p is not None and p.poll() is None:
             p.send_signal(int(req.get("sig", signal.SIGKILL)))
         return {}
-
-
-def driver_of(ifname: str) -> str | None:
-    """ethtool -i's driver (an ioctl: also answers for netdevs without a device in /sys)."""
-    info = ctypes.create_string_buffer(struct.pack("=I", ETHTOOL_GDRVINFO), 196)
-    ifr = struct.pack("16sQ", ifname.encode()[:15], ctypes.addressof(info))
-    try:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            fcntl.ioctl(s.fileno(), SIOCETHTOOL, ifr)
-    except OSError:
-        return None
-    return info.raw[4:36].split(b"\0", 1)[0].decode() or None
 
 
 def _text(b: bytes | str | None) -> str:

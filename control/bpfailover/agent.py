@@ -10,16 +10,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import errno
-import fcntl
 import json
 import logging
 import os
 import selectors
 import signal
-import socket
-import struct
 import sys
 import time
 from collections import deque
@@ -30,6 +26,7 @@ from bpfailover import config as configmod
 from bpfailover import mcsync, netlink, netns, notify, policy
 from bpfailover.api import ControlServer, RequestError
 from bpfailover.datapath import Datapath, DatapathError, Wiring, peer_name, set_carrier
+from bpfailover.ethtool import driver_of
 from bpfailover.fault import Fault, FaultSpecError
 from bpfailover.layout import ROLE_SLOTS, SLOT_NAMES
 from bpfailover.loader import LoadError
@@ -43,10 +40,6 @@ log = logging.getLogger("bpfailover.agent")
 # taken for a primary: net_failover likewise registers only real Ethernet lowers.
 UPPER_KINDS = {"vlan", "macvlan", "macvtap", "ipvlan", "ipvtap", "bridge", "bond", "team",
                "vxlan", "geneve", "netkit", "ifb", "dummy"}  # fmt: skip
-
-
-SIOCETHTOOL = 0x8946
-ETHTOOL_GDRVINFO = 0x3
 
 
 class AgentError(RuntimeError):
@@ -154,7 +147,7 @@ class Agent:
             return next((i for i, lk in links.items() if lk.ifname == gcfg.standby_name), None)
         driver = getattr(gcfg.standby, "driver", "")
         for i, lk in links.items():
-            if lk.ifname != gcfg.name and _driver_of(lk.ifname) == driver:
+            if lk.ifname != gcfg.name and driver_of(lk.ifname) == driver:
                 return i
         return None
 
@@ -387,7 +380,7 @@ class Agent:
         if gcfg.standby_name is not None:
             if link.ifname == gcfg.standby_name:
                 return "standby"
-        elif _driver_of(link.ifname) == getattr(gcfg.standby, "driver", None):
+        elif driver_of(link.ifname) == getattr(gcfg.standby, "driver", None):
             return "standby"
         if gcfg.primary_name is not None and link.ifname != gcfg.primary_name:
             return None
@@ -687,19 +680,6 @@ def _check_failover_name(name: str, links: dict[int, netlink.Link]) -> None:
         f"group {name}: netdev {taken} exists and is not a bpfailover failover device "
         f"(veth {name} + {peer}): rename the group or remove {taken}"
     )
-
-
-def _driver_of(ifname: str) -> str | None:
-    """The netdev's driver (ethtool -i): an ioctl, so it answers for our own netns even
-    where /sys belongs to another one (failoverd --netns)."""
-    info = ctypes.create_string_buffer(struct.pack("=I", ETHTOOL_GDRVINFO), 196)
-    ifr = struct.pack("16sQ", ifname.encode()[:15], ctypes.addressof(info))
-    try:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            fcntl.ioctl(s.fileno(), SIOCETHTOOL, ifr)
-    except OSError:
-        return None
-    return info.raw[4:36].split(b"\0", 1)[0].decode() or None
 
 
 def _setup_logging(level: str) -> None:

@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import shutil
-import socket
 import struct
 import subprocess
 import sys
@@ -26,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from bpfailover import bpfsys, layout
+from bpfailover.ethtool import set_gro
 from bpfailover.loader import MAPS, PROGS, TEST_MAPS, LoadError
 
 log = logging.getLogger("bpfailover.datapath")
@@ -36,8 +36,6 @@ CLSACT_INGRESS = "ffff:fff2"
 CLSACT_EGRESS = "ffff:fff3"
 XDP_FLAGS_SKB_MODE = 1 << 1
 XDP_FLAGS_DRV_MODE = 1 << 2
-SIOCETHTOOL = 0x8946
-ETHTOOL_SGRO = 0x2C
 
 
 class DatapathError(RuntimeError):
@@ -388,15 +386,6 @@ def detach_xdp(ipr: Any, ifindex: int) -> None:
         )
 
 
-def set_gro(ifname: str, on: bool) -> None:
-    """ethtool -K IFNAME gro on|off: veth needs NAPI (GRO) on the failover device for
-    frames XDP-redirected into its peer to be received at all."""
-    val = ctypes.create_string_buffer(struct.pack("=II", ETHTOOL_SGRO, 1 if on else 0))
-    ifr = struct.pack("16sQ", ifname.encode(), ctypes.addressof(val))
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        fcntl.ioctl(s.fileno(), SIOCETHTOOL, ifr)
-
-
 def disable_ipv6(ifname: str) -> None:
     """A lower or the hidden peer must not speak for itself (no link-local, no DAD/RS)."""
     with suppress(OSError), open(f"/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6", "w") as f:
@@ -472,6 +461,8 @@ class Wiring:
         )  # (override_slot is kept: it survives restarts)
         self.dp.set_dev(master, g, self.L.FO_ROLE_MASTER)
         if rx_path == "xdp":
+            # veth needs NAPI (GRO) on the failover device for frames XDP-redirected
+            # into its peer to be received at all.
             set_gro(name, True)
             self.dp.set_xdp_up(g, peer)
         self.attach_master(master)
