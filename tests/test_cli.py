@@ -105,6 +105,7 @@ def test_status_table_and_json(lab: Lab) -> None:
 
         doc = status_json(run)
         assert doc["schema"] == 1 and doc["agent"]["pid"] == run.proc.pid  # type: ignore[union-attr]
+        assert doc["agent"]["scheduling"] == "fifo:10"  # the default, granted to root
         (g,) = doc["groups"]
         assert set(g) == {"group", "device", "ifindex", "mac", "mtu", "carrier", "active",
                           "active_lower", "override", "reselect", "inactive_rx", "lowers",

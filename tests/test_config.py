@@ -135,6 +135,9 @@ BROKEN: list[tuple[str, str, str, str]] = [
     ("garp-interval", group(notify="{garp_interval_ms: 60001}"), "notify.garp_interval_ms: ", ""),
     ("port-0", G + "metrics: {listen: '0.0.0.0:0'}", "metrics.listen: ", "1..65535"),
     ("port-65536", G + "metrics: {listen: '0.0.0.0:65536'}", "metrics.listen: ", "1..65535"),
+    ("rt-100", G + "scheduling: {realtime_priority: 100}", "scheduling.realtime_priority: ", "0..99"),
+    ("rt-neg", G + "scheduling: {realtime_priority: -1}", "scheduling.realtime_priority: ", ""),
+    ("rt-str", G + "scheduling: {realtime_priority: high}", "scheduling.realtime_priority: ", ""),
     ("listen-no-port", G + "metrics: {listen: localhost}", "metrics.listen: ", "host:port"),
     ("listen-bad-v6", G + "metrics: {listen: '[zz::1]:9617'}", "metrics.listen: ", "IPv6"),
     ("listen-bare-v6", G + "metrics: {listen: '::1:9617'}", "metrics.listen: ", "brackets"),
@@ -206,6 +209,7 @@ def test_minimal_config_defaults() -> None:
     assert cfg.control.socket == "/run/bpfailover/control.sock" and cfg.control.group is None
     assert cfg.bpffs == "/sys/fs/bpf/bpfailover"
     assert cfg.log.level == "info"
+    assert cfg.scheduling.realtime_priority == 10
     assert cfg.group("ens10") is g and cfg.group("nope") is None
 
 
@@ -228,6 +232,7 @@ metrics: {listen: "[::1]:9100"}
 control: {socket: /run/x.sock, group: netadm}
 bpffs: /sys/fs/bpf/other
 log: {level: debug}
+scheduling: {realtime_priority: 0}
 """
     )
     a, b = cfg.groups
@@ -237,6 +242,7 @@ log: {level: debug}
     assert (a.inactive_rx, a.rx_path) == ("drop", "xdp")
     assert cfg.metrics.address == ("::1", 9100)
     assert cfg.control.group == "netadm"
+    assert cfg.scheduling.realtime_priority == 0
 
 
 @pytest.mark.parametrize("listen", ['""', "null", "''"])
@@ -370,6 +376,8 @@ KEYS = [
     "log",
     "level",
     "driver",
+    "scheduling",
+    "realtime_priority",
 ]
 trees = st.recursive(
     scalars,

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.root
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGE = "localhost/bpfailover:test"
-CAPS = "CAP_BPF,CAP_PERFMON,CAP_NET_ADMIN,CAP_NET_RAW,CAP_SYS_ADMIN"
+CAPS = "CAP_BPF,CAP_PERFMON,CAP_NET_ADMIN,CAP_NET_RAW,CAP_SYS_ADMIN,CAP_SYS_NICE"
 HOST_BPFFS = "/host/bpffs"  # buildah's chroot isolation keeps /sys read-only, submounts too
 
 
@@ -103,6 +103,7 @@ def test_agent_from_the_image_fails_over_traffic(lab: Lab, container: str) -> No
     run = ContainerRun(lab, container)
     try:
         run.start(timeout=180)
+        assert run.status()["scheduling"] == "fifo:10"  # --cap-add SYS_NICE, as documented
         lab.address_failover(0)
         n = lab.names(0)
         run.wait_active(n.primary)

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 from bpfailover import config as configmod
-from bpfailover import mcsync, netlink, netns, notify, policy
+from bpfailover import mcsync, netlink, netns, notify, policy, sched
 from bpfailover.api import ControlServer, RequestError
 from bpfailover.datapath import Datapath, DatapathError, Wiring, peer_name, set_carrier
 from bpfailover.ethtool import driver_of
@@ -68,6 +68,7 @@ class Agent:
         self.latencies: deque[float] = deque(maxlen=4096)  # switch latencies, seconds
         self.stopping = False
         self.started_at = time.time()
+        self.scheduling = "other"  # the event loop's policy, for status
         self.ipr: Any = None
         self.on_switch: Callable[[Group, Switch], None] | None = None  # metrics hook
         self.pinwatch: PinWatch | None = None
@@ -131,6 +132,19 @@ class Agent:
                                      self.cfg.control.group)  # fmt: skip
         self.control.register(self.sel)
         event("started", groups=list(self.groups), pin_dir=self.cfg.bpffs, pid=os.getpid())
+
+    def go_realtime(self) -> None:
+        """The event loop (the calling thread) under SCHED_FIFO as configured; a refusal
+        (no CAP_SYS_NICE, e.g. a container without it) is logged and the agent goes on."""
+        prio = self.cfg.scheduling.realtime_priority
+        try:
+            self.scheduling = sched.go_realtime(prio)
+        except OSError as e:
+            self.scheduling = sched.current()
+            event("scheduling_refused", priority=prio, error=e.strerror,
+                  policy=self.scheduling, hint="needs CAP_SYS_NICE")  # fmt: skip
+            return
+        event("scheduling", policy=self.scheduling)
 
     def _renotify(self, grp: Group) -> None:
         """Adopted an active lower without switching: the run that switched to it may have
@@ -629,7 +643,8 @@ class Agent:
     def status(self) -> dict[str, Any]:
         assert self.dp is not None
         L = self.dp.L
-        out: dict[str, Any] = {"pid": os.getpid(), "started_at": self.started_at, "groups": {}}
+        out: dict[str, Any] = {"pid": os.getpid(), "started_at": self.started_at,
+                               "scheduling": self.scheduling, "groups": {}}  # fmt: skip
         for grp in self.groups.values():
             lowers = []
             for role, lw in sorted(grp.lowers.items()):
@@ -728,7 +743,8 @@ def main(argv: list[str] | None = None) -> int:
         agent.start()
         from bpfailover import metrics
 
-        metrics.serve(agent, cfg.metrics.address)
+        metrics.serve(agent, cfg.metrics.address)  # its thread keeps normal scheduling
+        agent.go_realtime()
         agent.run()
     except (AgentError, DatapathError, LoadError) as e:
         print(f"failoverd: {e}", file=sys.stderr)

@@ -123,7 +123,11 @@ def status_document(st: dict[str, Any], only: str | None = None) -> dict[str, An
         })  # fmt: skip
     return {
         "schema": STATUS_SCHEMA_VERSION,
-        "agent": {"pid": st.get("pid"), "started_at": st.get("started_at")},
+        "agent": {
+            "pid": st.get("pid"),
+            "started_at": st.get("started_at"),
+            "scheduling": st.get("scheduling"),
+        },  # fmt: skip
         "groups": groups,
     }
 

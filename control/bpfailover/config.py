@@ -224,6 +224,11 @@ class ControlSettings(_Model):
     group: Annotated[str, AfterValidator(_unix_group)] | None = None  # allowed besides root
 
 
+class SchedulingSettings(_Model):
+    # SCHED_FIFO priority of the event loop (1-99; 0: normal scheduling). See sched.py.
+    realtime_priority: Annotated[int, AfterValidator(_in_range(0, 99))] = 10
+
+
 class LogSettings(_Model):
     level: Literal["debug", "info", "warning", "error"] = "info"
 
@@ -234,6 +239,7 @@ class Config(_Model):
     control: ControlSettings = ControlSettings()
     bpffs: Annotated[str, AfterValidator(_abs_path)] = "/sys/fs/bpf/bpfailover"
     log: LogSettings = LogSettings()
+    scheduling: SchedulingSettings = SchedulingSettings()
 
     @model_validator(mode="after")
     def _groups_disjoint(self) -> Config:
