@@ -98,10 +98,14 @@ class LabRun:
         self.agents: list[BenchAgent] = []
 
     def agent(
-        self, overrides: dict[str, Any] | None = None, name: str | None = None, traced: bool = False
+        self,
+        overrides: dict[str, Any] | None = None,
+        name: str | None = None,
+        traced: bool = False,
+        settings: dict[str, Any] | None = None,
     ) -> BenchAgent:
         cls = TracedAgent if traced else BenchAgent
-        a = cls(self.lab, group_overrides=overrides, name=name)
+        a = cls(self.lab, group_overrides=overrides, name=name, settings=settings)
         self.agents.append(a)
         return a
 

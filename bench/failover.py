@@ -171,16 +171,43 @@ def _breakdown(traces: list[dict[str, Any]]) -> dict[str, Any]:
     return {k: summary(v) for k, v in parts.items()}
 
 
+SCHED_OTHER = {"scheduling": {"realtime_priority": 0}}
+
+
+def fifo_vs_other(fifo: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
+    """The event loop's SCHED_FIFO against normal scheduling, same rate: p99 ratios."""
+
+    def p99(r: dict[str, Any]) -> tuple[float, float]:
+        return (r["agent_latency_us"]["primary_down"]["p99"], r["stats"]["g2p_window_ms"]["p99"])
+
+    (fa, fw), (ba, bw) = p99(fifo), p99(base)
+    return {
+        "rate_pps": fifo["rate_pps"],
+        "agent_p99_us": {"fifo": fa, "other": ba, "ratio": fa / ba if ba else None},
+        "window_p99_ms": {"fifo": fw, "other": bw, "ratio": fw / bw if bw else None},
+    }
+
+
+def fifo_vs_other_line(c: dict[str, Any]) -> str:
+    a, w = c["agent_p99_us"], c["window_p99_ms"]
+    return (
+        f"SCHED_FIFO vs SCHED_OTHER at {c['rate_pps']:,} pps: agent p99 {a['fifo']:.0f} vs "
+        f"{a['other']:.0f} µs ({a['ratio']:.2f}×), lost window p99 {w['fifo']:.2f} vs "
+        f"{w['other']:.2f} ms ({w['ratio']:.2f}×)"
+    )
+
+
 # One row per rate, shared by the console table and bench/report.py's markdown.
-ROW_HEADERS = ["pps/dir", "trials", "g2p p50 ms", "g2p p99 ms", "g2p max ms", "p2g p99 ms",
-               "gap p99 ms", "set call µs p50", "notify µs p50", "agent µs p50",
+ROW_HEADERS = ["pps/dir", "agent sched", "trials", "g2p p50 ms", "g2p p99 ms", "g2p max ms",
+               "p2g p99 ms", "gap p99 ms", "set call µs p50", "notify µs p50", "agent µs p50",
                "agent µs p99"]  # fmt: skip
 
 
 def row(r: dict[str, Any]) -> list[Any]:
     s, a = r["stats"], r["agent_latency_us"]["primary_down"]
     return [
-        f"{r['rate_pps']:,}", r["trials"], s["g2p_window_ms"]["p50"],
+        f"{r['rate_pps']:,}", r.get("scheduling", "other"), r["trials"],
+        s["g2p_window_ms"]["p50"],
         s["g2p_window_ms"]["p99"], s["g2p_window_ms"]["max"], s["p2g_window_ms"]["p99"],
         s["g2p_gap_ms"]["p99"], s["set_call_us"]["p50"], s["probe_us"].get("p50"),
         a.get("p50"), a.get("p99"),
@@ -199,10 +226,20 @@ def run(quick: bool, meta: dict[str, Any]) -> dict[str, Any]:
         out["lossless_rate_probe"] = probe
         rates = [10000] + ([probe["rate_pps"]] if probe["rate_pps"] > 10000 else [])
         out["runs"] = [run_trials(lr.lab, agent, r, trials, hold) for r in rates]
+        # Baseline for the event loop's SCHED_FIFO: the same lab and pins (adopted, no
+        # flap), the agent restarted under normal scheduling, at the highest rate.
+        agent.stop()
+        other = lr.agent(traced=True, name=agent.name, settings=SCHED_OTHER).start()
+        out["runs"].append(run_trials(lr.lab, other, rates[-1], trials, hold))
+    for r, scheduling in zip(out["runs"], [*["fifo:10"] * len(rates), "other"], strict=True):
+        r["scheduling"] = scheduling
     rows = [[*row(r), r["background_lost"]["g2p"] + r["background_lost"]["p2g"]]
             for r in out["runs"]]  # fmt: skip
     print("\n== unplanned failover (primary carrier loss), lost window ms (guest->peer = g2p)")
     print(table([*ROW_HEADERS, "bg lost"], rows))
+    fifo, base = out["runs"][-2], out["runs"][-1]
+    out["fifo_vs_other"] = fifo_vs_other(fifo, base)
+    print(f"  {fifo_vs_other_line(out['fifo_vs_other'])}")
     for r in out["runs"]:
         b = r["breakdown_us"]
         print(

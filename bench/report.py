@@ -94,6 +94,14 @@ def sections() -> tuple[list[str], dict[str, Any]]:
                 if bd_txt
                 else ""
             )
+            + (
+                "\n\nThe last row is the baseline for the agent's real-time event loop: the "
+                "same lab and pins, the agent restarted with `realtime_priority: 0`. "
+                + failover.fifo_vs_other_line(r["fifo_vs_other"])
+                + "."
+                if "fifo_vs_other" in r
+                else ""
+            )
         )
     pl = _load("planned")
     if pl:

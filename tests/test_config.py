@@ -135,7 +135,12 @@ BROKEN: list[tuple[str, str, str, str]] = [
     ("garp-interval", group(notify="{garp_interval_ms: 60001}"), "notify.garp_interval_ms: ", ""),
     ("port-0", G + "metrics: {listen: '0.0.0.0:0'}", "metrics.listen: ", "1..65535"),
     ("port-65536", G + "metrics: {listen: '0.0.0.0:65536'}", "metrics.listen: ", "1..65535"),
-    ("rt-100", G + "scheduling: {realtime_priority: 100}", "scheduling.realtime_priority: ", "0..99"),
+    (
+        "rt-100",
+        G + "scheduling: {realtime_priority: 100}",
+        "scheduling.realtime_priority: ",
+        "0..99",
+    ),
     ("rt-neg", G + "scheduling: {realtime_priority: -1}", "scheduling.realtime_priority: ", ""),
     ("rt-str", G + "scheduling: {realtime_priority: high}", "scheduling.realtime_priority: ", ""),
     ("listen-no-port", G + "metrics: {listen: localhost}", "metrics.listen: ", "host:port"),

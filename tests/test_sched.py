@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from bpfailover import sched
 from bpfailover.harness import AgentRun
@@ -53,10 +52,7 @@ class _NoSysNice(AgentRun):
                 *super().command(netns_name, config_path)]  # fmt: skip
 
 
-def _start(agent: AgentRun, **scheduling: int) -> AgentRun:
-    if scheduling:
-        agent.config["scheduling"] = scheduling
-        agent.config_path.write_text(yaml.safe_dump(agent.config))
+def _start(agent: AgentRun) -> AgentRun:
     try:
         return agent.start()
     except BaseException:
@@ -90,7 +86,7 @@ def test_agent_scheduling_granted_refused_and_off(lab: Lab) -> None:
     finally:
         agent.cleanup()
 
-    agent = _start(AgentRun(lab), realtime_priority=0)
+    agent = _start(AgentRun(lab, settings={"scheduling": {"realtime_priority": 0}}))
     try:
         assert agent.status()["scheduling"] == "other"
         assert agent.events("scheduling_refused") == []

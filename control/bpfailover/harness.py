@@ -44,6 +44,7 @@ class AgentRun:
         group_overrides: dict[str, Any] | None = None,
         metrics_listen: str | None = None,
         name: str | None = None,
+        settings: dict[str, Any] | None = None,
     ) -> None:
         self.lab = lab
         self.name = name or lab.prefix
@@ -61,6 +62,7 @@ class AgentRun:
             "control": {"socket": self.socket},
             "bpffs": str(self.pin_dir),
             "log": {"level": "info"},
+            **(settings or {}),  # other top-level keys, e.g. scheduling
         }
         self.config_path = self.workdir / "config.yaml"
         self.config_path.write_text(yaml.safe_dump(self.config))
