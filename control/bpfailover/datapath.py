@@ -392,6 +392,23 @@ def disable_ipv6(ifname: str) -> None:
         f.write("1")
 
 
+def keep_neighbours_without_carrier(ifname: str) -> None:
+    """The failover device's carrier drops while no lower is usable, often only for the
+    moment a new VF takes to come up. By default the kernel then flushes the device's ARP
+    and ND entries, and the next packets wait in INCOMPLETE for the 1 s solicit timer: in
+    the lab a 50 ms carrier gap cost ~1 s of guest->peer traffic. The peers are the same
+    L2 neighbours through either lower, so keep them (what the knobs exist for: Wi-Fi
+    roaming). net_failover hides the flush behind link-watch's delay for non-urgent
+    devices; a veth's carrier events are urgent. Kernels before 5.16 lack the knobs."""
+    for knob in (f"ipv4/conf/{ifname}/arp_evict_nocarrier",
+                 f"ipv6/conf/{ifname}/ndisc_evict_nocarrier"):  # fmt: skip
+        try:
+            with open(f"/proc/sys/net/{knob}", "w") as f:
+                f.write("0")
+        except OSError as e:
+            log.warning("%s: %s (neighbours are flushed when carrier drops)", knob, e.strerror)
+
+
 # -- a group's netdevs -----------------------------------------------------------------------
 def peer_name(name: str) -> str:
     """The hidden veth peer of failover device `name` (its admin state is our carrier)."""
@@ -455,6 +472,7 @@ class Wiring:
         """Create/adopt the failover device and its group; returns the group id."""
         g = self.dp.alloc_group(name)
         master, peer = create_failover_dev(self.ipr, name, mac, mtu)
+        keep_neighbours_without_carrier(name)
         flags = self.L.FO_F_INACTIVE_RX_DROP if inactive_rx_drop else 0
         self.dp.update_group(
             g, master_ifindex=master, peer_ifindex=peer, flags=flags, mac=mac
