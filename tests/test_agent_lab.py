@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -48,6 +49,17 @@ def test_unplanned_failover_and_return(running: tuple[Lab, AgentRun]) -> None:
     lab.set_far_end(0, "primary", True)
     agent.wait_active(n.primary)  # reselect: always
     assert agent.events("switch")[-1]["reason"] == "primary_up"
+
+
+def test_every_log_line_is_json(running: tuple[Lab, AgentRun]) -> None:
+    lab, agent = running
+    lab.set_far_end(0, "primary", False)
+    agent.wait_active(lab.names(0).standby)
+    lines = agent.log_path.read_text().splitlines()
+    assert len(lines) >= 4  # started, switches, carrier, notify ...
+    for ln in lines:
+        rec = json.loads(ln)  # a log pipeline must never meet anything else
+        assert isinstance(rec["msg"], (dict, str)) and rec["level"] and rec["ts"], ln
 
 
 def test_reselect_failure_stays_on_standby(lab: Lab) -> None:

@@ -697,12 +697,29 @@ def _check_failover_name(name: str, links: dict[int, netlink.Link]) -> None:
     )
 
 
+class JsonLines(logging.Formatter):
+    """One JSON object per line: `msg` is the event object for `event()` lines (logged as
+    "%s" of a json.dumps), a JSON string for plain messages from the other modules."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        args, msg = record.args, None
+        if record.msg == "%s" and isinstance(args, tuple) and len(args) == 1 \
+                and isinstance(args[0], str) and args[0].startswith("{"):  # fmt: skip
+            with contextlib.suppress(ValueError):
+                json.loads(args[0])
+                msg = args[0]
+        if msg is None:
+            msg = json.dumps(record.getMessage())
+        line = f'{{"ts": "{self.formatTime(record)}", "level": "{record.levelname}", "msg": {msg}'
+        if record.exc_info:
+            line += f', "exc": {json.dumps(self.formatException(record.exc_info))}'
+        return line + "}"
+
+
 def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        stream=sys.stderr,
-        level=getattr(logging, level.upper(), logging.INFO),
-        format='{"ts": "%(asctime)s", "level": "%(levelname)s", "msg": %(message)s}',
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonLines())
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler])
 
 
 def main(argv: list[str] | None = None) -> int:
