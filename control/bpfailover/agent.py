@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
-import json
 import logging
 import os
 import selectors
@@ -27,6 +26,7 @@ from bpfailover import mcsync, netlink, netns, notify, policy, sched
 from bpfailover.api import ControlServer, RequestError
 from bpfailover.datapath import Datapath, DatapathError, Wiring, peer_name, set_carrier
 from bpfailover.ethtool import driver_of
+from bpfailover.eventlog import event, setup_logging
 from bpfailover.fault import Fault, FaultSpecError
 from bpfailover.layout import ROLE_SLOTS, SLOT_NAMES
 from bpfailover.loader import LoadError
@@ -48,11 +48,6 @@ class AgentError(RuntimeError):
 
 def now_ms() -> int:
     return time.monotonic_ns() // 1_000_000
-
-
-def event(name: str, **fields: Any) -> None:
-    """One structured log line per event."""
-    log.info("%s", json.dumps({"event": name, **fields}, default=str))
 
 
 class Agent:
@@ -697,31 +692,6 @@ def _check_failover_name(name: str, links: dict[int, netlink.Link]) -> None:
     )
 
 
-class JsonLines(logging.Formatter):
-    """One JSON object per line: `msg` is the event object for `event()` lines (logged as
-    "%s" of a json.dumps), a JSON string for plain messages from the other modules."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        args, msg = record.args, None
-        if record.msg == "%s" and isinstance(args, tuple) and len(args) == 1 \
-                and isinstance(args[0], str) and args[0].startswith("{"):  # fmt: skip
-            with contextlib.suppress(ValueError):
-                json.loads(args[0])
-                msg = args[0]
-        if msg is None:
-            msg = json.dumps(record.getMessage())
-        line = f'{{"ts": "{self.formatTime(record)}", "level": "{record.levelname}", "msg": {msg}'
-        if record.exc_info:
-            line += f', "exc": {json.dumps(self.formatException(record.exc_info))}'
-        return line + "}"
-
-
-def _setup_logging(level: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonLines())
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler])
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="failoverd", description=__doc__.splitlines()[0])
     ap.add_argument("--config", help="YAML config (default: $BPFAILOVER_CONFIG or "
@@ -739,7 +709,7 @@ def main(argv: list[str] | None = None) -> int:
     except configmod.ConfigError as e:
         print(f"failoverd: {e}", file=sys.stderr)
         return 2
-    _setup_logging(cfg.log.level)
+    setup_logging(cfg.log.level)
     if os.geteuid() != 0:
         print("failoverd: needs root (CAP_BPF, CAP_NET_ADMIN)", file=sys.stderr)
         return 1
