@@ -36,6 +36,9 @@ def links(**extra: object) -> dict[int, LinkInfo]:
 
 def healthy_host(tmp: Path) -> Host:
     (tmp / "proc").mkdir()
+    for knob in doctor.NEIGH_KNOBS:
+        (tmp / "proc" / knob).parent.mkdir(parents=True, exist_ok=True)
+        (tmp / "proc" / knob).write_text("1\n")
     (tmp / "mounts").write_text("bpf /sys/fs/bpf bpf rw,relatime 0 0\n")
     (tmp / "status").write_text(f"Name:\tx\nCapEff:\t{ALL_CAPS}\n")
     inc = tmp / "modules" / "6.18.0" / "build" / "include"
@@ -84,12 +87,14 @@ def test_each_finding_with_its_fix(tmp_path: Path) -> None:
     host.euid = 1000
     for p in (host.modules / "6.18.0" / "build" / "include",):
         p.rmdir()
+    (host.proc / doctor.NEIGH_KNOBS[1]).unlink()  # a 5.17 kernel: ARP knob only
     found = doctor.run_checks(host, CFG, None, lk)
     assert checks(found) == sorted([
         ("lower-address", "ens11"), ("lower-dhcp", "ens11"), ("lower-ifupdown", "ens10nsby"),
         ("lower-networkmanager", "ens11"), ("lower-networkd", "ens10nsby"),
         ("lower-enslaved", "ens11"), ("bpffs", "/sys/fs/bpf"), ("kernel-headers", "6.18.0"),
         ("privileges", "euid 1000"), ("capabilities", "effective set"),
+        ("realtime", "CAP_SYS_NICE"), ("kernel-neighbours", "6.18.0"),
         ("second-agent", "failoverd"),
     ])  # fmt: skip
     assert all(f.fix for f in found)
@@ -99,8 +104,11 @@ def test_each_finding_with_its_fix(tmp_path: Path) -> None:
     assert "ip addr flush dev ens11" in by["lower-address"].fix
     assert "4242" in by["lower-dhcp"].problem
     assert "50-dhcp.network" in by["lower-networkd"].problem
+    assert "ndisc_evict_nocarrier" in by["kernel-neighbours"].problem
+    assert "arp_evict_nocarrier" not in by["kernel-neighbours"].problem
+    assert "realtime_priority: 0" in by["realtime"].fix
     text = doctor.format_findings(found)
-    assert text.count("    fix: ") == len(found) and text.endswith("doctor: 11 findings")
+    assert text.count("    fix: ") == len(found) and text.endswith("doctor: 13 findings")
 
 
 def test_headers_fallback_and_dhclient_on_all(tmp_path: Path) -> None:
@@ -154,3 +162,12 @@ def test_doctor_in_the_lab(lab: Lab) -> None:
         finally:
             stray.kill()
             stray.wait()
+
+
+def test_no_realtime_finding_when_turned_off(tmp_path: Path) -> None:
+    host = healthy_host(tmp_path)
+    host.self_status.write_text("CapEff:\t0000000000003000\n")
+    off = config.parse_config("groups: [{name: ens10, standby: ens10nsby}]\n"
+                              "scheduling: {realtime_priority: 0}\n")  # fmt: skip
+    assert list(doctor.check_realtime(host, off)) == []
+    assert [f.check for f in doctor.check_realtime(host, CFG)] == ["realtime"]

@@ -29,8 +29,10 @@ DHCP_CLIENTS = {"dhclient", "dhcpcd", "dhcpcd5", "udhcpc", "pump", "dhcpcd-bin"}
 AGENT_MARKERS = ("failoverd", "bpfailover.agent")
 UPPER_KINDS = {"vlan", "macvlan", "macvtap", "ipvlan", "ipvtap", "bridge", "bond", "team",
                "vxlan", "geneve", "netkit", "ifb", "dummy"}  # fmt: skip
-CAPS = {"CAP_NET_ADMIN": 12, "CAP_NET_RAW": 13, "CAP_SYS_ADMIN": 21, "CAP_PERFMON": 38,
-        "CAP_BPF": 39}  # fmt: skip
+CAPS = {"CAP_NET_ADMIN": 12, "CAP_NET_RAW": 13, "CAP_SYS_ADMIN": 21, "CAP_SYS_NICE": 23,
+        "CAP_PERFMON": 38, "CAP_BPF": 39}  # fmt: skip
+NEIGH_KNOBS = ("sys/net/ipv4/conf/all/arp_evict_nocarrier",
+               "sys/net/ipv6/conf/all/ndisc_evict_nocarrier")  # fmt: skip
 SNIPPETS = "deploy/ in the bpfailover sources (or /usr/share/doc/bpfailover/deploy)"
 
 
@@ -320,14 +322,9 @@ def check_privileges(host: Host) -> Iterator[Finding]:
             "not root: failoverd refuses to start",
             "run failoverd as root (systemd unit deploy/systemd/failoverd.service)",
         )
-    try:
-        text = host.self_status.read_text()
-    except OSError:
+    eff = _cap_eff(host)
+    if eff is None:
         return
-    m = re.search(r"^CapEff:\s*([0-9a-fA-F]+)", text, re.M)
-    if not m:
-        return
-    eff = int(m.group(1), 16)
     need = ["CAP_NET_ADMIN", "CAP_NET_RAW", "CAP_PERFMON", "CAP_BPF"]
     if not _kernel_has_cap_bpf(host.release):
         need = ["CAP_NET_ADMIN", "CAP_NET_RAW", "CAP_SYS_ADMIN"]
@@ -339,6 +336,42 @@ def check_privileges(host: Host) -> Iterator[Finding]:
             f"missing {', '.join(missing)}: loading, attaching or notifying will fail",
             "grant them (container: --cap-add " + " --cap-add ".join(missing) + ", or "
             "--privileged; systemd: AmbientCapabilities=/CapabilityBoundingSet=)",
+        )
+
+
+def _cap_eff(host: Host) -> int | None:
+    try:
+        m = re.search(r"^CapEff:\s*([0-9a-fA-F]+)", host.self_status.read_text(), re.M)
+    except OSError:
+        return None
+    return int(m.group(1), 16) if m else None
+
+
+def check_realtime(host: Host, cfg: configmod.Config | None) -> Iterator[Finding]:
+    prio = cfg.scheduling.realtime_priority if cfg is not None else 10
+    eff = _cap_eff(host)
+    if prio and eff is not None and not eff >> CAPS["CAP_SYS_NICE"] & 1:
+        yield Finding(
+            "realtime",
+            "CAP_SYS_NICE",
+            f"missing: the event loop cannot take SCHED_FIFO {prio} and runs at normal "
+            "priority (failoverd logs scheduling_refused); a busy guest delays failover",
+            "grant CAP_SYS_NICE (container: --cap-add SYS_NICE; the systemd unit has it), "
+            "or set scheduling.realtime_priority: 0 to run normally on purpose",
+        )
+
+
+def check_neighbour_knobs(host: Host) -> Iterator[Finding]:
+    missing = [k.split("/")[-1] for k in NEIGH_KNOBS if not (host.proc / k).exists()]
+    if missing:
+        yield Finding(
+            "kernel-neighbours",
+            host.release,
+            f"no {' or '.join(missing)} (kernels before 5.16/5.18): whenever no lower is "
+            "usable for a moment the failover device's ARP/ND entries are flushed, and "
+            "traffic then waits up to 1 s to resolve them again",
+            "a newer kernel; until then move traffic before unplugging a VF "
+            "(failoverctl set-primary GROUP STANDBY) so a lower stays usable",
         )
 
 
@@ -421,6 +454,8 @@ def run_checks(
         check_bpffs(host, pin_dir),
         check_headers(host),
         check_privileges(host),
+        check_realtime(host, cfg),
+        check_neighbour_knobs(host),
         check_agents(host, pin_dir, sock),
     )
     for found in checks:
