@@ -1,8 +1,8 @@
 """Real-time scheduling for the agent's event loop.
 
 Under load (traffic softirqs and user processes on every CPU) a SCHED_OTHER agent waits
-its turn after the carrier event arrives; measured at 80k pps on 2 vCPUs, SCHED_FIFO cut
-the event->map-write p99 from 0.5-0.7 ms to 0.25 ms. The loop blocks in select() between
+its turn after the carrier event arrives; at 80k pps on 2 vCPUs SCHED_FIFO cut the
+event->map-write p99 from 0.63 to 0.34 ms (`make bench`, the failover table's baseline row). The loop blocks in select() between
 events (0 wake-ups at idle), so a FIFO priority costs nothing while idle, and the kernel's
 RT throttling (95 %) bounds a runaway."""
 
