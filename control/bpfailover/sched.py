@@ -2,9 +2,9 @@
 
 Under load (traffic softirqs and user processes on every CPU) a SCHED_OTHER agent waits
 its turn after the carrier event arrives; at 80k pps on 2 vCPUs SCHED_FIFO cut the
-event->map-write p99 from 0.63 to 0.34 ms (`make bench`, the failover table's baseline row). The loop blocks in select() between
-events (0 wake-ups at idle), so a FIFO priority costs nothing while idle, and the kernel's
-RT throttling (95 %) bounds a runaway."""
+event->map-write p99 from 0.63 to 0.34 ms (`make bench`: the failover table's baseline
+row). The loop blocks in select() between events (0 wake-ups at idle), so a FIFO priority
+costs nothing while idle, and the kernel's RT throttling (95 %) bounds a runaway."""
 
 from __future__ import annotations
 
