@@ -13,13 +13,13 @@ import json
 import os
 import select
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import IO, Any
 
+from bpfailover import api
 from bpfailover.ethtool import driver_of
 
 PORT_NAME = "pg"
@@ -102,18 +102,8 @@ class Server:
         return {"links": out}
 
     def op_unix(self, req: dict[str, Any]) -> dict[str, Any]:
-        """One request to a unix-socket JSON service (failoverd's control socket)."""
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(float(req.get("timeout", 5)))
-            s.connect(req["path"])
-            s.sendall(json.dumps(req["msg"]).encode() + b"\n")
-            data = b""
-            while not data.endswith(b"\n"):
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                data += chunk
-        return {"reply": json.loads(data)}
+        """One request to failoverd's control socket (its own client: api.request)."""
+        return {"reply": api.request(req["path"], req["msg"], float(req.get("timeout", 5)))}
 
     # -- spawned programs ---------------------------------------------------------------------
     def _env(self, req: dict[str, Any]) -> dict[str, str]:

@@ -309,13 +309,18 @@ def _step_carrier(m: Mode, st: Streams, marks: dict[str, float]) -> None:
     m.vm.set_link("pri0", True)
 
 
-def _step_unplug(m: Mode, st: Streams, marks: dict[str, float]) -> None:
-    st.at(0.5)
+def _unplug_and_replug(m: Mode, st: Streams, marks: dict[str, float], not_before: float) -> None:
+    """The VF unplugged now, re-plugged 0.3 s after it is gone (not before `not_before`)."""
     t_req, t_del = m.vm.unplug()
     marks["fault"], marks["deleted"] = st.rel(t_req), st.rel(t_del)
-    st.at(max(1.0, marks["deleted"] + 0.3))
+    st.at(max(not_before, marks["deleted"] + 0.3))
     t_add, _ = m.vm.plug()
     marks["restore"] = st.rel(t_add)
+
+
+def _step_unplug(m: Mode, st: Streams, marks: dict[str, float]) -> None:
+    st.at(0.5)
+    _unplug_and_replug(m, st, marks, 1.0)
 
 
 def _step_planned(m: Mode, st: Streams, marks: dict[str, float]) -> None:
@@ -324,11 +329,7 @@ def _step_planned(m: Mode, st: Streams, marks: dict[str, float]) -> None:
     marks["set_standby"] = st.rel(time.monotonic())
     m.agent({"cmd": "set-primary", "group": GROUP, "lower": "standby"})
     st.at(1.0)
-    t_req, t_del = m.vm.unplug()
-    marks["fault"], marks["deleted"] = st.rel(t_req), st.rel(t_del)
-    st.at(max(1.5, marks["deleted"] + 0.3))
-    t_add, _ = m.vm.plug()
-    marks["restore"] = st.rel(t_add)
+    _unplug_and_replug(m, st, marks, 1.5)
 
     def registered() -> bool:
         s = m.agent_status()
