@@ -198,20 +198,38 @@ def fifo_vs_other_line(c: dict[str, Any]) -> str:
 
 
 # One row per rate, shared by the console table and bench/report.py's markdown.
-ROW_HEADERS = ["pps/dir", "agent sched", "trials", "g2p p50 ms", "g2p p99 ms", "g2p max ms",
-               "p2g p99 ms", "gap p99 ms", "set call µs p50", "notify µs p50", "agent µs p50",
-               "agent µs p99"]  # fmt: skip
+ROW_HEADERS = [
+    "pps/dir",
+    "agent sched",
+    "trials",
+    "g2p p50 ms",
+    "g2p p99 ms",
+    "g2p max ms",
+    "p2g p99 ms",
+    "gap p99 ms",
+    "set call µs p50",
+    "notify µs p50",
+    "agent µs p50",
+    "agent µs p99",
+]
 
 
 def row(r: dict[str, Any]) -> list[Any]:
     s, a = r["stats"], r["agent_latency_us"]["primary_down"]
     return [
-        f"{r['rate_pps']:,}", r.get("scheduling", "other"), r["trials"],
+        f"{r['rate_pps']:,}",
+        r.get("scheduling", "other"),
+        r["trials"],
         s["g2p_window_ms"]["p50"],
-        s["g2p_window_ms"]["p99"], s["g2p_window_ms"]["max"], s["p2g_window_ms"]["p99"],
-        s["g2p_gap_ms"]["p99"], s["set_call_us"]["p50"], s["probe_us"].get("p50"),
-        a.get("p50"), a.get("p99"),
-    ]  # fmt: skip
+        s["g2p_window_ms"]["p99"],
+        s["g2p_window_ms"]["max"],
+        s["p2g_window_ms"]["p99"],
+        s["g2p_gap_ms"]["p99"],
+        s["set_call_us"]["p50"],
+        s["probe_us"].get("p50"),
+        a.get("p50"),
+        a.get("p99"),
+    ]
 
 
 def run(quick: bool, meta: dict[str, Any]) -> dict[str, Any]:
@@ -233,8 +251,9 @@ def run(quick: bool, meta: dict[str, Any]) -> dict[str, Any]:
         out["runs"].append(run_trials(lr.lab, other, rates[-1], trials, hold))
     for r, scheduling in zip(out["runs"], [*["fifo:10"] * len(rates), "other"], strict=True):
         r["scheduling"] = scheduling
-    rows = [[*row(r), r["background_lost"]["g2p"] + r["background_lost"]["p2g"]]
-            for r in out["runs"]]  # fmt: skip
+    rows = [
+        [*row(r), r["background_lost"]["g2p"] + r["background_lost"]["p2g"]] for r in out["runs"]
+    ]
     print("\n== unplanned failover (primary carrier loss), lost window ms (guest->peer = g2p)")
     print(table([*ROW_HEADERS, "bg lost"], rows))
     fifo, base = out["runs"][-2], out["runs"][-1]

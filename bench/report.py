@@ -69,8 +69,10 @@ def sections() -> tuple[list[str], dict[str, Any]]:
     if fo:
         r = fo["results"]
         info["failover"] = fo
-        rows = [[*failover.row(run), _ok(run["stats"]["g2p_window_ms"]["p99"], 1.0, above=False)]
-                for run in r["runs"]]  # fmt: skip
+        rows = [
+            [*failover.row(run), _ok(run["stats"]["g2p_window_ms"]["p99"], 1.0, above=False)]
+            for run in r["runs"]
+        ]
         bd = r["runs"][0]["breakdown_us"] if r["runs"] else {}
         bd_txt = ", ".join(
             f"{k.replace('_', ' ')} {v.get('p50', 0):.0f} µs" for k, v in bd.items() if v.get("n")

@@ -57,8 +57,9 @@ TALLY = Tally()
 # -- leaks ------------------------------------------------------------------------------------
 def bpf_progs() -> dict[int, dict[str, Any]]:
     """Our programs (by name) currently loaded anywhere: id -> bpftool's record."""
-    out = subprocess.run(["bpftool", "-j", "-f", "prog", "show"], capture_output=True,
-                         text=True, check=False).stdout  # fmt: skip
+    out = subprocess.run(
+        ["bpftool", "-j", "-f", "prog", "show"], capture_output=True, text=True, check=False
+    ).stdout
     try:
         progs = json.loads(out or "[]")
     except ValueError:
@@ -74,8 +75,9 @@ def leaks(before_progs: set[int], prefixes: set[str]) -> list[str]:
     """What this suite left behind: namespaces, pins, tc filters and XDP in namespaces left
     over, and BPF programs loaded since `before_progs` that nobody else pinned."""
     found: list[str] = []
-    names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True,
-                           check=False).stdout.split()  # fmt: skip
+    names = subprocess.run(
+        ["ip", "netns", "list"], capture_output=True, text=True, check=False
+    ).stdout.split()
     for ns in names:
         if any(ns.startswith(f"{p}-") for p in prefixes):
             found.append(f"netns {ns}")

@@ -28,9 +28,18 @@ def arp_request(src_mac: str, src_ip: str, dst_ip: str) -> bytes:
 def ipv4_udp(dst_mac: str, src_mac: str, src: str, dst: str, payload: bytes = b"x" * 18) -> bytes:
     udp = struct.pack("!HHHH", 9000, 9000, 8 + len(payload), 0) + payload
     ip = struct.pack(
-        "!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 1, 0, 64, 17, 0,
-        socket.inet_aton(src), socket.inet_aton(dst),
-    )  # fmt: skip
+        "!BBHHHBBH4s4s",
+        0x45,
+        0,
+        20 + len(udp),
+        1,
+        0,
+        64,
+        17,
+        0,
+        socket.inet_aton(src),
+        socket.inet_aton(dst),
+    )
     return eth(dst_mac, src_mac, 0x0800, ip + udp)
 
 

@@ -53,13 +53,15 @@ _TCP_SERVER = textwrap.dedent(
 )
 
 
-def tcp_echo(server_ns: str, server_addr: str, client_ns: str, nbytes: int = 200_000,
-             port: int = 9100) -> int:  # fmt: skip
+def tcp_echo(
+    server_ns: str, server_addr: str, client_ns: str, nbytes: int = 200_000, port: int = 9100
+) -> int:
     """Send nbytes over TCP and read them back; returns bytes echoed."""
     srv = subprocess.Popen(
         netns.cmd_in(server_ns, [sys.executable, "-c", _TCP_SERVER, server_addr, str(port)]),
-        stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert srv.stdout is not None and srv.stdout.readline().strip() == "ready"
         client = textwrap.dedent(
@@ -96,8 +98,10 @@ class Wired:
 
     def flip(self, i: int, role: str) -> None:
         L = self.dp.L
-        self.dp.flip(self.groups[i], {"primary": L.FO_SLOT_PRIMARY,
-                                      "standby": L.FO_SLOT_STANDBY, "none": 0}[role])  # fmt: skip
+        self.dp.flip(
+            self.groups[i],
+            {"primary": L.FO_SLOT_PRIMARY, "standby": L.FO_SLOT_STANDBY, "none": 0}[role],
+        )
 
     def stats(self, i: int, role: str, direction: str) -> int:
         L = self.dp.L
@@ -107,8 +111,9 @@ class Wired:
 
 
 @contextmanager
-def wired_lab(lab: Lab, pin_dir: Path, rx_path: str = "tc",
-              inactive_rx_drop: bool = False) -> Iterator[Wired]:  # fmt: skip
+def wired_lab(
+    lab: Lab, pin_dir: Path, rx_path: str = "tc", inactive_rx_drop: bool = False
+) -> Iterator[Wired]:
     """Lab up + datapath wired by hand in the guest; everything removed on the way out."""
     from pyroute2 import IPRoute
 
@@ -166,16 +171,19 @@ class TcpTicker:
     """A TCP connection that exchanges 1 KiB every 10 ms for `seconds`: survives a switch
     or migration only if no segment is lost for good (no reset, no timeout)."""
 
-    def __init__(self, server_ns: str, server_addr: str, client_ns: str, seconds: float,
-                 port: int = 9200) -> None:  # fmt: skip
+    def __init__(
+        self, server_ns: str, server_addr: str, client_ns: str, seconds: float, port: int = 9200
+    ) -> None:
         self.srv = subprocess.Popen(
             netns.cmd_in(server_ns, [sys.executable, "-c", _TCP_SERVER, server_addr, str(port)]),
-            stdout=subprocess.PIPE, text=True,
-        )  # fmt: skip
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         assert self.srv.stdout is not None and self.srv.stdout.readline().strip() == "ready"
         argv = [sys.executable, "-c", _TCP_TICKER, server_addr, str(port), str(seconds)]
-        self.cli = subprocess.Popen(netns.cmd_in(client_ns, argv), stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, text=True)  # fmt: skip
+        self.cli = subprocess.Popen(
+            netns.cmd_in(client_ns, argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
 
     def wait(self, timeout: float = 60) -> tuple[bool, str]:
         """(survived, detail)."""
@@ -218,5 +226,6 @@ def bring_up(lab: Lab, **overrides: Any) -> AgentRun:
 def stream(lab: Lab, rate: int = 2000, seconds: float = 3.0) -> traffic.StreamHandle:
     """UDP both ways between the guest's failover address and the peer (group 0)."""
     n = lab.names(0)
-    return traffic.start_stream(lab.guest, n.guest_v4, lab.peer, n.peer_v4, rate_pps=rate,
-                                duration_s=seconds)  # fmt: skip
+    return traffic.start_stream(
+        lab.guest, n.guest_v4, lab.peer, n.peer_v4, rate_pps=rate, duration_s=seconds
+    )

@@ -19,14 +19,16 @@ from bpfailover.lab import Lab
 METRICS_PORT = 9617  # inside the lab's guest netns: every lab has its own loopback
 
 
-def ctl(*args: str, socket: str | None = None, timeout: float = 30.0,
-        env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:  # fmt: skip
+def ctl(
+    *args: str, socket: str | None = None, timeout: float = 30.0, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run failoverctl as a user would (a process of its own)."""
     argv = [sys.executable, "-m", "bpfailover.cli"]
     if socket is not None:
         argv += ["--socket", socket]
-    return subprocess.run([*argv, *args], capture_output=True, text=True, timeout=timeout,
-                          check=False, env=env)  # fmt: skip
+    return subprocess.run(
+        [*argv, *args], capture_output=True, text=True, timeout=timeout, check=False, env=env
+    )
 
 
 def status_json(run: AgentRun) -> dict[str, Any]:
@@ -37,8 +39,9 @@ def status_json(run: AgentRun) -> dict[str, Any]:
 
 
 @contextmanager
-def agent_in_lab(lab: Lab, metrics: bool = False, address: bool = True,
-                 **overrides: Any) -> Iterator[AgentRun]:  # fmt: skip
+def agent_in_lab(
+    lab: Lab, metrics: bool = False, address: bool = True, **overrides: Any
+) -> Iterator[AgentRun]:
     """Lab up, failoverd running in its guest netns; all of it removed on the way out."""
     lab.up()
     listen = f"127.0.0.1:{METRICS_PORT}" if metrics else None

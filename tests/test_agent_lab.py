@@ -70,8 +70,10 @@ def test_reselect_failure_stays_on_standby(lab: Lab) -> None:
         lab.set_far_end(0, "primary", False)
         agent.wait_active(n.standby)
         lab.set_far_end(0, "primary", True)
-        agent.wait_for(lambda: any(lw["usable"] for lw in agent.group()["lowers"]
-                                   if lw["role"] == "primary"), what="primary usable")  # fmt: skip
+        agent.wait_for(
+            lambda: any(lw["usable"] for lw in agent.group()["lowers"] if lw["role"] == "primary"),
+            what="primary usable",
+        )
         time.sleep(0.3)
         assert agent.group()["active_lower"] == n.standby  # no switch back while standby is up
         lab.set_far_end(0, "standby", False)
@@ -91,8 +93,10 @@ def test_both_lowers_down_drops_carrier_and_keeps_neighbours(
     lab.set_far_end(0, "standby", False)
     agent.wait_active(None)
     agent.wait_for(lambda: not carrier(lab, n.failover), what="failover carrier off")
-    agent.wait_for(lambda: (lab.link(lab.guest, n.failover) or {}).get("operstate") != "UP",
-                   what="link-watch ran (it flushes neighbours by default)")  # fmt: skip
+    agent.wait_for(
+        lambda: (lab.link(lab.guest, n.failover) or {}).get("operstate") != "UP",
+        what="link-watch ran (it flushes neighbours by default)",
+    )
     time.sleep(0.1)
     # The peers are the same through any lower: losing them would leave the next packets
     # waiting ~1 s for the ARP/ND solicit timer once a lower is back.
@@ -185,18 +189,24 @@ def test_peers_learn_the_switch_from_garp_and_na(running: tuple[Lab, AgentRun]) 
     assert ping(lab.guest, n.peer_v6)
     bogus = "52:54:00:ff:ff:ff"
     for addr in (n.guest_v4, n.guest_v6):
-        netns.run_in(lab.peer, ["ip", "neigh", "replace", addr, "lladdr", bogus, "dev", "eth0",
-                                "nud", "stale"])  # fmt: skip
+        netns.run_in(
+            lab.peer,
+            ["ip", "neigh", "replace", addr, "lladdr", bogus, "dev", "eth0", "nud", "stale"],
+        )
     assert lab.fdb_ports(0) == [n.vfport]
     time.sleep(1.2)  # ARP ignores updates within locktime (1 s) of the last one
     reply = agent.request({"cmd": "set-primary", "group": n.failover, "lower": n.standby})
     assert reply["ok"], reply
     # one GARP through the standby moves the MAC to its port and fixes both caches
     agent.wait_for(lambda: lab.fdb_ports(0) == [n.tap], what="fdb entry on the standby port")
-    agent.wait_for(lambda: (neigh(lab.peer, n.guest_v4) or {}).get("lladdr") == n.mac,
-                   what="peer ARP entry updated")  # fmt: skip
-    agent.wait_for(lambda: (neigh(lab.peer, n.guest_v6) or {}).get("lladdr") == n.mac,
-                   what="peer IPv6 neighbour entry updated")  # fmt: skip
+    agent.wait_for(
+        lambda: (neigh(lab.peer, n.guest_v4) or {}).get("lladdr") == n.mac,
+        what="peer ARP entry updated",
+    )
+    agent.wait_for(
+        lambda: (neigh(lab.peer, n.guest_v6) or {}).get("lladdr") == n.mac,
+        what="peer IPv6 neighbour entry updated",
+    )
 
 
 def test_planned_switch_loses_nothing(running: tuple[Lab, AgentRun]) -> None:
@@ -236,9 +246,11 @@ def test_sigkill_and_restart_lose_nothing_and_adopt(running: tuple[Lab, AgentRun
 def test_second_agent_on_same_pins_is_refused(running: tuple[Lab, AgentRun]) -> None:
     lab, agent = running
     proc = subprocess.run(
-        [*AgentRun.command(lab.guest, agent.config_path)], capture_output=True, text=True,
+        [*AgentRun.command(lab.guest, agent.config_path)],
+        capture_output=True,
+        text=True,
         timeout=60,
-    )  # fmt: skip
+    )
     assert proc.returncode == 1
     assert "another agent" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert agent.status()["pid"] == agent.proc.pid  # type: ignore[union-attr]
@@ -304,13 +316,23 @@ def test_missing_standby_is_one_clear_line_and_creates_nothing(lab: Lab, pin_dir
     cfg = pin_dir.parent / f"{pin_dir.name}.yaml"
     import yaml
 
-    Path(f"/tmp/{pin_dir.name}.yaml").write_text(yaml.safe_dump({
-        "groups": [{"name": "ens10", "standby": "nosuch0"}], "bpffs": str(pin_dir),
-        "control": {"socket": f"/run/bpfailover/{pin_dir.name}.sock"}, "metrics": {"listen": None},
-    }))  # fmt: skip
+    Path(f"/tmp/{pin_dir.name}.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "groups": [{"name": "ens10", "standby": "nosuch0"}],
+                "bpffs": str(pin_dir),
+                "control": {"socket": f"/run/bpfailover/{pin_dir.name}.sock"},
+                "metrics": {"listen": None},
+            }
+        )
+    )
     del cfg
-    proc = subprocess.run([*AgentRun.command(lab.guest, Path(f"/tmp/{pin_dir.name}.yaml"))],
-                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    proc = subprocess.run(
+        [*AgentRun.command(lab.guest, Path(f"/tmp/{pin_dir.name}.yaml"))],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     Path(f"/tmp/{pin_dir.name}.yaml").unlink()
     assert proc.returncode == 1
     lines = proc.stderr.strip().splitlines()

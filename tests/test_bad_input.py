@@ -79,8 +79,12 @@ def test_failoverd_not_root_says_so(
 def test_failoverd_bad_config_exits_2_with_the_key_path(tmp_path: Path) -> None:
     cfg = tmp_path / "c.yaml"
     cfg.write_text("groups: [{name: ens10, standby: ens10nsby, policy: {reselect: sometimes}}]\n")
-    proc = subprocess.run([sys.executable, "-m", "bpfailover.agent", "--config", str(cfg)],
-                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "bpfailover.agent", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "groups[0].policy.reselect" in lines[0]

@@ -78,16 +78,22 @@ def rig(pin_dir: Path, scratch_netns: str) -> Iterator[Rig]:
         for name in (dev, f"{dev}p"):
             out = subprocess.run(
                 ["ip", "-n", scratch_netns, "-o", "link", "show", name],
-                check=True, capture_output=True, text=True,
-            ).stdout  # fmt: skip
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout
             ifx[name] = int(out.split(":", 1)[0])
     dp = Datapath.open(pin_dir, test_hooks=True)
     L = dp.L
     for i in (0, 1):
         g = dp.alloc_group(f"fo{i}")
         assert g == i
-        dp.update_group(g, master_ifindex=ifx[f"fo{i}"], peer_ifindex=ifx[f"fo{i}p"],
-                        mac=(frames.MAC, OTHER_MAC)[i])  # fmt: skip
+        dp.update_group(
+            g,
+            master_ifindex=ifx[f"fo{i}"],
+            peer_ifindex=ifx[f"fo{i}p"],
+            mac=(frames.MAC, OTHER_MAC)[i],
+        )
         dp.set_dev(ifx[f"fo{i}"], g, L.FO_ROLE_MASTER)
         for slot, dev in ((L.FO_SLOT_STANDBY, f"sb{i}"), (L.FO_SLOT_PRIMARY, f"pr{i}")):
             dp.set_dev(ifx[dev], g, slot)

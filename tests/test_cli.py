@@ -17,13 +17,17 @@ from tests.opsutil import agent_in_lab, ctl, status_json
 # ---- no root needed --------------------------------------------------------------------------
 
 
-def _group(active: str | None, primary_usable: bool, standby_usable: bool,
-           override: str | None = None) -> dict[str, Any]:  # fmt: skip
+def _group(
+    active: str | None, primary_usable: bool, standby_usable: bool, override: str | None = None
+) -> dict[str, Any]:
     return {
-        "active": active, "override": override,
-        "lowers": [{"name": "ens11", "role": "primary", "usable": primary_usable},
-                   {"name": "ens10nsby", "role": "standby", "usable": standby_usable}],
-    }  # fmt: skip
+        "active": active,
+        "override": override,
+        "lowers": [
+            {"name": "ens11", "role": "primary", "usable": primary_usable},
+            {"name": "ens10nsby", "role": "standby", "usable": standby_usable},
+        ],
+    }
 
 
 def test_degraded_reasons() -> None:
@@ -36,8 +40,9 @@ def test_degraded_reasons() -> None:
 
 def test_socket_path_resolution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = tmp_path / "c.yaml"
-    cfg.write_text("groups: [{name: ens10, standby: ens10nsby}]\n"
-                   "control: {socket: /run/x/ctl.sock}\n")  # fmt: skip
+    cfg.write_text(
+        "groups: [{name: ens10, standby: ens10nsby}]\ncontrol: {socket: /run/x/ctl.sock}\n"
+    )
     monkeypatch.delenv("BPFAILOVER_CONFIG", raising=False)
     assert cli.socket_path("/s", str(cfg)) == "/s"
     assert cli.socket_path(None, str(cfg)) == "/run/x/ctl.sock"
@@ -61,16 +66,43 @@ def test_usage_and_unreachable_exit_codes(tmp_path: Path) -> None:
 
 def test_format_table_of_empty_and_full_documents() -> None:
     assert cli.format_table({"groups": []}) == "no groups"
-    st = {"pid": 1, "started_at": 0, "groups": {"ens10": {
-        "device": "ens10", "mac": "52:54:00:00:12:53", "mtu": 1500, "carrier": True,
-        "active": "primary", "active_lower": "ens11", "override": None,
-        "lowers": [{"name": "ens11", "ifindex": 3, "role": "primary", "usable": True,
-                    "admin_up": True, "carrier": True, "active": True, "tx_packets": 7,
-                    "rx_packets": 9}],
-        "switches": {"initial": 1}, "drops": {"tc_egress/no_lower": 2},
-        "last_switch": {"time": time.time(), "from": None, "to": "ens11",
-                        "reason": "initial", "latency_s": 0.0001},
-    }}}  # fmt: skip
+    st = {
+        "pid": 1,
+        "started_at": 0,
+        "groups": {
+            "ens10": {
+                "device": "ens10",
+                "mac": "52:54:00:00:12:53",
+                "mtu": 1500,
+                "carrier": True,
+                "active": "primary",
+                "active_lower": "ens11",
+                "override": None,
+                "lowers": [
+                    {
+                        "name": "ens11",
+                        "ifindex": 3,
+                        "role": "primary",
+                        "usable": True,
+                        "admin_up": True,
+                        "carrier": True,
+                        "active": True,
+                        "tx_packets": 7,
+                        "rx_packets": 9,
+                    }
+                ],
+                "switches": {"initial": 1},
+                "drops": {"tc_egress/no_lower": 2},
+                "last_switch": {
+                    "time": time.time(),
+                    "from": None,
+                    "to": "ens11",
+                    "reason": "initial",
+                    "latency_s": 0.0001,
+                },
+            }
+        },
+    }
     text = cli.format_table(cli.status_document(st))
     assert "ens10: active ens11 (primary)" in text and "initial, 100 us" in text
     assert "tc_egress/no_lower 2" in text
@@ -81,10 +113,18 @@ def test_format_table_of_empty_and_full_documents() -> None:
 
 def _state(doc: dict[str, Any]) -> list[tuple[Any, ...]]:
     """What a refused request must not change (counters move with background traffic)."""
-    return [(g["group"], g["active"], g["active_lower"], g["override"], g["carrier"],
-             sorted((lw["name"], lw["role"], lw["usable"]) for lw in g["lowers"]),
-             sorted(g["switches"].items()))
-            for g in doc["groups"]]  # fmt: skip
+    return [
+        (
+            g["group"],
+            g["active"],
+            g["active_lower"],
+            g["override"],
+            g["carrier"],
+            sorted((lw["name"], lw["role"], lw["usable"]) for lw in g["lowers"]),
+            sorted(g["switches"].items()),
+        )
+        for g in doc["groups"]
+    ]
 
 
 @pytest.mark.root
@@ -97,8 +137,16 @@ def test_status_table_and_json(lab: Lab) -> None:
         assert lines[0].startswith(f"{n.failover}: active {n.primary} (primary)")
         assert "-- ok" in lines[0]
         head = lines[1].split()
-        assert head == ["LOWER", "IFINDEX", "ROLE", "USABLE", "ADMIN", "CARRIER", "TX_PKTS",
-                        "RX_PKTS"]  # fmt: skip
+        assert head == [
+            "LOWER",
+            "IFINDEX",
+            "ROLE",
+            "USABLE",
+            "ADMIN",
+            "CARRIER",
+            "TX_PKTS",
+            "RX_PKTS",
+        ]
         active_rows = [ln for ln in lines if ln.strip().startswith("*")]
         assert len(active_rows) == 1 and n.primary in active_rows[0]
         assert any("last switch" in ln and "initial" in ln for ln in lines)
@@ -107,9 +155,24 @@ def test_status_table_and_json(lab: Lab) -> None:
         assert doc["schema"] == 1 and doc["agent"]["pid"] == run.proc.pid  # type: ignore[union-attr]
         assert doc["agent"]["scheduling"] == "fifo:10"  # the default, granted to root
         (g,) = doc["groups"]
-        assert set(g) == {"group", "device", "ifindex", "mac", "mtu", "carrier", "active",
-                          "active_lower", "override", "reselect", "inactive_rx", "lowers",
-                          "switches", "last_switch", "drops", "degraded"}  # fmt: skip
+        assert set(g) == {
+            "group",
+            "device",
+            "ifindex",
+            "mac",
+            "mtu",
+            "carrier",
+            "active",
+            "active_lower",
+            "override",
+            "reselect",
+            "inactive_rx",
+            "lowers",
+            "switches",
+            "last_switch",
+            "drops",
+            "degraded",
+        }
         assert (g["group"], g["device"], g["mac"]) == (n.failover, n.failover, n.mac)
         assert (g["active"], g["active_lower"], g["override"]) == ("primary", n.primary, None)
         lowers = {lw["name"]: lw for lw in g["lowers"]}
@@ -130,10 +193,15 @@ def test_status_table_and_json(lab: Lab) -> None:
 def test_set_primary_both_ways_loses_nothing(lab: Lab) -> None:
     with agent_in_lab(lab) as run:
         n = lab.names(0)
-        assert traffic.run_stream(lab.guest, n.guest_v4, lab.peer, n.peer_v4, rate_pps=200,
-                                  duration_s=0.5).total_lost == 0  # warm: ARP, fdb  # fmt: skip
-        with traffic.start_stream(lab.guest, n.guest_v4, lab.peer, n.peer_v4, rate_pps=5000,
-                                  duration_s=3.0) as h:  # fmt: skip
+        assert (
+            traffic.run_stream(
+                lab.guest, n.guest_v4, lab.peer, n.peer_v4, rate_pps=200, duration_s=0.5
+            ).total_lost
+            == 0
+        )  # warm: ARP, fdb
+        with traffic.start_stream(
+            lab.guest, n.guest_v4, lab.peer, n.peer_v4, rate_pps=5000, duration_s=3.0
+        ) as h:
             time.sleep(0.7)
             p = ctl("set-primary", n.failover, n.standby, socket=run.socket)
             assert p.returncode == 0, p.stderr
@@ -147,8 +215,10 @@ def test_set_primary_both_ways_loses_nothing(lab: Lab) -> None:
         assert rep.total_lost == 0, rep.format()
         assert rep.a_to_b.received > 10000 and rep.b_to_a is not None
         switches = [e for e in run.events("switch") if e["reason"] == "override"]
-        assert [(e["from"], e["to"]) for e in switches] == [(n.primary, n.standby),
-                                                            (n.standby, n.primary)]  # fmt: skip
+        assert [(e["from"], e["to"]) for e in switches] == [
+            (n.primary, n.standby),
+            (n.standby, n.primary),
+        ]
         g = status_json(run)["groups"][0]
         assert g["override"] is None and g["switches"]["override"] == 2
 
@@ -158,8 +228,10 @@ def test_refusals_change_nothing(lab: Lab) -> None:
     with agent_in_lab(lab) as run:
         n = lab.names(0)
         lab.set_far_end(0, "standby", False)  # the standby loses carrier: unusable
-        run.wait_for(lambda: not {lw["name"]: lw for lw in run.group()["lowers"]}[n.standby][
-            "usable"], what="standby unusable")  # fmt: skip
+        run.wait_for(
+            lambda: not {lw["name"]: lw for lw in run.group()["lowers"]}[n.standby]["usable"],
+            what="standby unusable",
+        )
         before = _state(status_json(run))
         cases = [
             (("set-primary", "ens99", n.primary), 1, "unknown group 'ens99'"),

@@ -27,8 +27,14 @@ HOST_BPFFS = "/host/bpffs"  # buildah's chroot isolation keeps /sys read-only, s
 @pytest.fixture(scope="module")
 def image() -> str:
     """Build (or reuse: every layer is cached) the image with scripts/container-image."""
-    p = subprocess.run([str(REPO / "scripts" / "container-image"), IMAGE], cwd=REPO,
-                       capture_output=True, text=True, timeout=1800, check=False)  # fmt: skip
+    p = subprocess.run(
+        [str(REPO / "scripts" / "container-image"), IMAGE],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        check=False,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     return IMAGE
 
@@ -36,8 +42,9 @@ def image() -> str:
 @pytest.fixture
 def container(image: str) -> Iterator[str]:
     name = f"bpfo-test-{time.monotonic_ns() % 10**9}"
-    subprocess.run(["buildah", "from", "--pull=never", "--name", name, image],
-                   check=True, capture_output=True)  # fmt: skip
+    subprocess.run(
+        ["buildah", "from", "--pull=never", "--name", name, image], check=True, capture_output=True
+    )
     try:
         yield name
     finally:
@@ -56,13 +63,30 @@ class ContainerRun(AgentRun):
 
     def command(self, netns_name: str, config_path: Path) -> list[str]:  # type: ignore[override]
         return [
-            "buildah", "run", "--isolation", "chroot", "--network", "host", "--cap-add", CAPS,
-            "-v", f"/sys/fs/bpf:{HOST_BPFFS}:rw", "-v", "/run/netns:/run/netns",
-            "-v", f"{Path(self.socket).parent}:{Path(self.socket).parent}",
-            "-v", f"{self.workdir}:{self.workdir}:ro",
-            self.container, "--", "failoverd", "--netns", netns_name,
-            "--config", str(config_path),
-        ]  # fmt: skip
+            "buildah",
+            "run",
+            "--isolation",
+            "chroot",
+            "--network",
+            "host",
+            "--cap-add",
+            CAPS,
+            "-v",
+            f"/sys/fs/bpf:{HOST_BPFFS}:rw",
+            "-v",
+            "/run/netns:/run/netns",
+            "-v",
+            f"{Path(self.socket).parent}:{Path(self.socket).parent}",
+            "-v",
+            f"{self.workdir}:{self.workdir}:ro",
+            self.container,
+            "--",
+            "failoverd",
+            "--netns",
+            netns_name,
+            "--config",
+            str(config_path),
+        ]
 
     def start(self, timeout: float = 180.0) -> ContainerRun:
         """Like AgentRun.start, with failoverd started through `buildah run`."""
@@ -84,17 +108,40 @@ class ContainerRun(AgentRun):
 
 def test_image_contents(image: str, container: str) -> None:
     p = subprocess.run(
-        ["buildah", "run", "--isolation", "chroot", container, "--", "sh", "-c",
-         "failoverctl --help >/dev/null && "
-         "/opt/bpfailover/bin/python -c 'import bcc, bpfailover.metrics' && "
-         "ls -d /usr/src/linux-headers-*-amd64 && . /etc/os-release && echo $VERSION_CODENAME"],
-        capture_output=True, text=True, timeout=120, check=False,
-    )  # fmt: skip
+        [
+            "buildah",
+            "run",
+            "--isolation",
+            "chroot",
+            container,
+            "--",
+            "sh",
+            "-c",
+            "failoverctl --help >/dev/null && "
+            "/opt/bpfailover/bin/python -c 'import bcc, bpfailover.metrics' && "
+            "ls -d /usr/src/linux-headers-*-amd64 && . /etc/os-release && echo $VERSION_CODENAME",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip().endswith("bookworm")
-    cfg = subprocess.run(["buildah", "inspect", "--type", "image", "--format",
-                          "{{.OCIv1.Config.Entrypoint}}", image],
-                         capture_output=True, text=True, check=True)  # fmt: skip
+    cfg = subprocess.run(
+        [
+            "buildah",
+            "inspect",
+            "--type",
+            "image",
+            "--format",
+            "{{.OCIv1.Config.Entrypoint}}",
+            image,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert "failoverd" in cfg.stdout
 
 
@@ -107,10 +154,15 @@ def test_agent_from_the_image_fails_over_traffic(lab: Lab, container: str) -> No
         lab.address_failover(0)
         n = lab.names(0)
         run.wait_active(n.primary)
-        assert traffic.run_stream(lab.guest, n.guest_v4, lab.peer, n.peer_v4, rate_pps=200,
-                                  duration_s=0.5).total_lost == 0  # fmt: skip
-        with traffic.start_stream(lab.guest, n.guest_v4, lab.peer, n.peer_v4, rate_pps=2000,
-                                  duration_s=3.0) as h:  # fmt: skip
+        assert (
+            traffic.run_stream(
+                lab.guest, n.guest_v4, lab.peer, n.peer_v4, rate_pps=200, duration_s=0.5
+            ).total_lost
+            == 0
+        )
+        with traffic.start_stream(
+            lab.guest, n.guest_v4, lab.peer, n.peer_v4, rate_pps=2000, duration_s=3.0
+        ) as h:
             time.sleep(0.8)
             lab.set_far_end(0, "primary", False)  # unplanned: the VF loses carrier
             run.wait_active(n.standby)

@@ -29,8 +29,11 @@ def test_networkmanager_and_networkd_snippets() -> None:
 
 
 def test_udev_rule() -> None:
-    rules = [ln for ln in (DEPLOY / "udev" / "80-bpfailover-lowers.rules").read_text()
-             .splitlines() if ln.strip() and not ln.startswith("#")]  # fmt: skip
+    rules = [
+        ln
+        for ln in (DEPLOY / "udev" / "80-bpfailover-lowers.rules").read_text().splitlines()
+        if ln.strip() and not ln.startswith("#")
+    ]
     assert len(rules) == 1
     keys = dict(re.findall(r'([A-Z_]+(?:\{[A-Za-z_]+\})?)[!=]=?"([^"]*)"', rules[0]))
     assert keys["SUBSYSTEM"] == "net" and keys["ATTR{address}"] == LAB_MAC
@@ -42,9 +45,18 @@ def test_systemd_unit_verifies(tmp_path: Path) -> None:
     failoverd = Path(sys.executable).parent / "failoverd"
     assert "ExecStart=/usr/local/bin/failoverd " in unit
     (tmp_path / "failoverd.service").write_text(
-        unit.replace("/usr/local/bin/failoverd", str(failoverd)))  # fmt: skip
-    p = subprocess.run(["systemd-analyze", "verify", str(tmp_path / "failoverd.service")],
-                       capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
-    problems = [ln for ln in (p.stdout + p.stderr).splitlines()
-                if "failoverd.service" in ln and "Unknown" in ln or "Invalid" in ln]  # fmt: skip
+        unit.replace("/usr/local/bin/failoverd", str(failoverd))
+    )
+    p = subprocess.run(
+        ["systemd-analyze", "verify", str(tmp_path / "failoverd.service")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    problems = [
+        ln
+        for ln in (p.stdout + p.stderr).splitlines()
+        if "failoverd.service" in ln and "Unknown" in ln or "Invalid" in ln
+    ]
     assert p.returncode == 0 and not problems, p.stdout + p.stderr

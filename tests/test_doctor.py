@@ -15,8 +15,9 @@ from bpfailover.lab import Lab
 from tests.opsutil import agent_in_lab, ctl
 
 MAC = "52:54:00:00:12:53"
-CFG = config.parse_config("groups: [{name: ens10, standby: ens10nsby}]\n"
-                          "bpffs: /sys/fs/bpf/bpfailover-doctor-test\n")  # fmt: skip
+CFG = config.parse_config(
+    "groups: [{name: ens10, standby: ens10nsby}]\nbpffs: /sys/fs/bpf/bpfailover-doctor-test\n"
+)
 ALL_CAPS = "000001ffffffffff"
 
 
@@ -43,9 +44,17 @@ def healthy_host(tmp: Path) -> Host:
     (tmp / "status").write_text(f"Name:\tx\nCapEff:\t{ALL_CAPS}\n")
     inc = tmp / "modules" / "6.18.0" / "build" / "include"
     inc.mkdir(parents=True)
-    return Host(proc=tmp / "proc", run=tmp / "run", etc=tmp / "etc", src_dir=tmp / "src",
-                modules=tmp / "modules", mounts=tmp / "mounts", self_status=tmp / "status",
-                release="6.18.0", euid=0)  # fmt: skip
+    return Host(
+        proc=tmp / "proc",
+        run=tmp / "run",
+        etc=tmp / "etc",
+        src_dir=tmp / "src",
+        modules=tmp / "modules",
+        mounts=tmp / "mounts",
+        self_status=tmp / "status",
+        release="6.18.0",
+        euid=0,
+    )
 
 
 def fake_proc(host: Host, pid: int, *argv: str) -> None:
@@ -60,8 +69,10 @@ def checks(found: list[doctor.Finding]) -> list[tuple[str, str]]:
 
 def test_lowers_by_config_skip_failover_device_and_uppers() -> None:
     lowers = doctor.find_lowers(CFG, links(), None)
-    assert [(lw.link.name, lw.role) for lw in lowers] == [("ens10nsby", "standby"),
-                                                          ("ens11", "primary")]  # fmt: skip
+    assert [(lw.link.name, lw.role) for lw in lowers] == [
+        ("ens10nsby", "standby"),
+        ("ens11", "primary"),
+    ]
 
 
 def test_healthy_host_has_no_findings(tmp_path: Path) -> None:
@@ -89,14 +100,23 @@ def test_each_finding_with_its_fix(tmp_path: Path) -> None:
         p.rmdir()
     (host.proc / doctor.NEIGH_KNOBS[1]).unlink()  # a 5.17 kernel: ARP knob only
     found = doctor.run_checks(host, CFG, None, lk)
-    assert checks(found) == sorted([
-        ("lower-address", "ens11"), ("lower-dhcp", "ens11"), ("lower-ifupdown", "ens10nsby"),
-        ("lower-networkmanager", "ens11"), ("lower-networkd", "ens10nsby"),
-        ("lower-enslaved", "ens11"), ("bpffs", "/sys/fs/bpf"), ("kernel-headers", "6.18.0"),
-        ("privileges", "euid 1000"), ("capabilities", "effective set"),
-        ("realtime", "CAP_SYS_NICE"), ("kernel-neighbours", "6.18.0"),
-        ("second-agent", "failoverd"),
-    ])  # fmt: skip
+    assert checks(found) == sorted(
+        [
+            ("lower-address", "ens11"),
+            ("lower-dhcp", "ens11"),
+            ("lower-ifupdown", "ens10nsby"),
+            ("lower-networkmanager", "ens11"),
+            ("lower-networkd", "ens10nsby"),
+            ("lower-enslaved", "ens11"),
+            ("bpffs", "/sys/fs/bpf"),
+            ("kernel-headers", "6.18.0"),
+            ("privileges", "euid 1000"),
+            ("capabilities", "effective set"),
+            ("realtime", "CAP_SYS_NICE"),
+            ("kernel-neighbours", "6.18.0"),
+            ("second-agent", "failoverd"),
+        ]
+    )
     assert all(f.fix for f in found)
     by = {f.check: f for f in found}
     assert "CAP_BPF" in by["capabilities"].problem and "CAP_PERFMON" in by["capabilities"].problem
@@ -142,10 +162,12 @@ def test_doctor_in_the_lab(lab: Lab) -> None:
         assert p.returncode == 0, found  # the agent, its lock and its lowers are fine
         assert found == []
         # an address on the primary, a second agent in the same netns
-        subprocess.run(["ip", "-n", lab.guest, "addr", "add", "198.18.0.77/32", "dev",
-                        n.primary], check=True)  # fmt: skip
-        stray = subprocess.Popen(["ip", "netns", "exec", lab.guest, "bash", "-c",
-                                  "exec -a failoverd sleep 60"])  # fmt: skip
+        subprocess.run(
+            ["ip", "-n", lab.guest, "addr", "add", "198.18.0.77/32", "dev", n.primary], check=True
+        )
+        stray = subprocess.Popen(
+            ["ip", "netns", "exec", lab.guest, "bash", "-c", "exec -a failoverd sleep 60"]
+        )
         try:
             cmdline = Path(f"/proc/{stray.pid}/cmdline")
             for _ in range(100):  # until `ip netns exec` has exec'd into "failoverd"
@@ -167,7 +189,8 @@ def test_doctor_in_the_lab(lab: Lab) -> None:
 def test_no_realtime_finding_when_turned_off(tmp_path: Path) -> None:
     host = healthy_host(tmp_path)
     host.self_status.write_text("CapEff:\t0000000000003000\n")
-    off = config.parse_config("groups: [{name: ens10, standby: ens10nsby}]\n"
-                              "scheduling: {realtime_priority: 0}\n")  # fmt: skip
+    off = config.parse_config(
+        "groups: [{name: ens10, standby: ens10nsby}]\nscheduling: {realtime_priority: 0}\n"
+    )
     assert list(doctor.check_realtime(host, off)) == []
     assert [f.check for f in doctor.check_realtime(host, CFG)] == ["realtime"]

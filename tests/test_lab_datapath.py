@@ -32,8 +32,9 @@ def _cross_everything(w: Wired) -> None:
     assert v6 and v6["lladdr"] == n.mac, "neighbour discovery resolved the failover MAC"
     assert tcp_echo(lab.peer, n.peer_v4, lab.guest) == 200_000 // 256 * 256
     assert tcp_echo(lab.guest, n.guest_v6, lab.peer, port=9101) == 200_000 // 256 * 256
-    rep = traffic.run_stream(lab.guest, n.guest_v4, lab.peer, n.peer_v4, rate_pps=1000,
-                             duration_s=1.0)  # fmt: skip
+    rep = traffic.run_stream(
+        lab.guest, n.guest_v4, lab.peer, n.peer_v4, rate_pps=1000, duration_s=1.0
+    )
     assert rep.total_lost == 0, rep.format()
 
 
@@ -55,8 +56,10 @@ def _counters_at_rest(w: Wired, role: str, devs: tuple[str, ...]) -> tuple[int, 
 def test_all_traffic_crosses_via_active_lower(lab: Lab, pin_dir: Path, rx_path: str) -> None:
     with wired_lab(lab, pin_dir, rx_path=rx_path) as w:
         n = lab.names(0)
-        for role, dev, other in (("primary", n.primary, n.standby),
-                                 ("standby", n.standby, n.primary)):  # fmt: skip
+        for role, dev, other in (
+            ("primary", n.primary, n.standby),
+            ("standby", n.standby, n.primary),
+        ):
             w.flip(0, role)
             b0, k0 = _counters_at_rest(w, role, (dev, other))
             _cross_everything(w)
@@ -86,8 +89,9 @@ def test_flipping_under_a_stream_loses_nothing(lab: Lab, pin_dir: Path) -> None:
     with wired_lab(lab, pin_dir) as w:
         n = lab.names(0)
         assert ping(lab.guest, n.peer_v4)  # ARP warmed up both ways
-        with traffic.start_stream(lab.guest, n.guest_v4, lab.peer, n.peer_v4,
-                                  rate_pps=5000, duration_s=3.0) as h:  # fmt: skip
+        with traffic.start_stream(
+            lab.guest, n.guest_v4, lab.peer, n.peer_v4, rate_pps=5000, duration_s=3.0
+        ) as h:
             for k in range(20):
                 time.sleep(0.1)
                 w.flip(0, "standby" if k % 2 == 0 else "primary")
@@ -120,8 +124,9 @@ def test_two_groups_do_not_see_each_others_traffic(lab_prefix: str, pin_dir: Pat
         n0, n1 = lab.names(0), lab.names(1)
         assert ping(lab.guest, n0.peer_v4) and ping(lab.guest, n1.peer_v4)
         rx1 = link_stats(lab.guest, n1.failover)["rx"]
-        rep = traffic.run_stream(lab.guest, n0.guest_v4, lab.peer, n0.peer_v4, rate_pps=2000,
-                                 duration_s=1.0)  # fmt: skip
+        rep = traffic.run_stream(
+            lab.guest, n0.guest_v4, lab.peer, n0.peer_v4, rate_pps=2000, duration_s=1.0
+        )
         assert rep.total_lost == 0
         # group 1 sees at most stray broadcasts, never group 0's stream
         assert link_stats(lab.guest, n1.failover)["rx"] - rx1 < 20

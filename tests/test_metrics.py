@@ -30,14 +30,21 @@ def test_histogram_is_cumulative() -> None:
 # ---- against a running agent -------------------------------------------------------------------
 
 ALL_NAMES = {
-    "failover_build_info", "failover_lower_active", "failover_lower_up",
-    "failover_switches_total", "failover_switch_duration_seconds_bucket",
-    "failover_switch_duration_seconds_count", "failover_switch_duration_seconds_sum",
-    "failover_last_switch_timestamp_seconds", "failover_lower_transmit_packets_total",
-    "failover_lower_transmit_bytes_total", "failover_lower_receive_packets_total",
-    "failover_lower_receive_bytes_total", "failover_datapath_drops_total",
+    "failover_build_info",
+    "failover_lower_active",
+    "failover_lower_up",
+    "failover_switches_total",
+    "failover_switch_duration_seconds_bucket",
+    "failover_switch_duration_seconds_count",
+    "failover_switch_duration_seconds_sum",
+    "failover_last_switch_timestamp_seconds",
+    "failover_lower_transmit_packets_total",
+    "failover_lower_transmit_bytes_total",
+    "failover_lower_receive_packets_total",
+    "failover_lower_receive_bytes_total",
+    "failover_datapath_drops_total",
     "failover_datapath_attached",
-}  # fmt: skip
+}
 
 
 def kernel(lab: Lab, dev: str) -> dict[str, int]:
@@ -64,16 +71,16 @@ def test_metrics_names_values_and_kernel_counters(lab: Lab) -> None:
         # Counters agree with the lowers' own kernel counters, within the traffic sent.
         k0 = {d: kernel(lab, d) for d in (n.primary, n.standby)}
         m0 = scrape(lab)
-        rep = traffic.run_stream(lab.guest, n.guest_v4, lab.peer, n.peer_v4, rate_pps=2000,
-                                 duration_s=1.5)  # fmt: skip
+        rep = traffic.run_stream(
+            lab.guest, n.guest_v4, lab.peer, n.peer_v4, rate_pps=2000, duration_s=1.5
+        )
         k1 = {d: kernel(lab, d) for d in (n.primary, n.standby)}
         m1 = scrape(lab)
         sent = rep.a_to_b.sent
         assert sent >= 2500 and rep.total_lost == 0
 
         def delta(name: str, lower: str) -> float:
-            return one(m1, name, device=dev, lower=lower) - one(m0, name, device=dev,
-                                                                   lower=lower)  # fmt: skip
+            return one(m1, name, device=dev, lower=lower) - one(m0, name, device=dev, lower=lower)
 
         tx = delta("failover_lower_transmit_packets_total", n.primary)
         rx = delta("failover_lower_receive_packets_total", n.primary)
@@ -119,8 +126,10 @@ def test_switches_counted_once_with_durations_and_drops(lab: Lab) -> None:
         by_reason: dict[str, int] = {}
         for e in events:
             by_reason[e["reason"]] = by_reason.get(e["reason"], 0) + 1
-        got = {dict(lb)["reason"]: v for lb, v in pick(s, "failover_switches_total",
-                                                          device=dev).items()}  # fmt: skip
+        got = {
+            dict(lb)["reason"]: v
+            for lb, v in pick(s, "failover_switches_total", device=dev).items()
+        }
         assert {r: v for r, v in got.items() if v} == by_reason
         assert one(s, "failover_switch_duration_seconds_count", device=dev) == 5
         lat_sum = sum(e["latency_us"] for e in events) / 1e6
@@ -134,8 +143,13 @@ def test_switches_counted_once_with_durations_and_drops(lab: Lab) -> None:
         lab.set_far_end(0, "primary", False)
         lab.set_far_end(0, "standby", False)
         run.wait_active(None)
-        d0 = one(scrape(lab), "failover_datapath_drops_total", device=dev, hook="tc_egress",
-                 reason="no_lower")  # fmt: skip
+        d0 = one(
+            scrape(lab),
+            "failover_datapath_drops_total",
+            device=dev,
+            hook="tc_egress",
+            reason="no_lower",
+        )
         with netns.entered(lab.guest), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
             for _ in range(20):
                 u.sendto(b"x", (n.peer_v4, 9))
@@ -143,8 +157,9 @@ def test_switches_counted_once_with_durations_and_drops(lab: Lab) -> None:
         assert one(s, "failover_lower_active", device=dev, lower="none", role="none") == 1
         assert sorted(pick(s, "failover_lower_active", device=dev).values()) == [0, 0, 1]
         assert sum(pick(s, "failover_lower_up", device=dev).values()) == 0
-        d1 = one(s, "failover_datapath_drops_total", device=dev, hook="tc_egress",
-                 reason="no_lower")  # fmt: skip
+        d1 = one(
+            s, "failover_datapath_drops_total", device=dev, hook="tc_egress", reason="no_lower"
+        )
         assert d1 - d0 >= 1  # (the failover device has no carrier now: few frames get out)
         assert one(s, "failover_switches_total", device=dev, reason="no_lower") == 1
 

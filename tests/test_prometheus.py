@@ -26,19 +26,34 @@ DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 PROM_PORT = 9090
 NODE_PORT = 9100
 KNOWN_METRICS = {
-    "failover_build_info", "failover_lower_active", "failover_lower_up",
-    "failover_switches_total", "failover_switch_duration_seconds_bucket",
-    "failover_last_switch_timestamp_seconds", "failover_lower_transmit_packets_total",
-    "failover_lower_transmit_bytes_total", "failover_lower_receive_packets_total",
-    "failover_lower_receive_bytes_total", "failover_datapath_drops_total",
-    "failover_datapath_attached", "node_network_up", "node_network_transmit_packets_total",
-    "node_network_receive_packets_total", "up",
-}  # fmt: skip
+    "failover_build_info",
+    "failover_lower_active",
+    "failover_lower_up",
+    "failover_switches_total",
+    "failover_switch_duration_seconds_bucket",
+    "failover_last_switch_timestamp_seconds",
+    "failover_lower_transmit_packets_total",
+    "failover_lower_transmit_bytes_total",
+    "failover_lower_receive_packets_total",
+    "failover_lower_receive_bytes_total",
+    "failover_datapath_drops_total",
+    "failover_datapath_attached",
+    "node_network_up",
+    "node_network_transmit_packets_total",
+    "node_network_receive_packets_total",
+    "up",
+}
 
 
 def promtool(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["promtool", *args], capture_output=True, text=True, timeout=60,
-                          check=False, cwd=DEPLOY / "prometheus")  # fmt: skip
+    return subprocess.run(
+        ["promtool", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=DEPLOY / "prometheus",
+    )
 
 
 def test_alert_rules_check_and_unit_tests() -> None:
@@ -79,23 +94,41 @@ def prometheus_stack(lab: Lab, workdir: Path) -> Iterator[None]:
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
         "rule_files": [str(DEPLOY / "prometheus" / "alerts.yml")],
         "scrape_configs": [
-            {"job_name": "bpfailover", "static_configs": [
-                {"targets": [f"127.0.0.1:{METRICS_PORT}"]}]},
+            {
+                "job_name": "bpfailover",
+                "static_configs": [{"targets": [f"127.0.0.1:{METRICS_PORT}"]}],
+            },
             {"job_name": "node", "static_configs": [{"targets": [f"127.0.0.1:{NODE_PORT}"]}]},
         ],
-    }  # fmt: skip
+    }
     (workdir / "prometheus.yml").write_text(yaml.safe_dump(cfg))
     procs = []
     try:
-        procs.append(_spawn(lab.guest, [
-            "prometheus-node-exporter", f"--web.listen-address=127.0.0.1:{NODE_PORT}",
-            "--collector.disable-defaults", "--collector.netclass", "--collector.netdev",
-        ], workdir / "node.log"))  # fmt: skip
-        procs.append(_spawn(lab.guest, [
-            "prometheus", f"--config.file={workdir / 'prometheus.yml'}",
-            f"--storage.tsdb.path={workdir / 'data'}",
-            f"--web.listen-address=127.0.0.1:{PROM_PORT}",
-        ], workdir / "prometheus.log"))  # fmt: skip
+        procs.append(
+            _spawn(
+                lab.guest,
+                [
+                    "prometheus-node-exporter",
+                    f"--web.listen-address=127.0.0.1:{NODE_PORT}",
+                    "--collector.disable-defaults",
+                    "--collector.netclass",
+                    "--collector.netdev",
+                ],
+                workdir / "node.log",
+            )
+        )
+        procs.append(
+            _spawn(
+                lab.guest,
+                [
+                    "prometheus",
+                    f"--config.file={workdir / 'prometheus.yml'}",
+                    f"--storage.tsdb.path={workdir / 'data'}",
+                    f"--web.listen-address=127.0.0.1:{PROM_PORT}",
+                ],
+                workdir / "prometheus.log",
+            )
+        )
         yield
     finally:
         for p in procs:
@@ -141,27 +174,36 @@ def test_real_prometheus_sees_the_failover(lab: Lab, tmp_path: Path) -> None:
         n = lab.names(0)
         dev = f'device="{n.failover}"'
         wait_query(lab, "count(up == 1) == 2", "both targets scraped")
-        wait_query(lab, f'failover_lower_active{{{dev},lower="{n.primary}"}} == 1',
-                   "primary active")  # fmt: skip
+        wait_query(
+            lab, f'failover_lower_active{{{dev},lower="{n.primary}"}} == 1', "primary active"
+        )
         time.sleep(3)  # a few samples before the switch
 
         lab.set_far_end(0, "primary", False)  # the VF loses carrier: unplanned failover
         run.wait_active(n.standby)
-        wait_query(lab, f'failover_lower_active{{{dev},lower="{n.standby}"}} == 1',
-                   "standby active")  # fmt: skip
-        res = wait_query(lab, f'failover_lower_active{{{dev},lower="{n.primary}"}} == 0',
-                         "primary inactive")  # fmt: skip
+        wait_query(
+            lab, f'failover_lower_active{{{dev},lower="{n.standby}"}} == 1', "standby active"
+        )
+        res = wait_query(
+            lab, f'failover_lower_active{{{dev},lower="{n.primary}"}} == 0', "primary inactive"
+        )
         assert len(res) == 1
-        exact = query(lab, f"sum by (device) (max_over_time(failover_switches_total{{{dev}}}[1m])"
-                      f" - min_over_time(failover_switches_total{{{dev}}}[1m]))")  # fmt: skip
+        exact = query(
+            lab,
+            f"sum by (device) (max_over_time(failover_switches_total{{{dev}}}[1m])"
+            f" - min_over_time(failover_switches_total{{{dev}}}[1m]))",
+        )
         assert [float(r["value"][1]) for r in exact] == [1.0]
         inc = query(lab, f"sum by (device) (increase(failover_switches_total{{{dev}}}[1m]))")
         assert len(inc) == 1 and round(float(inc[0]["value"][1])) == 1, inc
         moved = query(lab, f'changes(failover_lower_active{{{dev},lower="{n.primary}"}}[1m])')
         assert float(moved[0]["value"][1]) == 1
         # The device label joins with node_exporter's view of the same netdev.
-        joined = query(lab, f"(failover_lower_active{{{dev}}} == 1) * on (device) "
-                       f"group_left () node_network_up{{{dev}}}")  # fmt: skip
+        joined = query(
+            lab,
+            f"(failover_lower_active{{{dev}}} == 1) * on (device) "
+            f"group_left () node_network_up{{{dev}}}",
+        )
         assert len(joined) == 1, joined
         assert joined[0]["metric"]["lower"] == n.standby
         assert joined[0]["metric"]["device"] == n.failover
@@ -171,8 +213,11 @@ def test_real_prometheus_sees_the_failover(lab: Lab, tmp_path: Path) -> None:
         groups = api(lab, "/api/v1/rules")["groups"]
         rules = [r for g in groups for r in g["rules"]]
         assert len(rules) == 5 and all(r["health"] == "ok" for r in rules), rules
-        firing = [a for a in api(lab, "/api/v1/alerts")["alerts"]
-                  if a["labels"].get("severity") == "page" and a["state"] == "firing"]  # fmt: skip
+        firing = [
+            a
+            for a in api(lab, "/api/v1/alerts")["alerts"]
+            if a["labels"].get("severity") == "page" and a["state"] == "firing"
+        ]
         assert firing == []
         # Every dashboard query is valid PromQL and finds data.
         for e in dashboard_exprs():

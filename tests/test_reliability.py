@@ -82,8 +82,11 @@ def converged(
 ) -> dict[str, Any]:
     """Wait (bounded) until the agent's active lower is the policy's answer; return status."""
     want = expected_active(lab, agent, override=override)
-    agent.wait_for(lambda: agent.group()["active_lower"] == want, 15.0,
-                   f"active lower {want} (the policy's answer)")  # fmt: skip
+    agent.wait_for(
+        lambda: agent.group()["active_lower"] == want,
+        15.0,
+        f"active lower {want} (the policy's answer)",
+    )
     g = agent.group()
     if not check_map:
         return g
@@ -183,8 +186,9 @@ def test_kill_while_sending_garp_peers_are_told_after_restart(
     with fault_env("garp:kill@2"):  # the 1st: start-up renotify
         agent.start()
     # peer -> guest only: the guest's own frames would move the peer's fdb entry anyway
-    with traffic.start_stream(lab.peer, n.peer_v4, lab.guest, n.guest_v4, rate_pps=2000,
-                              duration_s=3.0, both_ways=False) as h:  # fmt: skip
+    with traffic.start_stream(
+        lab.peer, n.peer_v4, lab.guest, n.guest_v4, rate_pps=2000, duration_s=3.0, both_ways=False
+    ) as h:
         time.sleep(0.5)
         # a planned switch: map written, then killed before the GARP goes out
         with contextlib.suppress(OSError):  # the agent dies before replying
@@ -278,8 +282,14 @@ def test_netlink_socket_closed_reconnects_and_redumps(running: tuple[Lab, AgentR
 
 # -- flap storms ------------------------------------------------------------------------------
 def ip_batch(ns: str, lines: str) -> None:
-    proc = subprocess.run(["ip", "-n", ns, "-batch", "-"], input=lines, capture_output=True,
-                          text=True, timeout=120, check=False)  # fmt: skip
+    proc = subprocess.run(
+        ["ip", "-n", ns, "-batch", "-"],
+        input=lines,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-500:]
 
 
@@ -289,8 +299,9 @@ def storm(lab: Lab, toggles: int, interval_s: float = 0.0) -> float:
     far = lab.far_end(0, "primary")
     t0 = time.monotonic()
     if interval_s == 0:
-        lines = "".join(f"link set {far} {'down' if k % 2 == 0 else 'up'}\n"
-                        for k in range(toggles))  # fmt: skip
+        lines = "".join(
+            f"link set {far} {'down' if k % 2 == 0 else 'up'}\n" for k in range(toggles)
+        )
         ip_batch(lab.hv, lines)
     else:
         from pyroute2 import IPRoute
@@ -309,8 +320,9 @@ def storm(lab: Lab, toggles: int, interval_s: float = 0.0) -> float:
     return time.monotonic() - t0
 
 
-def flap_run(lab: Lab, agent: AgentRun, toggles: int, interval_s: float = 0.0,
-             stream_s: float = 4.0) -> tuple[int, int, traffic.StreamReport]:  # fmt: skip
+def flap_run(
+    lab: Lab, agent: AgentRun, toggles: int, interval_s: float = 0.0, stream_s: float = 4.0
+) -> tuple[int, int, traffic.StreamReport]:
     """(switches during the storm, RSS growth in kB, stream report); final state checked."""
     n = lab.names(0)
     assert agent.proc is not None
@@ -547,8 +559,9 @@ def test_pins_removed_by_hand_are_restored(running: tuple[Lab, AgentRun]) -> Non
     assert g["active_lower"] == n.primary and tx_total(g) >= tx0
     one_filter_each(lab)
     # and the lock is held again: a second agent is refused
-    proc = subprocess.run(AgentRun.command(lab.guest, agent.config_path), capture_output=True,
-                          text=True, timeout=60)  # fmt: skip
+    proc = subprocess.run(
+        AgentRun.command(lab.guest, agent.config_path), capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 1 and "another agent" in proc.stderr
     # a single pin removed is put back too
     (agent.pin_dir / "fo_active").unlink()
@@ -608,8 +621,12 @@ def test_bpffs_unmounted_under_the_agent(lab: Lab) -> None:
 
 # -- bad input --------------------------------------------------------------------------------
 def _run_failoverd(cfg: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "bpfailover.agent", "--config", str(cfg)],
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "bpfailover.agent", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_broken_configs_through_the_binary(tmp_path: Path) -> None:
@@ -651,12 +668,20 @@ def test_group_name_taken_by_another_device_creates_nothing(lab: Lab, pin_dir: P
     }
     try:
         for _case, group in cases.items():
-            cfg.write_text(yaml.safe_dump({"groups": [group], "bpffs": str(pin_dir),
-                                           "control": {"socket": sock},
-                                           "metrics": {"listen": None}}))  # fmt: skip
+            cfg.write_text(
+                yaml.safe_dump(
+                    {
+                        "groups": [group],
+                        "bpffs": str(pin_dir),
+                        "control": {"socket": sock},
+                        "metrics": {"listen": None},
+                    }
+                )
+            )
             links0 = _links_json(lab)
-            proc = subprocess.run(AgentRun.command(lab.guest, cfg), capture_output=True,
-                                  text=True, timeout=120)  # fmt: skip
+            proc = subprocess.run(
+                AgentRun.command(lab.guest, cfg), capture_output=True, text=True, timeout=120
+            )
             lines = proc.stderr.strip().splitlines()
             assert proc.returncode == 1, proc.stderr
             assert len(lines) == 1 and group["name"] in lines[0], proc.stderr
@@ -689,8 +714,9 @@ def _raw_request(path: str, payload: bytes, timeout: float = 10.0) -> bytes:
         return data
 
 
-json_leaf = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False),
-                      st.text(max_size=20))  # fmt: skip
+json_leaf = st.one_of(
+    st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), st.text(max_size=20)
+)
 json_value = st.recursive(
     json_leaf,
     lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c, max_size=4),
@@ -708,10 +734,14 @@ def test_control_socket_fuzzing_changes_nothing(running: tuple[Lab, AgentRun]) -
     tried = 0
     names = st.sampled_from([n.failover, n.primary, n.standby, "", "x" * 300, "ens10\0"])
     request = st.fixed_dictionaries(
-        {"cmd": st.one_of(st.sampled_from(["set-primary", "teardown", "status", "STATUS",
-                                           "set_primary", ""]), json_value)},
+        {
+            "cmd": st.one_of(
+                st.sampled_from(["set-primary", "teardown", "status", "STATUS", "set_primary", ""]),
+                json_value,
+            )
+        },
         optional={"group": st.one_of(names, json_value), "lower": st.one_of(names, json_value)},
-    )  # fmt: skip
+    )
 
     def bad_request(req: dict[str, Any]) -> bool:
         """True when the agent must refuse it (a valid set-primary/teardown would act)."""
@@ -734,8 +764,13 @@ def test_control_socket_fuzzing_changes_nothing(running: tuple[Lab, AgentRun]) -
         st.just(b'{"cmd": "status"}\n' * 3),  # one request per connection: the rest ignored
     )
 
-    @settings(max_examples=120, deadline=None, database=None, derandomize=True,
-              suppress_health_check=list(HealthCheck))  # fmt: skip
+    @settings(
+        max_examples=120,
+        deadline=None,
+        database=None,
+        derandomize=True,
+        suppress_health_check=list(HealthCheck),
+    )
     @given(payloads)
     def check(payload: bytes) -> None:
         nonlocal tried
@@ -768,11 +803,14 @@ def test_racing_set_primary_ends_consistent(running: tuple[Lab, AgentRun]) -> No
         barrier = threading.Barrier(2)
         replies: list[dict[str, Any]] = [{}, {}]
 
-        def go(k: int, lower: str, barrier: threading.Barrier = barrier,
-               replies: list[dict[str, Any]] = replies) -> None:  # fmt: skip
+        def go(
+            k: int,
+            lower: str,
+            barrier: threading.Barrier = barrier,
+            replies: list[dict[str, Any]] = replies,
+        ) -> None:
             barrier.wait(5)
-            replies[k] = agent.request({"cmd": "set-primary", "group": n.failover,
-                                        "lower": lower})  # fmt: skip
+            replies[k] = agent.request({"cmd": "set-primary", "group": n.failover, "lower": lower})
 
         threads = [threading.Thread(target=go, args=(k, t)) for k, t in enumerate(targets)]
         for t in threads:
@@ -809,9 +847,12 @@ def test_events_for_devices_that_vanished_meanwhile(
     batch = []
     count = 30
     for k in range(count):
-        batch += [f"link add vx{k} type veth peer name vy{k}",
-                  f"link set vx{k} address {n.mac}", f"link set vx{k} up",
-                  f"link del vx{k}"]  # fmt: skip
+        batch += [
+            f"link add vx{k} type veth peer name vy{k}",
+            f"link set vx{k} address {n.mac}",
+            f"link set vx{k} up",
+            f"link del vx{k}",
+        ]
     with stream(lab, seconds=2.0) as h:
         # any event stalls the agent; then devices come and go before it reads their events
         ip_batch(lab.guest, "link add vt0 type veth peer name vt1\n")

@@ -48,8 +48,12 @@ class _NoSysNice(AgentRun):
 
     @classmethod
     def command(cls, netns_name: str, config_path: Path) -> list[str]:
-        return ["setpriv", "--inh-caps=-sys_nice", "--bounding-set=-sys_nice",
-                *super().command(netns_name, config_path)]  # fmt: skip
+        return [
+            "setpriv",
+            "--inh-caps=-sys_nice",
+            "--bounding-set=-sys_nice",
+            *super().command(netns_name, config_path),
+        ]
 
 
 def _start(agent: AgentRun) -> AgentRun:

@@ -106,8 +106,14 @@ def test_non_root_non_group_client_is_refused(lab: Lab) -> None:
         assert res["result"] == {"ok": False, "error": res["result"]["error"]}
         assert "permission denied" in res["result"]["error"]
         # set-primary as nobody changes nothing either
-        res = as_user(NOBODY.pw_uid, NOBODY.pw_gid, [], lambda: api.request(
-            run.socket, {"cmd": "set-primary", "group": "ens10", "lower": "standby"}))  # fmt: skip
+        res = as_user(
+            NOBODY.pw_uid,
+            NOBODY.pw_gid,
+            [],
+            lambda: api.request(
+                run.socket, {"cmd": "set-primary", "group": "ens10", "lower": "standby"}
+            ),
+        )
         assert res["result"]["ok"] is False
         assert status_json(run)["groups"][0]["override"] is None
 
@@ -125,8 +131,7 @@ def test_non_root_non_group_client_is_refused(lab: Lab) -> None:
         # failoverctl as that user: the refusal is "failed" (1) with the reason
         os.chmod(run.socket, 0o660)
         # (in-process in the child: the venv may sit where `nobody` cannot exec it, e.g. /root)
-        res = as_user(NOBODY.pw_uid, 1, [],
-                      lambda: cli.main(["--socket", run.socket, "status"]))  # fmt: skip
+        res = as_user(NOBODY.pw_uid, 1, [], lambda: cli.main(["--socket", run.socket, "status"]))
         assert res["result"] == 3  # the file mode: cannot even connect
 
 
@@ -147,9 +152,12 @@ def test_bad_messages_get_errors_and_the_agent_keeps_serving(lab: Lab) -> None:
             (b"[" * 100_000 + b"\n", False, "over"),  # deep nesting and oversized
             (b"[" * 30_000 + b"\n", False, "not JSON"),  # deep nesting under the limit
             (b"x" * (1 << 20), False, "over 65536 bytes"),  # 1 MiB without a newline
-            (json.dumps({"cmd": "status", "pad": "y" * (1 << 20)}).encode() + b"\n", False,
-             "over 65536 bytes"),  # 1 MiB of valid JSON
-        ]  # fmt: skip
+            (
+                json.dumps({"cmd": "status", "pad": "y" * (1 << 20)}).encode() + b"\n",
+                False,
+                "over 65536 bytes",
+            ),  # 1 MiB of valid JSON
+        ]
         for payload, shut, msg in cases:
             reply = raw(run.socket, payload, shut)
             assert reply["ok"] is False, (payload[:40], reply)

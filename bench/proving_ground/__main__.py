@@ -42,8 +42,11 @@ def markdown(report: dict[str, Any]) -> str:
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in report["summary"]:
-        back = (f"{_fmt(r['back_on_primary_ms_p50'])} / {_fmt(r['back_on_primary_ms_max'])}"
-                if r["back_on_primary_ms_p50"] is not None else "–")  # fmt: skip
+        back = (
+            f"{_fmt(r['back_on_primary_ms_p50'])} / {_fmt(r['back_on_primary_ms_max'])}"
+            if r["back_on_primary_ms_p50"] is not None
+            else "–"
+        )
         if r["back_missing"]:
             back += f" ({r['back_missing']} never)"
         lines.append(
@@ -53,10 +56,19 @@ def markdown(report: dict[str, Any]) -> str:
             f"{r['end_state_ok']}/{r['trials']} | {r['tcp_survived']}/{r['trials']} |"
         )
     t = report["timings"]
-    lines += ["", "Runtimes: " + ", ".join(
-        f"{k} {v:.0f}s" for k, v in [("image build", t["image_build_s"]), ("total", t["total_s"])]
-        + [(f"{m} (boot {d.get('boot_s', 0):.0f}s)", d["total_s"]) for m, d in t["modes"].items()]
-    ) + "."]  # fmt: skip
+    lines += [
+        "",
+        "Runtimes: "
+        + ", ".join(
+            f"{k} {v:.0f}s"
+            for k, v in [("image build", t["image_build_s"]), ("total", t["total_s"])]
+            + [
+                (f"{m} (boot {d.get('boot_s', 0):.0f}s)", d["total_s"])
+                for m, d in t["modes"].items()
+            ]
+        )
+        + ".",
+    ]
     if report["failures"]:
         lines += ["", "**Failures:** " + "; ".join(report["failures"])]
     return "\n".join(lines) + "\n"
@@ -74,8 +86,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--modes", default="kernel,bpfailover")
     ap.add_argument("--steps", default=",".join(STEPS))
     ap.add_argument("--rebuild", action="store_true", help="rebuild the guest image")
-    ap.add_argument("--out", type=Path, help="JSON path (default bench/results/proving_ground"
-                    "[_quick].json; the .md goes next to it)")  # fmt: skip
+    ap.add_argument(
+        "--out",
+        type=Path,
+        help="JSON path (default bench/results/proving_ground"
+        "[_quick].json; the .md goes next to it)",
+    )
     args = ap.parse_args(argv)
     if os.geteuid() != 0:
         print("proving ground: needs root (namespaces, taps, debootstrap)", file=sys.stderr)
@@ -86,8 +102,12 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or RESULTS / f"proving_ground{'_quick' if args.quick else ''}.json"
     try:
         img, build_s = image.ensure_image(rebuild=args.rebuild)
-        s = Settings(trials=trials, rate_pps=args.rate, modes=tuple(args.modes.split(",")),
-                     steps=tuple(args.steps.split(",")))  # fmt: skip
+        s = Settings(
+            trials=trials,
+            rate_pps=args.rate,
+            modes=tuple(args.modes.split(",")),
+            steps=tuple(args.steps.split(",")),
+        )
         got = run(img, s)
     except KeyboardInterrupt:
         print("proving ground: interrupted (cleaned up)", file=sys.stderr)
@@ -97,16 +117,26 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     qemu = os.popen("qemu-system-x86_64 --version").read().split()[3:4]
     report = {
-        "settings": {"trials": s.trials, "rate_pps": s.rate_pps, "tcp_rate": s.tcp_rate,
-                     "modes": list(s.modes), "steps": list(s.steps)},
-        "guest_kernel": img.meta.get("kernel"), "qemu": qemu[0] if qemu else "?",
-        "host": platform.node(), "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "timings": {"image_build_s": round(build_s, 1), "total_s": round(time.monotonic() - t0, 1),
-                    "modes": got["timings"]},
+        "settings": {
+            "trials": s.trials,
+            "rate_pps": s.rate_pps,
+            "tcp_rate": s.tcp_rate,
+            "modes": list(s.modes),
+            "steps": list(s.steps),
+        },
+        "guest_kernel": img.meta.get("kernel"),
+        "qemu": qemu[0] if qemu else "?",
+        "host": platform.node(),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "timings": {
+            "image_build_s": round(build_s, 1),
+            "total_s": round(time.monotonic() - t0, 1),
+            "modes": got["timings"],
+        },
         "failures": got["failures"],
         "summary": summarize(got["results"]) if got["results"] else [],
         "trials": [{**asdict(r), "lost": r.lost, "gap_ms": r.gap_ms} for r in got["results"]],
-    }  # fmt: skip
+    }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1) + "\n")
     md = markdown(report)
@@ -114,11 +144,13 @@ def main(argv: list[str] | None = None) -> int:
     print(md)
     # The gate (CI runs --quick): both modes must end on the right lower and keep TCP alive
     # in every trial; loss counts are measurements, not pass/fail (TCG timing is noisy).
-    bad = [f"{r['mode']}/{r['step']}" for r in report["summary"]
-           if r["end_state_ok"] < r["trials"] or r["tcp_survived"] < r["trials"]]  # fmt: skip
+    bad = [
+        f"{r['mode']}/{r['step']}"
+        for r in report["summary"]
+        if r["end_state_ok"] < r["trials"] or r["tcp_survived"] < r["trials"]
+    ]
     if bad:
-        print(f"proving ground: wrong end state or TCP broken in {', '.join(bad)}",
-              file=sys.stderr)  # fmt: skip
+        print(f"proving ground: wrong end state or TCP broken in {', '.join(bad)}", file=sys.stderr)
     return 1 if got["failures"] or bad else 0
 
 

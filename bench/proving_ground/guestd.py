@@ -55,12 +55,21 @@ class Server:
         argv = req["argv"] if "argv" in req else ["/bin/sh", "-c", req["sh"]]
         t0 = time.monotonic()
         try:
-            p = subprocess.run(argv, capture_output=True, timeout=float(req.get("timeout", 30)),
-                               check=False, env=self._env(req))  # fmt: skip
+            p = subprocess.run(
+                argv,
+                capture_output=True,
+                timeout=float(req.get("timeout", 30)),
+                check=False,
+                env=self._env(req),
+            )
         except subprocess.TimeoutExpired as e:
             return {"rc": None, "timeout": True, "out": _text(e.stdout), "err": _text(e.stderr)}
-        return {"rc": p.returncode, "out": _text(p.stdout), "err": _text(p.stderr),
-                "secs": time.monotonic() - t0}  # fmt: skip
+        return {
+            "rc": p.returncode,
+            "out": _text(p.stdout),
+            "err": _text(p.stderr),
+            "secs": time.monotonic() - t0,
+        }
 
     def op_time(self, req: dict[str, Any]) -> dict[str, Any]:
         return {"mono_ns": time.monotonic_ns(), "wall": time.time()}
@@ -93,12 +102,18 @@ class Server:
                     return ""
 
             master = d / "master"
-            out.append({
-                "name": d.name, "driver": driver_of(d.name), "mac": attr("address"),
-                "carrier": attr("carrier") == "1", "up": bool(int(attr("flags") or "0", 16) & 1),
-                "operstate": attr("operstate"), "ifindex": int(attr("ifindex") or 0),
-                "master": os.path.basename(os.readlink(master)) if master.exists() else None,
-            })  # fmt: skip
+            out.append(
+                {
+                    "name": d.name,
+                    "driver": driver_of(d.name),
+                    "mac": attr("address"),
+                    "carrier": attr("carrier") == "1",
+                    "up": bool(int(attr("flags") or "0", 16) & 1),
+                    "operstate": attr("operstate"),
+                    "ifindex": int(attr("ifindex") or 0),
+                    "master": os.path.basename(os.readlink(master)) if master.exists() else None,
+                }
+            )
         return {"links": out}
 
     def op_unix(self, req: dict[str, Any]) -> dict[str, Any]:
@@ -114,8 +129,14 @@ class Server:
         stderr: int | IO[bytes] = subprocess.PIPE
         if req.get("log"):  # long-lived and chatty (failoverd): its output goes to a file
             stdout = stderr = open(req["log"], "ab")  # noqa: SIM115 - the child owns it
-        p = subprocess.Popen(req["argv"], stdin=subprocess.PIPE, stdout=stdout, stderr=stderr,
-                             env=self._env(req), start_new_session=True)  # fmt: skip
+        p = subprocess.Popen(
+            req["argv"],
+            stdin=subprocess.PIPE,
+            stdout=stdout,
+            stderr=stderr,
+            env=self._env(req),
+            start_new_session=True,
+        )
         self.procs[p.pid] = p
         self.bufs[p.pid] = bytearray()
         return {"h": p.pid}

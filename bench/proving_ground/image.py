@@ -29,9 +29,18 @@ SUITE = "bookworm"
 MIRROR = os.environ.get("BPFAILOVER_PG_MIRROR", "http://deb.debian.org/debian")
 CACHE = Path(os.environ.get("BPFAILOVER_PG_CACHE", "/var/cache/bpfailover/pg"))
 GUEST_PACKAGES = (
-    "linux-image-amd64", "linux-headers-amd64", "kmod", "iproute2", "python3", "python3-venv",
-    "python3-bpfcc", "ethtool", "iputils-ping", "procps", "ca-certificates",
-)  # fmt: skip
+    "linux-image-amd64",
+    "linux-headers-amd64",
+    "kmod",
+    "iproute2",
+    "python3",
+    "python3-venv",
+    "python3-bpfcc",
+    "ethtool",
+    "iputils-ping",
+    "procps",
+    "ca-certificates",
+)
 GUEST_REPO = "/opt/bpfailover"  # the repository (9p at run time, a copy at build time)
 GUEST_VENV = "/opt/bpfailover-venv"
 IMAGE_SIZE = "4G"
@@ -84,8 +93,7 @@ def _key() -> str:
 
 def _run(argv: list[str], timeout: float, log: Callable[[str], None], **kw: object) -> None:
     t0 = time.monotonic()
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False,
-                          **kw)  # type: ignore[call-overload]  # fmt: skip
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False, **kw)  # type: ignore[call-overload]
     if proc.returncode != 0:
         tail = (proc.stderr.strip() or proc.stdout.strip()).splitlines()[-5:]
         raise ImageError(f"{' '.join(argv[:4])}... failed ({proc.returncode}): {' | '.join(tail)}")
@@ -101,13 +109,21 @@ def ensure_host_packages(log: Callable[[str], None] = print) -> None:
         log(f"installing host packages: {' '.join(missing)}")
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
         _run(["apt-get", "update", "-qq"], 300, log, env=env)
-        _run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing], 600, log,
-             env=env)  # fmt: skip
+        _run(
+            ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing],
+            600,
+            log,
+            env=env,
+        )
 
 
 def _chroot(root: Path, argv: list[str], timeout: float, log: Callable[[str], None]) -> None:
-    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "DEBIAN_FRONTEND": "noninteractive",
-           "LC_ALL": "C.UTF-8", "HOME": "/root"}  # fmt: skip
+    env = {
+        "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+        "DEBIAN_FRONTEND": "noninteractive",
+        "LC_ALL": "C.UTF-8",
+        "HOME": "/root",
+    }
     _run(["chroot", str(root), *argv], timeout, log, env=env)
 
 
@@ -119,8 +135,11 @@ def _dependencies() -> list[str]:
 
 def _copy_repo(dst: Path) -> None:
     """The tracked files of the repository (what `git clone` would give), for pip install -e."""
-    files = subprocess.run(["git", "-C", str(REPO), "ls-files", "-z"], capture_output=True,
-                           check=True).stdout.decode().split("\0")  # fmt: skip
+    files = (
+        subprocess.run(["git", "-C", str(REPO), "ls-files", "-z"], capture_output=True, check=True)
+        .stdout.decode()
+        .split("\0")
+    )
     for rel in filter(None, files):
         src = REPO / rel
         if src.is_file():
@@ -139,8 +158,11 @@ def _rmtree_unmounted(root: Path) -> None:
 def _build(out: Path, log: Callable[[str], None]) -> None:
     root = out / "root"
     _rmtree_unmounted(root)
-    _run(["debootstrap", "--variant=minbase", "--include=ca-certificates", SUITE, str(root),
-          MIRROR], 1200, log)  # fmt: skip
+    _run(
+        ["debootstrap", "--variant=minbase", "--include=ca-certificates", SUITE, str(root), MIRROR],
+        1200,
+        log,
+    )
     (root / "usr/sbin/policy-rc.d").write_text("#!/bin/sh\nexit 101\n")
     (root / "usr/sbin/policy-rc.d").chmod(0o755)
     shutil.copy("/etc/resolv.conf", root / "etc/resolv.conf")
@@ -151,23 +173,70 @@ def _build(out: Path, log: Callable[[str], None]) -> None:
             subprocess.run(["mount", "-t", fstype, fstype, str(where)], check=True, timeout=30)
             mounted.append(where)
         _chroot(root, ["apt-get", "update", "-qq"], 300, log)
-        _chroot(root, ["apt-get", "install", "-y", "-qq", "--no-install-recommends",
-                       *GUEST_PACKAGES], 1200, log)  # fmt: skip
+        _chroot(
+            root,
+            ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *GUEST_PACKAGES],
+            1200,
+            log,
+        )
         _chroot(root, ["apt-get", "clean"], 60, log)
         _copy_repo(root / GUEST_REPO.lstrip("/"))
-        _chroot(root, ["/usr/bin/python3", "-m", "venv", "--system-site-packages", GUEST_VENV],
-                300, log)  # fmt: skip
+        _chroot(
+            root, ["/usr/bin/python3", "-m", "venv", "--system-site-packages", GUEST_VENV], 300, log
+        )
         # The project's dependencies come as wheels fetched by the host's own pip (its index
         # and certificates); the guest's pip installs offline from them.
         wheels = root / "tmp/wheels"
         wheels.mkdir(parents=True, exist_ok=True)
-        _run([sys.executable, "-m", "pip", "download", "-q", "--only-binary=:all:", "-d",
-              str(wheels), "setuptools>=68", "wheel", *_dependencies()], 600, log)  # fmt: skip
-        _chroot(root, [f"{GUEST_VENV}/bin/pip", "install", "-q", "--no-index", "--find-links",
-                       "/tmp/wheels", "setuptools>=68", "wheel"], 300, log)  # fmt: skip
-        _chroot(root, [f"{GUEST_VENV}/bin/pip", "install", "-q", "--disable-pip-version-check",
-                       "--no-index", "--find-links", "/tmp/wheels", "--no-build-isolation",
-                       "-e", GUEST_REPO], 900, log)  # fmt: skip
+        _run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "-q",
+                "--only-binary=:all:",
+                "-d",
+                str(wheels),
+                "setuptools>=68",
+                "wheel",
+                *_dependencies(),
+            ],
+            600,
+            log,
+        )
+        _chroot(
+            root,
+            [
+                f"{GUEST_VENV}/bin/pip",
+                "install",
+                "-q",
+                "--no-index",
+                "--find-links",
+                "/tmp/wheels",
+                "setuptools>=68",
+                "wheel",
+            ],
+            300,
+            log,
+        )
+        _chroot(
+            root,
+            [
+                f"{GUEST_VENV}/bin/pip",
+                "install",
+                "-q",
+                "--disable-pip-version-check",
+                "--no-index",
+                "--find-links",
+                "/tmp/wheels",
+                "--no-build-isolation",
+                "-e",
+                GUEST_REPO,
+            ],
+            900,
+            log,
+        )
         shutil.rmtree(wheels, ignore_errors=True)
     finally:
         for where in reversed(mounted):
@@ -186,12 +255,22 @@ def _build(out: Path, log: Callable[[str], None]) -> None:
     shutil.copy(root / "boot" / f"initrd.img-{release}", out / "initrd.img")
     disk = out / "root.img"
     disk.unlink(missing_ok=True)
-    _run(["mke2fs", "-q", "-t", "ext4", "-L", "pgroot", "-d", str(root), str(disk), IMAGE_SIZE],
-         900, log)  # fmt: skip
-    (out / "meta.json").write_text(json.dumps({
-        "key": _key(), "kernel": release, "suite": SUITE, "packages": list(GUEST_PACKAGES),
-        "built_at": time.time(),
-    }))  # fmt: skip
+    _run(
+        ["mke2fs", "-q", "-t", "ext4", "-L", "pgroot", "-d", str(root), str(disk), IMAGE_SIZE],
+        900,
+        log,
+    )
+    (out / "meta.json").write_text(
+        json.dumps(
+            {
+                "key": _key(),
+                "kernel": release,
+                "suite": SUITE,
+                "packages": list(GUEST_PACKAGES),
+                "built_at": time.time(),
+            }
+        )
+    )
     _rmtree_unmounted(root)  # the disk image has it all
 
 

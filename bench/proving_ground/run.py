@@ -122,8 +122,9 @@ class Mode:
         self.wait(lambda: self.by_driver("e1000e"), 60, "the e1000e primary")
         if self.name == "kernel":
             master = self.wait(lambda: self.by_driver("net_failover"), 30, "net_failover master")
-            self.g.sh(f"ip addr add {GUEST_V4}/24 dev {master['name']} && "
-                      f"ip link set {master['name']} up")  # fmt: skip
+            self.g.sh(
+                f"ip addr add {GUEST_V4}/24 dev {master['name']} && ip link set {master['name']} up"
+            )
         else:
             for drv in ("virtio_net", "e1000e"):
                 self.g.sh(f"ip link set {self.by_driver(drv)['name']} up")  # type: ignore[index]
@@ -135,16 +136,19 @@ class Mode:
     def start_agent(self) -> None:
         cfg = {
             "groups": [{"name": GROUP, "standby": {"driver": "virtio_net"}, "primary": "auto"}],
-            "control": {"socket": AGENT_SOCK}, "bpffs": "/sys/fs/bpf/bpfailover",
-            "metrics": {"listen": None}, "log": {"level": "info"},
-        }  # fmt: skip
+            "control": {"socket": AGENT_SOCK},
+            "bpffs": "/sys/fs/bpf/bpfailover",
+            "metrics": {"listen": None},
+            "log": {"level": "info"},
+        }
         self.g.req("write", path="/run/failoverd.yaml", data=json.dumps(cfg))
         t0 = time.monotonic()
         # As the README runs it: the venv's entry point, config file, foreground, log to stderr.
         self.agent_h = self.g.req(
-            "spawn", argv=[f"{GUEST_VENV}/bin/failoverd", "--config", "/run/failoverd.yaml"],
+            "spawn",
+            argv=[f"{GUEST_VENV}/bin/failoverd", "--config", "/run/failoverd.yaml"],
             log="/run/failoverd.log",
-        )["h"]  # fmt: skip
+        )["h"]
         self.wait(lambda: self.agent_status() is not None, 240, "failoverd (bcc compile in TCG)")
         self.timings["agent_start_s"] = time.monotonic() - t0
 
@@ -196,32 +200,97 @@ class Streams:
         self.m, self.duration = m, duration
         s = m.s
         self.sid = random.getrandbits(32)
-        common = ["--port", str(UDP_PORT), "--stream-id", str(self.sid), "--rate",
-                  str(s.rate_pps), "--duration", str(duration), "--size", "64",
-                  "--linger", "0.5"]  # fmt: skip
+        common = [
+            "--port",
+            str(UDP_PORT),
+            "--stream-id",
+            str(self.sid),
+            "--rate",
+            str(s.rate_pps),
+            "--duration",
+            str(duration),
+            "--size",
+            "64",
+            "--linger",
+            "0.5",
+        ]
         self.limit = duration + 30.0
         peer = m.net.peer
         host_py = sys.executable
         self.tcp_srv = subprocess.Popen(
-            netns.cmd_in(peer, [host_py, "-m", "bench.proving_ground.tcpstream", "server",
-                                "--bind", PEER_V4, "--port", str(TCP_PORT),
-                                "--limit", str(self.limit)]),
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
+            netns.cmd_in(
+                peer,
+                [
+                    host_py,
+                    "-m",
+                    "bench.proving_ground.tcpstream",
+                    "server",
+                    "--bind",
+                    PEER_V4,
+                    "--port",
+                    str(TCP_PORT),
+                    "--limit",
+                    str(self.limit),
+                ],
+            ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         self._ready(self.tcp_srv, "READY")
         self.udp_peer = subprocess.Popen(
-            netns.cmd_in(peer, [host_py, "-m", "bpfailover.traffic", "endpoint", "--bind",
-                                PEER_V4, "--to", GUEST_V4, *common]),
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
+            netns.cmd_in(
+                peer,
+                [
+                    host_py,
+                    "-m",
+                    "bpfailover.traffic",
+                    "endpoint",
+                    "--bind",
+                    PEER_V4,
+                    "--to",
+                    GUEST_V4,
+                    *common,
+                ],
+            ),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         g = m.g
-        argv = [GUEST_PY, "-m", "bpfailover.traffic", "endpoint", "--bind", GUEST_V4, "--to",
-                PEER_V4, *common]  # fmt: skip
+        argv = [
+            GUEST_PY,
+            "-m",
+            "bpfailover.traffic",
+            "endpoint",
+            "--bind",
+            GUEST_V4,
+            "--to",
+            PEER_V4,
+            *common,
+        ]
         self.udp_guest = g.req("spawn", argv=argv)["h"]
-        self.tcp_cli = g.req("spawn", argv=[
-            GUEST_PY, f"{GUEST_REPO}/bench/proving_ground/tcpstream.py", "client", "--to",
-            PEER_V4, "--port", str(TCP_PORT), "--rate", str(s.tcp_rate), "--size", "1000",
-            "--duration", str(duration), "--limit", str(self.limit)])["h"]  # fmt: skip
+        self.tcp_cli = g.req(
+            "spawn",
+            argv=[
+                GUEST_PY,
+                f"{GUEST_REPO}/bench/proving_ground/tcpstream.py",
+                "client",
+                "--to",
+                PEER_V4,
+                "--port",
+                str(TCP_PORT),
+                "--rate",
+                str(s.tcp_rate),
+                "--size",
+                "1000",
+                "--duration",
+                str(duration),
+                "--limit",
+                str(self.limit),
+            ],
+        )["h"]
         for h, want in ((self.udp_guest, "READY"), (self.tcp_cli, "CONNECTED")):
             line = g.req("readline", h=h, timeout=30)["line"]
             if line is None or line.strip() != want:
@@ -265,8 +334,12 @@ class Streams:
             ts_out, _ = self.tcp_srv.communicate(timeout=max(1.0, deadline - time.monotonic()))
         finally:
             self.kill()
-        return (_last_json(ug.get("out", "")), _last_json(out), _last_json(tc.get("out", "")),
-                _last_json(ts_out))  # fmt: skip
+        return (
+            _last_json(ug.get("out", "")),
+            _last_json(out),
+            _last_json(tc.get("out", "")),
+            _last_json(ts_out),
+        )
 
     def kill(self) -> None:
         for p in (self.udp_peer, self.tcp_srv):
@@ -335,8 +408,11 @@ def _step_planned(m: Mode, st: Streams, marks: dict[str, float]) -> None:
         s = m.agent_status()
         return bool(s and any(lw["role"] == "primary" and lw["usable"] for lw in s["lowers"]))
 
-    m.wait(registered, max(1.0, st.duration - 0.5 - (time.monotonic() - st.t0)),
-           "the re-plugged primary in failoverd")  # fmt: skip
+    m.wait(
+        registered,
+        max(1.0, st.duration - 0.5 - (time.monotonic() - st.t0)),
+        "the re-plugged primary in failoverd",
+    )
     marks["auto"] = st.rel(time.monotonic())
     m.agent({"cmd": "set-primary", "group": GROUP})
 
@@ -398,10 +474,12 @@ def run_step(m: Mode, watch: TapWatch, step: str, trial: int) -> StepResult:
     for side in (ug, up):
         if "error" in side:
             raise VMError(f"{m.name}/{step}: UDP endpoint: {side['error']}")
-    out = DirectionStats.from_dict(up["rx"]).with_sender(ug["sent"], ug["send_errors"],
-                                                          ug["send_errnos"])  # fmt: skip
-    inn = DirectionStats.from_dict(ug["rx"]).with_sender(up["sent"], up["send_errors"],
-                                                         up["send_errnos"])  # fmt: skip
+    out = DirectionStats.from_dict(up["rx"]).with_sender(
+        ug["sent"], ug["send_errors"], ug["send_errnos"]
+    )
+    inn = DirectionStats.from_dict(ug["rx"]).with_sender(
+        up["sent"], up["send_errors"], up["send_errnos"]
+    )
     res.sent_out, res.lost_out, res.gap_out_ms = out.sent, out.lost, round(out.max_gap_ms, 1)
     res.sent_in, res.lost_in, res.gap_in_ms = inn.sent, inn.lost, round(inn.max_gap_ms, 1)
     res.duplicates = out.duplicates + inn.duplicates
@@ -416,8 +494,9 @@ def run_step(m: Mode, watch: TapWatch, step: str, trial: int) -> StepResult:
         after = [t for t in pri if t >= t_restore]
         if after:
             res.back_on_primary_ms = round((after[0] - t_restore) * 1e3, 1)
-    last = sorted([(t, "primary") for t in pri[-END_WINDOW:]] +
-                  [(t, "standby") for t in sby[-END_WINDOW:]])[-END_WINDOW:]  # fmt: skip
+    last = sorted(
+        [(t, "primary") for t in pri[-END_WINDOW:]] + [(t, "standby") for t in sby[-END_WINDOW:]]
+    )[-END_WINDOW:]
     kinds = {k for _, k in last}
     res.end_on = kinds.pop() if len(kinds) == 1 else ("mixed" if kinds else None)
     return res
@@ -440,8 +519,10 @@ def run(img: Image, s: Settings) -> dict[str, Any]:
             watch = TapWatch(net)
             s.log(f"[{mode}] booting the guest (TCG)")
             m.start()
-            s.log(f"[{mode}] ready: boot {m.timings['boot_s']:.1f}s, "
-                  f"set-up {m.timings['ready_s']:.1f}s, kernel {m.vm.guest.hello['kernel']}")  # type: ignore[union-attr]  # fmt: skip
+            s.log(
+                f"[{mode}] ready: boot {m.timings['boot_s']:.1f}s, "
+                f"set-up {m.timings['ready_s']:.1f}s, kernel {m.vm.guest.hello['kernel']}"
+            )  # type: ignore[union-attr]
             steps = [st for st in s.steps if not (st == "planned" and mode == "kernel")]
             plugs = sum(1 for st in steps if st in ("unplug", "planned", "migration"))
             for trial in range(s.trials):
@@ -456,11 +537,11 @@ def run(img: Image, s: Settings) -> dict[str, Any]:
                     r = run_step(m, watch, step, trial)
                     results.append(r)
                     s.log(
-                          f"[{mode}] trial {trial + 1}/{s.trials} {step:<9} lost {r.lost_out:>4}"
-                          f"/{r.lost_in:<4} gap {r.gap_out_ms:>7.1f}/{r.gap_in_ms:<7.1f}ms "
-                          f"back {r.back_on_primary_ms} end {r.end_on} tcp "
-                          f"{'ok' if r.tcp_survived else 'FAILED ' + str(r.tcp_error)}"
-                    )  # fmt: skip
+                        f"[{mode}] trial {trial + 1}/{s.trials} {step:<9} lost {r.lost_out:>4}"
+                        f"/{r.lost_in:<4} gap {r.gap_out_ms:>7.1f}/{r.gap_in_ms:<7.1f}ms "
+                        f"back {r.back_on_primary_ms} end {r.end_on} tcp "
+                        f"{'ok' if r.tcp_survived else 'FAILED ' + str(r.tcp_error)}"
+                    )
         except Exception as e:
             failures.append(f"{mode}: {e}")
             s.log(f"[{mode}] FAILED: {e}")
@@ -488,26 +569,35 @@ def pct(values: list[float], q: float) -> float:
 
 def summarize(results: list[StepResult]) -> list[dict[str, Any]]:
     rows = []
-    keys = sorted({(r.mode, r.step) for r in results},
-                  key=lambda k: (list(STEPS).index(k[1]), k[0] != "kernel"))  # fmt: skip
+    keys = sorted(
+        {(r.mode, r.step) for r in results},
+        key=lambda k: (list(STEPS).index(k[1]), k[0] != "kernel"),
+    )
     for mode, step in keys:
         rs = [r for r in results if r.mode == mode and r.step == step]
         back = [r.back_on_primary_ms for r in rs if r.back_on_primary_ms is not None]
-        rows.append({
-            "mode": mode, "step": step, "trials": len(rs),
-            "lost_p50": statistics.median(r.lost for r in rs), "lost_max": max(r.lost for r in rs),
-            "lost_out_p50": statistics.median(r.lost_out for r in rs),
-            "lost_in_p50": statistics.median(r.lost_in for r in rs),
-            "gap_ms_p50": statistics.median(r.gap_ms for r in rs),
-            "gap_ms_max": max(r.gap_ms for r in rs),
-            "back_on_primary_ms_p50": statistics.median(back) if back else None,
-            "back_on_primary_ms_max": max(back) if back else None,
-            "back_missing": sum(1 for r in rs if "restore" in r.marks
-                                and r.back_on_primary_ms is None),
-            "end_state_ok": sum(1 for r in rs if r.end_on == r.expected_end),
-            "tcp_survived": sum(1 for r in rs if r.tcp_survived),
-            "duplicates_max": max(r.duplicates for r in rs),
-            "guest_missed_carrier_off": sum(1 for r in rs
-                                            if r.marks.get("guest_saw_carrier_off") == 0.0),
-        })  # fmt: skip
+        rows.append(
+            {
+                "mode": mode,
+                "step": step,
+                "trials": len(rs),
+                "lost_p50": statistics.median(r.lost for r in rs),
+                "lost_max": max(r.lost for r in rs),
+                "lost_out_p50": statistics.median(r.lost_out for r in rs),
+                "lost_in_p50": statistics.median(r.lost_in for r in rs),
+                "gap_ms_p50": statistics.median(r.gap_ms for r in rs),
+                "gap_ms_max": max(r.gap_ms for r in rs),
+                "back_on_primary_ms_p50": statistics.median(back) if back else None,
+                "back_on_primary_ms_max": max(back) if back else None,
+                "back_missing": sum(
+                    1 for r in rs if "restore" in r.marks and r.back_on_primary_ms is None
+                ),
+                "end_state_ok": sum(1 for r in rs if r.end_on == r.expected_end),
+                "tcp_survived": sum(1 for r in rs if r.tcp_survived),
+                "duplicates_max": max(r.duplicates for r in rs),
+                "guest_missed_carrier_off": sum(
+                    1 for r in rs if r.marks.get("guest_saw_carrier_off") == 0.0
+                ),
+            }
+        )
     return rows

@@ -49,8 +49,12 @@ def server(bind: str, port: int, limit_s: float) -> int:
                 conn.sendall(json.dumps({"bytes": total}).encode() + b"\n")
             except OSError as e:
                 err, with_ack = str(e), False
-            print(json.dumps({"bytes": total, "max_gap_ms": gap * 1e3, "acked": with_ack,
-                              "error": err}), flush=True)  # fmt: skip
+            print(
+                json.dumps(
+                    {"bytes": total, "max_gap_ms": gap * 1e3, "acked": with_ack, "error": err}
+                ),
+                flush=True,
+            )
             conn.close()
             return 0
         gap = max(gap, now - last)
@@ -58,8 +62,10 @@ def server(bind: str, port: int, limit_s: float) -> int:
         total += len(chunk)
     conn.close()
     err = err or "timed out before the client finished"
-    print(json.dumps({"bytes": total, "max_gap_ms": gap * 1e3, "acked": False, "error": err}),
-          flush=True)  # fmt: skip
+    print(
+        json.dumps({"bytes": total, "max_gap_ms": gap * 1e3, "acked": False, "error": err}),
+        flush=True,
+    )
     return 0
 
 

@@ -45,8 +45,9 @@ class VMError(RuntimeError):
 
 
 def sh(argv: list[str], ns: str | None = None, timeout: float = 30.0, check: bool = True) -> str:
-    p = subprocess.run(netns.cmd_in(ns, argv), capture_output=True, text=True, timeout=timeout,
-                       check=False)  # fmt: skip
+    p = subprocess.run(
+        netns.cmd_in(ns, argv), capture_output=True, text=True, timeout=timeout, check=False
+    )
     if check and p.returncode != 0:
         raise VMError(f"{' '.join(argv)} (netns {ns}): {p.stderr.strip() or p.returncode}")
     return p.stdout
@@ -76,8 +77,22 @@ class Net:
             sh(["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"], hv)
             sh(["sysctl", "-qw", "net.ipv6.conf.default.disable_ipv6=1"], hv)
             sh(["ip", "link", "add", "br0", "type", "bridge"], hv)
-            sh(["ip", "link", "add", "peer0", "type", "veth", "peer", "name", "eth0", "netns",
-                self.peer], hv)  # fmt: skip
+            sh(
+                [
+                    "ip",
+                    "link",
+                    "add",
+                    "peer0",
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    "eth0",
+                    "netns",
+                    self.peer,
+                ],
+                hv,
+            )
             sh(["ip", "link", "set", "peer0", "master", "br0", "up"], hv)
             for tap in (self.tap_sby, self.tap_pri):
                 sh(["ip", "tuntap", "add", "dev", tap, "mode", "tap"], hv)
@@ -167,8 +182,13 @@ class QMP:
             raise VMError(f"QMP {execute} {args}: {reply['error'].get('desc')}")
         return reply.get("return")
 
-    def wait_event(self, name: str, after: float, timeout: float,
-                   match: Callable[[dict[str, Any]], bool] | None = None) -> float:  # fmt: skip
+    def wait_event(
+        self,
+        name: str,
+        after: float,
+        timeout: float,
+        match: Callable[[dict[str, Any]], bool] | None = None,
+    ) -> float:
         """Time (monotonic) of the first event `name` at or after `after`."""
         deadline = time.monotonic() + timeout
         with self.cond:
@@ -271,25 +291,52 @@ class VM:
         w = self.workdir
         pri = ",".join(f"{k}={v}" for k, v in self.primary_args().items() if k != "driver")
         return [
-            "qemu-system-x86_64", "-machine", "q35", "-cpu", "max", "-smp", "1",
-            "-m", str(self.mem_mb), "-display", "none", "-no-reboot", "-nodefaults",
-            "-kernel", str(self.img.kernel), "-initrd", str(self.img.initrd),
-            "-append", "console=ttyS0 root=/dev/vda rw init=/sbin/pg-init panic=-1 "
-                       f"net.ifnames=0 quiet loglevel=4 e1000e.IntMode={INTX_ALL}",
-            "-drive", f"file={self.img.disk},format=raw,if=virtio,snapshot=on",
-            "-serial", f"file:{w / 'console.log'}",
-            "-qmp", f"unix:{w / 'qmp.sock'},server=on,wait=off",
-            "-device", "virtio-serial-pci,id=vser",
-            "-chardev", f"socket,id=pgch,path={w / 'guest.sock'},server=on,wait=off",
-            "-device", "virtserialport,chardev=pgch,name=pg",
-            "-virtfs", f"local,path={REPO},mount_tag=repo,security_model=none,readonly=on",
-            "-device", "pcie-root-port,id=rp1,chassis=1,slot=1",
-            "-device", "pcie-root-port,id=rp2,chassis=2,slot=2",
-            "-netdev", f"tap,id=hsby,ifname={self.net.tap_sby},script=no,downscript=no",
-            "-device", f"virtio-net-pci,netdev=hsby,mac={MAC},id=net0,bus=rp1,"
-                       f"failover={'on' if self.failover else 'off'}",
-            "-netdev", f"tap,id=hpri,ifname={self.net.tap_pri},script=no,downscript=no",
-        ] + ([] if self.failover else ["-device", f"e1000e,{pri}"])  # fmt: skip
+            "qemu-system-x86_64",
+            "-machine",
+            "q35",
+            "-cpu",
+            "max",
+            "-smp",
+            "1",
+            "-m",
+            str(self.mem_mb),
+            "-display",
+            "none",
+            "-no-reboot",
+            "-nodefaults",
+            "-kernel",
+            str(self.img.kernel),
+            "-initrd",
+            str(self.img.initrd),
+            "-append",
+            "console=ttyS0 root=/dev/vda rw init=/sbin/pg-init panic=-1 "
+            f"net.ifnames=0 quiet loglevel=4 e1000e.IntMode={INTX_ALL}",
+            "-drive",
+            f"file={self.img.disk},format=raw,if=virtio,snapshot=on",
+            "-serial",
+            f"file:{w / 'console.log'}",
+            "-qmp",
+            f"unix:{w / 'qmp.sock'},server=on,wait=off",
+            "-device",
+            "virtio-serial-pci,id=vser",
+            "-chardev",
+            f"socket,id=pgch,path={w / 'guest.sock'},server=on,wait=off",
+            "-device",
+            "virtserialport,chardev=pgch,name=pg",
+            "-virtfs",
+            f"local,path={REPO},mount_tag=repo,security_model=none,readonly=on",
+            "-device",
+            "pcie-root-port,id=rp1,chassis=1,slot=1",
+            "-device",
+            "pcie-root-port,id=rp2,chassis=2,slot=2",
+            "-netdev",
+            f"tap,id=hsby,ifname={self.net.tap_sby},script=no,downscript=no",
+            "-device",
+            f"virtio-net-pci,netdev=hsby,mac={MAC},id=net0,bus=rp1,"
+            f"failover={'on' if self.failover else 'off'}",
+            "-netdev",
+            f"tap,id=hpri,ifname={self.net.tap_pri},script=no,downscript=no",
+        ] + ([] if self.failover else ["-device", f"e1000e,{pri}"])
 
     def start(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -297,9 +344,13 @@ class VM:
             (self.workdir / name).unlink(missing_ok=True)
         t0 = time.monotonic()
         log = open(self.workdir / "qemu.log", "wb")  # noqa: SIM115 - the child owns it
-        self.proc = subprocess.Popen(netns.cmd_in(self.net.hv, self.argv()), stdout=log,
-                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     start_new_session=True)  # fmt: skip
+        self.proc = subprocess.Popen(
+            netns.cmd_in(self.net.hv, self.argv()),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         log.close()
         self.qmp = QMP(self.workdir / "qmp.sock")
         if self.failover:

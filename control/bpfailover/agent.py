@@ -38,8 +38,21 @@ log = logging.getLogger("bpfailover.agent")
 
 # Netdev kinds stacked on top of a lower (they share its MAC) that must never be
 # taken for a primary: net_failover likewise registers only real Ethernet lowers.
-UPPER_KINDS = {"vlan", "macvlan", "macvtap", "ipvlan", "ipvtap", "bridge", "bond", "team",
-               "vxlan", "geneve", "netkit", "ifb", "dummy"}  # fmt: skip
+UPPER_KINDS = {
+    "vlan",
+    "macvlan",
+    "macvtap",
+    "ipvlan",
+    "ipvtap",
+    "bridge",
+    "bond",
+    "team",
+    "vxlan",
+    "geneve",
+    "netkit",
+    "ifb",
+    "dummy",
+}
 
 
 class AgentError(RuntimeError):
@@ -123,8 +136,9 @@ class Agent:
                 self._renotify(grp)
         self.sel.register(self.events, selectors.EVENT_READ, "netlink")
         self.sel.register(self.pinwatch, selectors.EVENT_READ, "pins")
-        self.control = ControlServer(self.cfg.control.socket, self.handle_request,
-                                     self.cfg.control.group)  # fmt: skip
+        self.control = ControlServer(
+            self.cfg.control.socket, self.handle_request, self.cfg.control.group
+        )
         self.control.register(self.sel)
         event("started", groups=list(self.groups), pin_dir=self.cfg.bpffs, pid=os.getpid())
 
@@ -136,8 +150,13 @@ class Agent:
             self.scheduling = sched.go_realtime(prio)
         except OSError as e:
             self.scheduling = sched.current()
-            event("scheduling_refused", priority=prio, error=e.strerror,
-                  policy=self.scheduling, hint="needs CAP_SYS_NICE")  # fmt: skip
+            event(
+                "scheduling_refused",
+                priority=prio,
+                error=e.strerror,
+                policy=self.scheduling,
+                hint="needs CAP_SYS_NICE",
+            )
             return
         event("scheduling", policy=self.scheduling)
 
@@ -173,20 +192,34 @@ class Agent:
             mac = links[standby].mac
         try:
             gid = self.wiring.setup_group(
-                gcfg.name, mac, gcfg.inactive_rx == "drop", gcfg.rx_path,
+                gcfg.name,
+                mac,
+                gcfg.inactive_rx == "drop",
+                gcfg.rx_path,
                 mtu=links[standby].mtu if standby is not None else None,
-            )  # fmt: skip
+            )
         except DatapathError as e:
             raise AgentError(f"group {gcfg.name}: {e}") from e
         rec = self.dp.group(gid)
         grp = Group(
-            cfg=gcfg, gid=gid, mac=mac, master=rec.master_ifindex, peer=rec.peer_ifindex,
+            cfg=gcfg,
+            gid=gid,
+            mac=mac,
+            master=rec.master_ifindex,
+            peer=rec.peer_ifindex,
             pcfg=policy.PolicyConfig.from_settings(gcfg.policy),
-        )  # fmt: skip
+        )
         grp.override = SLOT_NAMES.get(rec.override_slot)  # type: ignore[assignment]
         grp.active = SLOT_NAMES.get(self.dp.active(gid))  # type: ignore[assignment]
-        event("group", group=gcfg.name, gid=gid, mac=mac, master=grp.master,
-              adopted_active=grp.active, override=grp.override)  # fmt: skip
+        event(
+            "group",
+            group=gcfg.name,
+            gid=gid,
+            mac=mac,
+            master=grp.master,
+            adopted_active=grp.active,
+            override=grp.override,
+        )
         return grp
 
     def _load_addrs(self) -> None:
@@ -289,8 +322,12 @@ class Agent:
             if dir_gone:
                 self.pinwatch.watch()
         except (OSError, DatapathError) as e:
-            event("pins_restore_error", pin_dir=self.dp.pin_dir, error=str(e),
-                  action="forwarding goes on; restart failoverd to re-pin")  # fmt: skip
+            event(
+                "pins_restore_error",
+                pin_dir=self.dp.pin_dir,
+                error=str(e),
+                action="forwarding goes on; restart failoverd to re-pin",
+            )
             return
         if done:
             event("pins_restored", pin_dir=self.dp.pin_dir, pins=done, relocked=dir_gone)
@@ -372,8 +409,7 @@ class Agent:
         assert lower is not None
         if link.ifname and link.ifname != lower.name:
             # udev renames keep the role: everything is keyed by ifindex + MAC
-            event("lower_renamed", group=grp.name, role=lower.role, old=lower.name,
-                  new=link.ifname)  # fmt: skip
+            event("lower_renamed", group=grp.name, role=lower.role, old=lower.name, new=link.ifname)
             lower.name = link.ifname
         lower.admin_up, lower.carrier = link.admin_up, link.carrier
         if link.mtu:
@@ -401,12 +437,22 @@ class Agent:
         if role is None:
             return False
         if role in grp.lowers:
-            event("lower_ignored", group=grp.name, lower=link.ifname, role=role,
-                  why=f"{grp.lowers[role].name} is already the {role}")  # fmt: skip
+            event(
+                "lower_ignored",
+                group=grp.name,
+                lower=link.ifname,
+                role=role,
+                why=f"{grp.lowers[role].name} is already the {role}",
+            )
             return False
         if grp.mtu and link.mtu and link.mtu < grp.mtu and not self._set_mtu(link.ifindex, grp.mtu):
-            event("lower_refused", group=grp.name, lower=link.ifname, role=role,
-                  why=f"MTU {link.mtu} < {grp.mtu} and cannot be raised")  # fmt: skip
+            event(
+                "lower_refused",
+                group=grp.name,
+                lower=link.ifname,
+                role=role,
+                why=f"MTU {link.mtu} < {grp.mtu} and cannot be raised",
+            )
             return False
         try:
             self.wiring.register_lower(grp.gid, ROLE_SLOTS[role], link.ifindex, grp.cfg.rx_path)
@@ -415,10 +461,17 @@ class Agent:
             with contextlib.suppress(Exception):
                 self.wiring.unregister_lower(grp.gid, ROLE_SLOTS[role], link.ifindex, gone=True)
             raise
-        grp.lowers[role] = Lower(role, link.ifindex, link.ifname, link.admin_up, link.carrier,
-                                 max(link.mtu, grp.mtu))  # fmt: skip
-        event("lower_registered", group=grp.name, role=role, lower=link.ifname,
-              ifindex=link.ifindex, usable=grp.lowers[role].usable)  # fmt: skip
+        grp.lowers[role] = Lower(
+            role, link.ifindex, link.ifname, link.admin_up, link.carrier, max(link.mtu, grp.mtu)
+        )
+        event(
+            "lower_registered",
+            group=grp.name,
+            role=role,
+            lower=link.ifname,
+            ifindex=link.ifindex,
+            usable=grp.lowers[role].usable,
+        )
         return True
 
     def _unregister(self, grp: Group, role: Role, gone: bool = False) -> None:
@@ -450,13 +503,20 @@ class Agent:
         event("failover_device_deleted", group=grp.name, ifindex=old, action="re-creating it")
         try:
             gid = self.wiring.setup_group(
-                grp.cfg.name, grp.mac, grp.cfg.inactive_rx == "drop", grp.cfg.rx_path,
+                grp.cfg.name,
+                grp.mac,
+                grp.cfg.inactive_rx == "drop",
+                grp.cfg.rx_path,
                 mtu=grp.mtu or None,
-            )  # fmt: skip
+            )
         except (DatapathError, NetlinkError, OSError) as e:
-            event("failover_device_lost", group=grp.name, error=str(e),
-                  action="cannot re-create it: failoverctl teardown "
-                  f"{grp.name}, then restart failoverd")  # fmt: skip
+            event(
+                "failover_device_lost",
+                group=grp.name,
+                error=str(e),
+                action="cannot re-create it: failoverctl teardown "
+                f"{grp.name}, then restart failoverd",
+            )
             return
         rec = self.dp.group(gid)
         grp.master, grp.peer = rec.master_ifindex, rec.peer_ifindex
@@ -465,8 +525,13 @@ class Agent:
         self.addrs.pop(old, None)
         grp.carrier = None  # the new peer starts down: _decide sets it
         note = "addresses are the OS network config's to restore"
-        event("failover_device_recreated", group=grp.name, old_ifindex=old,
-              ifindex=grp.master, note=note)  # fmt: skip
+        event(
+            "failover_device_recreated",
+            group=grp.name,
+            old_ifindex=old,
+            ifindex=grp.master,
+            note=note,
+        )
         self._decide(grp, time.monotonic_ns(), "failover device re-created")
         self._sync_mc(grp)
 
@@ -480,8 +545,9 @@ class Agent:
                 for ifx, prev_mtu in done:
                     self._set_mtu(ifx, prev_mtu)
                 self._set_mtu(grp.master, old)
-                event("mtu_refused", group=grp.name, mtu=mtu, rolled_back_to=old,
-                      refused_by=ifindex)  # fmt: skip
+                event(
+                    "mtu_refused", group=grp.name, mtu=mtu, rolled_back_to=old, refused_by=ifindex
+                )
                 return
             done.append((ifindex, prev))
         grp.mtu = mtu
@@ -544,17 +610,26 @@ class Agent:
             latency = (time.monotonic_ns() - t_event_ns) / 1e9
             old = grp.active
             sw = Switch(
-                wall_time=time.time(), from_role=old, to_role=d.active,
+                wall_time=time.time(),
+                from_role=old,
+                to_role=d.active,
                 from_lower=grp.lowers[old].name if old in grp.lowers else None,
                 to_lower=grp.lowers[d.active].name if d.active else None,
-                reason=d.reason or cause, latency_s=latency,
-            )  # fmt: skip
+                reason=d.reason or cause,
+                latency_s=latency,
+            )
             grp.active = d.active
             grp.last_switch = sw
             grp.switches[sw.reason] += 1
             self.latencies.append(latency)
-            event("switch", group=grp.name, **{"from": sw.from_lower, "to": sw.to_lower},
-                  reason=sw.reason, cause=cause, latency_us=round(latency * 1e6, 1))  # fmt: skip
+            event(
+                "switch",
+                group=grp.name,
+                **{"from": sw.from_lower, "to": sw.to_lower},
+                reason=sw.reason,
+                cause=cause,
+                latency_us=round(latency * 1e6, 1),
+            )
             if self.on_switch is not None:
                 self.on_switch(grp, sw)
             if d.active is not None and grp.cfg.notify.garp_count > 0:
@@ -638,21 +713,34 @@ class Agent:
     def status(self) -> dict[str, Any]:
         assert self.dp is not None
         L = self.dp.L
-        out: dict[str, Any] = {"pid": os.getpid(), "started_at": self.started_at,
-                               "scheduling": self.scheduling, "groups": {}}  # fmt: skip
+        out: dict[str, Any] = {
+            "pid": os.getpid(),
+            "started_at": self.started_at,
+            "scheduling": self.scheduling,
+            "groups": {},
+        }
         for grp in self.groups.values():
             lowers = []
             for role, lw in sorted(grp.lowers.items()):
                 slot = ROLE_SLOTS[role]
                 tx = self.dp.stats(grp.gid, slot, L.FO_DIR_TX)
                 rx = self.dp.stats(grp.gid, slot, L.FO_DIR_RX)
-                lowers.append({
-                    "name": lw.name, "ifindex": lw.ifindex, "role": role,
-                    "usable": lw.usable, "admin_up": lw.admin_up, "carrier": lw.carrier,
-                    "mtu": lw.mtu, "active": grp.active == role,
-                    "tx_packets": tx.packets, "tx_bytes": tx.bytes,
-                    "rx_packets": rx.packets, "rx_bytes": rx.bytes,
-                })  # fmt: skip
+                lowers.append(
+                    {
+                        "name": lw.name,
+                        "ifindex": lw.ifindex,
+                        "role": role,
+                        "usable": lw.usable,
+                        "admin_up": lw.admin_up,
+                        "carrier": lw.carrier,
+                        "mtu": lw.mtu,
+                        "active": grp.active == role,
+                        "tx_packets": tx.packets,
+                        "tx_bytes": tx.bytes,
+                        "rx_packets": rx.packets,
+                        "rx_bytes": rx.bytes,
+                    }
+                )
             sw = grp.last_switch
             drops = {
                 f"{hook}/{reason}": self.dp.drops(grp.gid, h, r).packets
@@ -660,17 +748,30 @@ class Agent:
                 for r, reason in enumerate(L.drop_reasons)
             }
             out["groups"][grp.name] = {
-                "device": grp.name, "ifindex": grp.master, "mac": grp.mac, "mtu": grp.mtu,
-                "carrier": bool(grp.carrier), "active": grp.active,
+                "device": grp.name,
+                "ifindex": grp.master,
+                "mac": grp.mac,
+                "mtu": grp.mtu,
+                "carrier": bool(grp.carrier),
+                "active": grp.active,
                 "active_lower": grp.lowers[grp.active].name if grp.active in grp.lowers else None,
-                "override": grp.override, "reselect": grp.pcfg.reselect,
-                "inactive_rx": grp.cfg.inactive_rx, "rx_path": grp.cfg.rx_path,
-                "lowers": lowers, "drops": drops, "switches": dict(grp.switches),
-                "last_switch": None if sw is None else {
-                    "time": sw.wall_time, "from": sw.from_lower, "to": sw.to_lower,
-                    "reason": sw.reason, "latency_s": sw.latency_s,
+                "override": grp.override,
+                "reselect": grp.pcfg.reselect,
+                "inactive_rx": grp.cfg.inactive_rx,
+                "rx_path": grp.cfg.rx_path,
+                "lowers": lowers,
+                "drops": drops,
+                "switches": dict(grp.switches),
+                "last_switch": None
+                if sw is None
+                else {
+                    "time": sw.wall_time,
+                    "from": sw.from_lower,
+                    "to": sw.to_lower,
+                    "reason": sw.reason,
+                    "latency_s": sw.latency_s,
                 },
-            }  # fmt: skip
+            }
         return out
 
 
@@ -694,8 +795,9 @@ def _check_failover_name(name: str, links: dict[int, netlink.Link]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="failoverd", description=__doc__.splitlines()[0])
-    ap.add_argument("--config", help="YAML config (default: $BPFAILOVER_CONFIG or "
-                    "/etc/bpfailover/config.yaml)")  # fmt: skip
+    ap.add_argument(
+        "--config", help="YAML config (default: $BPFAILOVER_CONFIG or /etc/bpfailover/config.yaml)"
+    )
     ap.add_argument("--lab", action="store_true", help="use the embedded lab config")
     ap.add_argument(
         "--netns",
@@ -704,8 +806,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = ap.parse_args(argv)
     try:
-        cfg = configmod.lab_config() if args.lab else configmod.load_config(
-            configmod.config_path(args.config))  # fmt: skip
+        cfg = (
+            configmod.lab_config()
+            if args.lab
+            else configmod.load_config(configmod.config_path(args.config))
+        )
     except configmod.ConfigError as e:
         print(f"failoverd: {e}", file=sys.stderr)
         return 2

@@ -126,8 +126,9 @@ class ControlServer:
             return  # EMFILE and friends: the client sees a reset, we keep serving
         conn.setblocking(False)
         if not self.allowed(conn):
-            self._send_once(conn, {"ok": False, "error": "permission denied (root or the "
-                                   "control group only)"})  # fmt: skip
+            self._send_once(
+                conn, {"ok": False, "error": "permission denied (root or the control group only)"}
+            )
             return
         if len(self.clients) >= MAX_CLIENTS and not self._evict_idle():
             self._send_once(conn, {"ok": False, "error": "too many clients"})

@@ -166,9 +166,19 @@ def prog_test_run(
     cin = ctypes.create_string_buffer(ctx, len(ctx)) if ctx else None
     attr = _attr(
         "=IIIIQQIIIIQQ",
-        fd, 0, len(data), data_out_size, _addr(din), _addr(dout),
-        repeat, 0, len(ctx) if ctx else 0, 0, _addr(cin), 0,
-    )  # fmt: skip
+        fd,
+        0,
+        len(data),
+        data_out_size,
+        _addr(din),
+        _addr(dout),
+        repeat,
+        0,
+        len(ctx) if ctx else 0,
+        0,
+        _addr(cin),
+        0,
+    )
     _sys_bpf(BPF_PROG_TEST_RUN, attr, "prog test run")
     _fd, retval, _sin, size_out, _di, _do, _rep, duration = struct.unpack_from("=IIIIQQII", attr, 0)
     return TestRun(retval, dout.raw[:size_out], duration)

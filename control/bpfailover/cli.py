@@ -58,8 +58,9 @@ def call(sock: str, msg: dict[str, Any], timeout: float = 10.0) -> dict[str, Any
     try:
         reply = api.request(sock, msg, timeout)
     except api.AgentUnreachable as e:
-        raise CliError(f"agent unreachable: {e.strerror or e} (is failoverd running?)",
-                       EXIT_UNREACHABLE) from None  # fmt: skip
+        raise CliError(
+            f"agent unreachable: {e.strerror or e} (is failoverd running?)", EXIT_UNREACHABLE
+        ) from None
     except api.ReplyError as e:
         raise CliError(str(e), EXIT_UNREACHABLE) from None
     if not reply.get("ok"):
@@ -93,41 +94,57 @@ def status_document(st: dict[str, Any], only: str | None = None) -> dict[str, An
         if only is not None and name != only:
             continue
         sw = g.get("last_switch")
-        groups.append({
-            "group": name,
-            "device": g.get("device", name),
-            "ifindex": g.get("ifindex"),
-            "mac": g.get("mac"),
-            "mtu": g.get("mtu"),
-            "carrier": bool(g.get("carrier")),
-            "active": g.get("active"),
-            "active_lower": g.get("active_lower"),
-            "override": g.get("override"),
-            "reselect": g.get("reselect"),
-            "inactive_rx": g.get("inactive_rx"),
-            "lowers": [{
-                "name": lw.get("name"), "ifindex": lw.get("ifindex"), "role": lw.get("role"),
-                "active": bool(lw.get("active")), "usable": bool(lw.get("usable")),
-                "admin_up": bool(lw.get("admin_up")), "carrier": bool(lw.get("carrier")),
-                "mtu": lw.get("mtu"),
-                "tx_packets": lw.get("tx_packets", 0), "tx_bytes": lw.get("tx_bytes", 0),
-                "rx_packets": lw.get("rx_packets", 0), "rx_bytes": lw.get("rx_bytes", 0),
-            } for lw in g.get("lowers", [])],  # fmt: skip
-            "switches": dict(g.get("switches", {})),
-            "last_switch": None if not sw else {
-                "time": sw.get("time"), "from": sw.get("from"), "to": sw.get("to"),
-                "reason": sw.get("reason"), "latency_s": sw.get("latency_s"),
-            },  # fmt: skip
-            "drops": dict(g.get("drops", {})),
-            "degraded": degraded_reasons(g),
-        })  # fmt: skip
+        groups.append(
+            {
+                "group": name,
+                "device": g.get("device", name),
+                "ifindex": g.get("ifindex"),
+                "mac": g.get("mac"),
+                "mtu": g.get("mtu"),
+                "carrier": bool(g.get("carrier")),
+                "active": g.get("active"),
+                "active_lower": g.get("active_lower"),
+                "override": g.get("override"),
+                "reselect": g.get("reselect"),
+                "inactive_rx": g.get("inactive_rx"),
+                "lowers": [
+                    {
+                        "name": lw.get("name"),
+                        "ifindex": lw.get("ifindex"),
+                        "role": lw.get("role"),
+                        "active": bool(lw.get("active")),
+                        "usable": bool(lw.get("usable")),
+                        "admin_up": bool(lw.get("admin_up")),
+                        "carrier": bool(lw.get("carrier")),
+                        "mtu": lw.get("mtu"),
+                        "tx_packets": lw.get("tx_packets", 0),
+                        "tx_bytes": lw.get("tx_bytes", 0),
+                        "rx_packets": lw.get("rx_packets", 0),
+                        "rx_bytes": lw.get("rx_bytes", 0),
+                    }
+                    for lw in g.get("lowers", [])
+                ],
+                "switches": dict(g.get("switches", {})),
+                "last_switch": None
+                if not sw
+                else {
+                    "time": sw.get("time"),
+                    "from": sw.get("from"),
+                    "to": sw.get("to"),
+                    "reason": sw.get("reason"),
+                    "latency_s": sw.get("latency_s"),
+                },
+                "drops": dict(g.get("drops", {})),
+                "degraded": degraded_reasons(g),
+            }
+        )
     return {
         "schema": STATUS_SCHEMA_VERSION,
         "agent": {
             "pid": st.get("pid"),
             "started_at": st.get("started_at"),
             "scheduling": st.get("scheduling"),
-        },  # fmt: skip
+        },
         "groups": groups,
     }
 
@@ -157,15 +174,22 @@ def format_table(doc: dict[str, Any]) -> str:
             f"override {override}, carrier {'on' if g['carrier'] else 'off'}, "
             f"mac {g['mac']}, mtu {g['mtu']} -- {state}"
         )
-        head = ("", "LOWER", "IFINDEX", "ROLE", "USABLE", "ADMIN", "CARRIER",
-                "TX_PKTS", "RX_PKTS")  # fmt: skip
+        head = ("", "LOWER", "IFINDEX", "ROLE", "USABLE", "ADMIN", "CARRIER", "TX_PKTS", "RX_PKTS")
         rows = [head]
         for lw in g["lowers"]:
-            rows.append((
-                "*" if lw["active"] else "", lw["name"], str(lw["ifindex"]), lw["role"],
-                _yes(lw["usable"]), "up" if lw["admin_up"] else "down", _yes(lw["carrier"]),
-                str(lw["tx_packets"]), str(lw["rx_packets"]),
-            ))  # fmt: skip
+            rows.append(
+                (
+                    "*" if lw["active"] else "",
+                    lw["name"],
+                    str(lw["ifindex"]),
+                    lw["role"],
+                    _yes(lw["usable"]),
+                    "up" if lw["admin_up"] else "down",
+                    _yes(lw["carrier"]),
+                    str(lw["tx_packets"]),
+                    str(lw["rx_packets"]),
+                )
+            )
         widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
         for r in rows:
             out.append(
@@ -198,9 +222,12 @@ class Status:
     def add_arguments(p: argparse.ArgumentParser) -> None:
         p.add_argument("group", nargs="?", help="only this group")
         p.add_argument("--json", action="store_true", help="stable JSON (docs/status-schema.md)")
-        p.add_argument("--check", action="store_true",
-                       help="exit 4 if a group is degraded (no usable lower, or on the "
-                       "standby while the primary is usable)")  # fmt: skip
+        p.add_argument(
+            "--check",
+            action="store_true",
+            help="exit 4 if a group is degraded (no usable lower, or on the "
+            "standby while the primary is usable)",
+        )
 
     @staticmethod
     def run(args: argparse.Namespace, sock: str) -> int:
@@ -292,8 +319,11 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--socket", help=f"control socket (default: the config's, else {DEFAULT_SOCKET})"
     )
-    ap.add_argument("--config", help="agent config to read the socket path from "
-                    "(default: $BPFAILOVER_CONFIG or /etc/bpfailover/config.yaml)")  # fmt: skip
+    ap.add_argument(
+        "--config",
+        help="agent config to read the socket path from "
+        "(default: $BPFAILOVER_CONFIG or /etc/bpfailover/config.yaml)",
+    )
     sub = ap.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
     sub.required = True
     for name, verb in VERBS.items():

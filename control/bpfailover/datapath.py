@@ -330,9 +330,17 @@ def attach_tc(ipr: Any, ifindex: int, direction: str, prog_fd: int, label: str) 
             return False
     _ignore_exists(ipr.tc, "add", "clsact", ifindex)
     ipr.tc(
-        "replace-filter", "bpf", ifindex, TC_HANDLE, fd=prog_fd, name=label,
-        parent=parent, prio=TC_PRIO, direct_action=True, classid=1,
-    )  # fmt: skip
+        "replace-filter",
+        "bpf",
+        ifindex,
+        TC_HANDLE,
+        fd=prog_fd,
+        name=label,
+        parent=parent,
+        prio=TC_PRIO,
+        direct_action=True,
+        classid=1,
+    )
     return True
 
 
@@ -400,8 +408,10 @@ def keep_neighbours_without_carrier(ifname: str) -> None:
     L2 neighbours through either lower, so keep them (what the knobs exist for: Wi-Fi
     roaming). net_failover hides the flush behind link-watch's delay for non-urgent
     devices; a veth's carrier events are urgent. Kernels before 5.16 lack the knobs."""
-    for knob in (f"ipv4/conf/{ifname}/arp_evict_nocarrier",
-                 f"ipv6/conf/{ifname}/ndisc_evict_nocarrier"):  # fmt: skip
+    for knob in (
+        f"ipv4/conf/{ifname}/arp_evict_nocarrier",
+        f"ipv6/conf/{ifname}/ndisc_evict_nocarrier",
+    ):
         try:
             with open(f"/proc/sys/net/{knob}", "w") as f:
                 f.write("0")
@@ -466,9 +476,13 @@ class Wiring:
         return f"bpfailover:{PROGS[pin_name][0]}:{self.dp.prog_id(pin_name)}"
 
     def setup_group(
-        self, name: str, mac: str, inactive_rx_drop: bool = False, rx_path: str = "tc",
+        self,
+        name: str,
+        mac: str,
+        inactive_rx_drop: bool = False,
+        rx_path: str = "tc",
         mtu: int | None = None,
-    ) -> int:  # fmt: skip
+    ) -> int:
         """Create/adopt the failover device and its group; returns the group id."""
         g = self.dp.alloc_group(name)
         master, peer = create_failover_dev(self.ipr, name, mac, mtu)

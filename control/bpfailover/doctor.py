@@ -27,12 +27,33 @@ from bpfailover import config as configmod
 
 DHCP_CLIENTS = {"dhclient", "dhcpcd", "dhcpcd5", "udhcpc", "pump", "dhcpcd-bin"}
 AGENT_MARKERS = ("failoverd", "bpfailover.agent")
-UPPER_KINDS = {"vlan", "macvlan", "macvtap", "ipvlan", "ipvtap", "bridge", "bond", "team",
-               "vxlan", "geneve", "netkit", "ifb", "dummy"}  # fmt: skip
-CAPS = {"CAP_NET_ADMIN": 12, "CAP_NET_RAW": 13, "CAP_SYS_ADMIN": 21, "CAP_SYS_NICE": 23,
-        "CAP_PERFMON": 38, "CAP_BPF": 39}  # fmt: skip
-NEIGH_KNOBS = ("sys/net/ipv4/conf/all/arp_evict_nocarrier",
-               "sys/net/ipv6/conf/all/ndisc_evict_nocarrier")  # fmt: skip
+UPPER_KINDS = {
+    "vlan",
+    "macvlan",
+    "macvtap",
+    "ipvlan",
+    "ipvtap",
+    "bridge",
+    "bond",
+    "team",
+    "vxlan",
+    "geneve",
+    "netkit",
+    "ifb",
+    "dummy",
+}
+CAPS = {
+    "CAP_NET_ADMIN": 12,
+    "CAP_NET_RAW": 13,
+    "CAP_SYS_ADMIN": 21,
+    "CAP_SYS_NICE": 23,
+    "CAP_PERFMON": 38,
+    "CAP_BPF": 39,
+}
+NEIGH_KNOBS = (
+    "sys/net/ipv4/conf/all/arp_evict_nocarrier",
+    "sys/net/ipv6/conf/all/ndisc_evict_nocarrier",
+)
 SNIPPETS = "deploy/ in the bpfailover sources (or /usr/share/doc/bpfailover/deploy)"
 
 
@@ -90,9 +111,12 @@ def dump_links(ns: str | None) -> dict[int, LinkInfo]:
             info = msg.get_attr("IFLA_LINKINFO")
             kind = info.get_attr("IFLA_INFO_KIND") if info is not None else None
             out[msg["index"]] = LinkInfo(
-                msg["index"], msg.get_attr("IFLA_IFNAME"), msg.get_attr("IFLA_ADDRESS") or "",
-                kind, msg.get_attr("IFLA_MASTER"),
-            )  # fmt: skip
+                msg["index"],
+                msg.get_attr("IFLA_IFNAME"),
+                msg.get_attr("IFLA_ADDRESS") or "",
+                kind,
+                msg.get_attr("IFLA_MASTER"),
+            )
         scopes = {0: "global", 200: "site", 253: "link", 254: "host"}
         for a in ipr.get_addr():
             link = out.get(a["index"])
@@ -173,12 +197,13 @@ def check_addresses(lowers: list[Lower]) -> Iterator[Finding]:
         for addr, scope in lw.link.addrs:
             what = "IPv6 link-local address" if scope == "link" else "address"
             yield Finding(
-                "lower-address", lw.link.name,
+                "lower-address",
+                lw.link.name,
                 f"{what} {addr} on {lw.group}'s {lw.role} lower: traffic sourced from a lower "
                 "bypasses the failover device and is lost when it goes away",
                 f"ip addr flush dev {lw.link.name}; sysctl -w net.ipv6.conf.{lw.link.name}."
                 f"disable_ipv6=1; configure addresses on {lw.group} only",
-            )  # fmt: skip
+            )
 
 
 def check_dhcp(host: Host, lowers: list[Lower]) -> Iterator[Finding]:
@@ -199,8 +224,10 @@ def check_dhcp(host: Host, lowers: list[Lower]) -> Iterator[Finding]:
                 f"stop it (kill {pid}) and run DHCP on {names[name].group} instead; "
                 "make sure nothing starts it again (ifupdown, NetworkManager, networkd)",
             )
-    for path in [host.etc / "network" / "interfaces",
-                 *sorted((host.etc / "network" / "interfaces.d").glob("*"))]:  # fmt: skip
+    for path in [
+        host.etc / "network" / "interfaces",
+        *sorted((host.etc / "network" / "interfaces.d").glob("*")),
+    ]:
         try:
             text = path.read_text(errors="replace")
         except OSError:
@@ -441,8 +468,9 @@ def run_checks(
         try:
             links = dump_links(host.netns)
         except OSError as e:
-            findings.append(Finding("links", host.netns or "host", f"cannot list links: {e}",
-                                    "run as root"))  # fmt: skip
+            findings.append(
+                Finding("links", host.netns or "host", f"cannot list links: {e}", "run as root")
+            )
             links = {}
     lowers = find_lowers(cfg, links, status)
     pin_dir = cfg.bpffs if cfg is not None else "/sys/fs/bpf/bpfailover"

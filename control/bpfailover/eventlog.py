@@ -26,8 +26,13 @@ class JsonLines(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         args, msg = record.args, None
-        if record.msg == "%s" and isinstance(args, tuple) and len(args) == 1 \
-                and isinstance(args[0], str) and args[0].startswith("{"):  # fmt: skip
+        if (
+            record.msg == "%s"
+            and isinstance(args, tuple)
+            and len(args) == 1
+            and isinstance(args[0], str)
+            and args[0].startswith("{")
+        ):
             with contextlib.suppress(ValueError):
                 json.loads(args[0])
                 msg = args[0]

@@ -29,8 +29,9 @@ class Fault:
         self.hits = 0
         self.gate = gate
         if self.point not in FAULT_POINTS or self.action not in FAULT_ACTIONS:
-            raise FaultSpecError(f"BPFAILOVER_FAULT={spec!r}: points {FAULT_POINTS}, "
-                             f"actions {FAULT_ACTIONS}")  # fmt: skip
+            raise FaultSpecError(
+                f"BPFAILOVER_FAULT={spec!r}: points {FAULT_POINTS}, actions {FAULT_ACTIONS}"
+            )
 
     @classmethod
     def from_env(cls) -> Fault | None:

@@ -79,8 +79,9 @@ class AgentRun:
         argv = self.command(self.lab.guest, self.config_path)
         with open(self.log_path, "ab") as log:  # the child keeps its own copy of the fd
             self.t_spawn = time.monotonic()
-            self.proc = subprocess.Popen(argv, stdout=log, stderr=log,
-                                         stdin=subprocess.DEVNULL, cwd=self.cwd)  # fmt: skip
+            self.proc = subprocess.Popen(
+                argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL, cwd=self.cwd
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -97,8 +98,15 @@ class AgentRun:
 
     @classmethod
     def command(cls, netns_name: str, config_path: Path) -> list[str]:
-        return [sys.executable, "-m", cls.module, "--netns", netns_name,
-                "--config", str(config_path)]  # fmt: skip
+        return [
+            sys.executable,
+            "-m",
+            cls.module,
+            "--netns",
+            netns_name,
+            "--config",
+            str(config_path),
+        ]
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int | None:
         if self.proc is None or self.proc.poll() is not None:
@@ -155,8 +163,9 @@ class AgentRun:
         raise HarnessError(f"timed out waiting for {what}; agent log: {self.tail()}")
 
     def wait_active(self, lower: str | None, i: int = 0, timeout: float = 10.0) -> None:
-        self.wait_for(lambda: self.group(i)["active_lower"] == lower, timeout,
-                      f"active lower {lower}")  # fmt: skip
+        self.wait_for(
+            lambda: self.group(i)["active_lower"] == lower, timeout, f"active lower {lower}"
+        )
 
     def events(self, name: str | None = None) -> list[dict[str, Any]]:
         """The agent's structured log events (optionally only those called `name`)."""

@@ -177,9 +177,12 @@ class Lab:
                 g = group_names(i)
                 ipr.addr("add", index=eth0, address=g.peer_v4, prefixlen=g.prefixlen_v4)
                 ipr.addr(
-                    "add", index=eth0, address=g.peer_v6, prefixlen=g.prefixlen_v6,
+                    "add",
+                    index=eth0,
+                    address=g.peer_v6,
+                    prefixlen=g.prefixlen_v6,
                     flags=IFA_F_NODAD,
-                )  # fmt: skip
+                )
             ipr.link("set", index=eth0, state="up")
         # A real wire carries finished checksums; veth hands on CHECKSUM_PARTIAL skbs, which
         # XDP (which sees bytes, not skb metadata) would pass up unfinished. Make the peer
@@ -198,8 +201,9 @@ class Lab:
             # pair for a non-stacked device and delays its carrier events by up to 1 s,
             # which left a freshly plugged VF port disabled in br0 after the guest used it.
             index = max([1000] + [int(x["index"]) + 1 for x in ipr.get_links()])
-            ipr.link("add", ifname=port, kind="veth", index=index,
-                     peer={"ifname": dev, "net_ns_fd": ns})  # fmt: skip
+            ipr.link(
+                "add", ifname=port, kind="veth", index=index, peer={"ifname": dev, "net_ns_fd": ns}
+            )
             self._no_ipv6(self.hv, port)
             br = self._index(ipr, self.hv, "br0")
             ipr.link("set", index=self._index(ipr, self.hv, port), master=br)
@@ -421,12 +425,15 @@ def run_demo(lab: Lab) -> int:
             f"tx {lw['tx_packets']} rx {lw['rx_packets']}"
             for lw in g["lowers"]
         )
-        print(f"\n== {title}\n   {g['device']}: carrier {'on' if g['carrier'] else 'off'}, "
-              f"active {g['active_lower']} | {lowers}")  # fmt: skip
+        print(
+            f"\n== {title}\n   {g['device']}: carrier {'on' if g['carrier'] else 'off'}, "
+            f"active {g['active_lower']} | {lowers}"
+        )
 
     def stream(title: str, during: Callable[[], None] | None = None) -> None:
-        h = traffic.start_stream(lab.guest, n.guest_v4, lab.peer, n.peer_v4,
-                                 rate_pps=2000, duration_s=2.0)  # fmt: skip
+        h = traffic.start_stream(
+            lab.guest, n.guest_v4, lab.peer, n.peer_v4, rate_pps=2000, duration_s=2.0
+        )
         if during is not None:
             time.sleep(0.7)
             during()
@@ -442,8 +449,10 @@ def run_demo(lab: Lab) -> int:
         show("failoverd up: traffic goes through the primary (the VF)", agent)
         stream("UDP 2000 pps both ways, guest <-> peer")
         show("after the stream", agent)
-        stream("the primary's carrier drops 0.7 s into the stream (vfport down in hv)",
-               lambda: lab.set_far_end(0, "primary", False))  # fmt: skip
+        stream(
+            "the primary's carrier drops 0.7 s into the stream (vfport down in hv)",
+            lambda: lab.set_far_end(0, "primary", False),
+        )
         show("unplanned failover: traffic goes through the standby (virtio)", agent)
         for sw in agent.events("switch")[-1:]:
             print(
@@ -525,9 +534,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             lab = Lab(args.prefix, _groups_present(args.prefix))
             report = traffic.run(
-                lab, args.group, rate_pps=args.rate, duration_s=args.duration,
-                size=args.size, ipv6=args.ipv6,
-            )  # fmt: skip
+                lab,
+                args.group,
+                rate_pps=args.rate,
+                duration_s=args.duration,
+                size=args.size,
+                ipv6=args.ipv6,
+            )
             print(report.to_json() if args.json else report.format())
         elif args.cmd == "demo":
             return demo(args.prefix)

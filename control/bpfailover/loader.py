@@ -23,8 +23,16 @@ PROGS = {  # pin name -> (function, bcc program type attribute)
     "prog_lower_ingress": ("lower_ingress", "SCHED_CLS"),
     "prog_xdp_lower_rx": ("xdp_lower_rx", "XDP"),
 }
-MAPS = ("fo_meta", "fo_dev", "fo_group", "fo_active", "fo_lower", "fo_stats", "fo_drops",
-        "fo_xdp_up")  # fmt: skip
+MAPS = (
+    "fo_meta",
+    "fo_dev",
+    "fo_group",
+    "fo_active",
+    "fo_lower",
+    "fo_stats",
+    "fo_drops",
+    "fo_xdp_up",
+)
 TEST_MAPS = ("fo_last_redirect",)
 BPF_FS_MAGIC = 0xCAFE4A11
 

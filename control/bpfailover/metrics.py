@@ -43,14 +43,38 @@ from bpfailover.layout import ROLE_SLOTS
 log = logging.getLogger("bpfailover.metrics")
 
 # link event -> map written: tens of microseconds on the raw-netlink path, ms with pyroute2
-BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
-           0.1, 0.25, 1.0)  # fmt: skip
+BUCKETS = (
+    0.00005,
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    1.0,
+)
 # Every reason the policy gives (policy.Decision.reason), exported from 0 so that
 # increase() sees the first switch of each kind (a series born at 1 increases by 0).
-KNOWN_REASONS = ("initial", "override", "no_lower", "reselect", "primary_up", "standby_up",
-                 "primary_down", "standby_down")  # fmt: skip
-HOOK_PROGS = {"tc_egress": "failover device egress", "tc_ingress": "lowers' ingress",
-              "xdp": "lowers' XDP"}  # fmt: skip
+KNOWN_REASONS = (
+    "initial",
+    "override",
+    "no_lower",
+    "reselect",
+    "primary_up",
+    "standby_up",
+    "primary_down",
+    "standby_down",
+)
+HOOK_PROGS = {
+    "tc_egress": "failover device egress",
+    "tc_ingress": "lowers' ingress",
+    "xdp": "lowers' XDP",
+}
 
 
 def build_version() -> str:
@@ -119,13 +143,19 @@ def snapshot(agent: Any) -> list[_GroupView]:
     for g in groups:
         lowers = _copy(functools.partial(lambda grp: list(grp.lowers.values()), g))
         sw = g.last_switch
-        out.append(_GroupView(
-            name=g.name, gid=g.gid, master=g.master, rx_path=g.cfg.rx_path,
-            lowers=tuple(_LowerView(lw.name, lw.role, lw.ifindex, bool(lw.usable))
-                         for lw in lowers),
-            switches=_copy(functools.partial(lambda grp: dict(grp.switches), g)),
-            last_switch_time=sw.wall_time if sw is not None else None,
-        ))  # fmt: skip
+        out.append(
+            _GroupView(
+                name=g.name,
+                gid=g.gid,
+                master=g.master,
+                rx_path=g.cfg.rx_path,
+                lowers=tuple(
+                    _LowerView(lw.name, lw.role, lw.ifindex, bool(lw.usable)) for lw in lowers
+                ),
+                switches=_copy(functools.partial(lambda grp: dict(grp.switches), g)),
+                last_switch_time=sw.wall_time if sw is not None else None,
+            )
+        )
     return out
 
 
@@ -173,12 +203,19 @@ class FailoverCollector(Collector):
             "exactly one is 1 per device",
             labels=["device", "lower", "role"],
         )
-        up = GaugeMetricFamily("failover_lower_up", "1 if the lower is usable (admin up, "
-                               "running, carrier)", labels=["device", "lower", "role"])  # fmt: skip
-        switches = CounterMetricFamily("failover_switches", "switches of the active lower",
-                                       labels=["device", "reason"])  # fmt: skip
-        last = GaugeMetricFamily("failover_last_switch_timestamp_seconds",
-                                 "wall time of the last switch", labels=["device"])  # fmt: skip
+        up = GaugeMetricFamily(
+            "failover_lower_up",
+            "1 if the lower is usable (admin up, running, carrier)",
+            labels=["device", "lower", "role"],
+        )
+        switches = CounterMetricFamily(
+            "failover_switches", "switches of the active lower", labels=["device", "reason"]
+        )
+        last = GaugeMetricFamily(
+            "failover_last_switch_timestamp_seconds",
+            "wall time of the last switch",
+            labels=["device"],
+        )
         dur = HistogramMetricFamily(
             "failover_switch_duration_seconds",
             "link event received -> active-lower map written",
@@ -189,15 +226,20 @@ class FailoverCollector(Collector):
                 f"failover_lower_{d}_{k}",
                 f"{k} {d} through the lower by the datapath (summed over CPUs)",
                 labels=["device", "lower"],
-            )  # fmt: skip
+            )
             for d in ("transmit", "receive")
             for k in ("packets", "bytes")
         }
-        drops = CounterMetricFamily("failover_datapath_drops", "frames dropped by the "
-                                    "datapath", labels=["device", "hook", "reason"])  # fmt: skip
-        attached = GaugeMetricFamily("failover_datapath_attached", "1 if the program of the "
-                                     "hook is attached where it must be",
-                                     labels=["device", "hook"])  # fmt: skip
+        drops = CounterMetricFamily(
+            "failover_datapath_drops",
+            "frames dropped by the datapath",
+            labels=["device", "hook", "reason"],
+        )
+        attached = GaugeMetricFamily(
+            "failover_datapath_attached",
+            "1 if the program of the hook is attached where it must be",
+            labels=["device", "hook"],
+        )
         attach_state = _attachments(groups)
         for g in groups:
             act_slot = dp.active(g.gid)
@@ -282,8 +324,9 @@ class Exporter:
 
         host, port = self.address
         Server.address_family, host = ex._get_best_family(host, port)
-        self.server = make_server(host, port, ex.make_wsgi_app(self.registry), Server,
-                                  handler_class=ex._SilentHandler)  # fmt: skip
+        self.server = make_server(
+            host, port, ex.make_wsgi_app(self.registry), Server, handler_class=ex._SilentHandler
+        )
         self.server.timeout = None
         self.thread = threading.Thread(target=self._serve, name="metrics", daemon=True)
         self.thread.start()
@@ -316,9 +359,17 @@ def serve(agent: Any, address: tuple[str, int] | None) -> Exporter | None:
     try:
         exp.start()
     except (OSError, socket.gaierror) as e:
-        log.error("%s", json.dumps({"event": "metrics_unavailable", "listen": list(address),
-                                    "error": str(e), "action": "agent continues without "
-                                    "metrics; fix metrics.listen"}))  # fmt: skip
+        log.error(
+            "%s",
+            json.dumps(
+                {
+                    "event": "metrics_unavailable",
+                    "listen": list(address),
+                    "error": str(e),
+                    "action": "agent continues without metrics; fix metrics.listen",
+                }
+            ),
+        )
         if dp is not None:
             with suppress(Exception):
                 dp.close()

@@ -180,15 +180,21 @@ class EventSocket:
     RCVBUF = 8 << 20  # a flap storm must fit; ENOBUFS still handled by a re-dump
 
     def __init__(self) -> None:
-        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
-                                  NETLINK_ROUTE)  # fmt: skip
+        self.sock = socket.socket(
+            socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_ROUTE
+        )
         try:
             self.sock.setsockopt(socket.SOL_SOCKET, 33, self.RCVBUF)  # SO_RCVBUFFORCE
         except OSError:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.RCVBUF)
         self.sock.bind((0, 0))
-        for grp in (RTNLGRP_LINK, RTNLGRP_IPV4_IFADDR, RTNLGRP_IPV6_IFADDR,
-                    RTNLGRP_IPV4_MCADDR, RTNLGRP_IPV6_MCADDR):  # fmt: skip
+        for grp in (
+            RTNLGRP_LINK,
+            RTNLGRP_IPV4_IFADDR,
+            RTNLGRP_IPV6_IFADDR,
+            RTNLGRP_IPV4_MCADDR,
+            RTNLGRP_IPV6_MCADDR,
+        ):
             try:
                 self.sock.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, grp)
             except OSError:
@@ -219,8 +225,9 @@ class EventSocket:
 
 
 def _dump(msg_type: int, family: int = socket.AF_UNSPEC) -> list[Event]:
-    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
-                       NETLINK_ROUTE) as s:  # fmt: skip
+    with socket.socket(
+        socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_ROUTE
+    ) as s:
         s.bind((0, 0))
         if msg_type == RTM_GETLINK:
             payload = _IFINFO.pack(family, 0, 0, 0, 0)

@@ -413,9 +413,19 @@ def start_stream(
         raise StreamError(f"address families differ: {a_addr} and {b_addr}")
     sid = random.getrandbits(32)
     common = [
-        "--port", str(port), "--stream-id", str(sid), "--rate", str(rate_pps),
-        "--duration", str(duration_s), "--size", str(size), "--linger", str(linger_s),
-    ]  # fmt: skip
+        "--port",
+        str(port),
+        "--stream-id",
+        str(sid),
+        "--rate",
+        str(rate_pps),
+        "--duration",
+        str(duration_s),
+        "--size",
+        str(size),
+        "--linger",
+        str(linger_s),
+    ]
     a = _Side(a_ns, a_addr, _spawn(a_ns, ["--bind", a_addr, "--to", b_addr, *common]))
     b_to = ["--to", a_addr] if both_ways else []
     b = _Side(b_ns, b_addr, _spawn(b_ns, ["--bind", b_addr, *b_to, *common]))
@@ -487,9 +497,17 @@ def _main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         return endpoint(
-            args.bind, args.to, args.port, args.stream_id, args.rate, args.duration,
-            args.size, args.linger, sys.stdin, sys.stdout,
-        )  # fmt: skip
+            args.bind,
+            args.to,
+            args.port,
+            args.stream_id,
+            args.rate,
+            args.duration,
+            args.size,
+            args.linger,
+            sys.stdin,
+            sys.stdout,
+        )
     except OSError as ex:
         print(f"endpoint {args.bind}: {ex.strerror or ex}", file=sys.stderr)
         return 1
