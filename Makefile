@@ -12,14 +12,14 @@ STAMP := $(VENV)/.setup-stamp
 
 setup: $(STAMP) bpffs
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml lab/pyproject.toml Makefile
 	@missing=""; for p in $(APT_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "setup: installing Debian packages:$$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
 	@test -x $(PY) || /usr/bin/python3 -m venv --system-site-packages $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]' -e ./lab
 	@touch $(STAMP)
 
 bpffs:
@@ -31,11 +31,11 @@ demo: setup
 	$(VENV)/bin/failover-lab demo
 
 lint: setup
-	$(VENV)/bin/ruff check control tests bench
-	$(VENV)/bin/ruff format --check control tests bench
+	$(VENV)/bin/ruff check control lab tests bench
+	$(VENV)/bin/ruff format --check control lab tests bench
 
 typecheck: setup
-	$(VENV)/bin/mypy control/bpfailover
+	$(VENV)/bin/mypy control/bpfailover lab/bpfailover_lab
 
 test: setup lint typecheck container-image
 	$(VENV)/bin/python -m pytest -q tests

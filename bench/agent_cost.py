@@ -29,7 +29,8 @@ from bench.common import (
     table,
 )
 from bench.stream import Stream
-from bpfailover import netlink, netns
+from bpfailover import netns
+from bpfailover.events import netlink
 
 EVENT_GAP_S = 0.02  # 50 events/s: what the agent keeps up with (each GARP costs ~16 ms)
 

@@ -25,9 +25,10 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from bpfailover import netlink, netns
-from bpfailover.harness import BPFFS, AgentRun
-from bpfailover.lab import Lab
+from bpfailover import netns
+from bpfailover.events import netlink
+from bpfailover_lab.agent_run import BPFFS, AgentRun
+from bpfailover_lab.topology import Lab
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parent.parent

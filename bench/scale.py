@@ -15,7 +15,7 @@ from typing import Any
 
 from bench import common, plots
 from bench.common import LinkSetter, lab_run, log, median, proc_rss_kb, summary, table
-from bpfailover import bpfsys
+from bpfailover.datapath import bpfsys
 
 
 def _storm(lab: Any, agent: Any, gids: list[int], fo_active: int, up: bool) -> list[float]:
@@ -54,7 +54,7 @@ def one_size(groups: int, rounds: int) -> dict[str, Any]:
             lr.lab.address_failover(i)
         time.sleep(0.5)
         rss = proc_rss_kb(agent.pid)
-        from bpfailover.datapath import Datapath
+        from bpfailover.datapath.maps import Datapath
 
         dp = Datapath.open(agent.pin_dir, load=False)
         try:

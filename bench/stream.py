@@ -1,6 +1,6 @@
 """A fixed-rate, sequence-numbered UDP stream both ways that keeps every timestamp.
 
-Like bpfailover.traffic, but each endpoint writes its raw record to a file: the send
+Like bpfailover_lab.traffic, but each endpoint writes its raw record to a file: the send
 time of every sequence number and the (seq, arrival time) of everything received.
 With those, the losses of one long stream are attributed to the trial (carrier drop,
 set-primary, restart...) whose window they fall in, and the longest silence around

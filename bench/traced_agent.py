@@ -14,9 +14,10 @@ import sys
 import time
 from typing import Any
 
-from bpfailover import agent as agentmod
-from bpfailover import netlink, policy
-from bpfailover.datapath import Datapath
+from bpfailover import policy
+from bpfailover.agent import core as agentmod
+from bpfailover.datapath.maps import Datapath
+from bpfailover.events import netlink
 
 _mono = time.monotonic_ns
 _cur: dict[str, Any] = {}

@@ -81,7 +81,7 @@ def running(lab: Any) -> Iterator[tuple[Any, Any]]:
 @pytest.fixture
 def lab(lab_prefix: str) -> Iterator[Any]:
     """A one-group lab (not yet up); always taken down."""
-    from bpfailover.lab import Lab
+    from bpfailover_lab.topology import Lab
 
     lab = Lab(lab_prefix)
     try:

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from bpfailover import netns, policy
-from bpfailover.harness import AgentRun
-from bpfailover.lab import Lab
+from bpfailover_lab.agent_run import AgentRun
+from bpfailover_lab.topology import Lab
 
 OUR_PROGS = ("fo_egress", "lower_ingress", "xdp_lower_rx")
 BPFFS = Path("/sys/fs/bpf")

@@ -12,10 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bpfailover import netns, traffic
-from bpfailover.datapath import Datapath, Wiring, set_carrier
-from bpfailover.harness import AgentRun
-from bpfailover.lab import Lab
+from bpfailover import netns
+from bpfailover.datapath.attach import Wiring, set_carrier
+from bpfailover.datapath.maps import Datapath
+from bpfailover_lab import traffic
+from bpfailover_lab.agent_run import AgentRun
+from bpfailover_lab.topology import Lab
 
 
 def link_stats(ns: str, dev: str) -> dict[str, int]:

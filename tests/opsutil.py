@@ -13,8 +13,8 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 
 from bpfailover import netns
-from bpfailover.harness import AgentRun
-from bpfailover.lab import Lab
+from bpfailover_lab.agent_run import AgentRun
+from bpfailover_lab.topology import Lab
 
 METRICS_PORT = 9617  # inside the lab's guest netns: every lab has its own loopback
 
@@ -23,7 +23,7 @@ def ctl(
     *args: str, socket: str | None = None, timeout: float = 30.0, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
     """Run failoverctl as a user would (a process of its own)."""
-    argv = [sys.executable, "-m", "bpfailover.cli"]
+    argv = [sys.executable, "-m", "bpfailover.ops.cli"]
     if socket is not None:
         argv += ["--socket", socket]
     return subprocess.run(

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from bpfailover import netns, traffic
-from bpfailover.harness import AgentRun, HarnessError
-from bpfailover.lab import Lab
+from bpfailover import netns
+from bpfailover_lab import traffic
+from bpfailover_lab.agent_run import AgentRun, HarnessError
+from bpfailover_lab.topology import Lab
 from tests import labutil
 from tests.labutil import TcpTicker, link_stats, neigh, ping, start_agent
 
@@ -271,8 +272,8 @@ def test_mtu_refused_by_a_lower_is_rolled_back(running: tuple[Lab, AgentRun]) ->
     # a program on the VF's far end and the guest's primary refuses MTU 9000.
     from pyroute2 import IPRoute
 
-    from bpfailover import bpfsys
-    from bpfailover.datapath import attach_xdp
+    from bpfailover.datapath import bpfsys
+    from bpfailover.datapath.attach import attach_xdp
 
     fd = bpfsys.obj_get(str(agent.pin_dir / "prog_xdp_lower_rx"))
     with netns.entered(lab.hv), IPRoute() as ipr:  # (`ip -n` would hide /sys/fs/bpf)

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from bpfailover import kheaders
-from bpfailover.datapath import Datapath, DatapathError
-from bpfailover.loader import LoadError
+from bpfailover.datapath import kheaders
+from bpfailover.datapath.loader import LoadError
+from bpfailover.datapath.maps import Datapath, DatapathError
 
 
 def test_no_kernel_headers_at_all(tmp_path: Path) -> None:
@@ -61,7 +61,7 @@ def test_failoverd_not_root_says_so(
 ) -> None:
     # In-process with the uid faked: a real setuid run needs the venv readable by that user,
     # which a checkout under /root is not.
-    from bpfailover import agent
+    from bpfailover.agent import core as agent
 
     cfg = tmp_path / "c.yaml"
     sock = tmp_path / "c.sock"

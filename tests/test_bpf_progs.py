@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from bpfailover import bpfsys, netns
-from bpfailover.datapath import Counter, Datapath
+from bpfailover import netns
+from bpfailover.datapath import bpfsys
+from bpfailover.datapath.maps import Counter, Datapath
 from tests import frames
 
 pytestmark = pytest.mark.root

@@ -10,8 +10,10 @@ from typing import Any
 
 import pytest
 
-from bpfailover import cli, netns, traffic
-from bpfailover.lab import Lab
+from bpfailover import netns
+from bpfailover.ops import cli
+from bpfailover_lab import traffic
+from bpfailover_lab.topology import Lab
 from tests.opsutil import agent_in_lab, ctl, status_json
 
 # ---- no root needed --------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bpfailover.config import (
+from bpfailover.model.config import (
     DEFAULT_CONFIG_PATH,
     LAB_CONFIG_YAML,
     Config,

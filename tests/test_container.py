@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bpfailover import traffic
-from bpfailover.harness import AgentRun
-from bpfailover.lab import Lab
+from bpfailover_lab import traffic
+from bpfailover_lab.agent_run import AgentRun
+from bpfailover_lab.topology import Lab
 from tests.opsutil import ctl
 
 pytestmark = pytest.mark.root

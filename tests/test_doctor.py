@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from bpfailover import config, doctor
-from bpfailover.doctor import Host, LinkInfo
-from bpfailover.lab import Lab
+from bpfailover.model import config
+from bpfailover.ops import doctor
+from bpfailover.ops.doctor import Host, LinkInfo
+from bpfailover_lab.topology import Lab
 from tests.opsutil import agent_in_lab, ctl
 
 MAC = "52:54:00:00:12:53"

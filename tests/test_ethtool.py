@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from bpfailover import netns
-from bpfailover.ethtool import driver_of, set_gro
+from bpfailover.effects.ethtool import driver_of, set_gro
 
 pytestmark = pytest.mark.root
 

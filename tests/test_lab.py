@@ -12,9 +12,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from bpfailover import lab as labmod
 from bpfailover import netns
-from bpfailover.lab import IFF_LOWER_UP, IFF_UP, Lab, LabError, group_names
+from bpfailover_lab import cli as labmod
+from bpfailover_lab.topology import IFF_LOWER_UP, IFF_UP, Lab, LabError, group_names
 
 _seq = itertools.count()
 

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from bpfailover import netns, traffic
-from bpfailover.lab import Lab
-from bpfailover.loader import PROGS
+from bpfailover import netns
+from bpfailover.datapath.loader import PROGS
+from bpfailover_lab import traffic
+from bpfailover_lab.topology import Lab
 from tests.labutil import Wired, link_stats, neigh, ping, tcp_echo, wired_lab
 
 pytestmark = pytest.mark.root
@@ -154,7 +155,7 @@ def _prog_ids(w: Wired) -> set[int]:
 def test_teardown_of_a_group_removes_filters_xdp_and_device(lab: Lab, pin_dir: Path) -> None:
     from pyroute2 import IPRoute
 
-    from bpfailover.datapath import Wiring, tc_attached, xdp_prog_id
+    from bpfailover.datapath.attach import Wiring, tc_attached, xdp_prog_id
 
     with wired_lab(lab, pin_dir, rx_path="xdp") as w:
         n = lab.names(0)

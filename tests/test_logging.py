@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 
-from bpfailover.eventlog import JsonLines
+from bpfailover.ops.eventlog import JsonLines
 
 
 def _line(logger: str, level: int, msg: str, *args: object, exc: bool = False) -> object:

@@ -10,8 +10,10 @@ import time
 import pytest
 import yaml
 
-from bpfailover import metrics, netns, traffic
-from bpfailover.lab import Lab
+from bpfailover import netns
+from bpfailover.ops import metrics
+from bpfailover_lab import traffic
+from bpfailover_lab.topology import Lab
 from tests.labutil import link_stats
 from tests.opsutil import METRICS_PORT, agent_in_lab, one, pick, scrape, scrape_text
 

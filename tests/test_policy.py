@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bpfailover.config import PolicySettings
+from bpfailover.model.config import PolicySettings
 from bpfailover.policy import (
     ROLES,
     Decision,

@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from bpfailover import netns
-from bpfailover.lab import Lab
+from bpfailover_lab.topology import Lab
 from tests.opsutil import METRICS_PORT, agent_in_lab
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"

@@ -38,10 +38,11 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bpfailover import netns, traffic
-from bpfailover.datapath import Datapath
-from bpfailover.harness import AgentRun, HarnessError
-from bpfailover.lab import Lab
+from bpfailover import netns
+from bpfailover.datapath.maps import Datapath
+from bpfailover_lab import traffic
+from bpfailover_lab.agent_run import AgentRun, HarnessError
+from bpfailover_lab.topology import Lab
 from tests.conftest import unique
 from tests.faultutil import (
     TALLY,

@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
-from bpfailover import sched
-from bpfailover.harness import AgentRun
-from bpfailover.lab import Lab
+from bpfailover.effects import sched
+from bpfailover_lab.agent_run import AgentRun
+from bpfailover_lab.topology import Lab
 from tests.opsutil import METRICS_PORT
 
 pytestmark = pytest.mark.root

@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 import yaml
 
-from bpfailover import api, cli
-from bpfailover.harness import AgentRun
-from bpfailover.lab import Lab
+from bpfailover.ops import api, cli
+from bpfailover_lab.agent_run import AgentRun
+from bpfailover_lab.topology import Lab
 from tests.opsutil import agent_in_lab, status_json
 
 pytestmark = pytest.mark.root

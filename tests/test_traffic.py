@@ -11,10 +11,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from bpfailover import lab as labmod
-from bpfailover import traffic
-from bpfailover.lab import Lab
-from bpfailover.traffic import DirectionStats, StreamError, StreamReport, analyze
+from bpfailover_lab import cli as labmod
+from bpfailover_lab import traffic
+from bpfailover_lab.topology import Lab
+from bpfailover_lab.traffic import DirectionStats, StreamError, StreamReport, analyze
 
 MS = 1_000_000
 _seq = itertools.count()

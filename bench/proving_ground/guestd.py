@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
-from bpfailover import api
-from bpfailover.ethtool import driver_of
+from bpfailover.effects.ethtool import driver_of
+from bpfailover.ops import api
 
 PORT_NAME = "pg"
 MAX_OUT = 1 << 20  # bytes of stdout/stderr returned per request

@@ -88,6 +88,7 @@ def _key() -> str:
     h.update(" ".join(GUEST_PACKAGES).encode())
     h.update(INIT.encode())
     h.update((REPO / "pyproject.toml").read_bytes())
+    h.update((REPO / "lab" / "pyproject.toml").read_bytes())
     return h.hexdigest()[:12]
 
 
@@ -233,6 +234,8 @@ def _build(out: Path, log: Callable[[str], None]) -> None:
                 "--no-build-isolation",
                 "-e",
                 GUEST_REPO,
+                "-e",
+                f"{GUEST_REPO}/lab",
             ],
             900,
             log,

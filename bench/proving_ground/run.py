@@ -1,7 +1,7 @@
 """The scenario: the same faults under the same traffic, kernel net_failover vs bpfailover.
 
 Per mode one guest boot; per trial every step runs under a sequence-numbered UDP stream both
-ways (bpfailover.traffic endpoints: the guest's runs inside the VM) and a paced TCP stream
+ways (bpfailover_lab.traffic endpoints: the guest's runs inside the VM) and a paced TCP stream
 (tcpstream.py), with the faults driven over QMP at fixed offsets from the stream start.
 """
 
@@ -32,7 +32,7 @@ from bench.proving_ground.vm import (
     VMError,
 )
 from bpfailover import netns
-from bpfailover.traffic import DirectionStats
+from bpfailover_lab.traffic import DirectionStats
 
 GUEST_PY = f"{GUEST_VENV}/bin/python3"
 AGENT_SOCK = "/run/bpfailover/control.sock"
@@ -244,7 +244,7 @@ class Streams:
                 [
                     host_py,
                     "-m",
-                    "bpfailover.traffic",
+                    "bpfailover_lab.traffic",
                     "endpoint",
                     "--bind",
                     PEER_V4,
@@ -262,7 +262,7 @@ class Streams:
         argv = [
             GUEST_PY,
             "-m",
-            "bpfailover.traffic",
+            "bpfailover_lab.traffic",
             "endpoint",
             "--bind",
             GUEST_V4,

@@ -22,8 +22,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bpfailover import api, kheaders, netns
-from bpfailover import config as configmod
+from bpfailover import netns
+from bpfailover.datapath import kheaders
+from bpfailover.model import config as configmod
+from bpfailover.ops import api
 
 DHCP_CLIENTS = {"dhclient", "dhcpcd", "dhcpcd5", "udhcpc", "pump", "dhcpcd-bin"}
 AGENT_MARKERS = ("failoverd", "bpfailover.agent")

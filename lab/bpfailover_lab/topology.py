@@ -9,15 +9,13 @@ The failover device itself is left to the datapath/agent.
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
-import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
-from typing import Any, Literal, NoReturn
+from typing import Any, Literal
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
@@ -400,158 +398,3 @@ class Lab:
             out.append(f"== {ns}")
             out += netns.run_in(ns, ["ip", "-br", "addr"]).stdout.rstrip().splitlines()
         return "\n".join(out)
-
-
-# ---- CLI -----------------------------------------------------------------------------------
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        # One line, not argparse's usage block.
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def run_demo(lab: Lab) -> int:
-    """The main job on its embedded default: lab up, failoverd attached, traffic via the
-    primary, the primary's carrier pulled under a stream, traffic via the standby, the
-    primary back, everything torn down."""
-    from bpfailover import traffic
-    from bpfailover.harness import AgentRun
-
-    def show(title: str, agent: AgentRun) -> None:
-        g = agent.group(0)
-        lowers = ", ".join(
-            f"{lw['name']} ({lw['role']}{', ACTIVE' if lw['active'] else ''}) "
-            f"tx {lw['tx_packets']} rx {lw['rx_packets']}"
-            for lw in g["lowers"]
-        )
-        print(
-            f"\n== {title}\n   {g['device']}: carrier {'on' if g['carrier'] else 'off'}, "
-            f"active {g['active_lower']} | {lowers}"
-        )
-
-    def stream(title: str, during: Callable[[], None] | None = None) -> None:
-        h = traffic.start_stream(
-            lab.guest, n.guest_v4, lab.peer, n.peer_v4, rate_pps=2000, duration_s=2.0
-        )
-        if during is not None:
-            time.sleep(0.7)
-            during()
-        print(f"-- {title}\n{h.wait().format()}")
-
-    lab.up()
-    agent = AgentRun(lab, name=f"{lab.prefix}-demo")
-    try:
-        print(lab.describe())
-        agent.start()
-        lab.address_failover(0)
-        n = lab.names(0)
-        show("failoverd up: traffic goes through the primary (the VF)", agent)
-        stream("UDP 2000 pps both ways, guest <-> peer")
-        show("after the stream", agent)
-        stream(
-            "the primary's carrier drops 0.7 s into the stream (vfport down in hv)",
-            lambda: lab.set_far_end(0, "primary", False),
-        )
-        show("unplanned failover: traffic goes through the standby (virtio)", agent)
-        for sw in agent.events("switch")[-1:]:
-            print(
-                f"   agent: switch {sw['from']} -> {sw['to']} ({sw['reason']}), "
-                f"event -> map write {sw['latency_us']} us"
-            )
-        lab.set_far_end(0, "primary", True)
-        agent.wait_active(n.primary)
-        stream("the primary is back (reselect: always)")
-        show("traffic back on the primary", agent)
-        return 0
-    finally:
-        agent.cleanup()
-        lab.down()
-        print("\nlab torn down: namespaces, datapath and pins removed")
-
-
-def demo(prefix: str = "fo") -> int:
-    return run_demo(Lab(prefix))
-
-
-def _parser() -> _Parser:
-    p = _Parser(prog="failover-lab", description="net_failover lab in network namespaces")
-    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
-
-    def cmd(name: str, help_: str) -> argparse.ArgumentParser:
-        c = sub.add_parser(name, help=help_)
-        c.add_argument("--prefix", default="fo", help="namespace name prefix (default fo)")
-        return c
-
-    c = cmd("up", "create the namespaces, bridge and lowers")
-    c.add_argument("--groups", type=int, default=1)
-    c.add_argument("--standby-link", choices=["up", "down"], default="up")
-    cmd("down", "remove the lab")
-    cmd("show", "print the lab's devices and addresses")
-    c = cmd("migrate", "replay the net_failover.rst migration script")
-    c.add_argument("--group", type=int, default=0)
-    c.add_argument("--pause", type=float, default=0.5)
-    c = cmd("traffic", "UDP stream between the guest failover address and the peer")
-    c.add_argument("--group", type=int, default=0)
-    c.add_argument("--rate", type=int, default=1000, help="packets per second per direction")
-    c.add_argument("--duration", type=float, default=2.0, help="seconds")
-    c.add_argument("--size", type=int, default=64, help="UDP payload bytes")
-    c.add_argument("--ipv6", action="store_true")
-    c.add_argument("--json", action="store_true")
-    cmd("demo", "bring a lab up, show it, take it down")
-    return p
-
-
-def _groups_present(prefix: str) -> int:
-    """Group count of an existing lab, read from the guest (lowers ens{N}nsby)."""
-    lab = Lab(prefix)
-    if not netns.exists(lab.guest):
-        return 1
-    with IPRoute(netns=lab.guest) as ipr:
-        names = {str(m.get("ifname")) for m in ipr.get_links()}
-    n = 0
-    while n < MAX_GROUPS and group_names(n).standby in names:
-        n += 1
-    return max(n, 1)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    try:
-        if args.cmd == "up":
-            Lab(args.prefix, args.groups).up(standby_link=args.standby_link == "up")
-        elif args.cmd == "down":
-            Lab(args.prefix).down()
-        elif args.cmd == "show":
-            print(Lab(args.prefix).describe())
-        elif args.cmd == "migrate":
-            lab = Lab(args.prefix, _groups_present(args.prefix))
-            if not lab.exists():
-                raise LabError(f"no lab {args.prefix}: run `failover-lab up` first")
-            lab.migrate(args.group, args.pause)
-        elif args.cmd == "traffic":
-            from bpfailover import traffic  # lazy: traffic imports lab
-
-            lab = Lab(args.prefix, _groups_present(args.prefix))
-            report = traffic.run(
-                lab,
-                args.group,
-                rate_pps=args.rate,
-                duration_s=args.duration,
-                size=args.size,
-                ipv6=args.ipv6,
-            )
-            print(report.to_json() if args.json else report.format())
-        elif args.cmd == "demo":
-            return demo(args.prefix)
-        return 0
-    except KeyboardInterrupt:
-        print("failover-lab: interrupted", file=sys.stderr)
-        return 130
-    except Exception as e:  # every runtime failure: one line, exit 1
-        print(f"failover-lab: {_err(e)}", file=sys.stderr)
-        return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

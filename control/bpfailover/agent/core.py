@@ -21,17 +21,20 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from bpfailover import config as configmod
-from bpfailover import mcsync, netlink, netns, notify, policy, sched
-from bpfailover.api import ControlServer, RequestError
-from bpfailover.datapath import Datapath, DatapathError, Wiring, peer_name, set_carrier
-from bpfailover.ethtool import driver_of
-from bpfailover.eventlog import event, setup_logging
-from bpfailover.fault import Fault, FaultSpecError
-from bpfailover.layout import ROLE_SLOTS, SLOT_NAMES
-from bpfailover.loader import LoadError
-from bpfailover.model import Group, Lower, Switch
-from bpfailover.pinwatch import PinWatch
+from bpfailover import netns, policy
+from bpfailover.agent.fault import Fault, FaultSpecError
+from bpfailover.datapath.attach import Wiring, peer_name, set_carrier
+from bpfailover.datapath.layout import ROLE_SLOTS, SLOT_NAMES
+from bpfailover.datapath.loader import LoadError
+from bpfailover.datapath.maps import Datapath, DatapathError
+from bpfailover.effects import mcsync, notify, sched
+from bpfailover.effects.ethtool import driver_of
+from bpfailover.events import netlink
+from bpfailover.events.pinwatch import PinWatch
+from bpfailover.model import config as configmod
+from bpfailover.model.groups import Group, Lower, Switch
+from bpfailover.ops.api import ControlServer, RequestError
+from bpfailover.ops.eventlog import event, setup_logging
 from bpfailover.policy import Role
 
 log = logging.getLogger("bpfailover.agent")
@@ -833,7 +836,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, lambda *_: agent.stop())
     try:
         agent.start()
-        from bpfailover import metrics
+        from bpfailover.ops import metrics
 
         metrics.serve(agent, cfg.metrics.address)  # its thread keeps normal scheduling
         agent.go_realtime()

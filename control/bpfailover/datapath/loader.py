@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from bpfailover import kheaders, layout
+from bpfailover.datapath import kheaders, layout
 
 PROGS = {  # pin name -> (function, bcc program type attribute)
     "prog_fo_egress": ("fo_egress", "SCHED_CLS"),

@@ -1,7 +1,7 @@
 """Sequence-numbered UDP stream in both directions between two namespaces: loss, gap, reorder.
 
 The coordinator (start_stream/run_stream) spawns one endpoint process per namespace
-(`ip netns exec NS python -m bpfailover.traffic endpoint ...`). Each endpoint binds its
+(`ip netns exec NS python -m bpfailover_lab.traffic endpoint ...`). Each endpoint binds its
 receiver, prints READY, waits for `GO <t0_ns>` on stdin, then sends a paced stream to the
 other side while recording (seq, arrival time) of what it receives. When time is up it
 prints one JSON line. Times are CLOCK_MONOTONIC, which is system-wide (not per netns), so
@@ -30,7 +30,7 @@ from typing import IO, TYPE_CHECKING, Any
 from bpfailover.netns import cmd_in
 
 if TYPE_CHECKING:
-    from bpfailover.lab import Lab
+    from bpfailover_lab.topology import Lab
 
 MAGIC = 0xBF0F_A110
 HEADER = struct.Struct("!IIQQ")  # magic, stream id, seq, send time (monotonic ns)
@@ -371,7 +371,7 @@ def _parse(side: _Side, out: str, err: str) -> dict[str, Any]:
 
 
 def _spawn(ns: str | None, argv: list[str]) -> subprocess.Popen[str]:
-    cmd = cmd_in(ns, [sys.executable, "-m", "bpfailover.traffic", "endpoint", *argv])
+    cmd = cmd_in(ns, [sys.executable, "-m", "bpfailover_lab.traffic", "endpoint", *argv])
     return subprocess.Popen(
         cmd,
         stdin=subprocess.PIPE,
@@ -483,7 +483,7 @@ def run(
 
 
 def _main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bpfailover.traffic")
+    p = argparse.ArgumentParser(prog="python -m bpfailover_lab.traffic")
     sub = p.add_subparsers(dest="cmd", required=True)
     e = sub.add_parser("endpoint", help="one side of a stream (spawned by start_stream)")
     e.add_argument("--bind", required=True)

@@ -20,8 +20,8 @@ from typing import Any
 
 import yaml
 
-from bpfailover import api
-from bpfailover.lab import Lab
+from bpfailover.ops import api
+from bpfailover_lab.topology import Lab
 
 BPFFS = Path("/sys/fs/bpf")
 

@@ -19,7 +19,7 @@ import time
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-from bpfailover import api
+from bpfailover.ops import api
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -42,7 +42,7 @@ def socket_path(cli_socket: str | None, cli_config: str | None) -> str:
     default file, when it exists), else the built-in default."""
     if cli_socket:
         return cli_socket
-    from bpfailover import config as configmod  # pydantic: 0.2 s, only when needed
+    from bpfailover.model import config as configmod  # pydantic: 0.2 s, only when needed
 
     path = configmod.config_path(cli_config)
     explicit = bool(cli_config or os.environ.get(configmod.CONFIG_ENV))
@@ -294,7 +294,7 @@ class Doctor:
 
     @staticmethod
     def run(args: argparse.Namespace, sock: str | None) -> int:
-        from bpfailover import doctor
+        from bpfailover.ops import doctor
 
         return doctor.main_for_cli(args, sock)
 

@@ -9,7 +9,6 @@ no-op.  bcc is used only by the one-shot loader (loader.py), in a child process.
 from __future__ import annotations
 
 import ctypes
-import errno
 import fcntl
 import json
 import logging
@@ -18,24 +17,14 @@ import shutil
 import struct
 import subprocess
 import sys
-from collections.abc import Iterator
-from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bpfailover import bpfsys, layout
-from bpfailover.ethtool import set_gro
-from bpfailover.loader import MAPS, PROGS, TEST_MAPS, LoadError
+from bpfailover.datapath import bpfsys, layout
+from bpfailover.datapath.loader import MAPS, PROGS, TEST_MAPS, LoadError
 
 log = logging.getLogger("bpfailover.datapath")
-
-TC_PRIO = 0xFA11  # our filters' priority and handle on clsact: found again on adoption
-TC_HANDLE = 0xFA11
-CLSACT_INGRESS = "ffff:fff2"
-CLSACT_EGRESS = "ffff:fff3"
-XDP_FLAGS_SKB_MODE = 1 << 1
-XDP_FLAGS_DRV_MODE = 1 << 2
 
 
 class DatapathError(RuntimeError):
@@ -278,7 +267,7 @@ class Datapath:
 
 def run_loader(pin_dir: Path, test_hooks: bool = False) -> dict[str, Any]:
     """Compile and pin in a child process (the agent itself never holds LLVM)."""
-    argv = [sys.executable, "-m", "bpfailover.loader", str(pin_dir)]
+    argv = [sys.executable, "-m", "bpfailover.datapath.loader", str(pin_dir)]
     if test_hooks:
         argv.append("--test-hooks")
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
@@ -293,254 +282,3 @@ def run_loader(pin_dir: Path, test_hooks: bool = False) -> dict[str, Any]:
 def remove_pins(pin_dir: Path) -> None:
     """Unpin everything (programs stay alive while still attached somewhere)."""
     shutil.rmtree(pin_dir, ignore_errors=True)
-
-
-# -- attaching with rtnetlink ----------------------------------------------------------------
-def _ignore_exists(fn: Any, *args: Any, **kwargs: Any) -> None:
-    from pyroute2.netlink.exceptions import NetlinkError
-
-    try:
-        fn(*args, **kwargs)
-    except NetlinkError as e:
-        if e.code != errno.EEXIST:
-            raise
-
-
-def _our_filters(ipr: Any, ifindex: int, parent: str) -> Iterator[Any]:
-    from pyroute2.netlink.exceptions import NetlinkError
-
-    try:
-        for f in ipr.get_filters(index=ifindex, parent=int(parent.replace(":", ""), 16)):
-            if f.get_attr("TCA_KIND") == "bpf" and (f["info"] >> 16) == TC_PRIO:
-                yield f
-    except NetlinkError as e:
-        if e.code not in (errno.EINVAL, errno.ENOENT, errno.ENODEV):
-            raise
-
-
-def attach_tc(ipr: Any, ifindex: int, direction: str, prog_fd: int, label: str) -> bool:
-    """Attach (or atomically replace) our clsact filter; no-op if `label` is already there.
-
-    The label carries the program id, so adoption after a restart finds the same
-    program attached and changes nothing.  Returns True when it wrote."""
-    parent = CLSACT_EGRESS if direction == "egress" else CLSACT_INGRESS
-    for f in _our_filters(ipr, ifindex, parent):
-        opts = f.get_attr("TCA_OPTIONS")
-        if opts is not None and opts.get_attr("TCA_BPF_NAME") == label:
-            return False
-    _ignore_exists(ipr.tc, "add", "clsact", ifindex)
-    ipr.tc(
-        "replace-filter",
-        "bpf",
-        ifindex,
-        TC_HANDLE,
-        fd=prog_fd,
-        name=label,
-        parent=parent,
-        prio=TC_PRIO,
-        direct_action=True,
-        classid=1,
-    )
-    return True
-
-
-def detach_tc(ipr: Any, ifindex: int, direction: str) -> None:
-    from pyroute2.netlink.exceptions import NetlinkError
-
-    parent = CLSACT_EGRESS if direction == "egress" else CLSACT_INGRESS
-    with suppress(NetlinkError):
-        ipr.tc("del-filter", "bpf", ifindex, TC_HANDLE, parent=parent, prio=TC_PRIO)
-
-
-def tc_attached(ipr: Any, ifindex: int, direction: str) -> bool:
-    parent = CLSACT_EGRESS if direction == "egress" else CLSACT_INGRESS
-    return any(True for _ in _our_filters(ipr, ifindex, parent))
-
-
-def xdp_prog_id(ipr: Any, ifindex: int) -> int:
-    link = ipr.get_links(ifindex)[0]
-    xdp = link.get_attr("IFLA_XDP")
-    if xdp is None:
-        return 0
-    return int(xdp.get_attr("IFLA_XDP_PROG_ID") or 0)
-
-
-def attach_xdp(ipr: Any, ifindex: int, prog_fd: int, prog_id: int) -> bool:
-    """Native XDP on a lower; False when the driver has none (the TC path serves it)."""
-    from pyroute2.netlink.exceptions import NetlinkError
-
-    if xdp_prog_id(ipr, ifindex) == prog_id:
-        return True
-    try:
-        ipr.link(
-            "set",
-            index=ifindex,
-            xdp={"attrs": [("IFLA_XDP_FD", prog_fd), ("IFLA_XDP_FLAGS", XDP_FLAGS_DRV_MODE)]},
-        )
-    except NetlinkError as e:
-        log.warning("native XDP refused on ifindex %d (%s): TC receive path only", ifindex, e)
-        return False
-    return True
-
-
-def detach_xdp(ipr: Any, ifindex: int) -> None:
-    from pyroute2.netlink.exceptions import NetlinkError
-
-    with suppress(NetlinkError):
-        ipr.link(
-            "set",
-            index=ifindex,
-            xdp={"attrs": [("IFLA_XDP_FD", -1), ("IFLA_XDP_FLAGS", XDP_FLAGS_DRV_MODE)]},
-        )
-
-
-def disable_ipv6(ifname: str) -> None:
-    """A lower or the hidden peer must not speak for itself (no link-local, no DAD/RS)."""
-    with suppress(OSError), open(f"/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6", "w") as f:
-        f.write("1")
-
-
-def keep_neighbours_without_carrier(ifname: str) -> None:
-    """The failover device's carrier drops while no lower is usable, often only for the
-    moment a new VF takes to come up. By default the kernel then flushes the device's ARP
-    and ND entries, and the next packets wait in INCOMPLETE for the 1 s solicit timer: in
-    the lab a 50 ms carrier gap cost ~1 s of guest->peer traffic. The peers are the same
-    L2 neighbours through either lower, so keep them (what the knobs exist for: Wi-Fi
-    roaming). net_failover hides the flush behind link-watch's delay for non-urgent
-    devices; a veth's carrier events are urgent. Kernels before 5.16 lack the knobs."""
-    for knob in (
-        f"ipv4/conf/{ifname}/arp_evict_nocarrier",
-        f"ipv6/conf/{ifname}/ndisc_evict_nocarrier",
-    ):
-        try:
-            with open(f"/proc/sys/net/{knob}", "w") as f:
-                f.write("0")
-        except OSError as e:
-            log.warning("%s: %s (neighbours are flushed when carrier drops)", knob, e.strerror)
-
-
-# -- a group's netdevs -----------------------------------------------------------------------
-def peer_name(name: str) -> str:
-    """The hidden veth peer of failover device `name` (its admin state is our carrier)."""
-    return f"{name[:12]}_fo"
-
-
-def _index(ipr: Any, ifname: str) -> int | None:
-    found = ipr.link_lookup(ifname=ifname)
-    return int(found[0]) if found else None
-
-
-def create_failover_dev(ipr: Any, name: str, mac: str, mtu: int | None = None) -> tuple[int, int]:
-    """The failover netdev as a veth pair (name, hidden peer); adopted if it exists.
-
-    Returns (ifindex, peer ifindex).  The failover device carries the group MAC."""
-    peer = peer_name(name)
-    master = _index(ipr, name)
-    if master is None:
-        ipr.link("add", ifname=name, kind="veth", peer={"ifname": peer})
-        master = _index(ipr, name)
-        assert master is not None
-        ipr.link("set", index=master, address=mac)
-    peer_ifx = _index(ipr, peer)
-    link = ipr.get_links(master)[0]
-    if peer_ifx is None or link.get_attr("IFLA_LINK") != peer_ifx:
-        raise DatapathError(
-            f"{name} exists but is not a bpfailover failover device (veth + {peer})"
-        )
-    if link.get_attr("IFLA_ADDRESS") != mac:
-        raise DatapathError(
-            f"{name} has MAC {link.get_attr('IFLA_ADDRESS')}, the group's MAC is {mac}"
-        )
-    if mtu:
-        ipr.link("set", index=peer_ifx, mtu=mtu)
-        ipr.link("set", index=master, mtu=mtu)
-    disable_ipv6(peer)
-    ipr.link("set", index=master, state="up")
-    return master, peer_ifx
-
-
-def set_carrier(ipr: Any, peer_ifindex: int, on: bool) -> None:
-    """The failover device has carrier iff its veth peer is admin up."""
-    ipr.link("set", index=peer_ifindex, state="up" if on else "down")
-
-
-class Wiring:
-    """Wires groups, lowers and programs together (maps + rtnetlink)."""
-
-    def __init__(self, dp: Datapath, ipr: Any) -> None:
-        self.dp = dp
-        self.ipr = ipr
-        self.L = dp.L
-
-    def _label(self, pin_name: str) -> str:
-        return f"bpfailover:{PROGS[pin_name][0]}:{self.dp.prog_id(pin_name)}"
-
-    def setup_group(
-        self,
-        name: str,
-        mac: str,
-        inactive_rx_drop: bool = False,
-        rx_path: str = "tc",
-        mtu: int | None = None,
-    ) -> int:
-        """Create/adopt the failover device and its group; returns the group id."""
-        g = self.dp.alloc_group(name)
-        master, peer = create_failover_dev(self.ipr, name, mac, mtu)
-        keep_neighbours_without_carrier(name)
-        flags = self.L.FO_F_INACTIVE_RX_DROP if inactive_rx_drop else 0
-        self.dp.update_group(
-            g, master_ifindex=master, peer_ifindex=peer, flags=flags, mac=mac
-        )  # (override_slot is kept: it survives restarts)
-        self.dp.set_dev(master, g, self.L.FO_ROLE_MASTER)
-        if rx_path == "xdp":
-            # veth needs NAPI (GRO) on the failover device for frames XDP-redirected
-            # into its peer to be received at all.
-            set_gro(name, True)
-            self.dp.set_xdp_up(g, peer)
-        self.attach_master(master)
-        return g
-
-    def attach_master(self, master: int) -> bool:
-        pin = "prog_fo_egress"
-        return attach_tc(self.ipr, master, "egress", self.dp.prog_fd(pin), self._label(pin))
-
-    def register_lower(self, g: int, slot: int, ifindex: int, rx_path: str = "tc") -> None:
-        """Make ifindex the group's lower in `slot` (never the active slot's ifindex
-        while it is active: the caller flips away first)."""
-        disable_ipv6(self.ipr.get_links(ifindex)[0].get_attr("IFLA_IFNAME"))
-        self.dp.set_dev(ifindex, g, slot)
-        self.dp.set_lower(g, slot, ifindex)
-        pin = "prog_lower_ingress"
-        attach_tc(self.ipr, ifindex, "ingress", self.dp.prog_fd(pin), self._label(pin))
-        if rx_path == "xdp":
-            xpin = "prog_xdp_lower_rx"
-            attach_xdp(self.ipr, ifindex, self.dp.prog_fd(xpin), self.dp.prog_id(xpin))
-
-    def unregister_lower(self, g: int, slot: int, ifindex: int, gone: bool = False) -> None:
-        if self.dp.lower(g, slot) == ifindex:
-            self.dp.set_lower(g, slot, 0)
-        self.dp.del_dev(ifindex)
-        if not gone:
-            detach_tc(self.ipr, ifindex, "ingress")
-            detach_xdp(self.ipr, ifindex)
-
-    def teardown_group(self, name: str) -> bool:
-        """Remove a group's datapath: filters, XDP, the failover device, map state."""
-        g = self.dp.groups().get(name)
-        if g is None:
-            return False
-        rec = self.dp.group(g)
-        self.dp.flip(g, self.L.FO_SLOT_NONE)
-        for ifindex, (grp, role) in self.dp.devs().items():
-            if grp != g or role == self.L.FO_ROLE_MASTER:
-                continue
-            with suppress(Exception):
-                detach_tc(self.ipr, ifindex, "ingress")
-                detach_xdp(self.ipr, ifindex)
-        if rec.master_ifindex:
-            from pyroute2.netlink.exceptions import NetlinkError
-
-            with suppress(NetlinkError):  # deleting one veth end deletes both
-                self.ipr.link("del", index=rec.master_ifindex)
-        self.dp.reset_group(g)
-        return True

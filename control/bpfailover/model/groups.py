@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections import Counter as Tally
 from dataclasses import dataclass, field
 
-from bpfailover import config, policy
+from bpfailover import policy
+from bpfailover.model import config
 from bpfailover.policy import Role
 
 

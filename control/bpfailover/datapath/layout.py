@@ -25,7 +25,7 @@ def bpf_dir() -> Path:
     env = os.environ.get("BPFAILOVER_BPF_DIR")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parents[2] / "bpf"
+    return Path(__file__).resolve().parents[3] / "bpf"
 
 
 def _eval(expr: str, env: dict[str, int]) -> int:

@@ -38,7 +38,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from bpfailover.layout import ROLE_SLOTS
+from bpfailover.datapath.layout import ROLE_SLOTS
 
 log = logging.getLogger("bpfailover.metrics")
 
@@ -282,18 +282,18 @@ def _attachments(groups: list[_GroupView]) -> dict[str, dict[str, bool]]:
     ingress filter (and XDP, on the xdp receive path) on every registered lower."""
     from pyroute2 import IPRoute
 
-    from bpfailover import datapath
+    from bpfailover.datapath import attach
 
     out: dict[str, dict[str, bool]] = {}
     try:
         with IPRoute() as ipr:  # our own netlink socket: the agent's is not shared
             for g in groups:
-                st = {"tc_egress": datapath.tc_attached(ipr, g.master, "egress")}
+                st = {"tc_egress": attach.tc_attached(ipr, g.master, "egress")}
                 st["tc_ingress"] = all(
-                    datapath.tc_attached(ipr, lw.ifindex, "ingress") for lw in g.lowers
+                    attach.tc_attached(ipr, lw.ifindex, "ingress") for lw in g.lowers
                 )
                 if g.rx_path == "xdp":
-                    st["xdp"] = all(datapath.xdp_prog_id(ipr, lw.ifindex) for lw in g.lowers)
+                    st["xdp"] = all(attach.xdp_prog_id(ipr, lw.ifindex) for lw in g.lowers)
                 out[g.name] = st
     except Exception as e:  # a device gone mid-scrape: report what we have
         log.debug("attachment check: %s", e)
@@ -350,7 +350,7 @@ def serve(agent: Any, address: tuple[str, int] | None) -> Exporter | None:
         return None
     dp = None
     try:
-        from bpfailover.datapath import Datapath
+        from bpfailover.datapath.maps import Datapath
 
         dp = Datapath.open(agent.dp.pin_dir, load=False)  # our own fds: reads only
     except Exception as e:

@@ -1,0 +1,7 @@
+"""`python -m bpfailover.agent`: failoverd."""
+
+import sys
+
+from bpfailover.agent.core import main
+
+sys.exit(main())

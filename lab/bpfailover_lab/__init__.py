@@ -1,0 +1,1 @@
+"""bpfailover's lab: namespaces, traffic, an agent harness.  Never imported by the product."""
