@@ -33,6 +33,7 @@ demo: setup
 lint: setup
 	$(VENV)/bin/ruff check control lab tests bench
 	$(VENV)/bin/ruff format --check control lab tests bench
+	$(VENV)/bin/lint-imports
 
 typecheck: setup
 	$(VENV)/bin/mypy control/bpfailover lab/bpfailover_lab

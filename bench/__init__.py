@@ -1,4 +1,4 @@
-"""Benchmarks of bpfailover on the network-namespace lab (DESIGN.md §6, issue 4).
+"""Benchmarks of bpfailover on the network-namespace lab (method: bench/NOTES.md).
 
 `python -m bench.run [--quick] [--only NAME]` runs them; each writes
 `bench/results/<name>.json` (with the machine it ran on) and, where useful, a PNG;

@@ -1,6 +1,6 @@
 """Host side: namespaces, taps, QEMU, its QMP monitor and the guest command channel.
 
-Layout (the lab's addresses, DESIGN.md §4):
+Layout (the lab's addresses, README "The lab"):
   {p}-hv    bridge br0; taps {p}sby (virtio-net, standby) and {p}pri (e1000e, primary);
             veth peer0 to the peer; QEMU runs here, so its taps live here.
   {p}-peer  eth0 198.18.0.2/24, 2001:db8::2/64.

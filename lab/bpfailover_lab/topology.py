@@ -1,6 +1,6 @@
 """The network-namespace lab that stands in for a VM with a VF primary and a virtio standby.
 
-Three namespaces (DESIGN.md §4): `{prefix}-guest` holds the lowers of every group (standby
+Three namespaces (README, "The lab"): `{prefix}-guest` holds the lowers of every group (standby
 `ens{10+10i}nsby`, primary `ens{11+10i}`, same MAC), `{prefix}-hv` holds bridge `br0` with the
 far ends of the lowers (`tapNN`, `vfport`), `{prefix}-peer` holds a host on `br0`. A lower's
 carrier is the admin state of its far end, so the hypervisor's actions map to `ip link` in hv.

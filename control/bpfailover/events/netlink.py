@@ -12,12 +12,11 @@ import errno
 import os
 import socket
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 NETLINK_ROUTE = 0
 SOL_NETLINK = 270
 NETLINK_ADD_MEMBERSHIP = 1
-NETLINK_NO_ENOBUFS = 5
 
 RTM_NEWLINK, RTM_DELLINK, RTM_GETLINK = 16, 17, 18
 RTM_NEWADDR, RTM_DELADDR, RTM_GETADDR = 20, 21, 22
@@ -32,12 +31,11 @@ RTNLGRP_IPV4_MCADDR = 37
 RTNLGRP_IPV6_MCADDR = 38
 
 IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_LINK = 1, 3, 4, 5
-IFLA_OPERSTATE, IFLA_LINKINFO, IFLA_CARRIER = 16, 18, 33
+IFLA_LINKINFO = 18
 IFLA_INFO_KIND = 1
 IFA_ADDRESS, IFA_LOCAL = 1, 2
 
 IFF_UP = 0x1
-IFF_RUNNING = 0x40
 IFF_LOWER_UP = 0x10000
 
 _NLMSG = struct.Struct("=IHHII")
@@ -95,11 +93,6 @@ class McastChange:
 
 
 Event = Link | Addr | McastChange
-
-
-@dataclass
-class Batch:
-    events: list[Event] = field(default_factory=list)
 
 
 def _attrs(buf: bytes, off: int, end: int) -> dict[int, bytes]:

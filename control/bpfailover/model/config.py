@@ -1,4 +1,4 @@
-"""Agent configuration (DESIGN.md §3): YAML in, validated immutable models out.
+"""Agent configuration (docs/operators.md): YAML in, validated immutable models out.
 
 Every key is checked and unknown keys are refused; any problem becomes one `ConfigError`
 whose text is a single line naming the source and the path of the offending key, e.g.
@@ -440,7 +440,7 @@ def config_path(cli_value: str | None) -> Path:
 
 
 LAB_CONFIG_YAML = """\
-# The lab of DESIGN.md §4: guest with standby ens10nsby and a VF-like primary (ens11).
+# The lab (README "The lab"): guest with standby ens10nsby and a VF-like primary (ens11).
 groups:
   - name: ens10
     standby: ens10nsby

@@ -91,10 +91,6 @@ class ControlServer:
         self.sel: selectors.BaseSelector | None = None
         self.clients: dict[socket.socket, _Client] = {}
 
-    @property
-    def buffers(self) -> dict[socket.socket, bytearray]:  # kept for older callers
-        return {c.conn: c.inbuf for c in self.clients.values()}
-
     def register(self, sel: selectors.BaseSelector) -> None:
         self.sel = sel
         sel.register(self.sock, selectors.EVENT_READ, "control-listen")

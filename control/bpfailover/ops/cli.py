@@ -5,7 +5,7 @@
     failoverctl teardown GROUP
     failoverctl doctor [--netns NAME]
 
-Exit codes (DESIGN.md §3): 0 ok, 1 failed (the agent refused: its reason on stderr),
+Exit codes (docs/operators.md): 0 ok, 1 failed (the agent refused: its reason on stderr),
 2 usage, 3 agent unreachable, 4 degraded (`status --check`).
 """
 

@@ -1,4 +1,4 @@
-"""Prometheus exporter of failoverd (metric names: DESIGN.md §3).
+"""Prometheus exporter of failoverd (metric names: docs/operators.md).
 
 Every scrape builds the metrics fresh: counters are summed from the per-CPU
 maps through the exporter's *own* file descriptors of the pinned maps, the
