@@ -18,7 +18,6 @@ import contextlib
 import os
 import random
 import select
-import socket
 import struct
 import subprocess
 import sys
@@ -30,14 +29,11 @@ from pathlib import Path
 from typing import IO
 
 from bpfailover.netns import cmd_in
+from bpfailover_lab import traffic
 
-MAGIC = 0xBF0BE7C4
-HEADER = struct.Struct("!IIQ")  # magic, stream id, seq
-HARD_EXTRA_S = 10.0
 READY_TIMEOUT_S = 10.0
-MAX_BURST = 512
-SO_RCVBUFFORCE = 33
-IP_FREEBIND = 15
+BENCH_RCVBUF = 16 << 20
+BENCH_MAX_BURST = 512
 
 
 def endpoint(
@@ -53,68 +49,31 @@ def endpoint(
     ctl: IO[str],
     out: IO[str],
 ) -> int:
-    fam = socket.AF_INET6 if ":" in bind else socket.AF_INET
-    s = socket.socket(fam, socket.SOCK_DGRAM)
-    with contextlib.suppress(OSError):
-        s.setsockopt(socket.SOL_IP, IP_FREEBIND, 1)
-    s.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 16 << 20)
-    s.bind((bind, port))
-    s.setblocking(False)
-    print("READY", file=out, flush=True)
-    r, _, _ = select.select([ctl], [], [], READY_TIMEOUT_S)
-    line = ctl.readline() if r else ""
-    if not line.startswith("GO"):
+    """The lab's endpoint loop (bpfailover_lab.traffic.paced) keeping every send time;
+    the raw record goes to `out_path`."""
+    s = traffic.open_socket(bind, port, BENCH_RCVBUF)
+    t0 = traffic.await_go(ctl, out)
+    if t0 is None:
         return 1
-    t0 = int(line.split()[1])
-    total = int(rate * duration) if to else 0
-    period = 1e9 / rate
-    end_ns = t0 + int((duration + linger) * 1e9)
-    hard_ns = time.monotonic_ns() + int((duration + HARD_EXTRA_S) * 1e9)
-    buf = bytearray(max(size, HEADER.size))
-    rbuf = bytearray(2048)
-    sent_t = array("q")
-    rseq = array("q")
-    rt = array("q")
-    errors = 0
-    seq = 0
-    dest = (to, port)
-    pack, unpack, mono = HEADER.pack_into, HEADER.unpack_from, time.monotonic_ns
-    recv, send = s.recv_into, s.sendto
-    while True:
-        now = mono()
-        if now >= hard_ns or (now >= end_ns and seq >= total):
-            break
-        while True:
-            try:
-                n = recv(rbuf)
-            except OSError:
-                break
-            if n >= HEADER.size:
-                magic, rsid, q = unpack(rbuf)
-                if magic == MAGIC and rsid == sid:
-                    rseq.append(q)
-                    rt.append(mono())
-        if seq < total:
-            due = min(total, int((now - t0) / period) + 1, seq + MAX_BURST)
-            while seq < due:
-                pack(buf, 0, MAGIC, sid, seq)
-                sent_t.append(mono())
-                try:
-                    send(buf, dest)
-                except OSError:
-                    errors += 1
-                seq += 1
-            nxt = t0 + int(seq * period) if seq < total else end_ns
-        else:
-            nxt = end_ns
-        wait = max(0, min(nxt, end_ns, hard_ns) - mono()) / 1e9
-        select.select([s], [], [], wait)
+    dest = (to, port) if to else None
+    p = traffic.paced(
+        s,
+        dest,
+        sid,
+        rate,
+        duration,
+        linger,
+        size,
+        t0,
+        keep_send_times=True,
+        max_burst=BENCH_MAX_BURST,
+    )
     s.close()
     with open(out_path, "wb") as f:
-        f.write(struct.pack("=qqqq", seq, len(rseq), errors, t0))
-        sent_t.tofile(f)
-        rseq.tofile(f)
-        rt.tofile(f)
+        f.write(struct.pack("=qqqq", p.sent, len(p.rseq), p.errors, t0))
+        p.sent_t.tofile(f)
+        p.rseq.tofile(f)
+        p.rt.tofile(f)
     print("DONE", file=out, flush=True)
     return 0
 
@@ -251,7 +210,7 @@ class Stream:
     def result(self) -> StreamResult:
         try:
             for p in self.procs:
-                p.wait(timeout=self.duration + HARD_EXTRA_S + 5)
+                p.wait(timeout=self.duration + traffic.HARD_EXTRA_S + 5)
                 if p.returncode != 0:
                     err = p.stderr.read() if p.stderr else ""
                     raise RuntimeError(f"stream endpoint failed: {err.strip()[-300:]}")
@@ -270,7 +229,7 @@ class Stream:
         raw = path.read_bytes()
         nsent, nrecv, errors, _t0 = struct.unpack_from("=qqqq", raw)
         off = 32
-        sent_t, rseq, rt = array("q"), array("q"), array("q")
+        sent_t, rseq, rt = array("Q"), array("Q"), array("Q")
         sent_t.frombytes(raw[off : off + 8 * nsent])
         off += 8 * nsent
         rseq.frombytes(raw[off : off + 8 * nrecv])

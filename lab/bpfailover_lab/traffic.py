@@ -175,18 +175,112 @@ def _family(addr: str) -> socket.AddressFamily:
     return socket.AF_INET6 if ":" in addr else socket.AF_INET
 
 
-def _socket(bind: str, port: int) -> socket.socket:
+def open_socket(bind: str, port: int, rcvbuf: int = RCVBUF) -> socket.socket:
+    """A non-blocking UDP socket bound to bind:port, with a forced large receive buffer."""
     s = socket.socket(_family(bind), socket.SOCK_DGRAM)
     # Freebind: the address may be on a device the datapath has not brought up yet.
     with contextlib.suppress(OSError):
         s.setsockopt(socket.SOL_IP, IP_FREEBIND, 1)
     try:  # root in CI: force a big buffer so bursts are not dropped in our own socket
-        s.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RCVBUF)
+        s.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, rcvbuf)
     except OSError:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
     s.bind((bind, port))
     s.setblocking(False)
     return s
+
+
+def await_go(control_in: IO[str], out: IO[str]) -> int | None:
+    """Say READY, then wait (bounded) for the coordinator's `GO <t0_ns>`; None if it never
+    comes (EOF when the coordinator died, or the timeout): an endpoint never hangs here."""
+    print("READY", file=out, flush=True)
+    r, _, _ = select.select([control_in], [], [], READY_TIMEOUT_S)
+    line = control_in.readline() if r else ""
+    return int(line.split()[1]) if line.startswith("GO") else None
+
+
+@dataclass
+class Paced:
+    """What one endpoint did: sent count, send errors (by errno name), arrivals (seq, time),
+    and the send time of every seq when asked for (benchmarks attribute losses by time)."""
+
+    sent: int
+    errors: int
+    errnos: dict[str, int]
+    rseq: array
+    rt: array
+    sent_t: array
+
+
+def paced(
+    sock: socket.socket,
+    dest: tuple[str, int] | None,
+    stream_id: int,
+    rate_pps: int,
+    duration_s: float,
+    linger_s: float,
+    size: int,
+    t0: int,
+    control_in: IO[str] | None = None,
+    keep_send_times: bool = False,
+    max_burst: int = MAX_BURST,
+) -> Paced:
+    """The endpoint loop: send `rate_pps` from t0 for `duration_s` to `dest` (None: receive
+    only), stamping every arrival of our stream id, until linger ends; bounded by
+    duration + HARD_EXTRA_S whatever happens.  Stops early when `control_in` reaches EOF
+    (the coordinator is gone)."""
+    total = int(round(rate_pps * duration_s)) if dest is not None else 0
+    end_ns = t0 + int((duration_s + linger_s) * 1e9)
+    hard_ns = time.monotonic_ns() + int((duration_s + HARD_EXTRA_S) * 1e9)
+    buf = bytearray(max(size, HEADER.size))
+    rbuf = bytearray(65536)
+    rseq, rt, sent_t = array("Q"), array("Q"), array("Q")
+    seq = errors = 0
+    errnos: dict[str, int] = {}
+    period_ns = 1e9 / rate_pps if rate_pps > 0 else 0.0
+    watch: list[Any] = [sock] if control_in is None else [sock, control_in]
+    pack, unpack, mono = HEADER.pack_into, HEADER.unpack_from, time.monotonic_ns
+    recv, send, stamp = sock.recv_into, sock.sendto, sent_t.append
+    while True:
+        now = mono()
+        if now >= hard_ns or (now >= end_ns and seq >= total):
+            break
+        # Receive everything that is queued, stamping each arrival.
+        while True:
+            try:
+                n = recv(rbuf)
+            except OSError:  # BlockingIOError: nothing more queued
+                break
+            if n >= HEADER.size:
+                magic, sid, q, _ = unpack(rbuf)
+                if magic == MAGIC and sid == stream_id:
+                    rseq.append(q)
+                    rt.append(mono())
+        # Send what is due by elapsed time, so the mean rate is exact whatever the jitter.
+        if seq < total:
+            burst_end = min(total, int((now - t0) / period_ns) + 1, seq + max_burst)
+            while seq < burst_end:
+                t = mono()
+                pack(buf, 0, MAGIC, stream_id, seq, t)
+                if keep_send_times:
+                    stamp(t)
+                try:
+                    send(buf, dest)  # type: ignore[arg-type]
+                except OSError as e:  # ENETUNREACH/ENOBUFS/EAGAIN... count and keep going
+                    errors += 1
+                    name = errno.errorcode.get(e.errno or 0, str(e.errno))
+                    errnos[name] = errnos.get(name, 0) + 1
+                seq += 1
+            next_ns = t0 + int(seq * period_ns) if seq < total else end_ns
+        else:
+            next_ns = end_ns
+        wait = max(0.0, min(next_ns, end_ns, hard_ns) - mono()) / 1e9
+        r, _, _ = select.select(watch, [], [], wait)
+        if control_in is not None and control_in in r and not control_in.readline():
+            # Coordinator gone (stdin EOF): stop now rather than run on unobserved.
+            watch = [sock]
+            hard_ns = 0
+    return Paced(seq, errors, errnos, rseq, rt, sent_t)
 
 
 def endpoint(
@@ -202,71 +296,16 @@ def endpoint(
     out: IO[str],
 ) -> int:
     """One side: receive on bind:port, send to `to`:port (None: receive only). Returns 0."""
-    sock = _socket(bind, port)
-    print("READY", file=out, flush=True)
-    # GO (or EOF when the coordinator died) within a bounded time; never hang here.
-    r, _, _ = select.select([control_in], [], [], READY_TIMEOUT_S)
-    line = control_in.readline() if r else ""
-    if not line.startswith("GO"):
+    sock = open_socket(bind, port)
+    t0 = await_go(control_in, out)
+    if t0 is None:
         print(json.dumps({"error": "no GO from coordinator"}), file=out, flush=True)
         return 1
-    t0 = int(line.split()[1])
-    start = time.monotonic_ns()
-    total = int(round(rate_pps * duration_s)) if to is not None else 0
-    end_ns = t0 + int((duration_s + linger_s) * 1e9)
-    hard_ns = start + int((duration_s + HARD_EXTRA_S) * 1e9)
     dest = (to, port) if to is not None else None
-    buf = bytearray(max(size, HEADER.size))
-    rbuf = bytearray(65536)
-    seqs = array("Q")
-    times = array("Q")
-    seq = 0
-    errors = 0
-    errnos: dict[str, int] = {}
-    period_ns = 1e9 / rate_pps if rate_pps > 0 else 0.0
-    watch: list[Any] = [sock, control_in]
-    while True:
-        now = time.monotonic_ns()
-        if now >= hard_ns or (now >= end_ns and seq >= total):
-            break
-        # Receive everything that is queued, stamping each arrival.
-        while True:
-            try:
-                n = sock.recv_into(rbuf)
-            except BlockingIOError:
-                break
-            except OSError:
-                break
-            if n >= HEADER.size:
-                magic, sid, rseq, _ = HEADER.unpack_from(rbuf)
-                if magic == MAGIC and sid == stream_id:
-                    seqs.append(rseq)
-                    times.append(time.monotonic_ns())
-        # Send what is due by elapsed time, so the mean rate is exact whatever the jitter.
-        if seq < total:
-            due = min(total, int((now - t0) / period_ns) + 1)
-            burst_end = min(due, seq + MAX_BURST)
-            while seq < burst_end:
-                HEADER.pack_into(buf, 0, MAGIC, stream_id, seq, time.monotonic_ns())
-                try:
-                    sock.sendto(buf, dest)  # type: ignore[arg-type]
-                except OSError as e:  # ENETUNREACH/ENOBUFS/EAGAIN... count and keep going
-                    errors += 1
-                    name = errno.errorcode.get(e.errno or 0, str(e.errno))
-                    errnos[name] = errnos.get(name, 0) + 1
-                seq += 1
-            next_ns = t0 + int(seq * period_ns) if seq < total else end_ns
-        else:
-            next_ns = end_ns
-        wait = max(0.0, min(next_ns, end_ns, hard_ns) - time.monotonic_ns()) / 1e9
-        r, _, _ = select.select(watch, [], [], wait)
-        if control_in in r and not control_in.readline():
-            # Coordinator gone (stdin EOF): stop now rather than run on unobserved.
-            watch = [sock]
-            hard_ns = 0
+    p = paced(sock, dest, stream_id, rate_pps, duration_s, linger_s, size, t0, control_in)
     sock.close()
-    rx = analyze(zip(seqs, times, strict=True), t0)
-    result = {"sent": seq, "send_errors": errors, "send_errnos": errnos, "rx": asdict(rx)}
+    rx = analyze(zip(p.rseq, p.rt, strict=True), t0)
+    result = {"sent": p.sent, "send_errors": p.errors, "send_errnos": p.errnos, "rx": asdict(rx)}
     print(json.dumps(result), file=out, flush=True)
     return 0
 
