@@ -188,18 +188,84 @@ def test_error_paths_are_exact() -> None:
         parse_config(group(policy="{reselect: sometimes}"), "config.yaml")
     assert str(info.value) == (
         "config.yaml: groups[0].policy.reselect: must be one of always, better, failure"
-        " (got 'sometimes')"
+        " (got 'sometimes'); see docs/config.md"
     )
     assert info.value.path == ("groups", 0, "policy", "reselect")
     with pytest.raises(ConfigError) as info:
         parse_config(group(policy="{flap: 1}"), "config.yaml")
-    assert str(info.value) == "config.yaml: groups[0].policy.flap: unknown key"
+    assert str(info.value) == "config.yaml: groups[0].policy.flap: unknown key; see docs/config.md"
 
 
-def test_a_misspelt_key_is_reported_before_the_missing_one() -> None:
+def test_a_misspelt_key_gets_a_suggestion_instead_of_the_missing_one() -> None:
     with pytest.raises(ConfigError) as info:
         parse_config("groups: [{nmae: ens10, standby: s}]", "config.yaml")
-    assert_one_line(info.value, "groups[0].nmae: unknown key", "(and 1 more)")
+    assert str(info.value) == (
+        "config.yaml: groups[0].nmae: unknown key (did you mean 'name'?); see docs/config.md"
+    )
+
+
+def test_every_problem_at_once_one_line_each() -> None:
+    text = (
+        "groups:\n  - name: ens10\n    standby: ens10nsby\n"
+        "    policy: {reselect: sometimes, updelay: 5}\n"
+        "metrics: {listne: x}\nlog: {levle: debug}\nbpffs: relative\nfrobnicate: 1\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, "config.yaml")
+    assert str(info.value).splitlines() == [
+        "config.yaml: groups[0].policy.reselect: must be one of always, better, failure"
+        " (got 'sometimes')",
+        "config.yaml: groups[0].policy.updelay: unknown key (did you mean 'updelay_ms'?)",
+        "config.yaml: metrics.listne: unknown key (did you mean 'listen'?)",
+        "config.yaml: bpffs: must be an absolute path (got 'relative')",
+        "config.yaml: log.levle: unknown key (did you mean 'level'?)",
+        "config.yaml: frobnicate: unknown key; see docs/config.md",
+    ]
+    assert len(info.value.problems) == 6
+
+
+def test_failoverd_prints_every_problem_and_exits_2(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("groups: [{name: ens10, standbi: ens10nsby}]\nlog: {level: loud}\n")
+    p = subprocess.run(
+        [sys.executable, "-m", "bpfailover.agent", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert p.returncode == 2
+    assert p.stderr.splitlines() == [
+        f"failoverd: {cfg}: groups[0].standbi: unknown key (did you mean 'standby'?)",
+        f"failoverd: {cfg}: log.level: must be one of debug, info, warning, error"
+        " (got 'loud'); see docs/config.md",
+    ]
+
+
+def test_config_reference_is_generated_from_the_model() -> None:
+    """docs/config.md is what the generator prints: regenerate it when a key changes
+    (python -m bpfailover.model.config --reference > docs/config.md)."""
+    import subprocess
+    import sys
+
+    doc = Path(__file__).parent.parent / "docs" / "config.md"
+    p = subprocess.run(
+        [sys.executable, "-m", "bpfailover.model.config", "--reference"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert p.stdout == doc.read_text(), "docs/config.md is stale: regenerate it"
+    # every key of every model, with a meaning
+    for line in p.stdout.splitlines():
+        if line.startswith("| `"):
+            assert not line.rstrip().endswith("|  |"), f"no description: {line}"
+    keys = {ln.split("`")[1] for ln in p.stdout.splitlines() if ln.startswith("| `")}
+    assert {"groups[].policy.updelay_ms", "log.level", "control.group", "bpffs"} <= keys
+    assert len(keys) == 25
 
 
 def test_minimal_config_defaults() -> None:
@@ -329,11 +395,17 @@ def test_config_path_precedence(monkeypatch: pytest.MonkeyPatch) -> None:
 # --- fuzzing: only ConfigError may escape --------------------------------------------------------
 
 
+def assert_lines(e: ConfigError) -> None:
+    """One line per problem, each naming the source."""
+    lines = str(e).splitlines()
+    assert len(lines) == len(e.problems) and all(ln.startswith("config.yaml: ") for ln in lines)
+
+
 def parse_or_config_error(text: str) -> None:
     try:
         result = parse_config(text, "config.yaml")
     except ConfigError as e:
-        assert "\n" not in str(e)
+        assert_lines(e)
     else:
         assert isinstance(result, Config)
 
@@ -400,7 +472,7 @@ def test_fuzz_random_nested_dicts(data: dict[str, Any]) -> None:
     try:
         validate_config(data, "config.yaml")
     except ConfigError as e:
-        assert "\n" not in str(e)
+        assert_lines(e)
     parse_or_config_error(yaml.safe_dump(data))
 
 
@@ -411,5 +483,5 @@ def test_fuzz_one_bad_value_in_a_good_group(key: str, value: Any) -> None:
     try:
         validate_config(data, "config.yaml")
     except ConfigError as e:
-        text = str(e)
-        assert "\n" not in text and text.startswith("config.yaml: groups[0]"), text
+        assert_lines(e)
+        assert all(ln.startswith("config.yaml: groups[0]") for ln in str(e).splitlines()), e

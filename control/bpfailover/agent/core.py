@@ -815,7 +815,8 @@ def main(argv: list[str] | None = None) -> int:
             else configmod.load_config(configmod.config_path(args.config))
         )
     except configmod.ConfigError as e:
-        print(f"failoverd: {e}", file=sys.stderr)
+        for line in str(e).splitlines():  # one line per problem
+            print(f"failoverd: {line}", file=sys.stderr)
         return 2
     setup_logging(cfg.log.level)
     if os.geteuid() != 0:

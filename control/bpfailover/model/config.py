@@ -7,12 +7,15 @@ whose text is a single line naming the source and the path of the offending key,
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import os
 import re
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -34,15 +37,31 @@ IFNAMSIZ = 16  # kernel limit including the trailing NUL
 Loc = tuple[str | int, ...]
 
 
-class ConfigError(Exception):
-    """A config that cannot be used; `str()` is one line: `source: path: message`."""
+REFERENCE = "docs/config.md"  # generated: python -m bpfailover.model.config --reference
 
-    def __init__(self, source: str, message: str, path: Loc = ()) -> None:
+
+# Everything str.splitlines() breaks at, shown escaped: one problem stays one line.
+_LINE_BREAKS = {ord(c): repr(c)[1:-1] for c in "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"}
+
+
+class ConfigError(Exception):
+    """A config that cannot be used.  `str()` has one line per problem, `source: path:
+    message`; a problem with a key points at the reference on its line."""
+
+    def __init__(
+        self, source: str, message: str, path: Loc = (), more: Sequence[tuple[Loc, str]] = ()
+    ) -> None:
         self.source = source
         self.path = path
         self.message = message
-        where = f"{source}: {format_path(path)}: " if path else f"{source}: "
-        super().__init__((where + message).replace("\n", " "))
+        self.problems: list[tuple[Loc, str]] = [(path, message), *more]
+        lines = []
+        for where, what in self.problems:
+            prefix = f"{source}: {format_path(where)}: " if where else f"{source}: "
+            lines.append((prefix + what).translate(_LINE_BREAKS))
+        if any(where for where, _ in self.problems):
+            lines[-1] += f"; see {REFERENCE}"
+        super().__init__("\n".join(lines))
 
 
 def format_path(path: Loc) -> str:
@@ -146,7 +165,14 @@ class _Model(BaseModel):
 class StandbyDriver(_Model):
     """Pick the standby by kernel driver instead of by name."""
 
-    driver: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+    driver: Annotated[
+        str,
+        Field(
+            pattern=r"^[A-Za-z0-9_-]{1,64}$",
+            description="kernel driver of the standby (e.g. `virtio_net`, as `ethtool -i` "
+            "shows it); the netdev with that driver and the group MAC is the standby",
+        ),
+    ]
 
 
 # The standby is a name or {driver: ...}; the tags only steer pydantic and are cut from paths.
@@ -164,25 +190,66 @@ Standby = Annotated[
 
 
 class PolicySettings(_Model):
-    reselect: Literal["always", "better", "failure"] = "always"
-    updelay_ms: Millis = 0
-    downdelay_ms: Millis = 0
+    """When the active lower changes (bonding's semantics)."""
+
+    reselect: Literal["always", "better", "failure"] = Field(
+        default="always",
+        description="when to move back to the preferred lower (the override, else the "
+        "primary) while the other one is active and still usable (bonding's "
+        "primary_reselect): `always`, `better` (only if its link speed is higher), "
+        "`failure` (never: only when the active lower fails)",
+    )
+    updelay_ms: Millis = Field(
+        default=0, description="ms a lower must stay usable before it counts as up (0..600000)"
+    )
+    downdelay_ms: Millis = Field(
+        default=0, description="ms a lower must stay unusable before it counts as down (0..600000)"
+    )
 
 
 class NotifySettings(_Model):
-    garp_count: Annotated[int, AfterValidator(_in_range(0, 255))] = 1
-    garp_interval_ms: Annotated[int, AfterValidator(_in_range(0, 60_000))] = 200
+    """Gratuitous ARP and unsolicited NA sent through the new active lower after a switch."""
+
+    garp_count: Annotated[int, AfterValidator(_in_range(0, 255))] = Field(
+        default=1, description="how many rounds after every switch (0..255; 0: none)"
+    )
+    garp_interval_ms: Annotated[int, AfterValidator(_in_range(0, 60_000))] = Field(
+        default=200, description="ms between rounds (0..60000)"
+    )
 
 
 class Group(_Model):
-    name: IfName
-    standby: Standby
-    primary: Annotated[str, AfterValidator(_primary)] = "auto"
-    mac: Annotated[str, AfterValidator(_mac)] = "auto"
-    policy: PolicySettings = PolicySettings()
-    notify: NotifySettings = NotifySettings()
-    inactive_rx: Literal["deliver", "drop"] = "deliver"
-    rx_path: Literal["tc", "xdp"] = "tc"
+    """One failover device and its two lowers."""
+
+    name: IfName = Field(
+        description="the failover netdev to create (an interface name, 1..15 bytes); "
+        "also the group's name in status, metrics (`device`) and failoverctl"
+    )
+    standby: Standby = Field(
+        description="the standby lower (virtio-net): an interface name, or "
+        "`{driver: NAME}` to pick it by kernel driver"
+    )
+    primary: Annotated[str, AfterValidator(_primary)] = Field(
+        default="auto",
+        description="the primary lower (the VF): an interface name, or `auto`: any other "
+        "netdev with the group MAC, also one hot-plugged later",
+    )
+    mac: Annotated[str, AfterValidator(_mac)] = Field(
+        default="auto",
+        description="the group MAC (unicast, e.g. `52:54:00:00:12:53`), or `auto`: the standby's",
+    )
+    policy: PolicySettings = Field(default=PolicySettings(), description=PolicySettings.__doc__)
+    notify: NotifySettings = Field(default=NotifySettings(), description=NotifySettings.__doc__)
+    inactive_rx: Literal["deliver", "drop"] = Field(
+        default="deliver",
+        description="frames arriving on the inactive lower: `deliver` them (nothing is lost "
+        "while the hypervisor moves the MAC) or `drop` them (counted as reason `inactive_rx`)",
+    )
+    rx_path: Literal["tc", "xdp"] = Field(
+        default="tc",
+        description="receive path from the lowers to the failover device: `tc` (clsact "
+        "ingress) or `xdp` (XDP redirect; what XDP cannot redirect falls through to tc)",
+    )
 
     @property
     def standby_name(self) -> str | None:
@@ -208,7 +275,13 @@ class Group(_Model):
 
 
 class MetricsSettings(_Model):
-    listen: Annotated[str | None, AfterValidator(_listen)] = "0.0.0.0:9617"
+    """The Prometheus exporter."""
+
+    listen: Annotated[str | None, AfterValidator(_listen)] = Field(
+        default="0.0.0.0:9617",
+        description="`host:port` to serve /metrics on (IPv6 in brackets: `[::1]:9617`); "
+        '`""` or null disables the exporter',
+    )
 
     @property
     def address(self) -> tuple[str, int] | None:
@@ -220,26 +293,52 @@ class MetricsSettings(_Model):
 
 
 class ControlSettings(_Model):
-    socket: Annotated[str, AfterValidator(_socket_path)] = "/run/bpfailover/control.sock"
-    group: Annotated[str, AfterValidator(_unix_group)] | None = None  # allowed besides root
+    """The control socket failoverctl talks to."""
+
+    socket: Annotated[str, AfterValidator(_socket_path)] = Field(
+        default="/run/bpfailover/control.sock",
+        description="absolute path of the Unix socket (at most 107 bytes)",
+    )
+    group: Annotated[str, AfterValidator(_unix_group)] | None = Field(
+        default=None,
+        description="a Unix group whose members may use the socket besides root (null: root only)",
+    )
 
 
 class SchedulingSettings(_Model):
-    # SCHED_FIFO priority of the event loop (1-99; 0: normal scheduling). See sched.py.
-    realtime_priority: Annotated[int, AfterValidator(_in_range(0, 99))] = 10
+    """How the agent's event loop is scheduled."""
+
+    # See effects/sched.py.
+    realtime_priority: Annotated[int, AfterValidator(_in_range(0, 99))] = Field(
+        default=10,
+        description="SCHED_FIFO priority of the event loop (1..99; 0: normal scheduling). "
+        "Without CAP_SYS_NICE the agent logs `scheduling_refused` and runs normally",
+    )
 
 
 class LogSettings(_Model):
-    level: Literal["debug", "info", "warning", "error"] = "info"
+    """failoverd's log (JSON lines on stderr)."""
+
+    level: Literal["debug", "info", "warning", "error"] = Field(
+        default="info", description="lowest level logged"
+    )
 
 
 class Config(_Model):
-    groups: Annotated[list[Group], Field(min_length=1, max_length=MAX_GROUPS)]
-    metrics: MetricsSettings = MetricsSettings()
-    control: ControlSettings = ControlSettings()
-    bpffs: Annotated[str, AfterValidator(_abs_path)] = "/sys/fs/bpf/bpfailover"
-    log: LogSettings = LogSettings()
-    scheduling: SchedulingSettings = SchedulingSettings()
+    groups: Annotated[list[Group], Field(min_length=1, max_length=MAX_GROUPS)] = Field(
+        description=f"the failover groups (1..{MAX_GROUPS})"
+    )
+    metrics: MetricsSettings = Field(default=MetricsSettings(), description=MetricsSettings.__doc__)
+    control: ControlSettings = Field(default=ControlSettings(), description=ControlSettings.__doc__)
+    bpffs: Annotated[str, AfterValidator(_abs_path)] = Field(
+        default="/sys/fs/bpf/bpfailover",
+        description="directory on a bpf filesystem where programs and maps are pinned "
+        "(they outlive the agent, so a restart loses nothing)",
+    )
+    log: LogSettings = Field(default=LogSettings(), description=LogSettings.__doc__)
+    scheduling: SchedulingSettings = Field(
+        default=SchedulingSettings(), description=SchedulingSettings.__doc__
+    )
 
     @model_validator(mode="after")
     def _groups_disjoint(self) -> Config:
@@ -388,13 +487,57 @@ def _describe(err: Any) -> tuple[Loc, str]:
     return loc, msg[:1].lower() + msg[1:]
 
 
+def _model_at(loc: Loc) -> type[BaseModel] | None:
+    """The model whose keys are valid at `loc` (a path of keys and list indexes)."""
+    model: type[BaseModel] = Config
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        sub = _model_in(field.annotation) if field is not None else None
+        if sub is None:
+            return None
+        model = sub
+    return model
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in get_args(annotation):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _suggest(loc: Loc) -> str | None:
+    """The known key an unknown key at `loc` is probably a misspelling of."""
+    model = _model_at(loc[:-1]) if loc and isinstance(loc[-1], str) else None
+    if model is None:
+        return None
+    close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
 def _from_validation_error(e: ValidationError, source: str) -> ConfigError:
-    # An unknown key first: a misspelt key also explains the "missing" error next to it.
-    errors = sorted(e.errors(), key=lambda err: err["type"] != "extra_forbidden")
-    loc, message = _describe(errors[0])
-    if len(errors) > 1:
-        message += f" (and {len(errors) - 1} more)"
-    return ConfigError(source, message, loc)
+    problems: list[tuple[Loc, str]] = []
+    suggested: set[Loc] = set()
+    for err in e.errors():
+        loc, message = _describe(err)
+        if err["type"] == "extra_forbidden":
+            near = _suggest(loc)
+            if near is not None:
+                message += f" (did you mean {near!r}?)"
+                suggested.add(loc[:-1] + (near,))
+        if (loc, message) not in problems:
+            problems.append((loc, message))
+    # A misspelt required key also reports the real one missing: the suggestion says it.
+    problems = [
+        (loc, msg) for loc, msg in problems if not (loc in suggested and msg.startswith("required"))
+    ] or problems
+    (path, message), *more = problems
+    return ConfigError(source, message, path, more)
 
 
 # --- entry points ------------------------------------------------------------------------------
@@ -457,6 +600,102 @@ def lab_config() -> Config:
     return parse_config(LAB_CONFIG_YAML, "<lab>")
 
 
+# --- the reference (docs/config.md) -----------------------------------------------------------
+
+
+def _type_name(annotation: Any) -> str:
+    origin = get_origin(annotation)
+    if origin is Annotated:
+        return _type_name(get_args(annotation)[0])
+    if origin is Literal:
+        return " \\| ".join(f"`{a}`" for a in get_args(annotation))
+    if origin is list:
+        return f"list of {_type_name(get_args(annotation)[0])}s"
+    if origin in (Union, UnionType):
+        names = [_type_name(a) for a in get_args(annotation) if a is not type(None)]
+        text = " or ".join(dict.fromkeys(names))
+        return text + (" or null" if type(None) in get_args(annotation) else "")
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return "mapping"
+    return {str: "string", int: "integer", bool: "boolean"}.get(annotation, str(annotation))
+
+
+def _default(field: Any) -> str:
+    if field.is_required():
+        return "required"
+    value = field.default
+    if isinstance(value, BaseModel):
+        return "see below"
+    return "`null`" if value is None else f"`{value}`"
+
+
+def _rows(model: type[BaseModel], prefix: str) -> list[tuple[str, str, str, str]]:
+    rows = []
+    for key, field in model.model_fields.items():
+        path = f"{prefix}{key}"
+        sub = _model_in(field.annotation)
+        is_list = get_origin(field.annotation) is list or (
+            get_origin(field.annotation) is Annotated
+            and get_origin(get_args(field.annotation)[0]) is list
+        )
+        meaning = " ".join((field.description or "").split())
+        rows.append((path, _type_name(field.annotation), _default(field), meaning))
+        if sub is not None:
+            rows.extend(_rows(sub, path + ("[]." if is_list else ".")))
+    return rows
+
+
+def reference() -> str:
+    """docs/config.md: every key with its type, default and meaning, from the models."""
+    out = [
+        "# failoverd configuration reference",
+        "",
+        "<!-- Generated from control/bpfailover/model/config.py by",
+        "     `python -m bpfailover.model.config --reference > docs/config.md`; do not edit. -->",
+        "",
+        f"failoverd reads YAML from `--config`, else `${CONFIG_ENV}`, else "
+        f"`{DEFAULT_CONFIG_PATH}`. Unknown keys are refused (with a suggestion for a "
+        'near miss), values are strictly typed (`"5"` is not an integer, `yes` is not a '
+        "string), and every problem is reported at once, one line each, naming its key.",
+        "",
+        "A minimal config:",
+        "",
+        "```yaml",
+        "groups:",
+        "  - name: ens10",
+        "    standby: ens10nsby",
+        "```",
+        "",
+        "| key | type | default | meaning |",
+        "|-----|------|---------|---------|",
+    ]
+    for path, kind, default, meaning in _rows(Config, ""):
+        cells = (f"`{path}`", kind, default, meaning.replace("|", "\\|"))
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out) + "\n"
+
+
+def _main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(
+        prog="python -m bpfailover.model.config", description="failoverd's config"
+    )
+    ap.add_argument("--reference", action="store_true", help="print docs/config.md")
+    ap.add_argument("--check", metavar="FILE", help="validate FILE; exit 2 if it is bad")
+    args = ap.parse_args(argv)
+    if args.check:
+        try:
+            load_config(args.check)
+        except ConfigError as e:
+            print(e, file=sys.stderr)
+            return 2
+        print(f"{args.check}: ok")
+        return 0
+    print(reference(), end="")
+    return 0
+
+
 __all__ = [
     "Config",
     "ConfigError",
@@ -475,3 +714,7 @@ __all__ = [
     "parse_config",
     "validate_config",
 ]
+
+
+if __name__ == "__main__":
+    sys.exit(_main())

@@ -340,7 +340,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         sock = socket_path(args.socket, args.config)
         return int(VERBS[args.verb].run(args, sock))
     except CliError as e:
-        print(f"failoverctl: {e}", file=sys.stderr)
+        for line in str(e).splitlines():  # a config's problems: one line each
+            print(f"failoverctl: {line}", file=sys.stderr)
         return e.code
     except KeyboardInterrupt:
         return 130

@@ -512,14 +512,15 @@ def main_for_cli(args: argparse.Namespace, cli_socket: str | None) -> int:
         cfg = configmod.load_config(path)
     except configmod.ConfigError as e:
         if args.config or os.environ.get(configmod.CONFIG_ENV) or path.exists():
-            print(f"failoverctl: {e}", file=sys.stderr)
+            for line in str(e).splitlines():
+                print(f"failoverctl: {line}", file=sys.stderr)
             return 2
         pre.append(
             Finding(
                 "config",
                 str(path),
                 "no agent config: lowers are guessed only from a running agent",
-                f"write {path} (see docs/operators.md)",
+                f"write {path} (keys: {configmod.REFERENCE})",
             )
         )
     sock = cli_socket or (cfg.control.socket if cfg else "/run/bpfailover/control.sock")
