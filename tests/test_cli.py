@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -15,28 +16,16 @@ from bpfailover.ops import cli
 from bpfailover_lab import traffic
 from bpfailover_lab.topology import Lab
 from tests.opsutil import agent_in_lab, ctl, status_json
+from tests.statusutil import agent, counted, group
 
 # ---- no root needed --------------------------------------------------------------------------
 
 
-def _group(
-    active: str | None, primary_usable: bool, standby_usable: bool, override: str | None = None
-) -> dict[str, Any]:
-    return {
-        "active": active,
-        "override": override,
-        "lowers": [
-            {"name": "ens11", "role": "primary", "usable": primary_usable},
-            {"name": "ens10nsby", "role": "standby", "usable": standby_usable},
-        ],
-    }
-
-
 def test_degraded_reasons() -> None:
-    assert cli.degraded_reasons(_group("primary", True, True)) == []
-    assert cli.degraded_reasons(_group("standby", False, True)) == []  # failover: as designed
-    assert "no usable lower" in cli.degraded_reasons(_group(None, False, False))[0]
-    why = cli.degraded_reasons(_group("standby", True, True, override="standby"))
+    assert cli.degraded_reasons(group("primary", True, True)) == []
+    assert cli.degraded_reasons(group("standby", False, True)) == []  # failover: as designed
+    assert "no usable lower" in cli.degraded_reasons(group(None, False, False))[0]
+    why = cli.degraded_reasons(group("standby", True, True, override="standby"))
     assert "primary ens11 is usable" in why[0] and "override" in why[0]
 
 
@@ -67,47 +56,14 @@ def test_usage_and_unreachable_exit_codes(tmp_path: Path) -> None:
 
 
 def test_format_table_of_empty_and_full_documents() -> None:
-    assert cli.format_table({"groups": []}) == "no groups"
-    st = {
-        "pid": 1,
-        "started_at": 0,
-        "groups": {
-            "ens10": {
-                "device": "ens10",
-                "mac": "52:54:00:00:12:53",
-                "mtu": 1500,
-                "carrier": True,
-                "active": "primary",
-                "active_lower": "ens11",
-                "override": None,
-                "lowers": [
-                    {
-                        "name": "ens11",
-                        "ifindex": 3,
-                        "role": "primary",
-                        "usable": True,
-                        "admin_up": True,
-                        "carrier": True,
-                        "active": True,
-                        "tx_packets": 7,
-                        "rx_packets": 9,
-                    }
-                ],
-                "switches": {"initial": 1},
-                "drops": {"tc_egress/no_lower": 2},
-                "last_switch": {
-                    "time": time.time(),
-                    "from": None,
-                    "to": "ens11",
-                    "reason": "initial",
-                    "latency_s": 0.0001,
-                },
-            }
-        },
-    }
-    text = cli.format_table(cli.status_document(st))
+    assert cli.format_table(agent()) == "no groups"
+    g = group()
+    st = counted(agent(replace(g, last_switch=replace(g.last_switch, time=time.time()))))
+    text = cli.format_table(st)
     assert "ens10: active ens11 (primary)" in text and "initial, 100 us" in text
     assert "tc_egress/no_lower 2" in text
+    assert "xdp/inactive" not in text  # zero drops are not shown
+    assert cli.format_table(st, "ens99") == "no groups"
 
 
 # ---- against a running agent -------------------------------------------------------------------

@@ -21,8 +21,21 @@ Role = Literal["primary", "standby"]
 Reselect = Literal["always", "better", "failure"]
 ROLES: tuple[Role, ...] = ("primary", "standby")
 
-# Decision.reason values when switched: "initial", "override", "no_lower", "reselect",
-# "<role>_up" (a lower came up and took over), "<role>_down" (the active lower went down).
+# Why the active lower changed (Decision.reason when switched): the first decision, the
+# operator's override, no usable lower left, a return to the preferred lower that stayed up
+# meanwhile, "<role>_up" (a lower came up and took over), "<role>_down" (the active lower went
+# down).  Metrics export every one of them from 0; docs/status-schema.md lists them.
+SwitchReason = Literal[
+    "initial",
+    "override",
+    "no_lower",
+    "reselect",
+    "primary_up",
+    "standby_up",
+    "primary_down",
+    "standby_down",
+]
+SWITCH_REASONS: tuple[SwitchReason, ...] = get_args(SwitchReason)
 
 
 @dataclass(frozen=True)

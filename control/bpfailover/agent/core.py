@@ -22,6 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 from bpfailover import netns, policy
+from bpfailover.agent import status as statusmod
 from bpfailover.agent.fault import Fault, FaultSpecError
 from bpfailover.datapath.attach import Wiring, peer_name, set_carrier
 from bpfailover.datapath.layout import ROLE_SLOTS, SLOT_NAMES
@@ -33,6 +34,7 @@ from bpfailover.events import netlink
 from bpfailover.events.pinwatch import PinWatch
 from bpfailover.model import config as configmod
 from bpfailover.model.groups import Group, Lower, Switch
+from bpfailover.model.status import AgentStatus
 from bpfailover.ops.api import ControlServer, RequestError
 from bpfailover.ops.eventlog import event, setup_logging
 from bpfailover.policy import Role
@@ -85,6 +87,9 @@ class Agent:
         self.pinwatch: PinWatch | None = None
         self.repin_due_ms: int | None = None
         self.fault = Fault.from_env()  # TEST-ONLY: None outside the fault suite
+        # The latest status, frozen: replaced whole (one assignment) after every change, so
+        # readers in other threads (metrics) see a consistent picture without locks.
+        self.snapshot: AgentStatus = statusmod.snapshot((), self.started_at, self.scheduling)
 
     def _fault(self, point: str) -> None:
         """TEST-ONLY: fire the injected fault if this is its point and turn."""
@@ -143,6 +148,7 @@ class Agent:
             self.cfg.control.socket, self.handle_request, self.cfg.control.group
         )
         self.control.register(self.sel)
+        self.publish()
         event("started", groups=list(self.groups), pin_dir=self.cfg.bpffs, pid=os.getpid())
 
     def go_realtime(self) -> None:
@@ -231,7 +237,13 @@ class Agent:
             self.addrs.setdefault(a.ifindex, set()).add((a.family, a.address))
 
     # -- the loop -------------------------------------------------------------------------
+    def publish(self) -> AgentStatus:
+        """A new snapshot of what the agent knows now, swapped in for the readers."""
+        self.snapshot = statusmod.snapshot(self.groups.values(), self.started_at, self.scheduling)
+        return self.snapshot
+
     def run(self) -> None:
+        self.publish()  # with the scheduling go_realtime() set
         while not self.stopping:
             timeout = self._next_timeout()
             for key, _mask in self.sel.select(timeout):
@@ -242,6 +254,7 @@ class Agent:
                 elif self.control is not None:
                     self.control.on_ready(key)
             self._run_timers()
+            self.publish()  # after the switch and its effects: never on the event -> map path
 
     def stop(self) -> None:
         self.stopping = True
@@ -714,68 +727,9 @@ class Agent:
         return {"ok": True}
 
     def status(self) -> dict[str, Any]:
+        """The control socket's status: the snapshot as of this request, counters read now."""
         assert self.dp is not None
-        L = self.dp.L
-        out: dict[str, Any] = {
-            "pid": os.getpid(),
-            "started_at": self.started_at,
-            "scheduling": self.scheduling,
-            "groups": {},
-        }
-        for grp in self.groups.values():
-            lowers = []
-            for role, lw in sorted(grp.lowers.items()):
-                slot = ROLE_SLOTS[role]
-                tx = self.dp.stats(grp.gid, slot, L.FO_DIR_TX)
-                rx = self.dp.stats(grp.gid, slot, L.FO_DIR_RX)
-                lowers.append(
-                    {
-                        "name": lw.name,
-                        "ifindex": lw.ifindex,
-                        "role": role,
-                        "usable": lw.usable,
-                        "admin_up": lw.admin_up,
-                        "carrier": lw.carrier,
-                        "mtu": lw.mtu,
-                        "active": grp.active == role,
-                        "tx_packets": tx.packets,
-                        "tx_bytes": tx.bytes,
-                        "rx_packets": rx.packets,
-                        "rx_bytes": rx.bytes,
-                    }
-                )
-            sw = grp.last_switch
-            drops = {
-                f"{hook}/{reason}": self.dp.drops(grp.gid, h, r).packets
-                for h, hook in enumerate(L.hooks)
-                for r, reason in enumerate(L.drop_reasons)
-            }
-            out["groups"][grp.name] = {
-                "device": grp.name,
-                "ifindex": grp.master,
-                "mac": grp.mac,
-                "mtu": grp.mtu,
-                "carrier": bool(grp.carrier),
-                "active": grp.active,
-                "active_lower": grp.lowers[grp.active].name if grp.active in grp.lowers else None,
-                "override": grp.override,
-                "reselect": grp.pcfg.reselect,
-                "inactive_rx": grp.cfg.inactive_rx,
-                "rx_path": grp.cfg.rx_path,
-                "lowers": lowers,
-                "drops": drops,
-                "switches": dict(grp.switches),
-                "last_switch": None
-                if sw is None
-                else {
-                    "time": sw.wall_time,
-                    "from": sw.from_lower,
-                    "to": sw.to_lower,
-                    "reason": sw.reason,
-                    "latency_s": sw.latency_s,
-                },
-            }
-        return out
+        return statusmod.with_counters(self.publish(), self.dp).to_json()
 
 
 def _check_failover_name(name: str, links: dict[int, netlink.Link]) -> None:

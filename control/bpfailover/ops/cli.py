@@ -19,6 +19,12 @@ import time
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
+from bpfailover.model.status import (
+    AgentStatus,
+    GroupStatus,
+    LowerCounters,
+    StatusFormatError,
+)
 from bpfailover.ops import api
 
 EXIT_OK = 0
@@ -28,7 +34,6 @@ EXIT_UNREACHABLE = 3
 EXIT_DEGRADED = 4
 
 DEFAULT_SOCKET = "/run/bpfailover/control.sock"
-STATUS_SCHEMA_VERSION = 1
 
 
 class CliError(Exception):
@@ -71,82 +76,31 @@ def call(sock: str, msg: dict[str, Any], timeout: float = 10.0) -> dict[str, Any
 # -- status ---------------------------------------------------------------------------------
 
 
-def degraded_reasons(group: dict[str, Any]) -> list[str]:
+def fetch_status(sock: str) -> AgentStatus:
+    """The agent's status, parsed into the typed snapshot (docs/status-schema.md)."""
+    reply = call(sock, {"cmd": "status"})
+    try:
+        return AgentStatus.from_json(reply.get("status"))
+    except StatusFormatError as e:
+        raise CliError(f"agent replied with a status this failoverctl cannot read: {e}") from None
+
+
+def degraded_reasons(group: GroupStatus) -> list[str]:
     """Why `status --check` calls a group degraded (empty: healthy)."""
-    lowers = group.get("lowers", [])
-    usable = [lw for lw in lowers if lw.get("usable")]
-    if not usable:
+    if not any(lw.usable for lw in group.lowers):
         return ["no usable lower: traffic is dropped"]
-    by_role = {lw.get("role"): lw for lw in lowers}
-    primary = by_role.get("primary")
-    if group.get("active") == "standby" and primary is not None and primary.get("usable"):
-        why = f"running on the standby while primary {primary.get('name')} is usable"
-        if group.get("override") == "standby":
+    primary = group.lower("primary")
+    if group.active == "standby" and primary is not None and primary.usable:
+        why = f"running on the standby while primary {primary.name} is usable"
+        if group.override == "standby":
             why += " (operator override: failoverctl set-primary GROUP --auto clears it)"
         return [why]
     return []
 
 
-def status_document(st: dict[str, Any], only: str | None = None) -> dict[str, Any]:
+def status_document(st: AgentStatus, only: str | None = None) -> dict[str, Any]:
     """The stable `status --json` document (docs/status-schema.md)."""
-    groups = []
-    for name, g in sorted(st.get("groups", {}).items()):
-        if only is not None and name != only:
-            continue
-        sw = g.get("last_switch")
-        groups.append(
-            {
-                "group": name,
-                "device": g.get("device", name),
-                "ifindex": g.get("ifindex"),
-                "mac": g.get("mac"),
-                "mtu": g.get("mtu"),
-                "carrier": bool(g.get("carrier")),
-                "active": g.get("active"),
-                "active_lower": g.get("active_lower"),
-                "override": g.get("override"),
-                "reselect": g.get("reselect"),
-                "inactive_rx": g.get("inactive_rx"),
-                "lowers": [
-                    {
-                        "name": lw.get("name"),
-                        "ifindex": lw.get("ifindex"),
-                        "role": lw.get("role"),
-                        "active": bool(lw.get("active")),
-                        "usable": bool(lw.get("usable")),
-                        "admin_up": bool(lw.get("admin_up")),
-                        "carrier": bool(lw.get("carrier")),
-                        "mtu": lw.get("mtu"),
-                        "tx_packets": lw.get("tx_packets", 0),
-                        "tx_bytes": lw.get("tx_bytes", 0),
-                        "rx_packets": lw.get("rx_packets", 0),
-                        "rx_bytes": lw.get("rx_bytes", 0),
-                    }
-                    for lw in g.get("lowers", [])
-                ],
-                "switches": dict(g.get("switches", {})),
-                "last_switch": None
-                if not sw
-                else {
-                    "time": sw.get("time"),
-                    "from": sw.get("from"),
-                    "to": sw.get("to"),
-                    "reason": sw.get("reason"),
-                    "latency_s": sw.get("latency_s"),
-                },
-                "drops": dict(g.get("drops", {})),
-                "degraded": degraded_reasons(g),
-            }
-        )
-    return {
-        "schema": STATUS_SCHEMA_VERSION,
-        "agent": {
-            "pid": st.get("pid"),
-            "started_at": st.get("started_at"),
-            "scheduling": st.get("scheduling"),
-        },
-        "groups": groups,
-    }
+    return st.document(degraded_reasons, only)
 
 
 def _yes(v: bool) -> str:
@@ -164,55 +118,55 @@ def _ago(t: float | None) -> str:
     return f"{d / 3600:.1f}h ago"
 
 
-def format_table(doc: dict[str, Any]) -> str:
-    out: list[str] = []
-    for g in doc["groups"]:
-        override = g["override"] or "auto"
-        state = "DEGRADED: " + "; ".join(g["degraded"]) if g["degraded"] else "ok"
-        out.append(
-            f"{g['group']}: active {g['active_lower'] or 'none'} ({g['active'] or '-'}), "
-            f"override {override}, carrier {'on' if g['carrier'] else 'off'}, "
-            f"mac {g['mac']}, mtu {g['mtu']} -- {state}"
+def format_group(g: GroupStatus) -> list[str]:
+    degraded = degraded_reasons(g)
+    state = "DEGRADED: " + "; ".join(degraded) if degraded else "ok"
+    out = [
+        f"{g.name}: active {g.active_lower or 'none'} ({g.active or '-'}), "
+        f"override {g.override or 'auto'}, carrier {'on' if g.carrier else 'off'}, "
+        f"mac {g.mac}, mtu {g.mtu} -- {state}"
+    ]
+    head = ("", "LOWER", "IFINDEX", "ROLE", "USABLE", "ADMIN", "CARRIER", "TX_PKTS", "RX_PKTS")
+    rows = [head]
+    for lw in g.lowers:
+        c = lw.counters or LowerCounters()
+        rows.append(
+            (
+                "*" if lw.active else "",
+                lw.name,
+                str(lw.ifindex),
+                lw.role,
+                _yes(lw.usable),
+                "up" if lw.admin_up else "down",
+                _yes(lw.carrier),
+                str(c.tx_packets),
+                str(c.rx_packets),
+            )
         )
-        head = ("", "LOWER", "IFINDEX", "ROLE", "USABLE", "ADMIN", "CARRIER", "TX_PKTS", "RX_PKTS")
-        rows = [head]
-        for lw in g["lowers"]:
-            rows.append(
-                (
-                    "*" if lw["active"] else "",
-                    lw["name"],
-                    str(lw["ifindex"]),
-                    lw["role"],
-                    _yes(lw["usable"]),
-                    "up" if lw["admin_up"] else "down",
-                    _yes(lw["carrier"]),
-                    str(lw["tx_packets"]),
-                    str(lw["rx_packets"]),
-                )
-            )
-        widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
-        for r in rows:
-            out.append(
-                "  " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
-            )
-        sw = g["last_switch"]
-        if sw:
-            lat = sw["latency_s"]
-            out.append(
-                f"  last switch {_ago(sw['time'])}: {sw['from'] or 'none'} -> "
-                f"{sw['to'] or 'none'} ({sw['reason']}"
-                + (f", {lat * 1e6:.0f} us)" if lat is not None else ")")
-            )
-        total = sum(g["switches"].values())
-        if total:
-            parts = ", ".join(f"{k} {v}" for k, v in sorted(g["switches"].items()))
-            out.append(f"  switches {total}: {parts}")
-        drops = {k: v for k, v in g["drops"].items() if v}
-        if drops:
-            out.append("  drops: " + ", ".join(f"{k} {v}" for k, v in sorted(drops.items())))
-    if not doc["groups"]:
-        out.append("no groups")
-    return "\n".join(out)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    for r in rows:
+        out.append("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    sw = g.last_switch
+    if sw is not None:
+        out.append(
+            f"  last switch {_ago(sw.time)}: {sw.from_lower or 'none'} -> "
+            f"{sw.to_lower or 'none'} ({sw.reason}, {sw.latency_s * 1e6:.0f} us)"
+        )
+    total = sum(g.switches.values())
+    if total:
+        parts = ", ".join(f"{k} {v}" for k, v in sorted(g.switches.items()))
+        out.append(f"  switches {total}: {parts}")
+    drops = {k: v for k, v in (g.drops or {}).items() if v}
+    if drops:
+        out.append("  drops: " + ", ".join(f"{k} {v}" for k, v in sorted(drops.items())))
+    return out
+
+
+def format_table(st: AgentStatus, only: str | None = None) -> str:
+    groups = [g for g in sorted(st.groups, key=lambda g: g.name) if only in (None, g.name)]
+    if not groups:
+        return "no groups"
+    return "\n".join(line for g in groups for line in format_group(g))
 
 
 class Status:
@@ -231,17 +185,21 @@ class Status:
 
     @staticmethod
     def run(args: argparse.Namespace, sock: str) -> int:
-        st = call(sock, {"cmd": "status"})["status"]
-        if args.group is not None and args.group not in st.get("groups", {}):
-            known = ", ".join(sorted(st.get("groups", {}))) or "none"
+        st = fetch_status(sock)
+        if args.group is not None and st.group(args.group) is None:
+            known = ", ".join(sorted(g.name for g in st.groups)) or "none"
             raise CliError(f"unknown group {args.group!r} (groups: {known})")
-        doc = status_document(st, args.group)
         if args.json:
-            print(json.dumps(doc, indent=2, sort_keys=True))
+            print(json.dumps(status_document(st, args.group), indent=2, sort_keys=True))
         else:
-            print(format_table(doc))
+            print(format_table(st, args.group))
         if args.check:
-            bad = [(g["group"], r) for g in doc["groups"] for r in g["degraded"]]
+            bad = [
+                (g.name, r)
+                for g in sorted(st.groups, key=lambda g: g.name)
+                if args.group in (None, g.name)
+                for r in degraded_reasons(g)
+            ]
             for name, reason in bad:
                 print(f"failoverctl: {name}: degraded: {reason}", file=sys.stderr)
             if bad:

@@ -20,11 +20,11 @@ import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 from bpfailover import netns
 from bpfailover.datapath import kheaders
 from bpfailover.model import config as configmod
+from bpfailover.model.status import AgentStatus, StatusFormatError
 from bpfailover.ops import api
 
 DHCP_CLIENTS = {"dhclient", "dhcpcd", "dhcpcd5", "udhcpc", "pump", "dhcpcd-bin"}
@@ -129,17 +129,17 @@ def dump_links(ns: str | None) -> dict[int, LinkInfo]:
 
 
 def find_lowers(
-    cfg: configmod.Config | None, links: dict[int, LinkInfo], status: dict[str, Any] | None
+    cfg: configmod.Config | None, links: dict[int, LinkInfo], status: AgentStatus | None
 ) -> list[Lower]:
     """Lowers by the agent's word when it answers, else by config: the standby (name or
     driver-less guess by name) and every other netdev with its MAC."""
     by_index: dict[int, Lower] = {}
     if status is not None:
-        for name, g in status.get("groups", {}).items():
-            for lw in g.get("lowers", []):
-                link = links.get(lw.get("ifindex"))
+        for gs in status.groups:
+            for lw in gs.lowers:
+                link = links.get(lw.ifindex)
                 if link is not None:
-                    by_index[link.ifindex] = Lower(name, lw.get("role", "?"), link)
+                    by_index[link.ifindex] = Lower(gs.name, lw.role, link)
     if cfg is not None:
         names = {lk.name: lk for lk in links.values()}
         for g in cfg.groups:
@@ -463,9 +463,9 @@ def run_checks(
     if sock is not None:
         try:
             reply = api.request(sock, {"cmd": "status"}, timeout=2.0)
-            status = reply.get("status") if reply.get("ok") else None
-        except (api.AgentUnreachable, api.ReplyError):
-            status = None
+            status = AgentStatus.from_json(reply.get("status")) if reply.get("ok") else None
+        except (api.AgentUnreachable, api.ReplyError, StatusFormatError):
+            status = None  # then the lowers are found by the config
     if links is None:
         try:
             links = dump_links(host.netns)

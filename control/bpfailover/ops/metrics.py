@@ -1,10 +1,11 @@
 """Prometheus exporter of failoverd (metric names: docs/operators.md).
 
 Every scrape builds the metrics fresh: counters are summed from the per-CPU
-maps through the exporter's *own* file descriptors of the pinned maps, the
-agent's model (lowers, switches) is copied, never locked.  The agent thread
-is the single writer; the exporter only reads, so a scrape never blocks a
-switch.  Switch latencies come from the agent's `on_switch` hook, which only
+maps through the exporter's *own* file descriptors of the pinned maps; lowers
+and switches come from the agent's latest status snapshot (`agent.snapshot`,
+frozen, replaced whole by the agent thread: one reference read, no lock, no
+copy).  The agent thread is the single writer; the exporter only reads, so a
+scrape never blocks a switch.  Switch latencies come from the agent's `on_switch` hook, which only
 appends to a deque (atomic under the GIL) that the scrape drains into the
 histogram.
 
@@ -16,18 +17,17 @@ from Prometheus, `up == 0`, says so).
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import socket
 import sys
 import threading
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import suppress
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any
+from typing import Any, Protocol
 
 from prometheus_client.core import (
     CollectorRegistry,
@@ -39,6 +39,8 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from bpfailover.datapath.layout import ROLE_SLOTS
+from bpfailover.model.status import AgentStatus, GroupStatus
+from bpfailover.policy import SWITCH_REASONS
 
 log = logging.getLogger("bpfailover.metrics")
 
@@ -58,23 +60,6 @@ BUCKETS = (
     0.25,
     1.0,
 )
-# Every reason the policy gives (policy.Decision.reason), exported from 0 so that
-# increase() sees the first switch of each kind (a series born at 1 increases by 0).
-KNOWN_REASONS = (
-    "initial",
-    "override",
-    "no_lower",
-    "reselect",
-    "primary_up",
-    "standby_up",
-    "primary_down",
-    "standby_down",
-)
-HOOK_PROGS = {
-    "tc_egress": "failover device egress",
-    "tc_ingress": "lowers' ingress",
-    "xdp": "lowers' XDP",
-}
 
 
 def build_version() -> str:
@@ -108,61 +93,20 @@ class Histogram:
         return out
 
 
-def _copy(fn: Callable[[], Any], tries: int = 5) -> Any:
-    """Copy agent-owned containers; retry if the agent resized one meanwhile."""
-    for _ in range(tries - 1):
-        try:
-            return fn()
-        except RuntimeError:  # "dictionary changed size during iteration"
-            continue
-    return fn()
+class StatusSource(Protocol):
+    """What the exporter reads of the agent (the Agent has it)."""
 
-
-@dataclass(frozen=True)
-class _LowerView:
-    name: str
-    role: str
-    ifindex: int
-    usable: bool
-
-
-@dataclass(frozen=True)
-class _GroupView:
-    name: str
-    gid: int
-    master: int
-    rx_path: str
-    lowers: tuple[_LowerView, ...]
-    switches: dict[str, int]
-    last_switch_time: float | None
-
-
-def snapshot(agent: Any) -> list[_GroupView]:
-    groups = _copy(lambda: list(agent.groups.values()))
-    out = []
-    for g in groups:
-        lowers = _copy(functools.partial(lambda grp: list(grp.lowers.values()), g))
-        sw = g.last_switch
-        out.append(
-            _GroupView(
-                name=g.name,
-                gid=g.gid,
-                master=g.master,
-                rx_path=g.cfg.rx_path,
-                lowers=tuple(
-                    _LowerView(lw.name, lw.role, lw.ifindex, bool(lw.usable)) for lw in lowers
-                ),
-                switches=_copy(functools.partial(lambda grp: dict(grp.switches), g)),
-                last_switch_time=sw.wall_time if sw is not None else None,
-            )
-        )
-    return out
+    @property
+    def snapshot(self) -> AgentStatus: ...
+    @property
+    def dp(self) -> Any: ...
 
 
 class FailoverCollector(Collector):
-    """Reads the agent's model and its own handle on the pinned maps at each scrape."""
+    """Reads the agent's status snapshot and its own handle on the pinned maps at each
+    scrape."""
 
-    def __init__(self, agent: Any, dp: Any = None) -> None:
+    def __init__(self, agent: StatusSource, dp: Any = None) -> None:
         self.agent = agent
         self.dp = dp  # a Datapath of our own (own fds); None: the agent's (tests)
         self.pending: deque[tuple[str, float]] = deque()
@@ -192,7 +136,7 @@ class FailoverCollector(Collector):
         self._drain()
         dp = self.dp or self.agent.dp
         L = dp.L
-        groups = snapshot(self.agent)
+        groups = self.agent.snapshot.groups  # one reference read: a consistent picture
         info = GaugeMetricFamily("failover_build_info", "bpfailover build", labels=["version"])
         info.add_metric([self.version], 1)
         yield info
@@ -242,7 +186,9 @@ class FailoverCollector(Collector):
         )
         attach_state = _attachments(groups)
         for g in groups:
-            act_slot = dp.active(g.gid)
+            gid = g.gid
+            assert gid is not None  # the agent's own snapshot always has it
+            act_slot = dp.active(gid)
             found = False
             for lw in g.lowers:
                 is_active = ROLE_SLOTS.get(lw.role) == act_slot
@@ -251,33 +197,35 @@ class FailoverCollector(Collector):
                 up.add_metric([g.name, lw.name, lw.role], 1 if lw.usable else 0)
                 slot = ROLE_SLOTS[lw.role]
                 for d, dir_id in (("transmit", L.FO_DIR_TX), ("receive", L.FO_DIR_RX)):
-                    c = dp.stats(g.gid, slot, dir_id)
+                    c = dp.stats(gid, slot, dir_id)
                     ctr[(d, "packets")].add_metric([g.name, lw.name], c.packets)
                     ctr[(d, "bytes")].add_metric([g.name, lw.name], c.bytes)
             active.add_metric([g.name, "none", "none"], 0 if found else 1)
-            for reason, n in sorted({**dict.fromkeys(KNOWN_REASONS, 0), **g.switches}.items()):
+            # every reason from 0: increase() then sees the first switch of each kind
+            counts: dict[str, int] = {**dict.fromkeys(SWITCH_REASONS, 0), **g.switches}
+            for reason, n in sorted(counts.items()):
                 switches.add_metric([g.name, reason], n)
-            if g.last_switch_time is not None:
-                last.add_metric([g.name], g.last_switch_time)
+            if g.last_switch is not None:
+                last.add_metric([g.name], g.last_switch.time)
             h = self.hist.get(g.name)
             if h is not None:
                 dur.add_metric([g.name], h.buckets(), h.total)
             for h_id, hook in enumerate(L.hooks):
                 for r_id, reason in enumerate(L.drop_reasons):
-                    drops.add_metric([g.name, hook, reason], dp.drops(g.gid, h_id, r_id).packets)
+                    drops.add_metric([g.name, hook, reason], dp.drops(gid, h_id, r_id).packets)
             for hook, ok in attach_state.get(g.name, {}).items():
                 attached.add_metric([g.name, hook], 1 if ok else 0)
         yield from (active, up, switches, last, dur, *ctr.values(), drops, attached)
 
 
-def _initial_latencies(agent: Any) -> Iterable[tuple[str, float]]:
+def _initial_latencies(agent: StatusSource) -> Iterable[tuple[str, float]]:
     """Switches made before the exporter started (the start-up reconcile)."""
-    for g in _copy(lambda: list(agent.groups.values())):
+    for g in agent.snapshot.groups:
         if g.last_switch is not None:
             yield g.name, g.last_switch.latency_s
 
 
-def _attachments(groups: list[_GroupView]) -> dict[str, dict[str, bool]]:
+def _attachments(groups: Iterable[GroupStatus]) -> dict[str, dict[str, bool]]:
     """Whether our programs sit where they must: egress filter on the failover device,
     ingress filter (and XDP, on the xdp receive path) on every registered lower."""
     from pyroute2 import IPRoute
@@ -288,7 +236,7 @@ def _attachments(groups: list[_GroupView]) -> dict[str, dict[str, bool]]:
     try:
         with IPRoute() as ipr:  # our own netlink socket: the agent's is not shared
             for g in groups:
-                st = {"tc_egress": attach.tc_attached(ipr, g.master, "egress")}
+                st = {"tc_egress": attach.tc_attached(ipr, g.ifindex, "egress")}
                 st["tc_ingress"] = all(
                     attach.tc_attached(ipr, lw.ifindex, "ingress") for lw in g.lowers
                 )
