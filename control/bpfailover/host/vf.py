@@ -1,0 +1,164 @@
+"""The VF as the host sees it: attached?, detach (and wait until it is gone), attach.
+
+* `QmpVf`: plain QEMU.  `device_del ID` and the DEVICE_DELETED event (the guest has
+  released it: ACPI/PCIe hot-unplug done), `device_add DRIVER,prop=value,...`.
+* `VirshVf`: libvirt.  `virsh detach-device DOMAIN FILE --live`, then the domain XML is
+  read until the hostdev's PCI address is gone; `virsh attach-device` on the destination.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+import xml.etree.ElementTree as ET
+from typing import Any
+
+from bpfailover.host.qmp import QMP, QMPError
+
+
+class VfError(RuntimeError):
+    pass
+
+
+def parse_device(spec: str) -> dict[str, Any]:
+    """`e1000e,netdev=hpri,mac=...,id=pri0` (as for -device) -> device_add arguments."""
+    parts = [p for p in spec.split(",") if p]
+    if not parts or "=" in parts[0]:
+        raise ValueError(f"--device {spec!r}: start with the driver name (DRIVER,prop=value,...)")
+    args: dict[str, Any] = {"driver": parts[0]}
+    for p in parts[1:]:
+        k, eq, v = p.partition("=")
+        if not eq or not k:
+            raise ValueError(f"--device {spec!r}: {p!r} is not prop=value")
+        args[k] = v
+    if "id" not in args:
+        raise ValueError(f"--device {spec!r}: needs id=... (device_del finds the VF by it)")
+    return args
+
+
+class Vf:
+    name = "VF"
+
+    def attached(self) -> bool:
+        raise NotImplementedError
+
+    def detach(self, timeout: float) -> None:
+        raise NotImplementedError
+
+    def attach(self, on_destination: bool) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class QmpVf(Vf):
+    def __init__(self, qmp_path: str, device: dict[str, Any], timeout: float = 10.0) -> None:
+        self.path, self.device, self.timeout = qmp_path, device, timeout
+        self.id = str(device["id"])
+        self.name = f"VF {self.id}"
+        self._qmp: QMP | None = None
+
+    @property
+    def qmp(self) -> QMP:
+        if self._qmp is None:
+            try:
+                self._qmp = QMP(self.path, self.timeout)
+            except QMPError as e:
+                raise VfError(str(e)) from None
+        return self._qmp
+
+    def attached(self) -> bool:
+        try:
+            children = self.qmp.cmd("qom-list", path="/machine/peripheral")
+        except QMPError as e:
+            raise VfError(str(e)) from None
+        return any(c.get("name") == self.id for c in children)
+
+    def detach(self, timeout: float) -> None:
+        try:
+            self.qmp.cmd("device_del", id=self.id)
+            self.qmp.wait_event(
+                "DEVICE_DELETED", timeout, lambda ev: ev.get("data", {}).get("device") == self.id
+            )
+        except QMPError as e:
+            raise VfError(str(e)) from None
+
+    def attach(self, on_destination: bool) -> None:
+        try:
+            self.qmp.cmd("device_add", **self.device)
+        except QMPError as e:
+            raise VfError(str(e)) from None
+
+    def close(self) -> None:
+        if self._qmp is not None:
+            self._qmp.close()
+            self._qmp = None
+
+
+def _pci_address(el: ET.Element) -> tuple[int, int, int, int] | None:
+    a = el.find("./source/address")
+    if a is None:
+        return None
+    try:
+        return tuple(int(a.get(k, "0"), 0) for k in ("domain", "bus", "slot", "function"))  # type: ignore[return-value]
+    except ValueError:
+        return None
+
+
+class VirshVf(Vf):
+    def __init__(
+        self,
+        domain: str,
+        xml_file: str,
+        connect: str | None = None,
+        dest_connect: str | None = None,
+        virsh: str = "virsh",
+    ) -> None:
+        self.domain, self.xml_file, self.virsh = domain, xml_file, virsh
+        self.connect, self.dest_connect = connect, dest_connect or connect
+        try:
+            root = ET.parse(xml_file).getroot()
+        except (OSError, ET.ParseError) as e:
+            raise ValueError(f"--hostdev-xml {xml_file}: {e}") from None
+        if root.tag not in ("hostdev", "interface"):
+            raise ValueError(f"--hostdev-xml {xml_file}: expected <hostdev> or <interface>")
+        addr = _pci_address(root)
+        if addr is None:
+            raise ValueError(f"--hostdev-xml {xml_file}: no <source><address .../> (PCI)")
+        self.addr = addr
+        self.name = "VF {:04x}:{:02x}:{:02x}.{:x}".format(*addr)
+
+    def _virsh(self, uri: str | None, *args: str, timeout: float = 60.0) -> str:
+        argv = [self.virsh] + (["-c", uri] if uri else []) + list(args)
+        try:
+            p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            raise VfError(f"virsh {args[0]}: {e}") from None
+        if p.returncode != 0:
+            raise VfError(f"virsh {args[0]}: {' '.join(p.stderr.split()) or p.returncode}")
+        return p.stdout
+
+    def _attached_at(self, uri: str | None) -> bool:
+        xml = self._virsh(uri, "dumpxml", self.domain)
+        try:
+            root = ET.fromstring(xml)
+        except ET.ParseError as e:
+            raise VfError(f"virsh dumpxml {self.domain}: {e}") from None
+        devs = root.findall("./devices/hostdev") + root.findall("./devices/interface")
+        return any(_pci_address(d) == self.addr for d in devs)
+
+    def attached(self) -> bool:
+        return self._attached_at(self.connect)
+
+    def detach(self, timeout: float) -> None:
+        self._virsh(self.connect, "detach-device", self.domain, self.xml_file, "--live")
+        deadline = time.monotonic() + timeout
+        while self._attached_at(self.connect):  # libvirt may return before the guest let go
+            if time.monotonic() > deadline:
+                raise VfError(f"{self.name} still in {self.domain} {timeout:g}s after detach")
+            time.sleep(0.2)
+
+    def attach(self, on_destination: bool) -> None:
+        uri = self.dest_connect if on_destination else self.connect
+        self._virsh(uri, "attach-device", self.domain, self.xml_file, "--live")
