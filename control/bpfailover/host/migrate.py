@@ -290,9 +290,8 @@ def parser() -> argparse.ArgumentParser:
         default="failoverctl",
         help="failoverctl in the guest (a path, or found on qemu-ga's PATH)",
     )
-    m = ap.add_mutually_exclusive_group()
-    m.add_argument("--migrate-cmd", help="run on the host between detach and attach")
-    m.add_argument(
+    ap.add_argument("--migrate-cmd", help="run on the host between detach and attach")
+    ap.add_argument(
         "--pause", type=float, default=0.3, help="without --migrate-cmd: seconds to wait"
     )
     ap.add_argument("--exec-timeout", type=float, default=30.0, help="per guest command")
@@ -349,7 +348,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         code, message = EXIT_OK, f"{result['group']}: done, VF detached and attached again"
     except Stop as e:
         result, code, message = {}, e.code, str(e)
-        if mig is None or not mig.detach_sent:
+        if mig is not None and not mig.detach_sent:
             message = f"refused: {message} (nothing detached)"
     except KeyboardInterrupt:
         return 130

@@ -1,0 +1,466 @@
+"""failover-migrate against a fake QEMU monitor and a fake qemu-ga (unix sockets, no root).
+
+The fake guest answers `failoverctl status --json` / `set-primary` run through guest-exec
+the way failoverd would; the fake monitor records every QMP command.  Every refusal must
+leave the VF attached: no device_del sent.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import socket
+import sys
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bpfailover.host import migrate
+from bpfailover.host.qga import SocketAgent, VirshAgent
+from bpfailover.host.vf import VirshVf, parse_device
+
+DEVICE = "e1000e,netdev=hpri,mac=52:54:00:00:12:53,id=pri0,bus=rp2"
+
+
+@dataclass
+class FakeGuest:
+    """What the guest's failoverd, qemu-ga and the VF look like to the host."""
+
+    qga_answers: bool = True
+    guest_exec_allowed: bool = True
+    failoverctl_installed: bool = True
+    failoverd_running: bool = True
+    standby_carrier: bool = True
+    switch_works: bool = True
+    vf_attached: bool = True
+    vf_usable_after_plug: bool = True
+    groups: tuple[str, ...] = ("fo0",)
+    override: str | None = None
+    active: str = "primary"
+    ctl_calls: list[list[str]] = field(default_factory=list)
+    qmp_calls: list[str] = field(default_factory=list)
+
+    def pri_usable(self) -> bool:
+        return self.vf_attached and self.vf_usable_after_plug
+
+    def doc(self) -> dict[str, Any]:
+        return {
+            "schema": 1,
+            "groups": [
+                {
+                    "group": name,
+                    "active": self.active,
+                    "override": self.override,
+                    "lowers": [
+                        {
+                            "name": "eth0",
+                            "role": "standby",
+                            "usable": self.standby_carrier,
+                            "active": self.active == "standby",
+                            "admin_up": True,
+                            "carrier": self.standby_carrier,
+                        }
+                    ]
+                    + (
+                        [
+                            {
+                                "name": "eth1",
+                                "role": "primary",
+                                "usable": self.pri_usable(),
+                                "active": self.active == "primary",
+                                "admin_up": True,
+                                "carrier": self.pri_usable(),
+                            }
+                        ]
+                        if self.vf_attached
+                        else []
+                    ),
+                }
+                for name in self.groups
+            ],
+        }
+
+    def reselect(self) -> None:
+        want = self.override or "primary"
+        if want == "primary" and self.pri_usable():
+            self.active = "primary"
+        elif self.standby_carrier:
+            self.active = "standby"
+
+    def failoverctl(self, argv: list[str]) -> tuple[int, str, str]:
+        self.ctl_calls.append(argv)
+        if not self.failoverd_running:
+            return 3, "", "failoverctl: agent unreachable: No such file or directory"
+        if argv[0] == "status":
+            names = [a for a in argv[1:] if not a.startswith("--")]
+            if names and names[0] not in self.groups:
+                return 1, "", f"failoverctl: unknown group {names[0]!r} (groups: fo0)"
+            return 0, json.dumps(self.doc()), ""
+        if argv[0] == "set-primary":
+            target = None if "--auto" in argv else argv[2]
+            if target == "standby" and not self.standby_carrier:
+                return 1, "", "failoverctl: lower eth0 is not usable"
+            self.override = target
+            if self.switch_works or target != "standby":
+                self.reselect()
+            return 0, "", ""
+        return 2, "", "usage"
+
+
+def _serve(path: Path, handle: Any) -> Iterator[threading.Thread]:
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(str(path))
+    srv.listen(4)
+    stop = threading.Event()
+
+    def loop() -> None:
+        srv.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                conn, _ = srv.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            threading.Thread(target=handle, args=(conn,), daemon=True).start()
+
+    t = threading.Thread(target=loop, daemon=True)
+    t.start()
+    yield t
+    stop.set()
+    srv.close()
+    t.join(timeout=2)
+
+
+def _lines(conn: socket.socket) -> Iterator[dict[str, Any]]:
+    f = conn.makefile("rb")
+    for raw in f:
+        raw = raw.strip().lstrip(b"\xff")
+        if raw:
+            yield json.loads(raw)
+
+
+@pytest.fixture
+def guest(tmp_path: Path) -> Iterator[FakeGuest]:
+    g = FakeGuest()
+    lock = threading.Lock()
+    execs: dict[int, tuple[int, str, str]] = {}
+
+    def qga(conn: socket.socket) -> None:
+        with conn:
+            for req in _lines(conn):
+                if not g.qga_answers:
+                    continue
+                cmd, args = req["execute"], req.get("arguments", {})
+                with lock:
+                    if cmd == "guest-sync-delimited":
+                        conn.sendall(b"\xff" + json.dumps({"return": args["id"]}).encode() + b"\n")
+                        continue
+                    reply: dict[str, Any]
+                    if cmd == "guest-ping":
+                        reply = {"return": {}}
+                    elif cmd.startswith("guest-exec") and not g.guest_exec_allowed:
+                        reply = {
+                            "error": {
+                                "class": "CommandNotFound",
+                                "desc": f"The command {cmd} has been disabled for this instance",
+                            }
+                        }
+                    elif cmd == "guest-exec":
+                        if not g.failoverctl_installed:
+                            reply = {
+                                "error": {
+                                    "class": "GenericError",
+                                    "desc": "Guest agent command failed, error was 'Failed to "
+                                    "execute child process “failoverctl” (No such file or "
+                                    "directory)'",
+                                }
+                            }
+                        else:
+                            pid = len(execs) + 100
+                            execs[pid] = g.failoverctl(args["arg"])
+                            reply = {"return": {"pid": pid}}
+                    elif cmd == "guest-exec-status":
+                        code, out, err = execs[args["pid"]]
+                        reply = {
+                            "return": {
+                                "exited": True,
+                                "exitcode": code,
+                                "out-data": base64.b64encode(out.encode()).decode(),
+                                "err-data": base64.b64encode(err.encode()).decode(),
+                            }
+                        }
+                    else:
+                        reply = {"error": {"class": "CommandNotFound", "desc": cmd}}
+                conn.sendall(json.dumps(reply).encode() + b"\n")
+
+    def qmp(conn: socket.socket) -> None:
+        with conn:
+            conn.sendall(json.dumps({"QMP": {"version": {}, "capabilities": []}}).encode() + b"\n")
+            for req in _lines(conn):
+                cmd, args, rid = req["execute"], req.get("arguments", {}), req.get("id")
+                out: list[dict[str, Any]] = []
+                with lock:
+                    g.qmp_calls.append(cmd)
+                    if cmd == "qom-list":
+                        kids = [{"name": "pri0", "type": "child<e1000e>"}] if g.vf_attached else []
+                        out.append({"return": kids + [{"name": "net0", "type": "child<x>"}]})
+                    elif cmd == "device_del":
+                        g.vf_attached = False
+                        g.reselect()
+                        out.append({"return": {}})
+                        ev = {"event": "DEVICE_DELETED", "data": {"device": args["id"]}}
+                        out.append(ev)
+                    elif cmd == "device_add":
+                        assert args["driver"] == "e1000e" and args["id"] == "pri0"
+                        g.vf_attached = True
+                        out.append({"return": {}})
+                    else:
+                        out.append({"return": {}})
+                for msg in out:
+                    if "return" in msg:
+                        msg["id"] = rid
+                    conn.sendall(json.dumps(msg).encode() + b"\n")
+
+    short = Path(f"/tmp/pytest-hm-{os.getpid()}-{id(g)}")
+    short.mkdir()
+    g.qga_path, g.qmp_path = short / "qga.sock", short / "qmp.sock"  # type: ignore[attr-defined]
+    gens = [_serve(g.qga_path, qga), _serve(g.qmp_path, qmp)]  # type: ignore[attr-defined]
+    for gen in gens:
+        next(gen)
+    try:
+        yield g
+    finally:
+        for gen in gens:
+            next(gen, None)
+        for p in short.iterdir():
+            p.unlink()
+        short.rmdir()
+
+
+def run(g: FakeGuest, *extra: str) -> int:
+    argv = [
+        "--qmp",
+        str(g.qmp_path),  # type: ignore[attr-defined]
+        "--qga",
+        str(g.qga_path),  # type: ignore[attr-defined]
+        "--device",
+        DEVICE,
+        "--exec-timeout",
+        "2",
+        "--switch-timeout",
+        "1",
+        "--return-timeout",
+        "1",
+        "--pause",
+        "0",
+        *extra,
+    ]
+    return migrate.main(argv)
+
+
+def test_planned_sequence_in_order_and_back_on_the_vf(guest: FakeGuest, capsys: Any) -> None:
+    assert run(guest, "--json") == 0
+    sets = [c for c in guest.ctl_calls if c[0] == "set-primary"]
+    assert sets == [["set-primary", "fo0", "standby"], ["set-primary", "fo0", "--auto"]]
+    assert [c for c in guest.qmp_calls if c.startswith("device")] == ["device_del", "device_add"]
+    assert guest.vf_attached and guest.active == "primary" and guest.override is None
+    out = json.loads(capsys.readouterr().out)
+    m = out["marks"]
+    assert out["exit"] == 0
+    assert m["on_standby"] <= m["detached"] <= m["attached"] <= m["vf_usable"] <= m["on_primary"]
+
+
+def test_an_override_the_guest_had_is_restored(guest: FakeGuest) -> None:
+    guest.override = "primary"
+    assert run(guest) == 0
+    assert guest.ctl_calls[-2][:3] == ["set-primary", "fo0", "primary"]
+    assert guest.override == "primary" and guest.active == "primary"
+
+
+def _refused(g: FakeGuest, capsys: Any, code: int, words: str, *extra: str) -> None:
+    assert run(g, *extra) == code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and words in err[0] and "nothing detached" in err[0], err
+    assert "device_del" not in g.qmp_calls
+    assert g.vf_attached and g.active == "primary"
+
+
+def test_refuses_when_the_guest_agent_socket_is_absent(guest: FakeGuest, capsys: Any) -> None:
+    guest.qga_path.unlink()  # type: ignore[attr-defined]
+    _refused(guest, capsys, migrate.EXIT_NO_GUEST_AGENT, "does not exist")
+
+
+def test_refuses_when_qemu_ga_does_not_answer(guest: FakeGuest, capsys: Any) -> None:
+    guest.qga_answers = False
+    _refused(guest, capsys, migrate.EXIT_NO_GUEST_AGENT, "qemu-ga running")
+
+
+def test_refuses_when_qemu_ga_blocks_guest_exec(guest: FakeGuest, capsys: Any) -> None:
+    guest.guest_exec_allowed = False
+    _refused(guest, capsys, migrate.EXIT_NO_GUEST_AGENT, "disabled")
+
+
+def test_refuses_when_failoverd_is_not_running(guest: FakeGuest, capsys: Any) -> None:
+    guest.failoverd_running = False
+    _refused(guest, capsys, migrate.EXIT_NO_FAILOVERD, "failoverd is not running")
+
+
+def test_refuses_when_failoverctl_is_missing(guest: FakeGuest, capsys: Any) -> None:
+    guest.failoverctl_installed = False
+    _refused(guest, capsys, migrate.EXIT_NO_FAILOVERD, "failoverctl is not usable")
+
+
+def test_refuses_when_the_standby_is_not_usable(guest: FakeGuest, capsys: Any) -> None:
+    guest.standby_carrier = False
+    _refused(guest, capsys, migrate.EXIT_STANDBY_UNUSABLE, "carrier no")
+    assert not [c for c in guest.ctl_calls if c[0] == "set-primary"]
+
+
+def test_refuses_and_undoes_the_override_when_the_switch_times_out(
+    guest: FakeGuest, capsys: Any
+) -> None:
+    guest.switch_works = False
+    _refused(guest, capsys, migrate.EXIT_SWITCH_TIMEOUT, "did not report the standby")
+    assert guest.ctl_calls[-1] == ["set-primary", "fo0", "--auto"] and guest.override is None
+
+
+def test_refuses_when_the_vf_is_not_attached(guest: FakeGuest, capsys: Any) -> None:
+    guest.vf_attached = False
+    guest.reselect()
+    assert run(guest) == migrate.EXIT_VF_NOT_ATTACHED
+    assert "not attached" in capsys.readouterr().err
+    assert "device_del" not in guest.qmp_calls and "device_add" not in guest.qmp_calls
+
+
+def test_unknown_group_is_a_usage_error(guest: FakeGuest, capsys: Any) -> None:
+    _refused(guest, capsys, migrate.EXIT_USAGE, "unknown group", "--group", "nope")
+
+
+def test_two_groups_need_a_choice(guest: FakeGuest, capsys: Any) -> None:
+    guest.groups = ("fo0", "fo1")
+    _refused(guest, capsys, migrate.EXIT_USAGE, "--group")
+
+
+def test_vf_never_usable_after_attach_fails_on_the_standby(guest: FakeGuest, capsys: Any) -> None:
+    guest.vf_usable_after_plug = False
+    assert run(guest) == migrate.EXIT_FAILED
+    assert "stays on the standby" in capsys.readouterr().err
+    assert guest.active == "standby" and guest.override == "standby"
+
+
+def test_failed_migration_reattaches_on_the_source(guest: FakeGuest, capsys: Any) -> None:
+    assert run(guest, "--pause", "0", "--migrate-cmd", "false") == migrate.EXIT_MIGRATION_FAILED
+    assert [c for c in guest.qmp_calls if c.startswith("device")] == ["device_del", "device_add"]
+    assert guest.active == "primary" and "re-attached on the source" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--qmp", "x", "--qga", "y"],
+        ["--qmp", "x", "--qga", "y", "--device", "id=pri0"],
+        ["--qmp", "x", "--qga", "y", "--device", "e1000e,mac"],
+        ["--qmp", "x", "--qga", "y", "--device", "e1000e,mac=1"],
+        ["--libvirt", "dom"],
+        ["--libvirt", "dom", "--hostdev-xml", "/nonexistent.xml"],
+    ],
+)
+def test_bad_arguments_one_line_exit_2(argv: list[str], capsys: Any) -> None:
+    assert migrate.main(argv) == migrate.EXIT_USAGE
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("failover-migrate: ") and "refused" not in err[0]
+
+
+def test_parse_device() -> None:
+    assert parse_device(DEVICE) == {
+        "driver": "e1000e",
+        "netdev": "hpri",
+        "mac": "52:54:00:00:12:53",
+        "id": "pri0",
+        "bus": "rp2",
+    }
+
+
+def test_socket_agent_skips_a_stale_reply_before_the_sync(tmp_path: Path) -> None:
+    """A reply left in the channel by an earlier client is not taken for ours."""
+    path = Path(f"/tmp/pytest-hm-stale-{os.getpid()}.sock")
+    path.unlink(missing_ok=True)
+
+    def handle(conn: socket.socket) -> None:
+        with conn:
+            conn.sendall(b'{"return": {"pid": 7}}\n{"retu')  # stale and truncated
+            for req in _lines(conn):
+                if req["execute"] == "guest-sync-delimited":
+                    conn.sendall(b"\xff" + json.dumps({"return": req["arguments"]["id"]}).encode())
+                    conn.sendall(b"\n")
+                else:
+                    conn.sendall(b'{"return": {"pong": 1}}\n')
+
+    gen = _serve(path, handle)
+    next(gen)
+    try:
+        a = SocketAgent(str(path))
+        assert a.execute("guest-ping", 2) == {"pong": 1}
+        a.close()
+    finally:
+        next(gen, None)
+        path.unlink(missing_ok=True)
+
+
+# ---- libvirt backends, against a fake virsh ----------------------------------------------------
+
+HOSTDEV = """<interface type='hostdev' managed='yes'>
+  <mac address='52:54:00:00:12:53'/>
+  <source><address type='pci' domain='0x0000' bus='0x3b' slot='0x02' function='0x1'/></source>
+</interface>"""
+
+FAKE_VIRSH = """#!{py}
+import json, os, sys
+state = os.environ["FAKE_VIRSH_STATE"]
+args = sys.argv[1:]
+if args[0] == "-c":
+    uri, args = args[1], args[2:]
+else:
+    uri = "default"
+with open(state + ".log", "a") as f:
+    f.write(json.dumps([uri] + args) + "\\n")
+attached = os.path.exists(state)
+if args[0] == "dumpxml":
+    dev = open(sys.argv[0] + ".dev").read() if attached else ""
+    print("<domain><devices>" + dev + "</devices></domain>")
+elif args[0] == "detach-device":
+    os.unlink(state)
+elif args[0] == "attach-device":
+    open(state, "w").close()
+elif args[0] == "qemu-agent-command":
+    cmd = json.loads(args[2])
+    print(json.dumps({{"return": {{"echo": cmd["execute"], "uri": uri}}}}))
+"""
+
+
+def test_virsh_backends(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    virsh = tmp_path / "virsh"
+    virsh.write_text(FAKE_VIRSH.format(py=sys.executable))
+    virsh.chmod(0o755)
+    (tmp_path / "virsh.dev").write_text(HOSTDEV)
+    xml = tmp_path / "vf.xml"
+    xml.write_text(HOSTDEV)
+    state = tmp_path / "attached"
+    state.touch()
+    monkeypatch.setenv("FAKE_VIRSH_STATE", str(state))
+    vf = VirshVf("dom", str(xml), "qemu:///src", "qemu+ssh://dst/system", virsh=str(virsh))
+    assert vf.name == "VF 0000:3b:02.1" and vf.attached()
+    vf.detach(timeout=5)
+    assert not vf.attached()
+    vf.attach(on_destination=True)
+    log = [json.loads(x) for x in Path(str(state) + ".log").read_text().splitlines()]
+    assert ["qemu:///src", "detach-device", "dom", str(xml), "--live"] in log
+    assert log[-1] == ["qemu+ssh://dst/system", "attach-device", "dom", str(xml), "--live"]
+    agent = VirshAgent("dom", "qemu+ssh://dst/system", virsh=str(virsh))
+    assert agent.execute("guest-ping", 5) == {"echo": "guest-ping", "uri": "qemu+ssh://dst/system"}
