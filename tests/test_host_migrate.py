@@ -454,13 +454,22 @@ def test_virsh_backends(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
     state = tmp_path / "attached"
     state.touch()
     monkeypatch.setenv("FAKE_VIRSH_STATE", str(state))
-    vf = VirshVf("dom", str(xml), "qemu:///src", "qemu+ssh://dst/system", virsh=str(virsh))
+    dest_xml = tmp_path / "vf-dest.xml"
+    dest_xml.write_text(HOSTDEV.replace("0x3b", "0x5e"))
+    vf = VirshVf(
+        "dom",
+        str(xml),
+        "qemu:///src",
+        "qemu+ssh://dst/system",
+        virsh=str(virsh),
+        dest_xml_file=str(dest_xml),
+    )
     assert vf.name == "VF 0000:3b:02.1" and vf.attached()
     vf.detach(timeout=5)
     assert not vf.attached()
     vf.attach(on_destination=True)
     log = [json.loads(x) for x in Path(str(state) + ".log").read_text().splitlines()]
     assert ["qemu:///src", "detach-device", "dom", str(xml), "--live"] in log
-    assert log[-1] == ["qemu+ssh://dst/system", "attach-device", "dom", str(xml), "--live"]
+    assert log[-1] == ["qemu+ssh://dst/system", "attach-device", "dom", str(dest_xml), "--live"]
     agent = VirshAgent("dom", "qemu+ssh://dst/system", virsh=str(virsh))
     assert agent.execute("guest-ping", 5) == {"echo": "guest-ping", "uri": "qemu+ssh://dst/system"}

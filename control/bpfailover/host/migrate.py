@@ -282,6 +282,9 @@ def parser() -> argparse.ArgumentParser:
     v = ap.add_argument_group("libvirt")
     v.add_argument("--libvirt", metavar="DOMAIN", help="the domain (virsh)")
     v.add_argument("--hostdev-xml", metavar="FILE", help="the VF's <hostdev>/<interface> XML")
+    v.add_argument(
+        "--dest-hostdev-xml", metavar="FILE", help="the destination's VF (default: the same)"
+    )
     v.add_argument("--connect", metavar="URI", help="libvirt URI of the source")
     v.add_argument("--dest-connect", metavar="URI", help="libvirt URI of the destination")
     ap.add_argument("--group", help="failover group in the guest (default: its only one)")
@@ -308,7 +311,13 @@ def build(args: argparse.Namespace) -> Migration:
         if args.qmp or args.qga or args.device or not args.hostdev_xml:
             raise Stop("--libvirt takes --hostdev-xml (and not --qmp/--qga/--device)", EXIT_USAGE)
         try:
-            vf = VirshVf(args.libvirt, args.hostdev_xml, args.connect, args.dest_connect)
+            vf = VirshVf(
+                args.libvirt,
+                args.hostdev_xml,
+                args.connect,
+                args.dest_connect,
+                dest_xml_file=args.dest_hostdev_xml,
+            )
         except ValueError as e:
             raise Stop(str(e), EXIT_USAGE) from None
         agent: Agent = VirshAgent(args.libvirt, args.connect)

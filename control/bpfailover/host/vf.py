@@ -114,20 +114,27 @@ class VirshVf(Vf):
         connect: str | None = None,
         dest_connect: str | None = None,
         virsh: str = "virsh",
+        dest_xml_file: str | None = None,
     ) -> None:
         self.domain, self.xml_file, self.virsh = domain, xml_file, virsh
+        self.dest_xml_file = dest_xml_file or xml_file  # the destination's VF, if another
         self.connect, self.dest_connect = connect, dest_connect or connect
+        self.addr = self._read(xml_file, "--hostdev-xml")
+        self._read(self.dest_xml_file, "--dest-hostdev-xml")
+        self.name = "VF {:04x}:{:02x}:{:02x}.{:x}".format(*self.addr)
+
+    @staticmethod
+    def _read(xml_file: str, option: str) -> tuple[int, int, int, int]:
         try:
             root = ET.parse(xml_file).getroot()
         except (OSError, ET.ParseError) as e:
-            raise ValueError(f"--hostdev-xml {xml_file}: {e}") from None
+            raise ValueError(f"{option} {xml_file}: {e}") from None
         if root.tag not in ("hostdev", "interface"):
-            raise ValueError(f"--hostdev-xml {xml_file}: expected <hostdev> or <interface>")
+            raise ValueError(f"{option} {xml_file}: expected <hostdev> or <interface>")
         addr = _pci_address(root)
         if addr is None:
-            raise ValueError(f"--hostdev-xml {xml_file}: no <source><address .../> (PCI)")
-        self.addr = addr
-        self.name = "VF {:04x}:{:02x}:{:02x}.{:x}".format(*addr)
+            raise ValueError(f"{option} {xml_file}: no <source><address .../> (PCI)")
+        return addr
 
     def _virsh(self, uri: str | None, *args: str, timeout: float = 60.0) -> str:
         argv = [self.virsh] + (["-c", uri] if uri else []) + list(args)
@@ -160,5 +167,9 @@ class VirshVf(Vf):
             time.sleep(0.2)
 
     def attach(self, on_destination: bool) -> None:
-        uri = self.dest_connect if on_destination else self.connect
-        self._virsh(uri, "attach-device", self.domain, self.xml_file, "--live")
+        if on_destination:
+            self._virsh(
+                self.dest_connect, "attach-device", self.domain, self.dest_xml_file, "--live"
+            )
+        else:
+            self._virsh(self.connect, "attach-device", self.domain, self.xml_file, "--live")
