@@ -11,6 +11,7 @@ import base64
 import json
 import os
 import socket
+import subprocess
 import sys
 import threading
 from collections.abc import Iterator
@@ -433,7 +434,8 @@ with open(state + ".log", "a") as f:
 attached = os.path.exists(state)
 if args[0] == "dumpxml":
     dev = open(sys.argv[0] + ".dev").read() if attached else ""
-    print("<domain><devices>" + dev + "</devices></domain>")
+    standby = "<interface type='bridge'><mac address='52:54:00:00:12:53'/><model type='virtio'/>"
+    print("<domain><devices>" + standby + "</interface>" + dev + "</devices></domain>")
 elif args[0] == "detach-device":
     os.unlink(state)
 elif args[0] == "attach-device":
@@ -471,5 +473,72 @@ def test_virsh_backends(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
     log = [json.loads(x) for x in Path(str(state) + ".log").read_text().splitlines()]
     assert ["qemu:///src", "detach-device", "dom", str(xml), "--live"] in log
     assert log[-1] == ["qemu+ssh://dst/system", "attach-device", "dom", str(dest_xml), "--live"]
+    # a VF from a libvirt hostdev network is found by its MAC, never the virtio standby's
+    pool = tmp_path / "pool.xml"
+    pool.write_text(
+        "<interface type='network'><mac address='52:54:00:00:12:53'/>"
+        "<source network='sriov-pool'/></interface>"
+    )
+    by_mac = VirshVf("dom", str(pool), "qemu:///src", virsh=str(virsh))
+    assert by_mac.name == "VF 52:54:00:00:12:53" and by_mac.attached()
+    state.unlink()
+    assert not by_mac.attached()
     agent = VirshAgent("dom", "qemu+ssh://dst/system", virsh=str(virsh))
     assert agent.execute("guest-ping", 5) == {"echo": "guest-ping", "uri": "qemu+ssh://dst/system"}
+
+
+# ---- deploy/: the qemu-ga block-list and the libvirt wrapper -----------------------------------
+
+DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
+
+
+def test_qemu_ga_blocklist_blocks_everything_but_what_failover_migrate_needs(
+    tmp_path: Path,
+) -> None:
+    rpcs = ["guest-sync-delimited", "guest-sync", "guest-ping", "guest-exec", "guest-exec-status"]
+    others = ["guest-file-open", "guest-set-user-password", "guest-shutdown", "guest-info"]
+    fake = tmp_path / "qemu-ga"
+    fake.write_text(
+        '#!/bin/sh\n[ "$1" = --block-rpcs=help ] || exit 9\n'
+        + "".join(f"echo {r}\n" for r in others + rpcs)
+    )
+    fake.chmod(0o755)
+    script = str(DEPLOY / "qemu-ga" / "qemu-ga-blocklist")
+    out = subprocess.run([script, "", str(fake)], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().split(",") == others
+    out = subprocess.run(
+        [script, "guest-info", str(fake)], capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip().split(",") == others[:3]
+
+
+def test_libvirt_wrapper_runs_failover_migrate_with_virsh_migrate(tmp_path: Path) -> None:
+    fake = tmp_path / "fm"
+    fake.write_text(f"#!{sys.executable}\nimport json, sys\nprint(json.dumps(sys.argv[1:]))\n")
+    fake.chmod(0o755)
+    wrapper = str(DEPLOY / "libvirt" / "failover-migrate-libvirt")
+    env = {**os.environ, "FAILOVER_MIGRATE": str(fake)}
+    p = subprocess.run(
+        [wrapper, "web1", "qemu+ssh://hv2/system", "a.xml", "b.xml", "--", "--group", "fo0"],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    )
+    argv = json.loads(p.stdout)
+    assert argv == [
+        "--libvirt",
+        "web1",
+        "--hostdev-xml",
+        "a.xml",
+        "--dest-hostdev-xml",
+        "b.xml",
+        "--dest-connect",
+        "qemu+ssh://hv2/system",
+        "--migrate-cmd",
+        "virsh migrate --live --verbose web1 qemu+ssh://hv2/system",
+        "--group",
+        "fo0",
+    ]
+    p = subprocess.run([wrapper, "web1"], capture_output=True, text=True, env=env, check=False)
+    assert p.returncode == 2 and "DOMAIN DEST_URI VF_XML" in p.stderr

@@ -96,14 +96,31 @@ class QmpVf(Vf):
             self._qmp = None
 
 
-def _pci_address(el: ET.Element) -> tuple[int, int, int, int] | None:
+def _ids(el: ET.Element) -> list[str]:
+    """What finds the VF in the domain XML: its PCI source address, and for an interface its
+    MAC (an `<interface type='network'>` from a hostdev pool gets its VF at attach time)."""
+    out = []
     a = el.find("./source/address")
-    if a is None:
-        return None
-    try:
-        return tuple(int(a.get(k, "0"), 0) for k in ("domain", "bus", "slot", "function"))  # type: ignore[return-value]
-    except ValueError:
-        return None
+    if a is not None and a.get("type", "pci") == "pci":
+        try:
+            vals = [int(a.get(k, "0"), 0) for k in ("domain", "bus", "slot", "function")]
+            out.append("{:04x}:{:02x}:{:02x}.{:x}".format(*vals))
+        except ValueError:
+            pass
+    mac = el.find("./mac")
+    if el.tag == "interface" and mac is not None and mac.get("address"):
+        out.append(mac.get("address", "").lower())
+    return out
+
+
+def _vf_candidates(domain_xml: ET.Element) -> list[ET.Element]:
+    """hostdevs and interfaces that are not virtio: the standby shares the VF's MAC."""
+    ifaces = [
+        i
+        for i in domain_xml.findall("./devices/interface")
+        if (m := i.find("./model")) is None or m.get("type") != "virtio"
+    ]
+    return domain_xml.findall("./devices/hostdev") + ifaces
 
 
 class VirshVf(Vf):
@@ -119,22 +136,24 @@ class VirshVf(Vf):
         self.domain, self.xml_file, self.virsh = domain, xml_file, virsh
         self.dest_xml_file = dest_xml_file or xml_file  # the destination's VF, if another
         self.connect, self.dest_connect = connect, dest_connect or connect
-        self.addr = self._read(xml_file, "--hostdev-xml")
+        self.addr = self._read(xml_file, "--hostdev-xml")  # PCI address, else MAC
         self._read(self.dest_xml_file, "--dest-hostdev-xml")
-        self.name = "VF {:04x}:{:02x}:{:02x}.{:x}".format(*self.addr)
+        self.name = f"VF {self.addr}"
 
     @staticmethod
-    def _read(xml_file: str, option: str) -> tuple[int, int, int, int]:
+    def _read(xml_file: str, option: str) -> str:
         try:
             root = ET.parse(xml_file).getroot()
         except (OSError, ET.ParseError) as e:
             raise ValueError(f"{option} {xml_file}: {e}") from None
         if root.tag not in ("hostdev", "interface"):
             raise ValueError(f"{option} {xml_file}: expected <hostdev> or <interface>")
-        addr = _pci_address(root)
-        if addr is None:
-            raise ValueError(f"{option} {xml_file}: no <source><address .../> (PCI)")
-        return addr
+        ids = _ids(root)
+        if not ids:
+            raise ValueError(
+                f"{option} {xml_file}: neither a PCI <source><address/> nor an interface <mac/>"
+            )
+        return ids[0]
 
     def _virsh(self, uri: str | None, *args: str, timeout: float = 60.0) -> str:
         argv = [self.virsh] + (["-c", uri] if uri else []) + list(args)
@@ -152,8 +171,7 @@ class VirshVf(Vf):
             root = ET.fromstring(xml)
         except ET.ParseError as e:
             raise VfError(f"virsh dumpxml {self.domain}: {e}") from None
-        devs = root.findall("./devices/hostdev") + root.findall("./devices/interface")
-        return any(_pci_address(d) == self.addr for d in devs)
+        return any(self.addr in _ids(d) for d in _vf_candidates(root))
 
     def attached(self) -> bool:
         return self._attached_at(self.connect)
