@@ -14,6 +14,7 @@ import pytest
 
 from bpfailover import policy
 from bpfailover.agent import status as agent_status
+from bpfailover.datapath import counters
 from bpfailover.model import config as configmod
 from bpfailover.model.groups import Group, Lower, Switch
 from bpfailover.model.status import AgentStatus, LowerCounters, StatusFormatError, schema_markdown
@@ -241,7 +242,7 @@ def test_counters_read_from_the_datapath_at_request_time() -> None:
     )
     st = agent_status.snapshot([_agent_group()], 1.6e9, "other")
     assert not reads
-    out = agent_status.with_counters(st, dp)  # type: ignore[arg-type]
+    out = counters.read(st, dp)  # type: ignore[arg-type]
     prim = out.groups[0].lower("primary")
     assert prim is not None and prim.counters == LowerCounters(
         tx_packets=20, tx_bytes=2000, rx_packets=21, rx_bytes=2100

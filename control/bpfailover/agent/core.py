@@ -24,6 +24,7 @@ from typing import Any
 from bpfailover import netns, policy
 from bpfailover.agent import status as statusmod
 from bpfailover.agent.fault import Fault, FaultSpecError
+from bpfailover.datapath import counters
 from bpfailover.datapath.attach import Wiring, peer_name, set_carrier
 from bpfailover.datapath.layout import ROLE_SLOTS, SLOT_NAMES
 from bpfailover.datapath.loader import LoadError
@@ -729,7 +730,7 @@ class Agent:
     def status(self) -> dict[str, Any]:
         """The control socket's status: the snapshot as of this request, counters read now."""
         assert self.dp is not None
-        return statusmod.with_counters(self.publish(), self.dp).to_json()
+        return counters.read(self.publish(), self.dp).to_json()
 
 
 def _check_failover_name(name: str, links: dict[int, netlink.Link]) -> None:

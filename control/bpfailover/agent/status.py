@@ -1,19 +1,16 @@
-"""The agent's status: the frozen snapshot built from its groups, and the counters read at
-request time (model/status.py has the types and their JSON)."""
+"""The agent's status: the frozen snapshot built from its groups (model/status.py has the
+types and their JSON; datapath/counters.py adds the counters when a request asks)."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterable
 
-from bpfailover.datapath.layout import ROLE_SLOTS
-from bpfailover.datapath.maps import Datapath
 from bpfailover.model.groups import Group
 from bpfailover.model.status import (
     AgentStatus,
     GroupStatus,
     LastSwitch,
-    LowerCounters,
     LowerStatus,
 )
 
@@ -67,27 +64,3 @@ def snapshot(groups: Iterable[Group], started_at: float, scheduling: str) -> Age
         scheduling=scheduling,
         groups=tuple(group_status(g) for g in groups),
     )
-
-
-def with_counters(st: AgentStatus, dp: Datapath) -> AgentStatus:
-    """`st` with the datapath's counters as they are now (any thread: reads only)."""
-    L = dp.L
-
-    def lower(g: GroupStatus, lw: LowerStatus) -> LowerCounters:
-        assert g.gid is not None
-        slot = ROLE_SLOTS[lw.role]
-        tx = dp.stats(g.gid, slot, L.FO_DIR_TX)
-        rx = dp.stats(g.gid, slot, L.FO_DIR_RX)
-        return LowerCounters(
-            tx_packets=tx.packets, tx_bytes=tx.bytes, rx_packets=rx.packets, rx_bytes=rx.bytes
-        )
-
-    def drops(g: GroupStatus) -> dict[str, int]:
-        assert g.gid is not None
-        return {
-            f"{hook}/{reason}": dp.drops(g.gid, h, r).packets
-            for h, hook in enumerate(L.hooks)
-            for r, reason in enumerate(L.drop_reasons)
-        }
-
-    return st.with_counters(lower, drops)

@@ -38,8 +38,9 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from bpfailover.datapath import counters
 from bpfailover.datapath.layout import ROLE_SLOTS
-from bpfailover.model.status import AgentStatus, GroupStatus
+from bpfailover.model.status import AgentStatus, GroupStatus, LowerCounters
 from bpfailover.policy import SWITCH_REASONS
 
 log = logging.getLogger("bpfailover.metrics")
@@ -135,8 +136,8 @@ class FailoverCollector(Collector):
     def _collect(self) -> Iterator[Metric]:
         self._drain()
         dp = self.dp or self.agent.dp
-        L = dp.L
-        groups = self.agent.snapshot.groups  # one reference read: a consistent picture
+        # one reference read (a consistent picture), then the counters as they are now
+        groups = counters.read(self.agent.snapshot, dp).groups
         info = GaugeMetricFamily("failover_build_info", "bpfailover build", labels=["version"])
         info.add_metric([self.version], 1)
         yield info
@@ -195,11 +196,14 @@ class FailoverCollector(Collector):
                 found = found or is_active
                 active.add_metric([g.name, lw.name, lw.role], 1 if is_active else 0)
                 up.add_metric([g.name, lw.name, lw.role], 1 if lw.usable else 0)
-                slot = ROLE_SLOTS[lw.role]
-                for d, dir_id in (("transmit", L.FO_DIR_TX), ("receive", L.FO_DIR_RX)):
-                    c = dp.stats(gid, slot, dir_id)
-                    ctr[(d, "packets")].add_metric([g.name, lw.name], c.packets)
-                    ctr[(d, "bytes")].add_metric([g.name, lw.name], c.bytes)
+                c = lw.counters or LowerCounters()
+                for (d, k), n in (
+                    (("transmit", "packets"), c.tx_packets),
+                    (("transmit", "bytes"), c.tx_bytes),
+                    (("receive", "packets"), c.rx_packets),
+                    (("receive", "bytes"), c.rx_bytes),
+                ):
+                    ctr[(d, k)].add_metric([g.name, lw.name], n)
             active.add_metric([g.name, "none", "none"], 0 if found else 1)
             # every reason from 0: increase() then sees the first switch of each kind
             counts: dict[str, int] = {**dict.fromkeys(SWITCH_REASONS, 0), **g.switches}
@@ -210,9 +214,9 @@ class FailoverCollector(Collector):
             h = self.hist.get(g.name)
             if h is not None:
                 dur.add_metric([g.name], h.buckets(), h.total)
-            for h_id, hook in enumerate(L.hooks):
-                for r_id, reason in enumerate(L.drop_reasons):
-                    drops.add_metric([g.name, hook, reason], dp.drops(gid, h_id, r_id).packets)
+            for key, n in (g.drops or {}).items():
+                hook, reason = key.split("/", 1)
+                drops.add_metric([g.name, hook, reason], n)
             for hook, ok in attach_state.get(g.name, {}).items():
                 attached.add_metric([g.name, hook], 1 if ok else 0)
         yield from (active, up, switches, last, dur, *ctr.values(), drops, attached)
