@@ -3,8 +3,10 @@ nothing half-created behind it."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -57,7 +59,7 @@ def test_a_half_pinned_directory_is_named_not_adopted(pin_dir: Path) -> None:
 
 
 def test_failoverd_not_root_says_so(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     # In-process with the uid faked: a real setuid run needs the venv readable by that user,
     # which a checkout under /root is not.
@@ -70,9 +72,12 @@ def test_failoverd_not_root_says_so(
         f"control: {{socket: {sock}}}\nmetrics: {{listen: null}}\n"
     )
     monkeypatch.setattr(agent.os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)  # setup_logging replaces them
+    monkeypatch.setattr(threading, "excepthook", threading.excepthook)
     assert agent.main(["--config", str(cfg)]) == 1
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and "needs root" in lines[0]
+    # the one line failoverd writes: its log's `exit` event (JSON, like every log line)
+    (msg,) = [json.loads(r.getMessage()) for r in caplog.records]
+    assert msg == {"event": "exit", "code": 1, "error": "needs root (CAP_BPF, CAP_NET_ADMIN)"}
     assert not (tmp_path / "pins").exists() and not sock.exists()  # nothing was started
 
 

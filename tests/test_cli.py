@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import time
@@ -26,7 +27,10 @@ def test_degraded_reasons() -> None:
     assert cli.degraded_reasons(group("standby", False, True)) == []  # failover: as designed
     assert "no usable lower" in cli.degraded_reasons(group(None, False, False))[0]
     why = cli.degraded_reasons(group("standby", True, True, override="standby"))
-    assert "primary ens11 is usable" in why[0] and "override" in why[0]
+    assert why == [
+        "running on the standby while primary ens11 is usable"
+        " (operator override: failoverctl set-primary ens10 --auto clears it)"
+    ]
 
 
 def test_socket_path_resolution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -241,7 +245,24 @@ def test_override_survives_restart_and_teardown_removes(lab: Lab) -> None:
         run.restart()
         g = status_json(run)["groups"][0]
         assert (g["override"], g["active_lower"]) == ("standby", n.standby)
-        assert ctl("teardown", n.failover, socket=run.socket).returncode == 0
+        # addressed and with carrier: refused without --yes, in one line, nothing changes
+        v6 = str(ipaddress.ip_address(n.guest_v6))
+        p = ctl("teardown", n.failover, socket=run.socket)
+        assert (p.returncode, p.stdout, p.stderr) == (
+            1,
+            "",
+            f"failoverctl: {n.failover} has carrier and addresses ({n.guest_v4}, {v6}):"
+            " teardown deletes the device with them and its traffic stops; refused without"
+            " --yes\n",
+        )
+        assert len(status_json(run)["groups"]) == 1 and not run.events("teardown")
+        p = ctl("teardown", n.failover, "--yes", socket=run.socket)
+        assert (p.returncode, p.stdout) == (
+            0,
+            f"{n.failover}: removed failover device {n.failover} (addresses: {n.guest_v4},"
+            f" {v6}) and its peer {n.failover}_fo; programs detached from lowers"
+            f" {n.standby}, {n.primary} (left in place)\n",
+        )
         assert status_json(run)["groups"] == []
         assert lab.link(lab.guest, n.failover) is None
         p = ctl("set-primary", n.failover, "--auto", socket=run.socket)

@@ -37,7 +37,7 @@ from bpfailover.model import config as configmod
 from bpfailover.model.groups import Group, Lower, Switch
 from bpfailover.model.status import AgentStatus
 from bpfailover.ops.api import ControlServer, RequestError
-from bpfailover.ops.eventlog import event, setup_logging
+from bpfailover.ops.eventlog import event, fatal, setup_logging
 from bpfailover.policy import Role
 
 log = logging.getLogger("bpfailover.agent")
@@ -79,6 +79,10 @@ class Agent:
         self.control: ControlServer | None = None
         self.addrs: dict[int, set[tuple[int, str]]] = {}  # ifindex -> {(family, address)}
         self.sel = selectors.DefaultSelector()
+        # stop() wakes the loop through this pipe: a signal alone does not end a select()
+        # with no timers (PEP 475 retries it), so SIGTERM after the last group's teardown hung
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.sel.register(self._wake_r, selectors.EVENT_READ, "wakeup")
         self.latencies: deque[float] = deque(maxlen=4096)  # switch latencies, seconds
         self.stopping = False
         self.started_at = time.time()
@@ -252,6 +256,9 @@ class Agent:
                     self._on_netlink()
                 elif key.data == "pins":
                     self._on_pins()
+                elif key.data == "wakeup":
+                    with contextlib.suppress(BlockingIOError):
+                        os.read(self._wake_r, 64)
                 elif self.control is not None:
                     self.control.on_ready(key)
             self._run_timers()
@@ -259,6 +266,8 @@ class Agent:
 
     def stop(self) -> None:
         self.stopping = True
+        with contextlib.suppress(OSError):  # full (already woken) or closed
+            os.write(self._wake_w, b"\0")
 
     def close(self) -> None:
         """Stop serving; the pinned datapath keeps forwarding."""
@@ -273,6 +282,9 @@ class Agent:
             self.ipr.close()
         if self.dp is not None:
             self.dp.close()
+        for fd in (self._wake_r, self._wake_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
         if started:
             event("stopped", datapath="left forwarding")
 
@@ -722,10 +734,28 @@ class Agent:
     def _teardown(self, req: dict[str, Any]) -> dict[str, Any]:
         assert self.wiring is not None
         grp = self._group_arg(req)
+        force = req.get("force", False)
+        if not isinstance(force, bool):
+            raise RequestError("force must be true or false")
+        # configured addresses: an IPv6 link-local comes with every carrier, guards nothing
+        addrs = sorted(
+            a for _, a in self.addrs.get(grp.master, set()) if not a.lower().startswith("fe80:")
+        )
+        if grp.carrier and addrs and not force:
+            raise RequestError(
+                f"{grp.name} has carrier and addresses ({', '.join(addrs)}): teardown deletes "
+                "the device with them and its traffic stops; refused without --yes"
+            )
+        removed = {
+            "device": grp.name,
+            "peer": peer_name(grp.name),
+            "addresses": addrs,
+            "lowers": sorted(lw.name for lw in grp.lowers.values()),
+        }
         self.wiring.teardown_group(grp.name)
         del self.groups[grp.name]
-        event("teardown", group=grp.name)
-        return {"ok": True}
+        event("teardown", group=grp.name, **{k: v for k, v in removed.items() if k != "device"})
+        return {"ok": True, "removed": removed}
 
     def status(self) -> dict[str, Any]:
         """The control socket's status: the snapshot as of this request, counters read now."""
@@ -775,19 +805,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     setup_logging(cfg.log.level)
     if os.geteuid() != 0:
-        print("failoverd: needs root (CAP_BPF, CAP_NET_ADMIN)", file=sys.stderr)
-        return 1
+        return fatal("needs root (CAP_BPF, CAP_NET_ADMIN)", 1)
     if args.netns:
         try:
             netns.enter_for_good(args.netns)
         except OSError as e:
-            print(f"failoverd: netns {args.netns}: {e.strerror}", file=sys.stderr)
-            return 1
+            return fatal(f"netns {args.netns}: {e.strerror}", 1)
     try:
         agent = Agent(cfg)
     except FaultSpecError as e:
-        print(f"failoverd: {e}", file=sys.stderr)
-        return 2
+        return fatal(str(e), 2)
     signal.signal(signal.SIGTERM, lambda *_: agent.stop())
     signal.signal(signal.SIGINT, lambda *_: agent.stop())
     try:
@@ -798,12 +825,10 @@ def main(argv: list[str] | None = None) -> int:
         agent.go_realtime()
         agent.run()
     except (AgentError, DatapathError, LoadError) as e:
-        print(f"failoverd: {e}", file=sys.stderr)
-        return 1
+        return fatal(str(e), 1)
     except OSError as e:
         if e.errno == errno.EADDRINUSE:
-            print(f"failoverd: address in use: {e}", file=sys.stderr)
-            return 1
+            return fatal(f"address in use: {e}", 1)
         raise
     finally:
         agent.close()

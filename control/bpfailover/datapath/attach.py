@@ -6,6 +6,7 @@ Works on a `Datapath` (maps.py); knows nothing of policy."""
 from __future__ import annotations
 
 import errno
+import json
 import logging
 from collections.abc import Iterator
 from contextlib import suppress
@@ -108,7 +109,12 @@ def attach_xdp(ipr: Any, ifindex: int, prog_fd: int, prog_id: int) -> bool:
             xdp={"attrs": [("IFLA_XDP_FD", prog_fd), ("IFLA_XDP_FLAGS", XDP_FLAGS_DRV_MODE)]},
         )
     except NetlinkError as e:
-        log.warning("native XDP refused on ifindex %d (%s): TC receive path only", ifindex, e)
+        log.warning(
+            "%s",
+            json.dumps(
+                {"event": "xdp_refused", "ifindex": ifindex, "error": str(e), "rx_path": "tc"}
+            ),
+        )
         return False
     return True
 
@@ -146,7 +152,17 @@ def keep_neighbours_without_carrier(ifname: str) -> None:
             with open(f"/proc/sys/net/{knob}", "w") as f:
                 f.write("0")
         except OSError as e:
-            log.warning("%s: %s (neighbours are flushed when carrier drops)", knob, e.strerror)
+            log.warning(
+                "%s",
+                json.dumps(
+                    {
+                        "event": "neighbour_knob_unavailable",
+                        "knob": knob,
+                        "error": e.strerror,
+                        "effect": "neighbours are flushed when carrier drops",
+                    }
+                ),
+            )
 
 
 # -- a group's netdevs -----------------------------------------------------------------------

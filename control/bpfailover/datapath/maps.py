@@ -275,7 +275,7 @@ def run_loader(pin_dir: Path, test_hooks: bool = False) -> dict[str, Any]:
         lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
         raise LoadError(lines[-1] if lines else f"loader exited {proc.returncode}")
     info: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
-    log.info("datapath loaded: %s", info)
+    log.info("%s", json.dumps({"event": "datapath_loaded", **info}))  # a JSON log event
     return info
 
 

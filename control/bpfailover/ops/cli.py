@@ -2,7 +2,7 @@
 
     failoverctl [--socket PATH | --config FILE] status [--json] [--check] [GROUP]
     failoverctl set-primary GROUP LOWER | set-primary GROUP --auto
-    failoverctl teardown GROUP
+    failoverctl teardown GROUP [--yes]
     failoverctl doctor [--netns NAME]
 
 Exit codes (docs/operators.md): 0 ok, 1 failed (the agent refused: its reason on stderr),
@@ -93,7 +93,7 @@ def degraded_reasons(group: GroupStatus) -> list[str]:
     if group.active == "standby" and primary is not None and primary.usable:
         why = f"running on the standby while primary {primary.name} is usable"
         if group.override == "standby":
-            why += " (operator override: failoverctl set-primary GROUP --auto clears it)"
+            why += f" (operator override: failoverctl set-primary {group.name} --auto clears it)"
         return [why]
     return []
 
@@ -229,16 +229,34 @@ class SetPrimary:
 
 
 class Teardown:
-    help = "remove a group's datapath (the only way; stopping failoverd never does)"
+    help = (
+        "remove a group's datapath: the failover device (with its addresses) and its hidden "
+        "peer, the programs on its lowers, its map state; the lowers stay. The only way: "
+        "stopping failoverd never does it"
+    )
 
     @staticmethod
     def add_arguments(p: argparse.ArgumentParser) -> None:
         p.add_argument("group")
+        p.add_argument(
+            "--yes",
+            action="store_true",
+            help="also when the failover device has carrier and addresses (its traffic stops)",
+        )
 
     @staticmethod
     def run(args: argparse.Namespace, sock: str) -> int:
-        call(sock, {"cmd": "teardown", "group": args.group})
-        print(f"{args.group}: datapath removed")
+        msg: dict[str, Any] = {"cmd": "teardown", "group": args.group}
+        if args.yes:
+            msg["force"] = True
+        removed = call(sock, msg).get("removed") or {}
+        addrs = ", ".join(removed.get("addresses") or []) or "none"
+        lowers = ", ".join(removed.get("lowers") or []) or "none"
+        print(
+            f"{args.group}: removed failover device {removed.get('device', args.group)} "
+            f"(addresses: {addrs}) and its peer {removed.get('peer', '?')}; programs "
+            f"detached from lowers {lowers} (left in place)"
+        )
         return EXIT_OK
 
 

@@ -1,8 +1,9 @@
 """failoverd's log: one JSON object per line on stderr, events as objects.
 
 `event("switch", group=..., ...)` writes `{"ts": ..., "level": "INFO", "msg": {"event":
-"switch", ...}}`; plain messages from other modules (the datapath's warnings) become
-JSON strings, so a log pipeline never meets anything but JSON lines."""
+"switch", ...}}`; a plain message (a Python warning, a library's log) becomes
+`{"event": "log", "logger": ..., "text": ...}`, so a log pipeline meets nothing but JSON
+lines whose `msg` is an object."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import contextlib
 import json
 import logging
 import sys
+import threading
 from typing import Any
 
 log = logging.getLogger("bpfailover.events")
@@ -22,7 +24,7 @@ def event(name: str, **fields: Any) -> None:
 
 class JsonLines(logging.Formatter):
     """One JSON object per line: `msg` is the event object for `event()` lines (logged as
-    "%s" of a json.dumps), a JSON string for plain messages from the other modules."""
+    "%s" of a json.dumps), a `log` event carrying the text of any other message."""
 
     def format(self, record: logging.LogRecord) -> str:
         args, msg = record.args, None
@@ -36,15 +38,44 @@ class JsonLines(logging.Formatter):
             with contextlib.suppress(ValueError):
                 json.loads(args[0])
                 msg = args[0]
-        if msg is None:
-            msg = json.dumps(record.getMessage())
+        if msg is None:  # a plain message (warnings, another module): an event all the same
+            msg = json.dumps({"event": "log", "logger": record.name, "text": record.getMessage()})
         line = f'{{"ts": "{self.formatTime(record)}", "level": "{record.levelname}", "msg": {msg}'
         if record.exc_info:
             line += f', "exc": {json.dumps(self.formatException(record.exc_info))}'
         return line + "}"
 
 
+def fatal(error: str, code: int) -> int:
+    """failoverd gives up: one `exit` event (still a JSON line), and the exit code."""
+    log.error("%s", json.dumps({"event": "exit", "code": code, "error": error}))
+    return code
+
+
 def setup_logging(level: str) -> None:
+    """JSON lines on stderr from here on: also Python warnings and uncaught exceptions (of
+    any thread), which would otherwise print a bare traceback into the log."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonLines())
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler])
+    logging.captureWarnings(True)
+    crash = logging.getLogger("bpfailover.crash")
+
+    def excepthook(kind: Any, value: Any, tb: Any) -> None:
+        error = f"{kind.__name__}: {value}"
+        crash.critical(
+            "%s", json.dumps({"event": "crash", "error": error}), exc_info=(kind, value, tb)
+        )
+
+    def thread_excepthook(args: threading.ExceptHookArgs) -> None:
+        if args.exc_type is not SystemExit and args.exc_value is not None:
+            where = args.thread.name if args.thread is not None else "?"
+            error = f"{args.exc_type.__name__}: {args.exc_value}"
+            crash.critical(
+                "%s",
+                json.dumps({"event": "crash", "thread": where, "error": error}),
+                exc_info=(args.exc_type, args.exc_value, args.exc_traceback),
+            )
+
+    sys.excepthook = excepthook
+    threading.excepthook = thread_excepthook
