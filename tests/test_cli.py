@@ -5,6 +5,8 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import socket
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -56,7 +58,48 @@ def test_usage_and_unreachable_exit_codes(tmp_path: Path) -> None:
     assert ctl("set-primary", "ens10", socket=sock).returncode == 2  # neither LOWER nor --auto
     assert ctl("set-primary", "ens10", "ens11", "--auto", socket=sock).returncode == 2
     p = ctl("status", socket=sock)
-    assert p.returncode == 3 and "agent unreachable" in p.stderr and p.stderr.count("\n") == 1
+    assert (p.returncode, p.stderr) == (
+        3,
+        f"failoverctl: agent unreachable: {sock}: No such file or directory"
+        " (is failoverd running?)\n",
+    )
+
+
+def _as_nobody(argv: list[str]) -> tuple[int, str]:
+    """cli.main(argv) in a forked child that dropped root for uid/gid 65534: (exit, stderr)."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: only already-imported code runs, whatever the checkout's mode
+        code = 99
+        try:
+            sys.stderr = open(w, "w", closefd=False)  # noqa: SIM115 - the child's own stderr
+            os.setgroups([])
+            os.setresgid(65534, 65534, 65534)
+            os.setresuid(65534, 65534, 65534)
+            code = cli.main(argv)
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
+    os.close(w)
+    with os.fdopen(r) as f:
+        err = f.read()
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status), err
+
+
+@pytest.mark.root
+def test_permission_denied_on_the_socket_says_so(tmp_path: Path) -> None:
+    sock = tmp_path / "ctl.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as srv:
+        srv.bind(str(sock))
+        srv.listen(1)
+        os.chmod(sock, 0o600)  # root's, as failoverd makes it without control.group
+        tmp_path.chmod(0o755)
+        assert _as_nobody(["--socket", str(sock), "status"]) == (
+            3,
+            f"failoverctl: permission denied on the control socket: {sock}: Permission denied"
+            " (run as root or as a member of the config's control.group)\n",
+        )
 
 
 def test_format_table_of_empty_and_full_documents() -> None:

@@ -12,6 +12,7 @@ Exit codes (docs/operators.md): 0 ok, 1 failed (the agent refused: its reason on
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -59,13 +60,23 @@ def socket_path(cli_socket: str | None, cli_config: str | None) -> str:
     return DEFAULT_SOCKET
 
 
+PERMISSION_HINT = "run as root or as a member of the config's control.group"
+
+
+def unreachable_message(e: OSError) -> str:
+    """One line: why the socket did not answer, and the hint that fits that reason."""
+    if e.errno in (errno.EACCES, errno.EPERM):
+        return f"permission denied on the control socket: {e.strerror or e} ({PERMISSION_HINT})"
+    if e.errno in (errno.ENOENT, errno.ECONNREFUSED):
+        return f"agent unreachable: {e.strerror or e} (is failoverd running?)"
+    return f"agent unreachable: {e.strerror or e} (is failoverd running, or hung?)"
+
+
 def call(sock: str, msg: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
     try:
         reply = api.request(sock, msg, timeout)
     except api.AgentUnreachable as e:
-        raise CliError(
-            f"agent unreachable: {e.strerror or e} (is failoverd running?)", EXIT_UNREACHABLE
-        ) from None
+        raise CliError(unreachable_message(e), EXIT_UNREACHABLE) from None
     except api.ReplyError as e:
         raise CliError(str(e), EXIT_UNREACHABLE) from None
     if not reply.get("ok"):
