@@ -216,11 +216,14 @@ def test_agent_snapshot_of_its_groups_stays_as_built() -> None:
         ("standby", False, False),
     ]
     assert g.last_switch is not None and g.last_switch.to_lower == "ens11"
+    assert AgentStatus.from_json(json.loads(json.dumps(st.to_json()))) == st
     # the agent goes on changing its groups: the published snapshot does not move
     grp.switches["primary_down"] += 1
     grp.active = "standby"
     grp.lowers.pop("primary")
     assert g.switches == {"initial": 1} and g.active == "primary" and len(g.lowers) == 2
+    with pytest.raises(TypeError):
+        g.switches["initial"] = 5  # type: ignore[index]
     assert g.lowers[0].counters is None and g.drops is None  # counters are read, not frozen
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
+from types import MappingProxyType
 
 from bpfailover.model.groups import Group
 from bpfailover.model.status import (
@@ -43,7 +44,7 @@ def group_status(grp: Group) -> GroupStatus:
             )
             for role, lw in sorted(grp.lowers.items())
         ),
-        switches=dict(grp.switches),
+        switches=MappingProxyType(dict(grp.switches)),  # read-only, like the rest
         last_switch=None
         if sw is None
         else LastSwitch(
