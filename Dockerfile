@@ -33,5 +33,7 @@ RUN rm -rf /src/control/*.egg-info \
 ENV BPFAILOVER_BPF_DIR=/opt/bpfailover/share/bpf \
     BPFAILOVER_CONFIG=/etc/bpfailover/config.yaml \
     PYTHONUNBUFFERED=1
+# metrics.listen defaults to 127.0.0.1:9617 (the host's loopback under --network host);
+# set it in the config to scrape from elsewhere.
 EXPOSE 9617
 ENTRYPOINT ["/opt/bpfailover/bin/failoverd"]

@@ -4,8 +4,10 @@ checked against the lowers' own kernel counters and the agent's switch events.""
 from __future__ import annotations
 
 import socket
+import subprocess
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -184,3 +186,60 @@ def test_port_taken_agent_keeps_running(lab: Lab) -> None:
             run.wait_active(lab.names(0).standby)
         finally:
             squatter.close()
+
+
+@pytest.mark.root
+def test_default_config_listens_on_loopback_only(lab: Lab) -> None:
+    from bpfailover.model.config import MetricsSettings
+
+    assert MetricsSettings().address == ("127.0.0.1", METRICS_PORT)
+    with agent_in_lab(lab, metrics=False) as run:
+        run.stop()
+        del run.config["metrics"]  # the shipped default, not the harness's
+        run.config_path.write_text(yaml.safe_dump(run.config))
+        run.start()
+        assert run.events("metrics")[-1]["listen"] == f"127.0.0.1:{METRICS_PORT}"
+        ss = subprocess.run(
+            ["ip", "netns", "exec", lab.guest, "ss", "-Hlntu"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout.splitlines()
+        local = [line.split()[4] for line in ss]
+        assert f"127.0.0.1:{METRICS_PORT}" in local
+        assert all(a.startswith(("127.", "[::1]")) for a in local), local
+        assert scrape(lab)  # and it serves there
+
+
+@pytest.mark.root
+def test_idle_connections_are_capped_and_time_out(lab: Lab) -> None:
+    with agent_in_lab(lab, metrics=True) as run:
+        assert run.proc is not None
+        tasks = Path(f"/proc/{run.proc.pid}/task")
+        before = len(list(tasks.iterdir()))
+        idle: list[socket.socket] = []
+        try:
+            with netns.entered(lab.guest):
+                for _ in range(4 * metrics.MAX_CONNECTIONS):
+                    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                    s.connect(("127.0.0.1", METRICS_PORT))
+                    idle.append(s)
+            time.sleep(0.5)  # let the exporter accept them all
+            during = len(list(tasks.iterdir()))
+            assert during <= before + metrics.MAX_CONNECTIONS, (before, during)
+            # The switch path is not held up by them ...
+            lab.set_far_end(0, "primary", False)
+            run.wait_active(lab.names(0).standby)
+            # ... and the idle ones are cut at the deadline, so a scrape gets through.
+            deadline = time.monotonic() + 6 * metrics.CONN_TIMEOUT_S
+            ok = False
+            while not ok and time.monotonic() < deadline:
+                try:
+                    ok = bool(scrape_text(lab))
+                except OSError:
+                    time.sleep(0.5)
+            assert ok
+        finally:
+            for s in idle:
+                s.close()

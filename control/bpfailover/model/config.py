@@ -278,8 +278,9 @@ class MetricsSettings(_Model):
     """The Prometheus exporter."""
 
     listen: Annotated[str | None, AfterValidator(_listen)] = Field(
-        default="0.0.0.0:9617",
+        default="127.0.0.1:9617",
         description="`host:port` to serve /metrics on (IPv6 in brackets: `[::1]:9617`); "
+        "loopback unless set: a remote Prometheus needs an address here (e.g. `[::]:9617`); "
         '`""` or null disables the exporter',
     )
 

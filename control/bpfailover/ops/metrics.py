@@ -13,6 +13,12 @@ If the listen address cannot be bound, the exporter logs one
 `metrics_unavailable` event and the agent keeps forwarding without it:
 failover matters more than its metrics (and `failover_build_info` missing
 from Prometheus, `up == 0`, says so).
+
+The HTTP side is bounded: at most MAX_CONNECTIONS connections (threads) at once,
+each with CONN_TIMEOUT_S per socket operation and as its whole lifetime (a client
+trickling one byte a second is cut at the deadline, not kept alive by each byte);
+a connection over the cap is closed at once.  It listens on 127.0.0.1 unless
+`metrics.listen` says otherwise.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import logging
 import socket
 import sys
 import threading
+import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 from contextlib import suppress
@@ -29,6 +36,7 @@ from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any, Protocol
 
+from prometheus_client import exposition as ex
 from prometheus_client.core import (
     CollectorRegistry,
     CounterMetricFamily,
@@ -44,6 +52,9 @@ from bpfailover.model.status import AgentStatus, GroupStatus, LowerCounters
 from bpfailover.policy import SWITCH_REASONS
 
 log = logging.getLogger("bpfailover.metrics")
+
+MAX_CONNECTIONS = 16  # scrapes in flight (one thread each); Prometheus needs one or two
+CONN_TIMEOUT_S = 5.0  # per socket operation, and the whole life of a connection
 
 # link event -> map written: tens of microseconds on the raw-netlink path, ms with pyroute2
 BUCKETS = (
@@ -252,6 +263,45 @@ def _attachments(groups: Iterable[GroupStatus]) -> dict[str, dict[str, bool]]:
     return out
 
 
+class _Handler(ex._SilentHandler):
+    timeout = CONN_TIMEOUT_S  # every recv/send (StreamRequestHandler.setup)
+
+
+class _BoundedServer(ex.ThreadingWSGIServer):
+    """A thread per connection, but at most MAX_CONNECTIONS of them, none older than
+    CONN_TIMEOUT_S: the accepting thread shuts down the overdue ones (their thread's read
+    fails and it ends) and closes a connection over the cap at once."""
+
+    max_connections = MAX_CONNECTIONS
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._active: dict[Any, float] = {}
+        self._mu = threading.Lock()
+        super().__init__(*args, **kwargs)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        now = time.monotonic()
+        with self._mu:
+            for conn, t0 in list(self._active.items()):
+                if now - t0 > CONN_TIMEOUT_S:
+                    with suppress(OSError):
+                        conn.shutdown(socket.SHUT_RDWR)
+            full = len(self._active) >= self.max_connections
+            if not full:
+                self._active[request] = now
+        if full:
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self._mu:
+                self._active.pop(request, None)
+
+
 class Exporter:
     """The running exporter: registry, collector, HTTP server thread."""
 
@@ -269,15 +319,13 @@ class Exporter:
     def start(self) -> None:
         from wsgiref.simple_server import make_server
 
-        from prometheus_client import exposition as ex
-
-        class Server(ex.ThreadingWSGIServer):
+        class Server(_BoundedServer):
             pass
 
         host, port = self.address
         Server.address_family, host = ex._get_best_family(host, port)
         self.server = make_server(
-            host, port, ex.make_wsgi_app(self.registry), Server, handler_class=ex._SilentHandler
+            host, port, ex.make_wsgi_app(self.registry), Server, handler_class=_Handler
         )
         self.server.timeout = None
         self.thread = threading.Thread(target=self._serve, name="metrics", daemon=True)
