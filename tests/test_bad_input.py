@@ -93,3 +93,22 @@ def test_failoverd_bad_config_exits_2_with_the_key_path(tmp_path: Path) -> None:
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "groups[0].policy.reselect" in lines[0]
+
+
+def test_failoverd_unknown_control_group_is_a_config_error(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    sock = tmp_path / "c.sock"
+    cfg.write_text(
+        f"groups: [{{name: ens10, standby: ens10nsby}}]\nbpffs: {tmp_path / 'pins'}\n"
+        f"control: {{socket: {sock}, admin_group: no-such-group-x}}\nmetrics: {{listen: null}}\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "bpfailover.agent", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "control.admin_group: no such group 'no-such-group-x'" in lines[0]
+    assert not (tmp_path / "pins").exists() and not sock.exists()  # nothing was started

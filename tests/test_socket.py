@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import grp
 import json
 import os
@@ -10,6 +11,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,7 +20,7 @@ import yaml
 from bpfailover.ops import api, cli
 from bpfailover_lab.agent_run import AgentRun
 from bpfailover_lab.topology import Lab
-from tests.opsutil import agent_in_lab, status_json
+from tests.opsutil import agent_in_lab, ctl, status_json
 
 pytestmark = pytest.mark.root
 
@@ -134,6 +136,32 @@ def test_non_root_non_group_client_is_refused(lab: Lab) -> None:
         res = as_user(NOBODY.pw_uid, 1, [], lambda: cli.main(["--socket", run.socket, "status"]))
         assert res["result"] == 3  # the file mode: cannot even connect
 
+        # A member of the control group may read, not change: one line, nothing changed.
+        def teardown() -> Any:
+            return api.request(run.socket, {"cmd": "teardown", "group": "ens10"})
+
+        def standby() -> Any:
+            return api.request(
+                run.socket,
+                {"cmd": "set-primary", "group": run.lab.names(0).failover, "lower": "standby"},
+            )
+
+        for fn in (teardown, standby):
+            res = as_user(NOBODY.pw_uid, 1, [gid], fn)
+            assert res["result"]["ok"] is False, res
+            err = res["result"]["error"]
+            assert "permission denied" in err and "admin_group" in err and "\n" not in err
+        assert not run.events("teardown") and not run.events("override")
+        assert status_json(run)["groups"][0]["override"] is None
+        # ... a member of control.admin_group may.
+        run.stop()
+        run.config["control"]["admin_group"] = NOGROUP
+        run.config_path.write_text(yaml.safe_dump(run.config))
+        run.start()
+        res = as_user(NOBODY.pw_uid, 1, [gid], standby)
+        assert res["result"]["ok"] is True, res
+        assert status_json(run)["groups"][0]["override"] == "standby"
+
 
 def test_bad_messages_get_errors_and_the_agent_keeps_serving(lab: Lab) -> None:
     with agent_in_lab(lab, address=False) as run:
@@ -182,7 +210,7 @@ def test_several_clients_and_idle_ones(lab: Lab) -> None:
             # ... and when they fill every slot, the idle ones make room after a while.
             for s in idle[10:]:
                 s.connect(run.socket)
-            time.sleep(api.IDLE_EVICT_S + 0.5)
+            time.sleep(api.CLIENT_DEADLINE_S + 0.5)
             assert run.status()["groups"]
         finally:
             for s in idle:
@@ -199,3 +227,64 @@ def test_several_clients_and_idle_ones(lab: Lab) -> None:
         for t in threads:
             t.join(20)
         assert results == [True] * 40
+
+
+def test_trickling_clients_do_not_lock_out_status(lab: Lab) -> None:
+    """64 clients sending one byte a second (a request that never ends) fill every slot;
+    their bytes do not extend their deadline, so failoverctl status still gets in."""
+    with agent_in_lab(lab, address=False) as run:
+        slow = [socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(api.MAX_CLIENTS)]
+        try:
+            for s in slow:
+                s.connect(run.socket)
+                s.setblocking(False)
+            answered = None
+            t_end = time.monotonic() + 4 * api.CLIENT_DEADLINE_S + 10  # bounded run
+            while answered is None and time.monotonic() < t_end:
+                for s in slow:
+                    with contextlib.suppress(OSError):  # dropped ones: fine
+                        s.send(b"{")
+                if time.monotonic() > t_end - 8:  # trickled past every deadline
+                    p = ctl("status", "--json", socket=run.socket, timeout=10)
+                    answered = p
+                time.sleep(1.0)
+            assert answered is not None and answered.returncode == 0, answered
+            assert json.loads(answered.stdout)["groups"]
+        finally:
+            for s in slow:
+                s.close()
+
+
+def test_socket_path_never_taken_from_a_live_socket_or_a_non_socket(tmp_path: Path) -> None:
+    path = str(tmp_path / "c.sock")
+
+    def handler(req: dict[str, Any]) -> dict[str, Any]:
+        return {"ok": True}
+
+    live = api.ControlServer(path, handler)
+    try:
+        assert oct(os.stat(path).st_mode & 0o777) == "0o600"
+        with pytest.raises(api.SocketInUse, match="live process"):
+            api.ControlServer(path, handler)
+        assert os.path.exists(path)  # still the live one's
+        ino = os.stat(path).st_ino
+    finally:
+        live.sock.close()  # dies without cleaning up: a stale socket stays
+    assert os.stat(path).st_ino == ino
+    again = api.ControlServer(path, handler)  # stale: replaced
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as c:
+        c.connect(path)  # the new one listens there
+    again.close()
+    assert not os.path.exists(path)
+
+    target = tmp_path / "precious"
+    target.write_text("x")
+    os.symlink(target, path)
+    with pytest.raises(api.SocketInUse, match="not a socket"):
+        api.ControlServer(path, handler)
+    assert os.path.islink(path) and target.read_text() == "x"
+    os.unlink(path)
+    (tmp_path / "c.sock").write_text("a file")
+    with pytest.raises(api.SocketInUse, match="not a socket"):
+        api.ControlServer(path, handler)
+    assert (tmp_path / "c.sock").read_text() == "a file"

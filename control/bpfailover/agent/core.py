@@ -36,7 +36,7 @@ from bpfailover.events.pinwatch import PinWatch
 from bpfailover.model import config as configmod
 from bpfailover.model.groups import Group, Lower, Switch
 from bpfailover.model.status import AgentStatus
-from bpfailover.ops.api import ControlServer, RequestError
+from bpfailover.ops.api import ControlServer, RequestError, SocketInUse
 from bpfailover.ops.eventlog import event, fatal, setup_logging
 from bpfailover.policy import Role
 
@@ -133,7 +133,14 @@ class Agent:
             self.dp = Datapath.open(self.cfg.bpffs)
             self.dp.lock()
             self.pinwatch = PinWatch(self.dp.pin_dir)
-        except (DatapathError, LoadError) as e:
+            # Before any device: a live agent on the socket path stops us here.
+            self.control = ControlServer(
+                self.cfg.control.socket,
+                self.handle_request,
+                self.cfg.control.group,
+                admin_group=self.cfg.control.admin_group,
+            )
+        except (DatapathError, LoadError, SocketInUse) as e:
             raise AgentError(str(e)) from e
         self.ipr = IPRoute()
         self.wiring = Wiring(self.dp, self.ipr)
@@ -149,9 +156,6 @@ class Agent:
                 self._renotify(grp)
         self.sel.register(self.events, selectors.EVENT_READ, "netlink")
         self.sel.register(self.pinwatch, selectors.EVENT_READ, "pins")
-        self.control = ControlServer(
-            self.cfg.control.socket, self.handle_request, self.cfg.control.group
-        )
         self.control.register(self.sel)
         self.publish()
         event("started", groups=list(self.groups), pin_dir=self.cfg.bpffs, pid=os.getpid())
@@ -794,11 +798,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = ap.parse_args(argv)
     try:
-        cfg = (
-            configmod.lab_config()
-            if args.lab
-            else configmod.load_config(configmod.config_path(args.config))
-        )
+        source = configmod.config_path(args.config)
+        cfg = configmod.lab_config() if args.lab else configmod.load_config(source)
+        configmod.check_host(cfg, "<lab>" if args.lab else str(source))
     except configmod.ConfigError as e:
         for line in str(e).splitlines():  # one line per problem
             print(f"failoverd: {line}", file=sys.stderr)

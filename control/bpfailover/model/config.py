@@ -302,7 +302,13 @@ class ControlSettings(_Model):
     )
     group: Annotated[str, AfterValidator(_unix_group)] | None = Field(
         default=None,
-        description="a Unix group whose members may use the socket besides root (null: root only)",
+        description="a Unix group whose members may run `status` besides root (null: root "
+        "only); it must exist",
+    )
+    admin_group: Annotated[str, AfterValidator(_unix_group)] | None = Field(
+        default=None,
+        description="a Unix group whose members may also change things (`set-primary`, "
+        "`teardown`) besides root (null: root only); it must exist",
     )
 
 
@@ -576,6 +582,22 @@ def load_config(path: str | Path) -> Config:
     return parse_config(text, source)
 
 
+def check_host(cfg: Config, source: str = "<config>") -> None:
+    """What only this machine can say about a valid config: the unix groups it names
+    exist.  failoverd runs it before creating anything (failoverctl, reading the socket
+    path from the same file, does not)."""
+    import grp
+
+    for key in ("group", "admin_group"):
+        name = getattr(cfg.control, key)
+        if name is None:
+            continue
+        try:
+            grp.getgrnam(name)
+        except KeyError:
+            raise ConfigError(source, f"no such group {name!r}", ("control", key)) from None
+
+
 def config_path(cli_value: str | None) -> Path:
     """The config to load: the command line's, else $BPFAILOVER_CONFIG, else the default."""
     if cli_value:
@@ -703,6 +725,7 @@ __all__ = [
     "ControlSettings",
     "Group",
     "LAB_CONFIG_YAML",
+    "check_host",
     "LogSettings",
     "MetricsSettings",
     "NotifySettings",

@@ -10,15 +10,31 @@ at accept (the file mode is a second fence, not the first).
 Every failure becomes an error reply (`{"ok": false, "error": "..."}`) and
 changes nothing: not JSON, not an object, truncated (the client closed before
 the newline), over MAX_REQUEST bytes, unknown command, bad arguments.
+
+Who may do what: `status` (READ_ONLY) is for root and members of `control.group`;
+every other command (set-primary, teardown) needs root or a member of
+`control.admin_group`.  Supplementary groups come from SO_PEERGROUPS (the kernel's
+copy at connect time; no /proc lookup, which races and fails across pid namespaces).
+
+Slots: MAX_CLIENTS connections, the last ROOT_RESERVED of them for root only, at most
+MAX_PER_UID per other user.  A connection has CLIENT_DEADLINE_S from accept to be done
+(its bytes do not extend it): when the slots run out, overdue connections make room.
+
+The socket file: a live socket at the path (another agent) is never unlinked (lstat,
+S_ISSOCK, a connect probe); anything else there that is not a socket is refused; the
+file is created with its final mode (umask around bind) and chowned without following
+symlinks.
 """
 
 from __future__ import annotations
 
+import errno
 import grp as grpmod
 import json
 import os
 import selectors
 import socket
+import stat
 import struct
 import time
 from collections.abc import Callable
@@ -29,7 +45,12 @@ from typing import Any
 
 MAX_REQUEST = 64 * 1024  # a request is a few hundred bytes; anything near this is abuse
 MAX_CLIENTS = 64
-IDLE_EVICT_S = 2.0  # when the slots are full, clients idle this long make room
+ROOT_RESERVED = 4  # slots only root may take: a flood by one user never locks root out
+MAX_PER_UID = 16  # connections of one non-root user
+CLIENT_DEADLINE_S = 2.0  # accept -> reply sent; when the slots are full, older ones go
+IDLE_EVICT_S = CLIENT_DEADLINE_S  # (the old name)
+READ_ONLY = frozenset({"status"})  # commands for control.group; the rest need admin
+SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux >= 4.13
 
 
 class RequestError(ValueError):
@@ -44,28 +65,65 @@ class ReplyError(RuntimeError):
     """The agent answered something that is not a reply."""
 
 
+class SocketInUse(RuntimeError):
+    """The control socket path is taken (a live socket, or not a socket at all)."""
+
+
 def peer_creds(conn: socket.socket) -> tuple[int, int, int]:
     raw = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     pid, uid, gid = struct.unpack("3i", raw)
     return pid, uid, gid
 
 
-def _groups_of(pid: int) -> set[int]:
+def peer_groups(conn: socket.socket) -> set[int]:
+    """The peer's supplementary groups as the kernel recorded them at connect."""
+    size = 4 * 64
+    while True:
+        try:
+            raw = conn.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, size)
+        except OSError as e:
+            if e.errno == errno.ERANGE and size < 4 * 65536:
+                size *= 16
+                continue
+            return set()
+        return set(struct.unpack(f"{len(raw) // 4}I", raw[: len(raw) // 4 * 4]))
+
+
+def group_id(name: str | None) -> int | None:
+    return grpmod.getgrnam(name).gr_gid if name else None
+
+
+def _clear_path(path: str) -> None:
+    """Make room for our socket at `path`: nothing there, or a dead socket (removed).  A
+    live socket or anything that is not a socket is refused, never removed."""
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("Groups:"):
-                return {int(x) for x in line.split()[1:]}
-    except OSError:
-        pass
-    return set()
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise SocketInUse(f"{path} exists and is not a socket: remove it, or set control.socket")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(path)
+        except ConnectionRefusedError:
+            os.unlink(path)  # nobody listens: a stale socket of an agent that is gone
+            return
+        except OSError as e:
+            raise SocketInUse(f"{path}: cannot tell whether it is in use ({e})") from None
+    raise SocketInUse(
+        f"{path} is served by a live process (another failoverd?): not taking it over"
+    )
 
 
 @dataclass
 class _Client:
     conn: socket.socket
+    uid: int
+    admin: bool
     inbuf: bytearray = field(default_factory=bytearray)
     outbuf: bytes = b""
-    last: float = field(default_factory=time.monotonic)
+    started: float = field(default_factory=time.monotonic)
 
 
 class ControlServer:
@@ -74,18 +132,25 @@ class ControlServer:
         path: str,
         handler: Callable[[dict[str, Any]], dict[str, Any]],
         group: str | None = None,
+        admin_group: str | None = None,
     ) -> None:
         self.path = path
         self.handler = handler
-        self.gid = grpmod.getgrnam(group).gr_gid if group else None
+        self.gid = group_id(group)
+        self.admin_gid = group_id(admin_group)
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        with suppress(FileNotFoundError):
-            os.unlink(path)  # a stale socket of a previous agent (the pin lock says we're alone)
+        _clear_path(path)
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        self.sock.bind(path)
-        os.chmod(path, 0o660 if self.gid is not None else 0o600)
-        if self.gid is not None:
-            os.chown(path, 0, self.gid)
+        file_gid = self.gid if self.gid is not None else self.admin_gid
+        # Created with its final mode: no window in which it is wider.
+        old_umask = os.umask(0o117 if file_gid is not None else 0o177)
+        try:
+            self.sock.bind(path)
+        finally:
+            os.umask(old_umask)
+        if file_gid is not None:
+            os.chown(path, 0, file_gid, follow_symlinks=False)
+        self._ino = os.lstat(path).st_ino  # close() removes this file, not a successor
         self.sock.listen(16)
         self.sock.setblocking(False)
         self.sel: selectors.BaseSelector | None = None
@@ -95,11 +160,17 @@ class ControlServer:
         self.sel = sel
         sel.register(self.sock, selectors.EVENT_READ, "control-listen")
 
-    def allowed(self, conn: socket.socket) -> bool:
-        pid, uid, gid = peer_creds(conn)
+    def rights(self, conn: socket.socket) -> tuple[int, bool, bool]:
+        """(uid, may connect, may change things) of the peer."""
+        _pid, uid, gid = peer_creds(conn)
         if uid == 0:
-            return True
-        return self.gid is not None and (gid == self.gid or self.gid in _groups_of(pid))
+            return uid, True, True
+        groups = peer_groups(conn) | {gid}
+        admin = self.admin_gid is not None and self.admin_gid in groups
+        return uid, admin or (self.gid is not None and self.gid in groups), admin
+
+    def allowed(self, conn: socket.socket) -> bool:
+        return self.rights(conn)[1]
 
     def on_ready(self, key: selectors.SelectorKey) -> None:
         if key.data == "control-listen":
@@ -121,25 +192,43 @@ class ControlServer:
         except OSError:
             return  # EMFILE and friends: the client sees a reset, we keep serving
         conn.setblocking(False)
-        if not self.allowed(conn):
+        uid, allowed, admin = self.rights(conn)
+        if not allowed:
             self._send_once(
                 conn, {"ok": False, "error": "permission denied (root or the control group only)"}
             )
             return
-        if len(self.clients) >= MAX_CLIENTS and not self._evict_idle():
-            self._send_once(conn, {"ok": False, "error": "too many clients"})
+        refusal = self._admit(uid)
+        if refusal:
+            self._send_once(conn, {"ok": False, "error": refusal})
             return
         assert self.sel is not None
-        self.clients[conn] = _Client(conn)
+        self.clients[conn] = _Client(conn, uid, admin)
         self.sel.register(conn, selectors.EVENT_READ, "control-conn")
 
-    def _evict_idle(self) -> bool:
+    def _admit(self, uid: int) -> str | None:
+        """Room for one more connection of `uid`? None if so (overdue ones may have been
+        dropped to make it), else why not."""
+        if uid != 0:
+            mine = sum(1 for c in self.clients.values() if c.uid == uid)
+            if mine >= MAX_PER_UID and not self._drop_overdue(uid):
+                return f"too many clients (uid {uid} has {MAX_PER_UID} connections)"
+        limit = MAX_CLIENTS if uid == 0 else MAX_CLIENTS - ROOT_RESERVED
+        if len(self.clients) >= limit and not self._drop_overdue(None):
+            return "too many clients"
+        return None
+
+    def _drop_overdue(self, uid: int | None) -> bool:
+        """Drop connections past their deadline (of `uid` only, if given); any dropped?"""
         now = time.monotonic()
-        oldest = min(self.clients.values(), key=lambda c: c.last)
-        if now - oldest.last < IDLE_EVICT_S:
-            return False
-        self._drop(oldest)
-        return True
+        overdue = [
+            c
+            for c in self.clients.values()
+            if now - c.started >= CLIENT_DEADLINE_S and (uid is None or c.uid == uid)
+        ]
+        for c in overdue:
+            self._drop(c)
+        return bool(overdue)
 
     def _read(self, client: _Client) -> None:
         try:
@@ -149,7 +238,6 @@ class ControlServer:
         except OSError:
             self._drop(client)
             return
-        client.last = time.monotonic()
         if not chunk:  # EOF: a request without its newline is truncated
             if client.inbuf:
                 self._respond(client, {"ok": False, "error": "truncated request (no newline)"})
@@ -162,9 +250,9 @@ class ControlServer:
             if len(client.inbuf) > MAX_REQUEST:
                 self._respond(client, {"ok": False, "error": f"request over {MAX_REQUEST} bytes"})
             return
-        self._respond(client, self.dispatch(bytes(client.inbuf[:nl])))
+        self._respond(client, self.dispatch(bytes(client.inbuf[:nl]), admin=client.admin))
 
-    def dispatch(self, line: bytes) -> dict[str, Any]:
+    def dispatch(self, line: bytes, admin: bool = True) -> dict[str, Any]:
         """Never raises: every failure becomes an error reply, and changes nothing."""
         if len(line) > MAX_REQUEST:
             return {"ok": False, "error": f"request over {MAX_REQUEST} bytes"}
@@ -174,6 +262,12 @@ class ControlServer:
             return {"ok": False, "error": f"malformed request: not JSON ({e.__class__.__name__})"}
         if not isinstance(req, dict):
             return {"ok": False, "error": "malformed request: not a JSON object"}
+        if not admin and req.get("cmd") not in READ_ONLY:
+            return {
+                "ok": False,
+                "error": f"permission denied: {str(req.get('cmd'))[:40]!r} changes the agent "
+                "(root or control.admin_group only; the control group may run status)",
+            }
         try:
             return self.handler(req)
         except RequestError as e:
@@ -200,7 +294,6 @@ class ControlServer:
         except OSError:
             self._drop(client)
             return
-        client.last = time.monotonic()
         client.outbuf = client.outbuf[n:]
         if not client.outbuf:
             self._drop(client)
@@ -227,7 +320,8 @@ class ControlServer:
                 self.sel.unregister(self.sock)
         self.sock.close()
         with suppress(FileNotFoundError):
-            os.unlink(self.path)
+            if os.lstat(self.path).st_ino == self._ino:
+                os.unlink(self.path)
 
 
 def request(path: str, msg: dict[str, Any], timeout: float = 5.0) -> dict[str, Any]:
