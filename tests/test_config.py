@@ -276,7 +276,7 @@ def test_minimal_config_defaults() -> None:
     assert (g.notify.garp_count, g.notify.garp_interval_ms) == (1, 200)
     assert (g.inactive_rx, g.rx_path) == ("deliver", "tc")
     assert (g.standby_name, g.primary_name) == ("ens10nsby", None)
-    assert cfg.metrics.listen == "0.0.0.0:9617" and cfg.metrics.address == ("0.0.0.0", 9617)
+    assert cfg.metrics.listen == "127.0.0.1:9617" and cfg.metrics.address == ("127.0.0.1", 9617)
     assert cfg.control.socket == "/run/bpfailover/control.sock" and cfg.control.group is None
     assert cfg.bpffs == "/sys/fs/bpf/bpfailover"
     assert cfg.log.level == "info"
