@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -85,3 +86,27 @@ def one(samples: Samples, name: str, **labels: str) -> float:
     found = pick(samples, name, **labels)
     assert len(found) == 1, f"{name}{labels}: {found}"
     return next(iter(found.values()))
+
+
+def as_nobody(main: Callable[[list[str]], int], argv: list[str]) -> tuple[int, str]:
+    """main(argv) in a forked child that dropped root for uid/gid 65534: (exit, its stdout
+    and stderr). Import what `main` imports lazily beforehand: the child may not read the
+    checkout (e.g. one under /root)."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: only already-imported code runs, whatever the checkout's mode
+        code = 99
+        try:
+            sys.stdout = sys.stderr = open(w, "w", closefd=False)  # noqa: SIM115
+            os.setgroups([])
+            os.setresgid(65534, 65534, 65534)
+            os.setresuid(65534, 65534, 65534)
+            code = main(argv)
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
+    os.close(w)
+    with os.fdopen(r) as f:
+        err = f.read()
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status), err

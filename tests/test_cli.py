@@ -6,7 +6,6 @@ import ipaddress
 import json
 import os
 import socket
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -18,7 +17,7 @@ from bpfailover import netns
 from bpfailover.ops import cli
 from bpfailover_lab import traffic
 from bpfailover_lab.topology import Lab
-from tests.opsutil import agent_in_lab, ctl, status_json
+from tests.opsutil import agent_in_lab, as_nobody, ctl, status_json
 from tests.statusutil import agent, counted, group
 
 # ---- no root needed --------------------------------------------------------------------------
@@ -65,28 +64,6 @@ def test_usage_and_unreachable_exit_codes(tmp_path: Path) -> None:
     )
 
 
-def _as_nobody(argv: list[str]) -> tuple[int, str]:
-    """cli.main(argv) in a forked child that dropped root for uid/gid 65534: (exit, stderr)."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child: only already-imported code runs, whatever the checkout's mode
-        code = 99
-        try:
-            sys.stderr = open(w, "w", closefd=False)  # noqa: SIM115 - the child's own stderr
-            os.setgroups([])
-            os.setresgid(65534, 65534, 65534)
-            os.setresuid(65534, 65534, 65534)
-            code = cli.main(argv)
-            sys.stderr.flush()
-        finally:
-            os._exit(code)
-    os.close(w)
-    with os.fdopen(r) as f:
-        err = f.read()
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status), err
-
-
 @pytest.mark.root
 def test_permission_denied_on_the_socket_says_so(tmp_path: Path) -> None:
     sock = tmp_path / "ctl.sock"
@@ -95,7 +72,7 @@ def test_permission_denied_on_the_socket_says_so(tmp_path: Path) -> None:
         srv.listen(1)
         os.chmod(sock, 0o600)  # root's, as failoverd makes it without control.group
         tmp_path.chmod(0o755)
-        assert _as_nobody(["--socket", str(sock), "status"]) == (
+        assert as_nobody(cli.main, ["--socket", str(sock), "status"]) == (
             3,
             f"failoverctl: permission denied on the control socket: {sock}: Permission denied"
             " (run as root or as a member of the config's control.group)\n",

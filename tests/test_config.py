@@ -13,11 +13,13 @@ from hypothesis import strategies as st
 
 from bpfailover.model.config import (
     DEFAULT_CONFIG_PATH,
-    LAB_CONFIG_YAML,
     Config,
     ConfigError,
+    ControlSettings,
     StandbyDriver,
     config_path,
+    lab_config,
+    lab_netns,
     load_config,
     parse_config,
     validate_config,
@@ -336,13 +338,22 @@ def test_to_dict_round_trips() -> None:
     assert validate_config(data) == cfg
 
 
-def test_lab_config() -> None:
-    cfg = parse_config(LAB_CONFIG_YAML)
+def test_lab_config_paths_come_from_the_prefix() -> None:
+    cfg = lab_config("nu")
     (g,) = cfg.groups
     assert (g.name, g.standby, g.primary) == ("ens10", "ens10nsby", "auto")
-    assert cfg.metrics.address == ("127.0.0.1", 9617)
-    assert cfg.control.socket == "/run/bpfailover/control.sock"
-    assert cfg.bpffs == "/sys/fs/bpf/bpfailover"
+    assert cfg.metrics.address == ("127.0.0.1", 9617)  # the guest netns' own loopback
+    assert cfg.control.socket == "/run/bpfailover/lab-nu.sock"
+    assert cfg.bpffs == "/sys/fs/bpf/bpfailover-lab-nu"
+    assert lab_netns("nu") == "nu-guest"
+    default = lab_config()  # failover-lab's default prefix, never the production paths
+    assert default.control.socket == "/run/bpfailover/lab-fo.sock" != ControlSettings().socket
+    assert default.bpffs == "/sys/fs/bpf/bpfailover-lab-fo"
+    with pytest.raises(ConfigError) as info:
+        lab_config("../x")
+    assert str(info.value) == (
+        "--prefix: bad lab prefix '../x': use 1-12 of [a-z0-9_], starting alnum"
+    )
 
 
 # --- files and the environment -------------------------------------------------------------------

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -10,10 +13,10 @@ from pathlib import Path
 import pytest
 
 from bpfailover.model import config
-from bpfailover.ops import doctor
+from bpfailover.ops import cli, doctor
 from bpfailover.ops.doctor import Host, LinkInfo
 from bpfailover_lab.topology import Lab
-from tests.opsutil import agent_in_lab, ctl
+from tests.opsutil import agent_in_lab, as_nobody, ctl
 
 MAC = "52:54:00:00:12:53"
 CFG = config.parse_config(
@@ -195,3 +198,144 @@ def test_no_realtime_finding_when_turned_off(tmp_path: Path) -> None:
     )
     assert list(doctor.check_realtime(host, off)) == []
     assert [f.check for f in doctor.check_realtime(host, CFG)] == ["realtime"]
+
+
+# ---- what doctor says, exactly (issue 16) -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("argv", "exe", "agent"),
+    [
+        (["/usr/local/bin/failoverd", "--config", "a"], None, True),
+        (["failoverd"], "/opt/bpfailover/bin/failoverd", True),
+        (["/opt/venv/bin/python3", "/opt/venv/bin/failoverd", "--lab"], None, True),
+        (["/usr/bin/python3", "-m", "bpfailover.agent", "--netns", "x"], None, True),
+        (["python3.11", "-u", "-X", "dev", "-m", "bpfailover.agent"], None, True),
+        (["/usr/bin/python3", "-mbpfailover.agent"], None, True),
+        (["timeout", "60", "/usr/bin/python3", "-m", "bpfailover.agent"], None, False),
+        (["sudo", "failoverd", "--config", "a"], "/usr/bin/sudo", False),
+        (["/usr/bin/python3", "-m", "bpfailover.ops.cli", "doctor"], None, False),
+        (["/usr/bin/python3", "-c", "import bpfailover.agent"], None, False),
+        (["vim", "/etc/systemd/system/failoverd.service"], None, False),
+        (["grep", "failoverd", "/var/log/syslog"], None, False),
+        (["/usr/bin/python3", "/usr/bin/failoverctl", "status"], None, False),
+    ],
+)
+def test_an_agent_is_known_by_what_runs(argv: list[str], exe: str | None, agent: bool) -> None:
+    assert doctor.is_agent(argv, exe) is agent
+
+
+def test_a_timeout_or_sudo_wrapper_is_not_a_second_agent(tmp_path: Path) -> None:
+    host = healthy_host(tmp_path)
+    fake_proc(host, 10, "timeout", "60", "/usr/bin/python3", "-m", "bpfailover.agent")
+    fake_proc(host, 11, "/usr/bin/python3", "-m", "bpfailover.agent", "--config", "a")
+    fake_proc(host, 12, "sudo", "failoverd", "--config", "b")
+    fake_proc(host, 14, "/usr/bin/python3", "-m", "bpfailover.ops.cli", "doctor")
+    assert doctor.run_checks(host, CFG, None, links()) == []  # one agent: 11, under timeout
+    fake_proc(host, 13, "/opt/venv/bin/python3", "/opt/venv/bin/failoverd", "--config", "b")
+    assert doctor.format_findings(doctor.run_checks(host, CFG, None, links())) == (
+        "[second-agent] failoverd: 2 failoverd processes in this network namespace (11: "
+        "/usr/bin/python3 -m bpfailover.agent --config a; 13: /opt/venv/bin/python3 "
+        "/opt/venv/bin/failoverd --config b): two writers fight over the same lowers\n"
+        "    fix: run exactly one (systemctl status failoverd; kill the stray one by its pid)\n"
+        "doctor: 1 finding"
+    )
+
+
+def test_permission_denied_on_the_socket_is_said_as_such(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def denied(path: str, *_: object, **__: object) -> None:
+        raise doctor.api.AgentUnreachable(errno.EACCES, f"{path}: Permission denied")
+
+    monkeypatch.setattr(doctor.api, "request", denied)
+    found = doctor.run_checks(healthy_host(tmp_path), CFG, "/run/x.sock", links())
+    assert doctor.format_findings(found) == (
+        "[control-socket] /run/x.sock: permission denied: the running agent's lowers and state"
+        " were not checked\n"
+        "    fix: run as root or as a member of the config's control.group\n"
+        "doctor: 1 finding"
+    )
+
+
+@pytest.mark.root
+def test_doctor_as_non_root_says_permission_denied() -> None:
+    import tempfile
+
+    import pyroute2  # noqa: F401 - imported before the child drops root (it may not read it)
+
+    with tempfile.TemporaryDirectory(dir="/tmp") as tmp:  # traversable by nobody
+        _doctor_as_non_root(Path(tmp))
+
+
+def _doctor_as_non_root(tmp_path: Path) -> None:
+    sock = tmp_path / "ctl.sock"
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(f"groups: [{{name: ens10, standby: ens10nsby}}]\ncontrol: {{socket: {sock}}}\n")
+    cfg.chmod(0o644)
+    tmp_path.chmod(0o755)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as srv:
+        srv.bind(str(sock))
+        srv.listen(1)
+        sock.chmod(0o600)
+        code, out = as_nobody(cli.main, ["--config", str(cfg), "doctor"])
+    assert code == 4, out
+    assert (
+        f"[control-socket] {sock}: permission denied: the running agent's lowers and state were"
+        " not checked\n    fix: run as root or as a member of the config's control.group\n"
+    ) in out
+    assert "none answers" not in out
+
+
+@pytest.mark.root
+def test_doctor_names_the_netns_and_warns_when_the_agent_runs_in_another(lab: Lab) -> None:
+    with agent_in_lab(lab) as run:
+        pid = run.proc.pid  # type: ignore[union-attr]
+        ours = os.readlink("/proc/self/ns/net")
+        p = ctl("--config", str(run.config_path), "doctor")  # no --netns: this namespace
+        assert p.returncode == 4, p.stdout
+        lines = p.stdout.splitlines()
+        assert lines[0] == f"doctor: checking this process's network namespace ({ours})"
+        i = lines.index(
+            f"[agent-netns] pid {pid}: failoverd runs in network namespace {lab.guest}, doctor"
+            f" checked this process's network namespace ({ours}): the agent's lowers were not"
+            " checked"
+        )
+        assert lines[i + 1] == f"    fix: failoverctl doctor --netns {lab.guest}"
+        p = ctl("--config", str(run.config_path), "doctor", "--netns", lab.guest)
+        assert (p.returncode, p.stdout) == (
+            0,
+            f"doctor: checking network namespace {lab.guest}\ndoctor: no problems found\n",
+        )
+
+
+@pytest.mark.root
+def test_doctor_recognises_a_lab_agent(lab: Lab) -> None:
+    """`failoverd --lab --prefix P` and `failoverctl --lab P doctor`: the lab's config, socket
+    and namespace, not "[config] no agent config" and exit 4."""
+    import shutil
+    import sys
+
+    lab.up()
+    pins = Path(config.lab_config(lab.prefix).bpffs)
+    agent = subprocess.Popen(
+        [sys.executable, "-m", "bpfailover.agent", "--lab", "--prefix", lab.prefix],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        for _ in range(600):  # until it answers (bounded: 60 s)
+            if ctl("--lab", lab.prefix, "status").returncode == 0 or agent.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert agent.poll() is None, agent.stderr.read() if agent.stderr else ""
+        p = ctl("--lab", lab.prefix, "doctor")
+        assert (p.returncode, p.stdout) == (
+            0,
+            f"doctor: checking network namespace {lab.guest}\ndoctor: no problems found\n",
+        )
+    finally:
+        agent.terminate()
+        agent.wait(20)
+        shutil.rmtree(pins, ignore_errors=True)

@@ -12,6 +12,7 @@ not answer).  Exit code 0: nothing found; 4: findings (printed with fixes).
 from __future__ import annotations
 
 import argparse
+import errno
 import fcntl
 import json
 import os
@@ -28,7 +29,11 @@ from bpfailover.model.status import AgentStatus, StatusFormatError
 from bpfailover.ops import api
 
 DHCP_CLIENTS = {"dhclient", "dhcpcd", "dhcpcd5", "udhcpc", "pump", "dhcpcd-bin"}
-AGENT_MARKERS = ("failoverd", "bpfailover.agent")
+AGENT_PROGRAM = "failoverd"
+AGENT_MODULES = {"bpfailover.agent", "bpfailover.agent.__main__", "bpfailover.agent.core"}
+_PYTHON = re.compile(r"^python[0-9.]*$")
+_PY_OPTS_WITH_VALUE = {"-W", "-X", "-Q"}
+PERMISSION_FIX = "run as root or as a member of the config's control.group"
 UPPER_KINDS = {
     "vlan",
     "macvlan",
@@ -172,6 +177,64 @@ def _procs(host: Host) -> Iterator[tuple[int, list[str]]]:
         argv = [a.decode(errors="replace") for a in raw.split(b"\0") if a]
         if argv:
             yield int(d.name), argv
+
+
+def _exe(host: Host, pid: int) -> str | None:
+    try:
+        return os.readlink(host.proc / str(pid) / "exe")
+    except OSError:
+        return None  # another user's process as non-root, a kernel thread, a fixture
+
+
+def is_agent(argv: list[str], exe: str | None = None) -> bool:
+    """failoverd by what runs, never by a word of its arguments: the executable (or argv[0])
+    is `failoverd`, or a Python running the `failoverd` script or `-m bpfailover.agent`.
+    `timeout 60 failoverd`, `sudo failoverd`, `failoverctl doctor` are not agents."""
+    progs = {os.path.basename(p) for p in (exe, argv[0] if argv else None) if p}
+    if AGENT_PROGRAM in progs:
+        return True
+    if not any(_PYTHON.match(p) for p in progs):
+        return False
+    i = 1
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "-m":
+            return i + 1 < len(argv) and argv[i + 1] in AGENT_MODULES
+        if arg.startswith("-m"):
+            return arg[2:] in AGENT_MODULES
+        if arg == "-c" or arg.startswith("-c") or arg == "-":
+            return False
+        if arg.startswith("-"):
+            i += 2 if arg in _PY_OPTS_WITH_VALUE else 1
+            continue
+        return os.path.basename(arg) == AGENT_PROGRAM  # the script: .../bin/failoverd
+    return False
+
+
+def netns_name(host: Host, ns_id: str | None) -> str | None:
+    """The name under /run/netns of the namespace `net:[ino]`, if it has one."""
+    if ns_id is None:
+        return None
+    try:
+        entries = sorted((host.run / "netns").iterdir())
+    except OSError:
+        return None
+    for entry in entries:
+        try:
+            if f"net:[{entry.stat().st_ino}]" == ns_id:
+                return entry.name
+        except OSError:
+            continue
+    return None
+
+
+def describe_netns(host: Host) -> str:
+    """The namespace doctor inspects, for its first line."""
+    if host.netns is not None:
+        return f"network namespace {host.netns}"
+    ns_id = _netns_id(host, None)
+    name = netns_name(host, ns_id)
+    return f"this process's network namespace ({name or ns_id or 'unknown'})"
 
 
 def _netns_id(host: Host, pid: int | None) -> str | None:
@@ -404,15 +467,43 @@ def check_neighbour_knobs(host: Host) -> Iterator[Finding]:
         )
 
 
-def check_agents(host: Host, pin_dir: str, sock: str | None) -> Iterator[Finding]:
+def check_agent_netns(host: Host, status: AgentStatus | None) -> Iterator[Finding]:
+    """The agent that answers runs in another namespace than the one inspected: its lowers
+    are not where doctor looks."""
+    if status is None:
+        return
+    pid = status.pid
+    try:
+        raw = (host.proc / str(pid) / "cmdline").read_bytes()
+    except OSError:
+        return  # not in our pid namespace (a container): nothing to compare
+    argv = [a.decode(errors="replace") for a in raw.split(b"\0") if a]
+    if not is_agent(argv, _exe(host, pid)):
+        return  # that pid is someone else here: the agent has its own pid namespace
+    ours, theirs = _netns_id(host, None), _netns_id(host, pid)
+    if ours is None or theirs is None or ours == theirs:
+        return
+    name = netns_name(host, theirs)
+    yield Finding(
+        "agent-netns",
+        f"pid {pid}",
+        f"failoverd runs in network namespace {name or theirs}, doctor checked "
+        f"{describe_netns(host)}: the agent's lowers were not checked",
+        f"failoverctl doctor --netns {name}"
+        if name
+        else f"run doctor in the agent's namespace: nsenter -t {pid} -n failoverctl doctor",
+    )
+
+
+def check_agents(
+    host: Host, pin_dir: str, sock: str | None, denied: bool = False
+) -> Iterator[Finding]:
     mine = os.getpid()
     agents = []
     for pid, argv in _procs(host):
-        if pid == mine or not _same_netns(host, pid):
+        if pid == mine or not is_agent(argv, _exe(host, pid)) or not _same_netns(host, pid):
             continue
-        joined = " ".join(argv[:3])
-        if any(m in joined for m in AGENT_MARKERS) and "failoverctl" not in joined:
-            agents.append((pid, " ".join(argv)))
+        agents.append((pid, " ".join(argv)))
     if len(agents) > 1:
         listed = "; ".join(f"{p}: {c[:80]}" for p, c in agents)
         yield Finding(
@@ -436,7 +527,7 @@ def check_agents(host: Host, pin_dir: str, sock: str | None) -> Iterator[Finding
         locked = True
     finally:
         os.close(fd)  # closing drops a lock we took
-    if locked and sock is not None:
+    if locked and sock is not None and not denied:  # denied: said by [control-socket]
         try:
             api.request(sock, {"cmd": "status"}, timeout=2.0)
         except (api.AgentUnreachable, api.ReplyError):
@@ -460,21 +551,40 @@ def run_checks(
 ) -> list[Finding]:
     findings: list[Finding] = []
     status = None
+    denied = False
     if sock is not None:
         try:
             reply = api.request(sock, {"cmd": "status"}, timeout=2.0)
             status = AgentStatus.from_json(reply.get("status")) if reply.get("ok") else None
-        except (api.AgentUnreachable, api.ReplyError, StatusFormatError):
+        except api.AgentUnreachable as e:
+            denied = e.errno in (errno.EACCES, errno.EPERM)
+            if denied:
+                findings.append(
+                    Finding(
+                        "control-socket",
+                        sock,
+                        "permission denied: the running agent's lowers and state were not checked",
+                        PERMISSION_FIX,
+                    )
+                )
+        except (api.ReplyError, StatusFormatError):
             status = None  # then the lowers are found by the config
     if links is None:
         try:
             links = dump_links(host.netns)
         except OSError as e:
-            findings.append(
-                Finding("links", host.netns or "host", f"cannot list links: {e}", "run as root")
+            where = f"network namespace {host.netns}" if host.netns else "the links"
+            problem = (
+                f"permission denied: cannot enter {where}"
+                if e.errno in (errno.EACCES, errno.EPERM)
+                else f"cannot list links: {e.strerror or e}"
             )
+            findings.append(Finding("links", host.netns or "host", problem, "run as root"))
             links = {}
-    lowers = find_lowers(cfg, links, status)
+    elsewhere = list(check_agent_netns(host, status))
+    findings.extend(elsewhere)
+    # an agent in another namespace: its ifindexes mean other devices here
+    lowers = find_lowers(cfg, links, None if elsewhere else status)
     pin_dir = cfg.bpffs if cfg is not None else "/sys/fs/bpf/bpfailover"
     checks: Iterable[Iterable[Finding]] = (
         check_addresses(lowers),
@@ -486,7 +596,7 @@ def run_checks(
         check_privileges(host),
         check_realtime(host, cfg),
         check_neighbour_knobs(host),
-        check_agents(host, pin_dir, sock),
+        check_agents(host, pin_dir, sock, denied),
     )
     for found in checks:
         findings.extend(found)
@@ -505,29 +615,41 @@ def format_findings(findings: list[Finding]) -> str:
 
 def main_for_cli(args: argparse.Namespace, cli_socket: str | None) -> int:
     """`failoverctl doctor`: 0 when nothing is found, 4 when something is, 2 on a bad config."""
-    path = configmod.config_path(args.config)
+    netns_name_ = args.netns
     cfg: configmod.Config | None = None
     pre: list[Finding] = []
-    try:
-        cfg = configmod.load_config(path)
-    except configmod.ConfigError as e:
-        if args.config or os.environ.get(configmod.CONFIG_ENV) or path.exists():
-            for line in str(e).splitlines():
-                print(f"failoverctl: {line}", file=sys.stderr)
+    lab = getattr(args, "lab", None)
+    if lab is not None:  # the agent of `failoverd --lab --prefix LAB`
+        try:
+            cfg = configmod.lab_config(lab)
+        except configmod.ConfigError as e:
+            print(f"failoverctl: {e}", file=sys.stderr)
             return 2
-        pre.append(
-            Finding(
-                "config",
-                str(path),
-                "no agent config: lowers are guessed only from a running agent",
-                f"write {path} (keys: {configmod.REFERENCE})",
+        netns_name_ = netns_name_ or configmod.lab_netns(lab)
+    else:
+        path = configmod.config_path(args.config)
+        try:
+            cfg = configmod.load_config(path)
+        except configmod.ConfigError as e:
+            if args.config or os.environ.get(configmod.CONFIG_ENV) or path.exists():
+                for line in str(e).splitlines():
+                    print(f"failoverctl: {line}", file=sys.stderr)
+                return 2
+            pre.append(
+                Finding(
+                    "config",
+                    str(path),
+                    "no agent config: lowers are guessed only from a running agent",
+                    f"write {path} (keys: {configmod.REFERENCE}); for a lab agent: "
+                    "failoverctl --lab PREFIX doctor",
+                )
             )
-        )
     sock = cli_socket or (cfg.control.socket if cfg else "/run/bpfailover/control.sock")
-    host = Host(netns=args.netns, check_managers=args.netns is None)
+    host = Host(netns=netns_name_, check_managers=netns_name_ is None)
     findings = pre + run_checks(host, cfg, sock)
     if args.json:
         print(json.dumps([asdict(f) for f in findings], indent=2))
     else:
+        print(f"doctor: checking {describe_netns(host)}")
         print(format_findings(findings))
     return 4 if findings else 0
