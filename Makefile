@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml lab/pyproject.toml Makefile
 	@touch $(STAMP)
 
 bpffs:
-	@mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf
+	@mountpoint -q /sys/fs/bpf || mount -t bpf -o mode=700 bpf /sys/fs/bpf
 
 .PHONY: bpffs
 

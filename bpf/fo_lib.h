@@ -97,7 +97,8 @@ static __always_inline int fo_rx_decide(__u32 ifindex, __u32 src_hi, __u32 src_l
 	struct fo_group *cfg;
 	__u32 group, *active;
 
-	if (!dev || dev->role == FO_ROLE_MASTER || dev->group >= FO_MAX_GROUPS)
+	if (!dev || dev->role == FO_ROLE_MASTER || dev->role >= FO_NSLOTS ||
+	    dev->group >= FO_MAX_GROUPS)	/* slot = role: bounded */
 		return FO_RX_NOT_OURS;
 	group = dev->group;
 	cfg = fo_group.lookup(&group);

@@ -33,7 +33,7 @@ def unique(prefix: str) -> str:
 def bpffs() -> Path:
     root = Path("/sys/fs/bpf")
     if subprocess.run(["mountpoint", "-q", str(root)], check=False).returncode != 0:
-        subprocess.run(["mount", "-t", "bpf", "bpf", str(root)], check=True)
+        subprocess.run(["mount", "-t", "bpf", "-o", "mode=700", "bpf", str(root)], check=True)
     return root
 
 

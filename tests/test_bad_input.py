@@ -112,3 +112,71 @@ def test_failoverd_unknown_control_group_is_a_config_error(tmp_path: Path) -> No
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "control.admin_group: no such group 'no-such-group-x'" in lines[0]
     assert not (tmp_path / "pins").exists() and not sock.exists()  # nothing was started
+
+
+@pytest.mark.root
+def test_pins_trusted_only_from_root_and_locked_under_run(
+    pin_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+    import fcntl
+    import os
+    import pwd
+    import stat
+
+    from bpfailover.datapath import bpfsys, layout, maps
+
+    nobody = pwd.getpwnam("nobody")
+    # Pre-created by another user, or writable by others: refused, and left as it was.
+    pin_dir.mkdir()
+    os.chown(pin_dir, nobody.pw_uid, nobody.pw_gid)
+    with pytest.raises(DatapathError) as e:
+        Datapath.open(pin_dir)
+    msg = str(e.value)
+    assert f"owned by uid {nobody.pw_uid}" in msg and "rm -r" in msg and "\n" not in msg
+    assert pin_dir.stat().st_uid == nobody.pw_uid and not list(pin_dir.iterdir())
+    os.chown(pin_dir, 0, 0)
+    os.chmod(pin_dir, 0o777)
+    with pytest.raises(DatapathError, match="mode 0777"):
+        Datapath.open(pin_dir)
+    pin_dir.rmdir()
+
+    # The loader child runs with -P from /: a bpfailover/ in our cwd is never imported.
+    shadow = tmp_path / "cwd" / "bpfailover"
+    shadow.mkdir(parents=True)
+    marker = tmp_path / "shadow-imported"
+    (shadow / "__init__.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    monkeypatch.chdir(shadow.parent)
+    with Datapath.open(pin_dir) as dp:
+        assert not marker.exists()
+        assert stat.S_IMODE(pin_dir.stat().st_mode) == 0o700
+        # The lock is a root-only file under /run, not the pin directory: holding a flock
+        # on the directory stops nobody, and a second agent is refused.
+        fd = os.open(pin_dir, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            dp.lock()
+        finally:
+            os.close(fd)
+        lock = maps.lock_path(pin_dir)
+        st = lock.stat()
+        assert st.st_uid == 0 and stat.S_IMODE(st.st_mode) == 0o600
+        with Datapath.open(pin_dir, load=False) as other, pytest.raises(DatapathError) as e:
+            other.lock()
+        assert "another agent holds" in str(e.value)
+
+        # The exporter's handles read and cannot write.
+        with Datapath.open(pin_dir, load=False, read_only=True) as ro:
+            assert ro.active(0) == dp.active(0)
+            with pytest.raises(bpfsys.BpfError) as err:
+                ro.flip(0, 1)
+            assert err.value.errno == errno.EPERM
+            assert "prog_fo_egress" not in ro.fds
+
+    # Every map's shape is checked, not only the ABI number.
+    L = layout.load()
+    key, value, entries = L.maps["fo_dev"]
+    monkeypatch.setitem(L.maps, "fo_dev", (key, value + 8, entries))
+    with pytest.raises(DatapathError) as e:
+        Datapath.open(pin_dir, load=False)
+    assert "fo_dev" in str(e.value) and "tear it down" in str(e.value)

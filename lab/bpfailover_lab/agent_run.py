@@ -32,7 +32,7 @@ class HarnessError(RuntimeError):
 
 def ensure_bpffs() -> None:
     if subprocess.run(["mountpoint", "-q", str(BPFFS)], check=False).returncode != 0:
-        subprocess.run(["mount", "-t", "bpf", "bpf", str(BPFFS)], check=True)
+        subprocess.run(["mount", "-t", "bpf", "-o", "mode=700", "bpf", str(BPFFS)], check=True)
 
 
 class AgentRun:

@@ -25,6 +25,7 @@ BPF_PROG_TEST_RUN = 10
 BPF_OBJ_GET_INFO_BY_FD = 15
 
 BPF_ANY = 0
+BPF_F_RDONLY = 1 << 3  # file_flags of BPF_OBJ_GET: a map fd that can read, not write
 
 ATTR_SIZE = 128  # large enough for every command used here; the kernel zero-checks the rest
 
@@ -54,10 +55,10 @@ def _addr(buf: ctypes.Array[ctypes.c_char] | None) -> int:
     return ctypes.addressof(buf) if buf is not None else 0
 
 
-def obj_get(path: str) -> int:
-    """fd of a pinned map or program."""
+def obj_get(path: str, file_flags: int = 0) -> int:
+    """fd of a pinned map or program (file_flags BPF_F_RDONLY: a read-only map fd)."""
     p = ctypes.create_string_buffer(path.encode())
-    return _sys_bpf(BPF_OBJ_GET, _attr("=QII", _addr(p), 0, 0), f"open pin {path}")
+    return _sys_bpf(BPF_OBJ_GET, _attr("=QII", _addr(p), 0, file_flags), f"open pin {path}")
 
 
 def obj_pin(fd: int, path: str) -> None:

@@ -87,6 +87,25 @@ class Layout:
                 fields.append((fname, _CTYPES[ctype]))
             self.structs[m.group(1)] = type(m.group(1), (ctypes.Structure,), {"_fields_": fields})
 
+        # The maps' shapes as the BPF build declares them: name -> (key, value, max_entries)
+        # in bytes and entries, compared with what a pinned datapath really has.
+        self.maps: dict[str, tuple[int, int, int]] = {}
+        sizes: dict[str, int] = {"__u32": 4, "__u64": 8, "int": 4}
+        for name, st in self.structs.items():
+            sizes[f"struct {name}"] = ctypes.sizeof(st)
+        for m in re.finditer(
+            r"BPF_TABLE\(\s*\"\w+\"\s*,\s*([\w ]+?)\s*,\s*([\w ]+?)\s*,\s*(\w+)\s*,"
+            r"\s*(\w+)\s*\)",
+            text,
+        ):
+            key, value, name, entries = m.groups()
+            self.maps[name] = (sizes[key], sizes[value], self._value(entries))
+        for m in re.finditer(r"BPF_DEVMAP\(\s*(\w+)\s*,\s*(\w+)\s*\)", text):
+            self.maps[m.group(1)] = (4, 4, self._value(m.group(2)))  # bcc: int -> int
+
+    def _value(self, token: str) -> int:
+        return int(token) if token.isdigit() else self.consts[token]
+
     def names(self, prefix: str) -> tuple[str, ...]:
         """Lower-case names of an enum-like family, by value: names("FO_DROP_") ->
         ("no_lower", "inactive_rx").  Counts (FO_N*) do not share the prefix."""

@@ -47,14 +47,16 @@ def check_bpffs(path: Path) -> None:
 
     parent = path.parent
     if not parent.is_dir():
-        raise LoadError(f"{parent} does not exist: mount bpffs (mount -t bpf bpf /sys/fs/bpf)")
+        raise LoadError(
+            f"{parent} does not exist: mount bpffs (mount -t bpf -o mode=700 bpf /sys/fs/bpf)"
+        )
     buf = ctypes.create_string_buffer(128)
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.statfs(str(parent).encode(), buf) != 0:
         raise LoadError(f"statfs {parent}: {os.strerror(ctypes.get_errno())}")
     magic = int.from_bytes(buf.raw[:8], "little")
     if magic != BPF_FS_MAGIC:
-        raise LoadError(f"{parent} is not a bpffs mount: run mount -t bpf bpf {parent}")
+        raise LoadError(f"{parent} is not a bpffs mount: run mount -t bpf -o mode=700 bpf {parent}")
 
 
 def compile_and_pin(pin_dir: Path, test_hooks: bool = False) -> dict[str, object]:
@@ -89,7 +91,8 @@ def compile_and_pin(pin_dir: Path, test_hooks: bool = False) -> dict[str, object
 
     # bpffs refuses names with a dot in them.
     tmp = pin_dir.parent / f"{pin_dir.name}-loading-{os.getpid()}"
-    tmp.mkdir()
+    tmp.mkdir(mode=0o700)
+    os.chmod(tmp, 0o700)  # whatever the umask: only root may look in or add pins
     try:
         from bcc.libbcc import lib
 

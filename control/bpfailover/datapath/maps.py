@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import ctypes
 import fcntl
+import hashlib
 import json
 import logging
 import os
 import shutil
+import stat
 import struct
 import subprocess
 import sys
@@ -25,6 +27,9 @@ from bpfailover.datapath import bpfsys, layout
 from bpfailover.datapath.loader import MAPS, PROGS, TEST_MAPS, LoadError
 
 log = logging.getLogger("bpfailover.datapath")
+
+
+LOCK_DIR = Path("/run/bpfailover")  # the single-instance locks (root's, 0600)
 
 
 class DatapathError(RuntimeError):
@@ -60,18 +65,29 @@ class Datapath:
 
     # -- opening ----------------------------------------------------------------------
     @classmethod
-    def open(cls, pin_dir: str | Path, load: bool = True, test_hooks: bool = False) -> Datapath:
-        """Adopt the datapath pinned at pin_dir, loading it first if there is none."""
+    def open(
+        cls,
+        pin_dir: str | Path,
+        load: bool = True,
+        test_hooks: bool = False,
+        read_only: bool = False,
+    ) -> Datapath:
+        """Adopt the datapath pinned at pin_dir, loading it first if there is none.
+        read_only: the maps only, through fds that cannot write (the exporter's)."""
         pin_dir = Path(pin_dir)
-        if not pin_dir.exists():
+        if not os.path.lexists(pin_dir):
             if not load:
                 raise DatapathError(f"no datapath pinned at {pin_dir}")
             run_loader(pin_dir, test_hooks)
-        names = MAPS + (TEST_MAPS if test_hooks else ()) + tuple(PROGS)
+        check_owner(pin_dir)
+        names = MAPS + (TEST_MAPS if test_hooks else ())
+        if not read_only:
+            names += tuple(PROGS)
+        flags = bpfsys.BPF_F_RDONLY if read_only else 0
         fds: dict[str, int] = {}
         try:
             for name in names:
-                fds[name] = bpfsys.obj_get(str(pin_dir / name))
+                fds[name] = bpfsys.obj_get(str(pin_dir / name), flags if name in MAPS else 0)
         except OSError as e:
             for fd in fds.values():
                 os.close(fd)
@@ -82,6 +98,8 @@ class Datapath:
         return cls(pin_dir, fds)
 
     def _check_abi(self) -> None:
+        """The version number, then every map's shape (key and value size, entries) against
+        the layout this build reads and writes with: a mismatch is never adopted."""
         raw = bpfsys.map_lookup(self.fds["fo_meta"], _u32(0), 4)
         abi = struct.unpack("=I", raw)[0] if raw else 0
         if abi != self.L.FO_ABI_VERSION:
@@ -89,37 +107,44 @@ class Datapath:
                 f"{self.pin_dir} holds datapath ABI {abi}, this is ABI {self.L.FO_ABI_VERSION}: "
                 "tear it down first (failoverctl teardown GROUP)"
             )
+        for name, fd in self.fds.items():
+            want = self.L.maps.get(name)
+            if want is None:
+                continue  # a program
+            info = bpfsys.map_info(fd)
+            got = (info.key_size, info.value_size, info.max_entries)
+            if got != want:
+                raise DatapathError(
+                    f"{self.pin_dir}/{name}: key/value size and entries {got}, this build "
+                    f"expects {want}: tear it down first (failoverctl teardown GROUP)"
+                )
 
-    def lock(self) -> None:
-        """Become the single writer: an exclusive flock on the pin directory."""
-        fd = os.open(self.pin_dir, os.O_RDONLY | os.O_DIRECTORY)
+    def lock(self, lock_dir: Path = LOCK_DIR) -> None:
+        """Become the single writer of this pin directory: an exclusive flock on a root-only
+        file under /run (not on the pin directory, which others may open and flock)."""
+        path = lock_path(self.pin_dir, lock_dir)
+        fd = open_lock(path)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
             raise DatapathError(
-                f"another agent holds {self.pin_dir} (only one failoverd per pin directory)"
+                f"another agent holds {self.pin_dir} (lock {path}; only one failoverd per "
+                "pin directory)"
             ) from None
         self._lock_fd = fd
 
     def repin(self) -> list[str]:
         """Pin again, from our own fds, whatever was removed from the pin directory by hand
         (the directory too: then it is created and locked again).  Returns what was pinned."""
-        relock = False
         if not self.pin_dir.is_dir():
-            self.pin_dir.mkdir()
-            relock = self._lock_fd is not None
+            self.pin_dir.mkdir(mode=0o700)  # the lock is under /run: it still holds
         done = []
         for name, fd in self.fds.items():
             path = self.pin_dir / name
             if not path.exists():
                 bpfsys.obj_pin(fd, str(path))
                 done.append(name)
-        if relock:
-            assert self._lock_fd is not None
-            os.close(self._lock_fd)  # the lock of a directory that is gone
-            self._lock_fd = None
-            self.lock()
         return done
 
     def close(self) -> None:
@@ -265,12 +290,51 @@ class Datapath:
         return struct.unpack("=I", raw)[0] if raw else 0
 
 
+def lock_path(pin_dir: Path, lock_dir: Path = LOCK_DIR) -> Path:
+    digest = hashlib.sha256(str(Path(pin_dir).absolute()).encode()).hexdigest()[:16]
+    return lock_dir / f"pins-{digest}.lock"
+
+
+def open_lock(path: Path) -> int:
+    """The lock file, root's and 0600, in a directory only root may write to."""
+    path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+    st = os.lstat(path.parent)
+    if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+        raise DatapathError(
+            f"{path.parent} (for the single-instance lock) must be owned by root and not "
+            f"group/world-writable (uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):04o})"
+        )
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        raise DatapathError(f"lock {path}: {e.strerror}") from None
+    return fd
+
+
+def check_owner(pin_dir: Path) -> None:
+    """Pins are adopted only from a directory only root could have filled: owned by root
+    (us), not a symlink, not group/world-writable; the same for every entry in it."""
+    fix = f"remove it (rm -r {pin_dir}; failoverd loads a fresh datapath)"
+    st = os.lstat(pin_dir)
+    if not stat.S_ISDIR(st.st_mode):
+        raise DatapathError(f"{pin_dir} is not a directory (a symlink?): not adopted; {fix}")
+    entries = [(pin_dir, st)] + [(e, os.lstat(e)) for e in sorted(pin_dir.iterdir())]
+    for path, est in entries:
+        if est.st_uid != os.geteuid() or est.st_mode & 0o022:
+            raise DatapathError(
+                f"{path} is owned by uid {est.st_uid} with mode "
+                f"{stat.S_IMODE(est.st_mode):04o}: pins are adopted only when owned by root "
+                f"and not group/world-writable; {fix}"
+            )
+
+
 def run_loader(pin_dir: Path, test_hooks: bool = False) -> dict[str, Any]:
-    """Compile and pin in a child process (the agent itself never holds LLVM)."""
-    argv = [sys.executable, "-m", "bpfailover.datapath.loader", str(pin_dir)]
+    """Compile and pin in a child process (the agent itself never holds LLVM).  `-P` and
+    cwd `/`: a `bpfailover/` in the caller's directory cannot shadow the package."""
+    argv = [sys.executable, "-P", "-m", "bpfailover.datapath.loader", str(pin_dir)]
     if test_hooks:
         argv.append("--test-hooks")
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False, cwd="/")
     if proc.returncode != 0:
         lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
         raise LoadError(lines[-1] if lines else f"loader exited {proc.returncode}")

@@ -516,8 +516,11 @@ def check_agents(
     pins = Path(pin_dir)
     if not pins.is_dir():
         return
+    from bpfailover.datapath.maps import lock_path  # the lock is under /run, not the pins
+
+    lock = str(lock_path(pins))
     try:
-        fd = os.open(pins, os.O_RDONLY | os.O_DIRECTORY)
+        fd = os.open(lock, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError:
         return
     try:
@@ -536,7 +539,7 @@ def check_agents(
                 pin_dir,
                 f"an agent holds the pin lock of {pin_dir} but none answers on {sock}: a "
                 "second agent with another socket, or a hung one",
-                "find it (fuser -v " + pin_dir + "), stop it, then start failoverd once",
+                "find it (fuser -v " + lock + "), stop it, then start failoverd once",
             )
 
 

@@ -352,7 +352,8 @@ def serve(agent: Any, address: tuple[str, int] | None) -> Exporter | None:
     try:
         from bpfailover.datapath.maps import Datapath
 
-        dp = Datapath.open(agent.dp.pin_dir, load=False)  # our own fds: reads only
+        # our own fds, read-only: the exporter cannot write a map even by mistake
+        dp = Datapath.open(agent.dp.pin_dir, load=False, read_only=True)
     except Exception as e:
         log.debug("own map handles failed (%s): sharing the agent's", e)
     exp = Exporter(agent, address, dp)
