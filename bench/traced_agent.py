@@ -15,7 +15,8 @@ import time
 from typing import Any
 
 from bpfailover import policy
-from bpfailover.agent import core as agentmod
+from bpfailover.agent import loop as agentmod
+from bpfailover.agent.main import main
 from bpfailover.datapath.maps import Datapath
 from bpfailover.events import netlink
 
@@ -76,4 +77,4 @@ def _install() -> None:
 
 if __name__ == "__main__":
     _install()
-    sys.exit(agentmod.main())
+    sys.exit(main())

@@ -63,7 +63,7 @@ def test_failoverd_not_root_says_so(
 ) -> None:
     # In-process with the uid faked: a real setuid run needs the venv readable by that user,
     # which a checkout under /root is not.
-    from bpfailover.agent import core as agent
+    from bpfailover.agent import main as agent
 
     cfg = tmp_path / "c.yaml"
     sock = tmp_path / "c.sock"

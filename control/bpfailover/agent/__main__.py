@@ -2,6 +2,6 @@
 
 import sys
 
-from bpfailover.agent.core import main
+from bpfailover.agent.main import main
 
 sys.exit(main())

@@ -10,6 +10,11 @@ file $BPFAILOVER_FAULT_GATE exists: the test acts meanwhile).
 from __future__ import annotations
 
 import os
+import signal
+import time
+from collections.abc import Callable
+
+from bpfailover.ops.eventlog import event
 
 
 class FaultSpecError(ValueError):
@@ -28,6 +33,7 @@ class Fault:
         self.nth = int(nth or 1)
         self.hits = 0
         self.gate = gate
+        self.close_netlink: Callable[[], None] | None = None  # set by the agent
         if self.point not in FAULT_POINTS or self.action not in FAULT_ACTIONS:
             raise FaultSpecError(
                 f"BPFAILOVER_FAULT={spec!r}: points {FAULT_POINTS}, actions {FAULT_ACTIONS}"
@@ -37,3 +43,20 @@ class Fault:
     def from_env(cls) -> Fault | None:
         spec = os.environ.get("BPFAILOVER_FAULT")
         return cls(spec, os.environ.get("BPFAILOVER_FAULT_GATE")) if spec else None
+
+    def fire(self, point: str) -> None:
+        """Fail as asked if this is the fault's point and turn."""
+        if self.point != point:
+            return
+        self.hits += 1
+        if self.hits != self.nth:
+            return
+        event("fault_injected", point=point, action=self.action)
+        if self.action == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        elif self.action == "close-netlink" and self.close_netlink is not None:
+            self.close_netlink()
+        elif self.action == "stall":
+            deadline = time.monotonic() + 30
+            while self.gate and not os.path.exists(self.gate) and time.monotonic() < deadline:
+                time.sleep(0.01)

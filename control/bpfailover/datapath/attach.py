@@ -270,6 +270,17 @@ class Wiring:
             detach_tc(self.ipr, ifindex, "ingress")
             detach_xdp(self.ipr, ifindex)
 
+    def set_carrier(self, peer_ifindex: int, on: bool) -> None:
+        set_carrier(self.ipr, peer_ifindex, on)
+
+    def set_mtu(self, ifindex: int, mtu: int) -> None:
+        """Raises pyroute2's NetlinkError when the device refuses."""
+        self.ipr.link("set", index=ifindex, mtu=mtu)
+
+    def set_up(self, ifindex: int) -> None:
+        """Admin up; raises pyroute2's NetlinkError when the device refuses."""
+        self.ipr.link("set", index=ifindex, state="up")
+
     def teardown_group(self, name: str) -> bool:
         """Remove a group's datapath: filters, XDP, the failover device, map state."""
         g = self.dp.groups().get(name)

@@ -1,0 +1,314 @@
+"""failoverd: keeps each group's active lower right, from rtnetlink events, with no polling.
+
+One thread runs everything that writes: link events, hold-down timers, peer
+notifications and control requests are served from one selector loop, so the
+maps have a single writer and no locks.  On a switch the map is written first;
+logging, carrier, GARP come after.  The metrics endpoint only reads.
+
+This module is the loop: start-up, the selector, timers, the netlink socket (reconnected
+and everything re-read when it fails), pins removed by hand, shutdown.  What it dispatches
+to: lowers.py (link events), switch.py (decisions and what follows), requests.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import selectors
+import time
+from collections.abc import Callable
+from typing import Any
+
+from bpfailover.agent import setup
+from bpfailover.agent import status as statusmod
+from bpfailover.agent.fault import Fault
+from bpfailover.agent.lowers import Lowers
+from bpfailover.agent.requests import Requests
+from bpfailover.agent.switch import Switcher, now_ms
+from bpfailover.datapath import counters
+from bpfailover.datapath.attach import Wiring
+from bpfailover.datapath.loader import LoadError
+from bpfailover.datapath.maps import Datapath, DatapathError
+from bpfailover.effects import sched
+from bpfailover.events import netlink
+from bpfailover.events.pinwatch import PinWatch
+from bpfailover.model import config as configmod
+from bpfailover.model.groups import Group, Switch
+from bpfailover.model.status import AgentStatus
+from bpfailover.ops.api import ControlServer, SocketInUse
+from bpfailover.ops.eventlog import event
+
+AgentError = setup.AgentError
+
+
+class Agent:
+    def __init__(self, cfg: configmod.Config) -> None:
+        self.cfg = cfg
+        self.groups: dict[str, Group] = {}
+        self.dp: Datapath | None = None
+        self.wiring: Wiring | None = None
+        self.events: netlink.EventSocket | None = None
+        self.control: ControlServer | None = None
+        self.addrs: dict[int, set[tuple[int, str]]] = {}  # ifindex -> {(family, address)}
+        self.sel = selectors.DefaultSelector()
+        # stop() wakes the loop through this pipe: a signal alone does not end a select()
+        # with no timers (PEP 475 retries it), so SIGTERM after the last group's teardown hung
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.sel.register(self._wake_r, selectors.EVENT_READ, "wakeup")
+        self.stopping = False
+        self.started_at = time.time()
+        self.scheduling = "other"  # the event loop's policy, for status
+        self.ipr: Any = None
+        self.pinwatch: PinWatch | None = None
+        self.repin_due_ms: int | None = None
+        self.fault = Fault.from_env()  # TEST-ONLY: None outside the fault suite
+        if self.fault is not None:
+            self.fault.close_netlink = self._close_netlink
+        # the jobs, built by start() once the datapath is open
+        self.switch: Switcher | None = None
+        self.lowers: Lowers | None = None
+        self.requests: Requests | None = None
+        self._on_switch: Callable[[Group, Switch], None] | None = None
+        # The latest status, frozen: replaced whole (one assignment) after every change, so
+        # readers in other threads (metrics) see a consistent picture without locks.
+        self.snapshot: AgentStatus = statusmod.snapshot((), self.started_at, self.scheduling)
+
+    @property
+    def on_switch(self) -> Callable[[Group, Switch], None] | None:
+        """Called after each switch (the metrics hook)."""
+        return self._on_switch
+
+    @on_switch.setter
+    def on_switch(self, hook: Callable[[Group, Switch], None] | None) -> None:
+        self._on_switch = hook
+        if self.switch is not None:
+            self.switch.on_switch = hook
+
+    def _close_netlink(self) -> None:  # TEST-ONLY: the close-netlink fault
+        if self.events is not None:
+            self.events.sock.close()
+
+    # -- start-up ---------------------------------------------------------------------
+    def start(self) -> None:
+        # Subscribe before dumping: an event between the two is then seen twice, never lost.
+        self.events = netlink.EventSocket()
+        links = {link.ifindex: link for link in netlink.dump_links()}
+        setup.check_groups(self.cfg, links)  # bad input fails before anything is created
+        self._open_datapath()
+        assert self.dp is not None and self.wiring is not None
+        self._load_addrs()
+        self.switch = Switcher(self.dp, self.wiring, self.addrs, self.fault)
+        self.switch.on_switch = self._on_switch
+        self.lowers = Lowers(self.groups, self.dp, self.wiring, self.switch, self.addrs)
+        self.requests = Requests(
+            self.groups, self.dp, self.wiring, self.switch, self.addrs, self.status, time.monotonic_ns
+        )
+        for gcfg in self.cfg.groups:
+            self.groups[gcfg.name] = setup.setup_group(gcfg, links, self.dp, self.wiring)
+        if self.fault is not None:
+            self.fault.fire("adopt")  # TEST-ONLY: adopted, not yet reconciled
+        links = {link.ifindex: link for link in netlink.dump_links()}  # with the new devices
+        for grp in self.groups.values():
+            self.lowers.reconcile_group(grp, links, time.monotonic_ns())
+            if grp.last_switch is None:
+                self.switch.renotify(grp)
+        self.sel.register(self.events, selectors.EVENT_READ, "netlink")
+        if self.pinwatch is not None:
+            self.sel.register(self.pinwatch, selectors.EVENT_READ, "pins")
+        assert self.control is not None
+        self.control.register(self.sel)
+        self.publish()
+        event("started", groups=list(self.groups), pin_dir=self.cfg.bpffs, pid=os.getpid())
+
+    def _open_datapath(self) -> None:
+        from pyroute2 import IPRoute
+
+        try:
+            self.dp = Datapath.open(self.cfg.bpffs)
+            self.dp.lock()
+            self.pinwatch = PinWatch(self.dp.pin_dir)
+            # Before any device: a live agent on the socket path stops us here.
+            self.control = ControlServer(
+                self.cfg.control.socket,
+                self.handle_request,
+                self.cfg.control.group,
+                admin_group=self.cfg.control.admin_group,
+            )
+        except (DatapathError, LoadError, SocketInUse) as e:
+            raise AgentError(str(e)) from e
+        self.ipr = IPRoute()
+        self.wiring = Wiring(self.dp, self.ipr)
+
+    def go_realtime(self) -> None:
+        """The event loop (the calling thread) under SCHED_FIFO as configured; a refusal
+        (no CAP_SYS_NICE, e.g. a container without it) is logged and the agent goes on."""
+        prio = self.cfg.scheduling.realtime_priority
+        try:
+            self.scheduling = sched.go_realtime(prio)
+        except OSError as e:
+            self.scheduling = sched.current()
+            event(
+                "scheduling_refused",
+                priority=prio,
+                error=e.strerror,
+                policy=self.scheduling,
+                hint="needs CAP_SYS_NICE",
+            )
+            return
+        event("scheduling", policy=self.scheduling)
+
+    def _load_addrs(self) -> None:
+        self.addrs.clear()  # in place: the jobs hold this dict
+        for a in netlink.dump_addrs():
+            self.addrs.setdefault(a.ifindex, set()).add((a.family, a.address))
+
+    # -- the loop -------------------------------------------------------------------------
+    def publish(self) -> AgentStatus:
+        """A new snapshot of what the agent knows now, swapped in for the readers."""
+        self.snapshot = statusmod.snapshot(self.groups.values(), self.started_at, self.scheduling)
+        return self.snapshot
+
+    def run(self) -> None:
+        self.publish()  # with the scheduling go_realtime() set
+        while not self.stopping:
+            timeout = self._next_timeout()
+            for key, _mask in self.sel.select(timeout):
+                if key.data == "netlink":
+                    self._on_netlink()
+                elif key.data == "pins":
+                    self._on_pins()
+                elif key.data == "wakeup":
+                    with contextlib.suppress(BlockingIOError):
+                        os.read(self._wake_r, 64)
+                elif self.control is not None:
+                    self.control.on_ready(key)
+            self._run_timers()
+            self.publish()  # after the switch and its effects: never on the event -> map path
+
+    def stop(self) -> None:
+        self.stopping = True
+        with contextlib.suppress(OSError):  # full (already woken) or closed
+            os.write(self._wake_w, b"\0")
+
+    def close(self) -> None:
+        """Stop serving; the pinned datapath keeps forwarding."""
+        started = self.control is not None
+        if self.control is not None:
+            self.control.close()
+        if self.events is not None:
+            self.events.close()
+        if self.pinwatch is not None:
+            self.pinwatch.close()
+        if self.ipr is not None:
+            self.ipr.close()
+        if self.dp is not None:
+            self.dp.close()
+        for fd in (self._wake_r, self._wake_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        if started:
+            event("stopped", datapath="left forwarding")
+
+    def _next_timeout(self) -> float | None:
+        due = [g.deadline_ms for g in self.groups.values() if g.deadline_ms is not None]
+        due += [n[0] for g in self.groups.values() for n in g.notify_due]
+        if self.repin_due_ms is not None:
+            due.append(self.repin_due_ms)
+        if not due:
+            return None  # event driven: nothing to do until the kernel says something
+        return max(0.0, (min(due) - now_ms()) / 1000)
+
+    def _run_timers(self) -> None:
+        assert self.switch is not None
+        t = now_ms()
+        if self.repin_due_ms is not None and self.repin_due_ms <= t:
+            self._repin()
+        for grp in self.groups.values():
+            if grp.deadline_ms is not None and grp.deadline_ms <= t:
+                self.switch.decide(grp, time.monotonic_ns(), "hold-down")
+            if any(n[0] <= t for n in grp.notify_due):
+                self.switch.notify_peers(grp, t)
+
+    def _on_netlink(self) -> None:
+        assert self.events is not None and self.lowers is not None
+        t_ns = time.monotonic_ns()
+        if self.fault is not None:
+            self.fault.fire("netlink-read")  # TEST-ONLY
+        try:
+            batch = self.events.read()
+        except netlink.Overflow:
+            event("netlink_overflow", action="re-dump and reconcile")
+            self.reconcile()
+            return
+        except OSError as e:  # the socket itself failed: a new one, then a full re-read
+            self._reconnect_netlink(e)
+            return
+        for ev in batch:
+            try:
+                if isinstance(ev, netlink.Link):
+                    self.lowers.on_link(ev, t_ns)
+                elif isinstance(ev, netlink.Addr):
+                    self.lowers.on_addr(ev)
+                else:
+                    self.lowers.on_mcast(ev.ifindex)
+            except Exception as e:  # one bad event (a device gone meanwhile) must not kill us
+                event("event_error", error=str(e), ifindex=getattr(ev, "ifindex", None))
+
+    # -- pins removed by hand ------------------------------------------------------------------
+    def _on_pins(self) -> None:
+        assert self.pinwatch is not None
+        pin_gone, dir_gone = self.pinwatch.read()
+        if dir_gone:
+            self._repin()  # `rm -r` is done: put everything back now
+        elif pin_gone and self.repin_due_ms is None:
+            # a pin went: maybe the start of an `rm -r`; let it finish rather than fight it
+            self.repin_due_ms = now_ms() + 500
+
+    def _repin(self) -> None:
+        assert self.dp is not None and self.pinwatch is not None
+        self.repin_due_ms = None
+        dir_gone = not self.dp.pin_dir.is_dir()
+        try:
+            done = self.dp.repin()
+            if dir_gone:
+                self.pinwatch.watch()
+        except (OSError, DatapathError) as e:
+            event(
+                "pins_restore_error",
+                pin_dir=self.dp.pin_dir,
+                error=str(e),
+                action="forwarding goes on; restart failoverd to re-pin",
+            )
+            return
+        if done:
+            event("pins_restored", pin_dir=self.dp.pin_dir, pins=done, relocked=dir_gone)
+
+    # -- netlink lost -------------------------------------------------------------------------
+    def _reconnect_netlink(self, err: OSError) -> None:
+        old = self.events
+        with contextlib.suppress(KeyError, ValueError):
+            self.sel.unregister(old)  # type: ignore[arg-type]
+        if old is not None:
+            old.close()
+        self.events = netlink.EventSocket()  # subscribe before the dump, as at start
+        self.sel.register(self.events, selectors.EVENT_READ, "netlink")
+        event("netlink_reconnected", error=str(err), action="re-dump and reconcile")
+        self.reconcile()
+
+    def reconcile(self) -> None:
+        """Full re-read of links and addresses; never trust a missed event."""
+        assert self.lowers is not None
+        links = {link.ifindex: link for link in netlink.dump_links()}
+        self._load_addrs()
+        for grp in self.groups.values():
+            self.lowers.reconcile_group(grp, links, time.monotonic_ns())
+
+    # -- control requests ---------------------------------------------------------------------
+    def handle_request(self, req: dict[str, Any]) -> dict[str, Any]:
+        assert self.requests is not None
+        return self.requests.handle(req)
+
+    def status(self) -> dict[str, Any]:
+        """The control socket's status: the snapshot as of this request, counters read now."""
+        assert self.dp is not None
+        return counters.read(self.publish(), self.dp).to_json()

@@ -1,0 +1,291 @@
+"""Each group's lowers and failover device, kept in step with the kernel's link events.
+
+Registration by MAC (net_failover's failover_slave_register), unregistration, updates
+(renames, flags, MTU), opening hot-plugged lowers, re-creating a failover device deleted by
+hand, MTU propagation from the failover device to its peer and lowers, and the multicast
+lists the lowers must carry.  Every change that can move traffic goes through the Switcher.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+
+from bpfailover.agent.switch import Switcher
+from bpfailover.datapath.attach import Wiring
+from bpfailover.datapath.layout import ROLE_SLOTS
+from bpfailover.datapath.maps import Datapath, DatapathError
+from bpfailover.effects import mcsync
+from bpfailover.effects.ethtool import driver_of
+from bpfailover.events import netlink
+from bpfailover.model.groups import Group, Lower
+from bpfailover.ops.eventlog import event
+from bpfailover.policy import Role
+
+log = logging.getLogger("bpfailover.agent")
+
+# Netdev kinds stacked on top of a lower (they share its MAC) that must never be
+# taken for a primary: net_failover likewise registers only real Ethernet lowers.
+UPPER_KINDS = {
+    "vlan",
+    "macvlan",
+    "macvtap",
+    "ipvlan",
+    "ipvtap",
+    "bridge",
+    "bond",
+    "team",
+    "vxlan",
+    "geneve",
+    "netkit",
+    "ifb",
+    "dummy",
+}
+
+
+def sync_mc(grp: Group) -> None:
+    """The failover device's link-layer multicast list onto each lower."""
+    lowers = {lw.ifindex: lw.name for lw in grp.lowers.values()}
+    try:
+        grp.mc_added = mcsync.sync(grp.cfg.name, lowers, grp.mc_added)
+    except OSError as e:
+        event("mc_sync_error", group=grp.name, error=str(e))
+
+
+class Lowers:
+    def __init__(
+        self,
+        groups: dict[str, Group],
+        dp: Datapath,
+        wiring: Wiring,
+        switch: Switcher,
+        addrs: dict[int, set[tuple[int, str]]],
+    ) -> None:
+        self.groups = groups
+        self.dp = dp
+        self.wiring = wiring
+        self.switch = switch
+        self.addrs = addrs
+
+    # -- link events ------------------------------------------------------------------------
+    def on_link(self, link: netlink.Link, t_ns: int) -> None:
+        for grp in self.groups.values():
+            lower = grp.lower_by_ifindex(link.ifindex)
+            if lower is not None:
+                if link.deleted:
+                    self.unregister(grp, lower.role, gone=True)
+                elif link.mac and link.mac != grp.mac:
+                    event("lower_mac_changed", group=grp.name, lower=lower.name, mac=link.mac)
+                    self.unregister(grp, lower.role)
+                else:
+                    self.update(grp, link)
+                self.switch.decide(grp, t_ns, f"link {link.ifname}")
+                return
+            if link.ifindex == grp.master:
+                self._on_master(grp, link)
+                return
+            if not link.deleted and self.maybe_register(grp, link):
+                self.switch.decide(grp, t_ns, f"registered {link.ifname}")
+                sync_mc(grp)
+                self._open_plugged(grp, link)
+                return
+
+    def reconcile_group(self, grp: Group, links: dict[int, netlink.Link], t_ns: int) -> None:
+        """Bring one group in line with a full dump of the links."""
+        for role, lower in list(grp.lowers.items()):
+            link = links.get(lower.ifindex)
+            if link is None or link.mac != grp.mac:
+                self.unregister(grp, role, gone=link is None)
+        master = links.get(grp.master)
+        if master is not None:
+            grp.mtu = master.mtu
+        for link in links.values():
+            if grp.lower_by_ifindex(link.ifindex) is None:
+                self.maybe_register(grp, link)
+            else:
+                self.update(grp, link)
+        self.switch.decide(grp, t_ns, "reconcile")
+        sync_mc(grp)
+
+    def _open_plugged(self, grp: Group, link: netlink.Link) -> None:
+        """A lower hot-plugged while we run comes up admin down (a re-plugged VF), and the
+        lowers are unmanaged (deploy/): open it, as net_failover_slave_register() does with
+        dev_open().  Found by the proving ground (docs/proving-ground.md).  Lowers present at
+        start-up are left as the operator set them."""
+        if link.admin_up:
+            return
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        try:
+            self.wiring.set_up(link.ifindex)
+            event("lower_opened", group=grp.name, lower=link.ifname)
+        except NetlinkError as e:
+            event("lower_open_error", group=grp.name, lower=link.ifname, error=str(e))
+
+    def update(self, grp: Group, link: netlink.Link) -> None:
+        lower = grp.lower_by_ifindex(link.ifindex)
+        assert lower is not None
+        if link.ifname and link.ifname != lower.name:
+            # udev renames keep the role: everything is keyed by ifindex + MAC
+            event("lower_renamed", group=grp.name, role=lower.role, old=lower.name, new=link.ifname)
+            lower.name = link.ifname
+        lower.admin_up, lower.carrier = link.admin_up, link.carrier
+        if link.mtu:
+            lower.mtu = link.mtu
+
+    # -- registration -------------------------------------------------------------------------
+    def _role_for(self, grp: Group, link: netlink.Link) -> Role | None:
+        """Registration by MAC (net_failover's failover_slave_register)."""
+        if link.mac != grp.mac or link.ifindex in (grp.master, grp.peer):
+            return None
+        if link.kind in UPPER_KINDS:
+            return None
+        gcfg = grp.cfg
+        if gcfg.standby_name is not None:
+            if link.ifname == gcfg.standby_name:
+                return "standby"
+        elif driver_of(link.ifname) == getattr(gcfg.standby, "driver", None):
+            return "standby"
+        if gcfg.primary_name is not None and link.ifname != gcfg.primary_name:
+            return None
+        return "primary"
+
+    def _refusal(self, grp: Group, link: netlink.Link, role: Role) -> tuple[str, str] | None:
+        """(event name, why) when this lower cannot take its role now, else None."""
+        if role in grp.lowers:
+            return "lower_ignored", f"{grp.lowers[role].name} is already the {role}"
+        if grp.mtu and link.mtu and link.mtu < grp.mtu and not self._set_mtu(link.ifindex, grp.mtu):
+            return "lower_refused", f"MTU {link.mtu} < {grp.mtu} and cannot be raised"
+        return None
+
+    def maybe_register(self, grp: Group, link: netlink.Link) -> bool:
+        role = self._role_for(grp, link)
+        if role is None:
+            return False
+        refused = self._refusal(grp, link, role)
+        if refused is not None:
+            name, why = refused
+            event(name, group=grp.name, lower=link.ifname, role=role, why=why)
+            return False
+        try:
+            self.wiring.register_lower(grp.gid, ROLE_SLOTS[role], link.ifindex, grp.cfg.rx_path)
+        except Exception:
+            # gone meanwhile (its RTM_DELLINK is still queued): no half registration left
+            with contextlib.suppress(Exception):
+                self.wiring.unregister_lower(grp.gid, ROLE_SLOTS[role], link.ifindex, gone=True)
+            raise
+        grp.lowers[role] = Lower(
+            role, link.ifindex, link.ifname, link.admin_up, link.carrier, max(link.mtu, grp.mtu)
+        )
+        event(
+            "lower_registered",
+            group=grp.name,
+            role=role,
+            lower=link.ifname,
+            ifindex=link.ifindex,
+            usable=grp.lowers[role].usable,
+        )
+        return True
+
+    def unregister(self, grp: Group, role: Role, gone: bool = False) -> None:
+        """Forget a lower.  If it is active the policy moves traffic away first."""
+        lower = grp.lowers.pop(role)
+        self.switch.decide(grp, time.monotonic_ns(), f"unregister {lower.name}")
+        self.wiring.unregister_lower(grp.gid, ROLE_SLOTS[role], lower.ifindex, gone=gone)
+        grp.mc_added.pop(lower.ifindex, None)
+        event("lower_unregistered", group=grp.name, role=role, lower=lower.name, gone=gone)
+
+    # -- the failover device ------------------------------------------------------------------
+    def _on_master(self, grp: Group, link: netlink.Link) -> None:
+        if link.deleted:
+            self._recreate_master(grp)
+            return
+        if link.mtu and link.mtu != grp.mtu:
+            self._propagate_mtu(grp, link.mtu)
+        sync_mc(grp)
+
+    def _recreate_master(self, grp: Group) -> None:
+        """The failover device was deleted by hand (`failoverctl teardown` is the way to
+        remove a group): put it back as it was, same name, MAC and MTU, and carry on.  The
+        lowers' filters find the new device through the group map.  Its addresses belong to
+        the OS's network configuration (networkd/NM/DHCP bring them back on a new netdev)."""
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        old = grp.master
+        event("failover_device_deleted", group=grp.name, ifindex=old, action="re-creating it")
+        try:
+            gid = self.wiring.setup_group(
+                grp.cfg.name,
+                grp.mac,
+                grp.cfg.inactive_rx == "drop",
+                grp.cfg.rx_path,
+                mtu=grp.mtu or None,
+            )
+        except (DatapathError, NetlinkError, OSError) as e:
+            action = f"cannot re-create it: failoverctl teardown {grp.name}, then restart failoverd"
+            event("failover_device_lost", group=grp.name, error=str(e), action=action)
+            return
+        rec = self.dp.group(gid)
+        grp.master, grp.peer = rec.master_ifindex, rec.peer_ifindex
+        if old != grp.master:
+            self.dp.del_dev(old)
+        self.addrs.pop(old, None)
+        grp.carrier = None  # the new peer starts down: decide() sets it
+        note = "addresses are the OS network config's to restore"
+        event(
+            "failover_device_recreated",
+            group=grp.name,
+            old_ifindex=old,
+            ifindex=grp.master,
+            note=note,
+        )
+        self.switch.decide(grp, time.monotonic_ns(), "failover device re-created")
+        sync_mc(grp)
+
+    def _propagate_mtu(self, grp: Group, mtu: int) -> None:
+        """MTU set on the failover device goes to its peer and both lowers, all or none."""
+        old = grp.mtu
+        done: list[tuple[int, int]] = []
+        targets = [(grp.peer, old)] + [(lw.ifindex, lw.mtu) for lw in grp.lowers.values()]
+        for ifindex, prev in targets:
+            if not self._set_mtu(ifindex, mtu):
+                for ifx, prev_mtu in done:
+                    self._set_mtu(ifx, prev_mtu)
+                self._set_mtu(grp.master, old)
+                event(
+                    "mtu_refused", group=grp.name, mtu=mtu, rolled_back_to=old, refused_by=ifindex
+                )
+                return
+            done.append((ifindex, prev))
+        grp.mtu = mtu
+        for lower in grp.lowers.values():
+            lower.mtu = mtu
+        event("mtu", group=grp.name, mtu=mtu)
+
+    def _set_mtu(self, ifindex: int, mtu: int) -> bool:
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        try:
+            self.wiring.set_mtu(ifindex, mtu)
+        except NetlinkError as e:
+            log.debug("mtu %d on %d: %s", mtu, ifindex, e)
+            return False
+        return True
+
+    # -- addresses, multicast -----------------------------------------------------------------
+    def on_addr(self, addr: netlink.Addr) -> None:
+        entry = (addr.family, addr.address)
+        addrs = self.addrs.setdefault(addr.ifindex, set())
+        if addr.deleted:
+            addrs.discard(entry)
+        else:
+            addrs.add(entry)
+        for grp in self.groups.values():
+            if addr.ifindex == grp.master:
+                sync_mc(grp)  # a new IPv6 address joins its solicited-node group
+
+    def on_mcast(self, ifindex: int) -> None:
+        for grp in self.groups.values():
+            if ifindex in (0, grp.master):
+                sync_mc(grp)

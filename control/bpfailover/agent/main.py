@@ -1,0 +1,102 @@
+"""failoverd's command line: `failoverd [--config PATH | --lab] [--netns NAME]`."""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import os
+import signal
+import sys
+
+from bpfailover import netns
+from bpfailover.agent import loop
+from bpfailover.agent.fault import FaultSpecError
+from bpfailover.agent.loop import Agent, AgentError
+from bpfailover.datapath.loader import LoadError
+from bpfailover.datapath.maps import DatapathError
+from bpfailover.model import config as configmod
+from bpfailover.ops.eventlog import fatal, setup_logging
+
+
+def _args(argv: list[str] | None) -> argparse.Namespace:
+    assert loop.__doc__ is not None
+    ap = argparse.ArgumentParser(prog="failoverd", description=loop.__doc__.splitlines()[0])
+    ap.add_argument(
+        "--config", help="YAML config (default: $BPFAILOVER_CONFIG or /etc/bpfailover/config.yaml)"
+    )
+    ap.add_argument(
+        "--lab",
+        action="store_true",
+        help="use the built-in config for `failover-lab up` (socket "
+        "/run/bpfailover/lab-PREFIX.sock, pins /sys/fs/bpf/bpfailover-lab-PREFIX; in netns "
+        "PREFIX-guest unless --netns says otherwise)",
+    )
+    ap.add_argument(
+        "--prefix",
+        help="with --lab: the lab's prefix (failover-lab --prefix; default "
+        f"{configmod.LAB_PREFIX})",
+    )
+    ap.add_argument(
+        "--netns",
+        help="run in this named network namespace (labs, tests); unlike `ip netns exec` "
+        "it keeps the host's /sys/fs/bpf and its pins",
+    )
+    args = ap.parse_args(argv)
+    if args.lab and args.config:
+        ap.error("--lab and --config: give one")
+    if args.prefix is not None and not args.lab:
+        ap.error("--prefix goes with --lab")
+    args.prefix = args.prefix or configmod.LAB_PREFIX
+    if args.lab and not args.netns:
+        args.netns = configmod.lab_netns(args.prefix)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _args(argv)
+    try:
+        source = configmod.config_path(args.config)
+        cfg = configmod.lab_config(args.prefix) if args.lab else configmod.load_config(source)
+        configmod.check_host(cfg, f"<lab {args.prefix}>" if args.lab else str(source))
+    except configmod.ConfigError as e:
+        for line in str(e).splitlines():  # one line per problem
+            print(f"failoverd: {line}", file=sys.stderr)
+        return 2
+    setup_logging(cfg.log.level)
+    if os.geteuid() != 0:
+        return fatal("needs root (CAP_BPF, CAP_NET_ADMIN)", 1)
+    if args.netns:
+        try:
+            netns.enter_for_good(args.netns)
+        except OSError as e:
+            return fatal(f"netns {args.netns}: {e.strerror}", 1)
+    try:
+        agent = Agent(cfg)
+    except FaultSpecError as e:
+        return fatal(str(e), 2)
+    return _serve(agent, cfg)
+
+
+def _serve(agent: Agent, cfg: configmod.Config) -> int:
+    signal.signal(signal.SIGTERM, lambda *_: agent.stop())
+    signal.signal(signal.SIGINT, lambda *_: agent.stop())
+    try:
+        agent.start()
+        from bpfailover.ops import metrics
+
+        metrics.serve(agent, cfg.metrics.address)  # its thread keeps normal scheduling
+        agent.go_realtime()
+        agent.run()
+    except (AgentError, DatapathError, LoadError) as e:
+        return fatal(str(e), 1)
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            return fatal(f"address in use: {e}", 1)
+        raise
+    finally:
+        agent.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""Start-up: each configured group's failover device created or adopted, checked first.
+
+Bad input fails before anything is created: every group's MAC must be knowable and its
+failover device's names free (or held by our own veth pair from an earlier run).
+"""
+
+from __future__ import annotations
+
+from bpfailover import policy
+from bpfailover.datapath.attach import Wiring, peer_name
+from bpfailover.datapath.layout import SLOT_NAMES
+from bpfailover.datapath.maps import Datapath, DatapathError
+from bpfailover.effects.ethtool import driver_of
+from bpfailover.events import netlink
+from bpfailover.model import config as configmod
+from bpfailover.model.groups import Group
+from bpfailover.ops.eventlog import event
+
+
+class AgentError(RuntimeError):
+    pass
+
+
+def check_groups(cfg: configmod.Config, links: dict[int, netlink.Link]) -> None:
+    """Raise AgentError for the first group that cannot be set up."""
+    for gcfg in cfg.groups:
+        if gcfg.mac == "auto" and resolve_standby(gcfg, links) is None:
+            raise _no_standby(gcfg)
+        check_failover_name(gcfg.name, links)
+
+
+def _no_standby(gcfg: configmod.Group) -> AgentError:
+    return AgentError(
+        f"group {gcfg.name}: standby {gcfg.standby_name or gcfg.standby} not found "
+        "(mac: auto needs it to learn the MAC; or set mac: in the config)"
+    )
+
+
+def resolve_standby(gcfg: configmod.Group, links: dict[int, netlink.Link]) -> int | None:
+    if gcfg.standby_name is not None:
+        return next((i for i, lk in links.items() if lk.ifname == gcfg.standby_name), None)
+    driver = getattr(gcfg.standby, "driver", "")
+    for i, lk in links.items():
+        if lk.ifname != gcfg.name and driver_of(lk.ifname) == driver:
+            return i
+    return None
+
+
+def check_failover_name(name: str, links: dict[int, netlink.Link]) -> None:
+    """The failover device `name` and its hidden peer are ours to create or adopt: a netdev
+    already there under either name that is not that veth pair fails start-up before the
+    datapath is loaded or anything is created."""
+    by_name = {lk.ifname: lk for lk in links.values()}
+    peer = peer_name(name)
+    master, hidden = by_name.get(name), by_name.get(peer)
+    if master is None and hidden is None:
+        return
+    if master is not None and hidden is not None and master.link == hidden.ifindex:
+        return  # our veth pair from an earlier run: adopted
+    taken = name if master is not None else peer
+    raise AgentError(
+        f"group {name}: netdev {taken} exists and is not a bpfailover failover device "
+        f"(veth {name} + {peer}): rename the group or remove {taken}"
+    )
+
+
+def setup_group(
+    gcfg: configmod.Group, links: dict[int, netlink.Link], dp: Datapath, wiring: Wiring
+) -> Group:
+    """Create or adopt the group's failover device; the active lower and override the
+    datapath already holds (from an earlier run) are adopted too."""
+    standby = resolve_standby(gcfg, links)
+    mac = gcfg.mac
+    if mac == "auto":
+        if standby is None:
+            raise _no_standby(gcfg)
+        mac = links[standby].mac
+    try:
+        gid = wiring.setup_group(
+            gcfg.name,
+            mac,
+            gcfg.inactive_rx == "drop",
+            gcfg.rx_path,
+            mtu=links[standby].mtu if standby is not None else None,
+        )
+    except DatapathError as e:
+        raise AgentError(f"group {gcfg.name}: {e}") from e
+    rec = dp.group(gid)
+    grp = Group(
+        cfg=gcfg,
+        gid=gid,
+        mac=mac,
+        master=rec.master_ifindex,
+        peer=rec.peer_ifindex,
+        pcfg=policy.PolicyConfig.from_settings(gcfg.policy),
+    )
+    grp.override = SLOT_NAMES.get(rec.override_slot)  # type: ignore[assignment]
+    grp.active = SLOT_NAMES.get(dp.active(gid))  # type: ignore[assignment]
+    event(
+        "group",
+        group=gcfg.name,
+        gid=gid,
+        mac=mac,
+        master=grp.master,
+        adopted_active=grp.active,
+        override=grp.override,
+    )
+    return grp

@@ -1,0 +1,135 @@
+"""A group's switch: decide, write the map, then everything that comes after it.
+
+Order on a switch: the policy decides; the new active lower's slot is filled if it was
+re-plugged with a new ifindex; the active slot is flipped (the switch itself); only then the
+Switch record, its log line, the metrics hook, the failover device's carrier and the peer
+notifications (GARP/NA), which go out now and again every garp_interval_ms.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+
+from bpfailover import policy
+from bpfailover.agent.fault import Fault
+from bpfailover.datapath.attach import Wiring
+from bpfailover.datapath.layout import ROLE_SLOTS
+from bpfailover.datapath.maps import Datapath
+from bpfailover.effects import notify
+from bpfailover.model.groups import Group, Switch
+from bpfailover.ops.eventlog import event
+
+
+def now_ms() -> int:
+    return time.monotonic_ns() // 1_000_000
+
+
+class Switcher:
+    """The one place that moves a group's traffic."""
+
+    def __init__(
+        self,
+        dp: Datapath,
+        wiring: Wiring,
+        addrs: dict[int, set[tuple[int, str]]],
+        fault: Fault | None = None,
+    ) -> None:
+        self.dp = dp
+        self.wiring = wiring
+        self.addrs = addrs  # ifindex -> {(family, address)}, kept by the agent
+        self.fault = fault  # TEST-ONLY: None outside the fault suite
+        self.latencies: deque[float] = deque(maxlen=4096)  # switch latencies, seconds
+        self.on_switch: Callable[[Group, Switch], None] | None = None  # metrics hook
+
+    def decide(self, grp: Group, t_event_ns: int, cause: str) -> None:
+        """Ask the policy; switch if it says so; then the failover device's carrier."""
+        lowers = {role: lw.state() for role, lw in grp.lowers.items()}
+        d = policy.decide(grp.pstate, lowers, grp.override, grp.pcfg, now_ms())
+        grp.pstate = d.state
+        grp.deadline_ms = d.next_deadline_ms
+        if d.active != grp.active:
+            self._flip(grp, d.active)
+            latency = (time.monotonic_ns() - t_event_ns) / 1e9
+            self._switched(grp, d.active, d.reason or cause, cause, latency)
+        if d.carrier != grp.carrier:
+            self.wiring.set_carrier(grp.peer, d.carrier)
+            grp.carrier = d.carrier
+            event("carrier", group=grp.name, on=d.carrier)
+
+    def _flip(self, grp: Group, active: policy.Role | None) -> None:
+        slot = ROLE_SLOTS[active] if active else 0
+        if active is not None:
+            ifindex = grp.lowers[active].ifindex
+            if self.dp.lower(grp.gid, slot) != ifindex:  # (re)plugged: fill its slot first
+                self.dp.set_lower(grp.gid, slot, ifindex)
+        if self.fault is not None:
+            self.fault.fire("before-flip")  # TEST-ONLY: decided, map not written
+        self.dp.flip(grp.gid, slot)  # the switch itself: everything else comes after
+        if self.fault is not None:
+            self.fault.fire("after-flip")  # TEST-ONLY: map written, nothing else yet
+
+    def _switched(
+        self, grp: Group, active: policy.Role | None, reason: str, cause: str, latency: float
+    ) -> None:
+        """After the map write: the record, its log line, the hook, the peers."""
+        old = grp.active
+        sw = Switch(
+            wall_time=time.time(),
+            from_role=old,
+            to_role=active,
+            from_lower=grp.lowers[old].name if old in grp.lowers else None,
+            to_lower=grp.lowers[active].name if active else None,
+            reason=reason,
+            latency_s=latency,
+        )
+        grp.active = active
+        grp.last_switch = sw
+        grp.switches[sw.reason] += 1
+        self.latencies.append(latency)
+        event(
+            "switch",
+            group=grp.name,
+            **{"from": sw.from_lower, "to": sw.to_lower},
+            reason=sw.reason,
+            cause=cause,
+            latency_us=round(latency * 1e6, 1),
+        )
+        if self.on_switch is not None:
+            self.on_switch(grp, sw)
+        if active is not None and grp.cfg.notify.garp_count > 0:
+            grp.notify_due = [(now_ms(), active, grp.cfg.notify.garp_count)]
+            self.notify_peers(grp, now_ms())
+
+    def renotify(self, grp: Group) -> None:
+        """Adopted an active lower without switching: the run that switched to it may have
+        died before its GARP/NA went out (peers still send to the old port), so tell them
+        again.  Harmless when they already knew."""
+        if grp.active is None or grp.cfg.notify.garp_count <= 0:
+            return
+        event("renotify", group=grp.name, via=grp.lowers[grp.active].name, why="adopted")
+        grp.notify_due = [(now_ms(), grp.active, grp.cfg.notify.garp_count)]
+        self.notify_peers(grp, now_ms())
+
+    def notify_peers(self, grp: Group, t: int) -> None:
+        """Send the notification rounds due by `t`; keep the later ones."""
+        keep = []
+        for due, role, left in grp.notify_due:
+            if due > t:
+                keep.append((due, role, left))
+                continue
+            lower = grp.lowers.get(role)
+            if lower is None or grp.active != role:
+                continue  # switched again meanwhile: the newer switch notifies
+            addrs = sorted(self.addrs.get(grp.master, set()))
+            if self.fault is not None:
+                self.fault.fire("garp")  # TEST-ONLY: switched, peers not told yet
+            try:
+                n = notify.send(lower.name, notify.frames_for(grp.mac, addrs))
+                event("notify", group=grp.name, via=lower.name, frames=n)
+            except OSError as e:
+                event("notify_error", group=grp.name, via=lower.name, error=str(e))
+            if left > 1:
+                keep.append((t + grp.cfg.notify.garp_interval_ms, role, left - 1))
+        grp.notify_due = keep
