@@ -101,7 +101,13 @@ class Agent:
         self.switch.on_switch = self._on_switch
         self.lowers = Lowers(self.groups, self.dp, self.wiring, self.switch, self.addrs)
         self.requests = Requests(
-            self.groups, self.dp, self.wiring, self.switch, self.addrs, self.status, time.monotonic_ns
+            self.groups,
+            self.dp,
+            self.wiring,
+            self.switch,
+            self.addrs,
+            self.status,
+            time.monotonic_ns,
         )
         for gcfg in self.cfg.groups:
             self.groups[gcfg.name] = setup.setup_group(gcfg, links, self.dp, self.wiring)
