@@ -154,6 +154,32 @@ BROKEN: list[tuple[str, str, str, str]] = [
         "groups: ",
         "64",
     ),
+    # hidden veth peers (name's first 12 bytes + "_fo") colliding with each other or a name
+    (
+        "peer-collision",
+        two_groups("{name: longgroupname1, standby: a}", "{name: longgroupname2, standby: b}"),
+        "groups[1].name: ",
+        "first 12 bytes",
+    ),
+    (
+        "peer-is-a-group",
+        two_groups("{name: ens10, standby: a}", "{name: ens10_fo, standby: b}"),
+        "groups[0].name: ",
+        "groups[1].name",
+    ),
+    ("peer-is-itself", "groups: [{name: abcdefghijkl_fo, standby: a}]", "groups[0].name", "own"),
+    (
+        "peer-is-a-lower",
+        "groups: [{name: ens10, standby: ens10_fo}]",
+        "groups[0].name: ",
+        "groups[0].standby",
+    ),
+    (
+        "peer-multibyte-collision",
+        two_groups("{name: éééééé1, standby: a}", "{name: éééééé2, standby: b}"),
+        "groups[1].name: ",
+        "first 12 bytes",
+    ),
     # documents that are not a config at all
     ("empty", "", "config.yaml: ", "empty"),
     ("comment-only", "# nothing here\n", "config.yaml: ", "empty"),
@@ -496,3 +522,14 @@ def test_fuzz_one_bad_value_in_a_good_group(key: str, value: Any) -> None:
     except ConfigError as e:
         assert_lines(e)
         assert all(ln.startswith("config.yaml: groups[0]") for ln in str(e).splitlines()), e
+
+
+def test_peer_names_are_cut_in_bytes_and_stay_valid() -> None:
+    from bpfailover.model.config import peer_name
+
+    assert peer_name("ens10") == "ens10_fo"
+    assert peer_name("abcdefghijklmno") == "abcdefghijkl_fo"  # as before for ASCII
+    peer = peer_name("ééééééé")  # 14 bytes: cut at 12 bytes, never inside a character
+    assert peer == "éééééé_fo" and len(peer.encode()) <= 15
+    cfg = parse_config("groups: [{name: ééééééé, standby: a}]", "config.yaml")
+    assert cfg.groups[0].name == "ééééééé"

@@ -15,6 +15,7 @@ from typing import Any
 from bpfailover.datapath.loader import PROGS
 from bpfailover.datapath.maps import Datapath, DatapathError
 from bpfailover.effects.ethtool import set_gro
+from bpfailover.model.config import peer_name  # the config validates the names it makes
 
 log = logging.getLogger("bpfailover.datapath")
 
@@ -166,11 +167,6 @@ def keep_neighbours_without_carrier(ifname: str) -> None:
 
 
 # -- a group's netdevs -----------------------------------------------------------------------
-def peer_name(name: str) -> str:
-    """The hidden veth peer of failover device `name` (its admin state is our carrier)."""
-    return f"{name[:12]}_fo"
-
-
 def _index(ipr: Any, ifname: str) -> int | None:
     found = ipr.link_lookup(ifname=ifname)
     return int(found[0]) if found else None

@@ -80,6 +80,15 @@ class _LocatedError(ValueError):
         self.path = path
 
 
+PEER_PREFIX_BYTES = 12  # + "_fo": at most 15 bytes, a valid interface name
+
+
+def peer_name(name: str) -> str:
+    """The hidden veth peer of failover device `name` (its admin state is our carrier): the
+    name's first 12 *bytes* (never half a UTF-8 character) + "_fo"."""
+    return name.encode()[:PEER_PREFIX_BYTES].decode(errors="ignore") + "_fo"
+
+
 # --- field types -----------------------------------------------------------------------------
 
 
@@ -223,7 +232,9 @@ class Group(_Model):
 
     name: IfName = Field(
         description="the failover netdev to create (an interface name, 1..15 bytes); "
-        "also the group's name in status, metrics (`device`) and failoverctl"
+        "also the group's name in status, metrics (`device`) and failoverctl. Its hidden "
+        "veth peer is named from its first 12 bytes + `_fo`: that name must not be another "
+        "group's peer, a group or a lower"
     )
     standby: Standby = Field(
         description="the standby lower (virtio-net): an interface name, or "
@@ -381,7 +392,33 @@ class Config(_Model):
                         " (set mac to tell them apart)",
                     )
                 by_driver[driver] = i
+        self._peers_distinct(names, lowers)
         return self
+
+    def _peers_distinct(self, names: dict[str, int], lowers: dict[str, Loc]) -> None:
+        """Each group also creates a hidden veth peer, peer_name(name): it must not be any
+        other netdev the config names (two names sharing their first 12 bytes, a group
+        called X_fo next to a group X)."""
+        peers: dict[str, int] = {}
+        for i, g in enumerate(self.groups):
+            peer = peer_name(g.name)
+            where = ("groups", i, "name")
+            if peer in peers:
+                raise _LocatedError(
+                    where,
+                    f"its hidden peer {peer!r} is also that of groups[{peers[peer]}] "
+                    f"({self.groups[peers[peer]].name!r}: the first {PEER_PREFIX_BYTES} bytes "
+                    "are the same): rename one",
+                )
+            if peer in names:
+                owner = "its own name" if names[peer] == i else f"groups[{names[peer]}].name"
+                fix = "rename the group" if names[peer] == i else "rename one of them"
+                raise _LocatedError(where, f"its hidden peer {peer!r} is {owner}: {fix}")
+            if peer in lowers:
+                raise _LocatedError(
+                    where, f"its hidden peer {peer!r} is {format_path(lowers[peer])}: rename it"
+                )
+            peers[peer] = i
 
     def group(self, name: str) -> Group | None:
         return next((g for g in self.groups if g.name == name), None)
