@@ -20,7 +20,7 @@ RUN --mount=type=secret,id=ca \
     if [ -s /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi \
  && python3 -m venv --system-site-packages /opt/bpfailover \
  && /opt/bpfailover/bin/pip install --no-cache-dir --disable-pip-version-check \
-      "pyroute2>=0.7" "pydantic>=2.5" "prometheus-client>=0.17" "PyYAML>=6.0" setuptools
+      "pyroute2>=0.7,<1" "pydantic>=2.5" "prometheus-client>=0.17" "PyYAML>=6.0" setuptools
 
 COPY bpf /src/bpf
 COPY control /src/control
