@@ -9,6 +9,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -260,3 +261,84 @@ def test_cli_up_show_down_and_demo(capsys: pytest.CaptureFixture[str]) -> None:
         assert not Lab(p).exists()
     finally:
         Lab(p).down()
+
+
+# ---- by hand (docs/lab.md) -------------------------------------------------------------------
+
+
+def test_every_option_has_help() -> None:
+    import argparse
+
+    parser = labmod._parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    missing = [
+        f"{name} {'/'.join(a.option_strings)}"
+        for name, p in sub.choices.items()
+        for a in p._actions
+        if a.option_strings and not a.help
+    ]
+    assert missing == []
+
+
+def test_traffic_fails_on_loss_or_send_errors() -> None:
+    from bpfailover_lab.traffic import DirectionStats, StreamReport
+
+    ok = DirectionStats(sent=2000, received=2000)
+    lost = DirectionStats(sent=2000, received=0, lost=2000, send_errors=2000)
+    some = DirectionStats(sent=2000, received=1970, lost=30)
+    rep = StreamReport(ok, ok, a="g 198.18.0.1", b="p 198.18.0.2")
+    assert labmod.traffic_failures(rep, 1.0) == []
+    rep = StreamReport(lost, some, a="g 198.18.0.1", b="p 198.18.0.2")
+    assert labmod.traffic_failures(rep, 1.0) == [
+        "g 198.18.0.1 -> p 198.18.0.2: 2000 send errors",
+        "g 198.18.0.1 -> p 198.18.0.2: 2000 of 2000 lost (100.0% > 1%)",
+        "p 198.18.0.2 -> g 198.18.0.1: 30 of 2000 lost (1.5% > 1%)",
+    ]
+    assert labmod.traffic_failures(StreamReport(some, None), 2.0) == []
+
+
+@pytest.mark.root
+def test_lab_agent_traffic_without_address_fails_and_down_waits_for_the_agent(
+    lab: Lab, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import shutil
+    import sys
+
+    from bpfailover.model.config import lab_config
+    from bpfailover.ops import api
+
+    lab.up()
+    cfg = lab_config(lab.prefix)
+    agent = subprocess.Popen(
+        [sys.executable, "-m", "bpfailover.agent", "--lab", "--prefix", lab.prefix],
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        for _ in range(600):  # until it answers (bounded: 60 s)
+            try:
+                api.request(cfg.control.socket, {"cmd": "status"})
+                break
+            except OSError:
+                assert agent.poll() is None, "failoverd --lab exited"
+                time.sleep(0.1)
+        capsys.readouterr()
+        # the failover device has no address yet: every send fails, and traffic says so
+        assert labmod.main(["traffic", "--prefix", lab.prefix, "--duration", "0.5"]) == 1
+        err = capsys.readouterr().err.splitlines()
+        assert len(err) == 1 and err[0].startswith("failover-lab: traffic: "), err
+        assert "send errors" in err[0] and "(100.0% > 1%)" in err[0]
+        # down refuses while the lab's agent runs, and changes nothing
+        assert labmod.main(["down", "--prefix", lab.prefix]) == 1
+        assert capsys.readouterr().err == (
+            f"failover-lab: failoverd --lab --prefix {lab.prefix} still runs (it holds"
+            f" {cfg.bpffs}): stop it first\n"
+        )
+        assert lab.exists() and Path(cfg.bpffs).is_dir()
+        agent.terminate()
+        assert agent.wait(20) == 0
+        assert labmod.main(["down", "--prefix", lab.prefix]) == 0
+        assert not lab.exists() and not Path(cfg.bpffs).exists()
+    finally:
+        agent.kill()
+        agent.wait(20)
+        shutil.rmtree(cfg.bpffs, ignore_errors=True)

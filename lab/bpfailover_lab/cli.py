@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import fcntl
+import os
+import shutil
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import NoReturn
 
 from pyroute2 import IPRoute
 
 from bpfailover import netns
+from bpfailover.model.config import lab_config
 from bpfailover_lab import traffic
 from bpfailover_lab.demo import demo
 from bpfailover_lab.topology import MAX_GROUPS, Lab, LabError, _err, group_names
@@ -30,21 +35,48 @@ def _parser() -> _Parser:
         c.add_argument("--prefix", default="fo", help="namespace name prefix (default fo)")
         return c
 
-    c = cmd("up", "create the namespaces, bridge and lowers")
-    c.add_argument("--groups", type=int, default=1)
-    c.add_argument("--standby-link", choices=["up", "down"], default="up")
+    c = cmd("up", "create the namespaces, bridge and lowers, then print the next steps")
+    c.add_argument(
+        "--groups",
+        type=int,
+        default=1,
+        help=f"failover groups (1..{MAX_GROUPS}): group N has standby ens{{10+10N}}nsby and "
+        "primary ens{11+10N} in PREFIX-guest (default 1)",
+    )
+    c.add_argument(
+        "--standby-link",
+        choices=["up", "down"],
+        default="up",
+        help="carrier of the standby's far end at start (default up)",
+    )
     cmd("down", "remove the lab")
     cmd("show", "print the lab's devices and addresses")
     c = cmd("migrate", "replay the net_failover.rst migration script")
-    c.add_argument("--group", type=int, default=0)
-    c.add_argument("--pause", type=float, default=0.5)
-    c = cmd("traffic", "UDP stream between the guest failover address and the peer")
-    c.add_argument("--group", type=int, default=0)
+    c.add_argument("--group", type=int, default=0, help="which group (0-based; default 0)")
+    c.add_argument(
+        "--pause",
+        type=float,
+        default=0.5,
+        help="seconds between the script's steps (default 0.5)",
+    )
+    c = cmd(
+        "traffic",
+        "UDP stream between the guest failover address and the peer; exit 1 when more than "
+        "--max-loss is lost or a send fails",
+    )
+    c.add_argument("--group", type=int, default=0, help="which group (0-based; default 0)")
     c.add_argument("--rate", type=int, default=1000, help="packets per second per direction")
     c.add_argument("--duration", type=float, default=2.0, help="seconds")
     c.add_argument("--size", type=int, default=64, help="UDP payload bytes")
-    c.add_argument("--ipv6", action="store_true")
-    c.add_argument("--json", action="store_true")
+    c.add_argument("--ipv6", action="store_true", help="between the IPv6 addresses")
+    c.add_argument("--json", action="store_true", help="the report as JSON")
+    c.add_argument(
+        "--max-loss",
+        type=float,
+        default=1.0,
+        metavar="PERCENT",
+        help="loss per direction above which it exits 1 (default 1)",
+    )
     cmd("demo", "bring a lab up, show it, take it down")
     return p
 
@@ -62,13 +94,66 @@ def _groups_present(prefix: str) -> int:
     return max(n, 1)
 
 
+def next_steps(lab: Lab) -> str:
+    """What to do after `up` (docs/lab.md walks through it)."""
+    g = lab.names(0)
+    p = lab.prefix
+    opt = "" if p == "fo" else f" --prefix {p}"
+    return "\n".join(
+        [
+            f"lab {p} is up: lowers {g.standby} (standby) and {g.primary} (primary) in netns "
+            f"{lab.guest}, the peer {g.peer_v4} in {lab.peer}. Next (docs/lab.md):",
+            f"  failoverd --lab{opt} &                  # the agent, in {lab.guest}",
+            f"  ip -n {lab.guest} addr add {g.guest_v4}/{g.prefixlen_v4} dev {g.failover}",
+            f"  failover-lab traffic{opt}               # UDP both ways, exits 1 on loss",
+            f"  ip -n {lab.hv} link set {g.vfport} down   # the VF's link drops: a failover",
+            f"  failoverctl --lab {p} status",
+            f"  failover-lab down{opt}                  # (stop failoverd first)",
+        ]
+    )
+
+
+def remove_lab_agent_pins(prefix: str) -> None:
+    """The pins of `failoverd --lab --prefix PREFIX` go with its lab; refused (before
+    anything is removed) while that agent still runs: it holds their lock."""
+    pins = Path(lab_config(prefix).bpffs)
+    if not pins.is_dir():
+        return
+    fd = os.open(pins, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise LabError(
+            f"failoverd --lab --prefix {prefix} still runs (it holds {pins}): stop it first"
+        ) from None
+    finally:
+        os.close(fd)
+    shutil.rmtree(pins, ignore_errors=True)
+
+
+def traffic_failures(report: traffic.StreamReport, max_loss_pct: float) -> list[str]:
+    """Why a stream failed (empty: it did not): send errors, or loss above the limit."""
+    out = []
+    for name, d in report.directions:
+        pct = 100.0 * d.lost / d.sent if d.sent else 100.0
+        if d.send_errors:
+            out.append(f"{name}: {d.send_errors} send errors")
+        if d.sent == 0 or pct > max_loss_pct:
+            out.append(f"{name}: {d.lost} of {d.sent} lost ({pct:.1f}% > {max_loss_pct:g}%)")
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.cmd == "up":
-            Lab(args.prefix, args.groups).up(standby_link=args.standby_link == "up")
+            lab = Lab(args.prefix, args.groups)
+            lab.up(standby_link=args.standby_link == "up")
+            print(next_steps(lab))
         elif args.cmd == "down":
-            Lab(args.prefix).down()
+            lab = Lab(args.prefix)  # validates the prefix
+            remove_lab_agent_pins(args.prefix)
+            lab.down()
         elif args.cmd == "show":
             print(Lab(args.prefix).describe())
         elif args.cmd == "migrate":
@@ -87,6 +172,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 ipv6=args.ipv6,
             )
             print(report.to_json() if args.json else report.format())
+            bad = traffic_failures(report, args.max_loss)
+            if bad:
+                print(f"failover-lab: traffic: {'; '.join(bad)}", file=sys.stderr)
+                return 1
         elif args.cmd == "demo":
             return demo(args.prefix)
         return 0
