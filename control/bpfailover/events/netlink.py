@@ -32,7 +32,8 @@ RTNLGRP_IPV6_MCADDR = 38
 
 IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_LINK = 1, 3, 4, 5
 IFLA_LINKINFO = 18
-IFLA_INFO_KIND = 1
+IFLA_INFO_KIND, IFLA_INFO_DATA = 1, 2
+IFLA_VLAN_ID, IFLA_VLAN_PROTOCOL = 1, 5
 IFA_ADDRESS, IFA_LOCAL = 1, 2
 
 IFF_UP = 0x1
@@ -59,6 +60,7 @@ class Link:
     mtu: int = 0
     link: int = 0  # IFLA_LINK: a veth's peer ifindex
     kind: str = ""  # IFLA_INFO_KIND (present in dumps and most events)
+    vlan: tuple[int, int] | None = None  # kind "vlan": (protocol, e.g. 0x8100, VLAN id)
     deleted: bool = False
 
     @property
@@ -114,9 +116,18 @@ def parse_link(buf: bytes, off: int, end: int, msg_type: int) -> Link:
     _fam, _type, ifindex, flags, _change = _IFINFO.unpack_from(buf, off)
     a = _attrs(buf, off + _IFINFO.size, end)
     kind = ""
+    vlan = None
     if IFLA_LINKINFO in a:
         info = _attrs(a[IFLA_LINKINFO], 0, len(a[IFLA_LINKINFO]))
         kind = info.get(IFLA_INFO_KIND, b"").rstrip(b"\0").decode(errors="replace")
+        if kind == "vlan" and IFLA_INFO_DATA in info:
+            data = _attrs(info[IFLA_INFO_DATA], 0, len(info[IFLA_INFO_DATA]))
+            if IFLA_VLAN_ID in data:
+                proto = data.get(IFLA_VLAN_PROTOCOL, b"\x81\x00")
+                vlan = (
+                    struct.unpack("!H", proto[:2])[0],
+                    struct.unpack("=H", data[IFLA_VLAN_ID][:2])[0],
+                )
     return Link(
         ifindex=ifindex,
         ifname=a.get(IFLA_IFNAME, b"").rstrip(b"\0").decode(errors="replace"),
@@ -125,6 +136,7 @@ def parse_link(buf: bytes, off: int, end: int, msg_type: int) -> Link:
         mtu=struct.unpack("=I", a[IFLA_MTU])[0] if IFLA_MTU in a else 0,
         link=struct.unpack("=i", a[IFLA_LINK])[0] if IFLA_LINK in a else 0,
         kind=kind,
+        vlan=vlan,
         deleted=msg_type == RTM_DELLINK,
     )
 
