@@ -261,6 +261,14 @@ class Group(_Model):
         description="receive path from the lowers to the failover device: `tc` (clsact "
         "ingress) or `xdp` (XDP redirect; what XDP cannot redirect falls through to tc)",
     )
+    tx_path: Literal["veth", "direct"] = Field(
+        default="veth",
+        description="transmit path of the failover device: `veth` (it transmits into its "
+        "hidden peer, whose clsact ingress redirects to the active lower: its tx counters, "
+        "packet taps such as tcpdump and a root qdisc see the traffic) or `direct` (clsact "
+        "egress redirects before all of that: ~3 % less CPU per 64-byte packet, but the "
+        "device's tx counters stay 0, tcpdump sees no transmit and a qdisc is bypassed)",
+    )
 
     @property
     def standby_name(self) -> str | None:
