@@ -172,10 +172,24 @@ def _index(ipr: Any, ifname: str) -> int | None:
     return int(found[0]) if found else None
 
 
-def create_failover_dev(ipr: Any, name: str, mac: str, mtu: int | None = None) -> tuple[int, int]:
+def restore_mac(ipr: Any, ifindex: int, mac: str) -> str | None:
+    """Put the group MAC back on the failover device if someone changed it (veth accepts a
+    new address where net_failover, which has no ndo_set_mac_address, refuses it).
+    Returns the address that was found instead, or None when it was right."""
+    found = ipr.get_links(ifindex)[0].get_attr("IFLA_ADDRESS")
+    if found == mac:
+        return None
+    ipr.link("set", index=ifindex, address=mac)
+    return str(found)
+
+
+def create_failover_dev(
+    ipr: Any, name: str, mac: str, mtu: int | None = None
+) -> tuple[int, int, str | None]:
     """The failover netdev as a veth pair (name, hidden peer); adopted if it exists.
 
-    Returns (ifindex, peer ifindex).  The failover device carries the group MAC."""
+    Returns (ifindex, peer ifindex, the MAC it had if that was not the group MAC and has
+    been put back: someone changed it while no agent ran)."""
     peer = peer_name(name)
     master = _index(ipr, name)
     if master is None:
@@ -189,16 +203,13 @@ def create_failover_dev(ipr: Any, name: str, mac: str, mtu: int | None = None) -
         raise DatapathError(
             f"{name} exists but is not a bpfailover failover device (veth + {peer})"
         )
-    if link.get_attr("IFLA_ADDRESS") != mac:
-        raise DatapathError(
-            f"{name} has MAC {link.get_attr('IFLA_ADDRESS')}, the group's MAC is {mac}"
-        )
+    restored = restore_mac(ipr, master, mac)
     if mtu:
         ipr.link("set", index=peer_ifx, mtu=mtu)
         ipr.link("set", index=master, mtu=mtu)
     disable_ipv6(peer)
     ipr.link("set", index=master, state="up")
-    return master, peer_ifx
+    return master, peer_ifx, restored
 
 
 def set_carrier(ipr: Any, peer_ifindex: int, on: bool) -> None:
@@ -213,6 +224,8 @@ class Wiring:
         self.dp = dp
         self.ipr = ipr
         self.L = dp.L
+        # group name -> the foreign MAC setup_group() found on its failover device and undid
+        self.mac_restored: dict[str, str] = {}
 
     def _label(self, pin_name: str) -> str:
         return f"bpfailover:{PROGS[pin_name][0]}:{self.dp.prog_id(pin_name)}"
@@ -224,27 +237,42 @@ class Wiring:
         inactive_rx_drop: bool = False,
         rx_path: str = "tc",
         mtu: int | None = None,
+        tx_path: str = "veth",
     ) -> int:
         """Create/adopt the failover device and its group; returns the group id."""
         g = self.dp.alloc_group(name)
-        master, peer = create_failover_dev(self.ipr, name, mac, mtu)
+        master, peer, restored = create_failover_dev(self.ipr, name, mac, mtu)
+        if restored is not None:
+            self.mac_restored[name] = restored
         keep_neighbours_without_carrier(name)
         flags = self.L.FO_F_INACTIVE_RX_DROP if inactive_rx_drop else 0
         self.dp.update_group(
             g, master_ifindex=master, peer_ifindex=peer, flags=flags, mac=mac
         )  # (override_slot is kept: it survives restarts)
         self.dp.set_dev(master, g, self.L.FO_ROLE_MASTER)
+        self.dp.set_dev(peer, g, self.L.FO_ROLE_MASTER)  # fo_egress sees what it transmits
         if rx_path == "xdp":
             # veth needs NAPI (GRO) on the failover device for frames XDP-redirected
             # into its peer to be received at all.
             set_gro(name, True)
             self.dp.set_xdp_up(g, peer)
-        self.attach_master(master)
+        self.attach_tx(master, peer, tx_path)
         return g
 
-    def attach_master(self, master: int) -> bool:
+    def attach_tx(self, master: int, peer: int, tx_path: str) -> bool:
+        """fo_egress where the failover device's transmit passes: its hidden peer's clsact
+        ingress (`veth`: the device transmits for real, so veth counts it, packet taps see
+        it and a root qdisc on it works) or its own clsact egress (`direct`: redirected
+        before all of that, one backlog trip less).  The other hook is cleared after."""
         pin = "prog_fo_egress"
-        return attach_tc(self.ipr, master, "egress", self.dp.prog_fd(pin), self._label(pin))
+        fd, label = self.dp.prog_fd(pin), self._label(pin)
+        if tx_path == "direct":
+            wrote = attach_tc(self.ipr, master, "egress", fd, label)
+            detach_tc(self.ipr, peer, "ingress")
+        else:
+            wrote = attach_tc(self.ipr, peer, "ingress", fd, label)
+            detach_tc(self.ipr, master, "egress")
+        return wrote
 
     def register_lower(self, g: int, slot: int, ifindex: int, rx_path: str = "tc") -> None:
         """Make ifindex the group's lower in `slot` (never the active slot's ifindex
