@@ -58,6 +58,10 @@ def test_socket_json_keeps_its_keys() -> None:
         "switches",
         "last_switch",
         "drops",
+        "tx_path",
+        "speed_mbps",
+        "mac_restored",
+        "vlans",
     ]
     assert g["lowers"][0] == {
         "name": "ens11",
@@ -72,6 +76,8 @@ def test_socket_json_keeps_its_keys() -> None:
         "tx_bytes": 700,
         "rx_packets": 9,
         "rx_bytes": 900,
+        "speed_mbps": None,
+        "duplex": None,
     }
     assert g["last_switch"] == {
         "time": 1.7e9,

@@ -22,11 +22,12 @@ from typing import Any
 from bpfailover.agent import setup
 from bpfailover.agent import status as statusmod
 from bpfailover.agent.fault import Fault
-from bpfailover.agent.lowers import Lowers
+from bpfailover.agent.lowers import Lowers, sync_mc
 from bpfailover.agent.requests import Requests
 from bpfailover.agent.switch import Switcher, now_ms
 from bpfailover.datapath import counters
 from bpfailover.datapath.attach import Wiring
+from bpfailover.datapath.doorbell import Doorbell
 from bpfailover.datapath.loader import LoadError
 from bpfailover.datapath.maps import Datapath, DatapathError
 from bpfailover.effects import sched
@@ -61,6 +62,8 @@ class Agent:
         self.ipr: Any = None
         self.pinwatch: PinWatch | None = None
         self.repin_due_ms: int | None = None
+        self.doorbell: Doorbell | None = None  # the datapath rings it: address lists changed
+        self.resync_due_ms: dict[str, int] = {}  # group -> next re-read of its address lists
         self.fault = Fault.from_env()  # TEST-ONLY: None outside the fault suite
         if self.fault is not None:
             self.fault.close_netlink = self._close_netlink
@@ -119,6 +122,10 @@ class Agent:
             if grp.last_switch is None:
                 self.switch.renotify(grp)
         self.sel.register(self.events, selectors.EVENT_READ, "netlink")
+        self._open_doorbell()
+        for grp in self.groups.values():
+            if grp.cfg.address_resync_s:
+                self.resync_due_ms[grp.name] = now_ms() + grp.cfg.address_resync_s * 1000
         if self.pinwatch is not None:
             self.sel.register(self.pinwatch, selectors.EVENT_READ, "pins")
         assert self.control is not None
@@ -144,6 +151,26 @@ class Agent:
             raise AgentError(str(e)) from e
         self.ipr = IPRoute()
         self.wiring = Wiring(self.dp, self.ipr)
+
+    def _open_doorbell(self) -> None:
+        """The datapath rings fo_events when an IGMP/MLD message leaves a failover device:
+        its address lists changed (kernels before 6.13 announce no multicast change)."""
+        assert self.dp is not None
+        fd = self.dp.fds.get("fo_events")
+        if fd is None:
+            return
+        try:
+            self.doorbell = Doorbell(fd)
+        except OSError as e:
+            event("doorbell_error", error=str(e), action="address lists synced on other events")
+            return
+        self.sel.register(self.doorbell, selectors.EVENT_READ, "doorbell")
+
+    def _on_doorbell(self) -> None:
+        assert self.doorbell is not None
+        if self.doorbell.drain():
+            for grp in self.groups.values():
+                sync_mc(grp)
 
     def go_realtime(self) -> None:
         """The event loop (the calling thread) under SCHED_FIFO as configured; a refusal
@@ -183,6 +210,8 @@ class Agent:
                     self._on_netlink()
                 elif key.data == "pins":
                     self._on_pins()
+                elif key.data == "doorbell":
+                    self._on_doorbell()
                 elif key.data == "wakeup":
                     with contextlib.suppress(BlockingIOError):
                         os.read(self._wake_r, 64)
@@ -205,6 +234,8 @@ class Agent:
             self.events.close()
         if self.pinwatch is not None:
             self.pinwatch.close()
+        if self.doorbell is not None:
+            self.doorbell.close()
         if self.ipr is not None:
             self.ipr.close()
         if self.dp is not None:
@@ -220,6 +251,7 @@ class Agent:
         due += [n[0] for g in self.groups.values() for n in g.notify_due]
         if self.repin_due_ms is not None:
             due.append(self.repin_due_ms)
+        due += self.resync_due_ms.values()
         if not due:
             return None  # event driven: nothing to do until the kernel says something
         return max(0.0, (min(due) - now_ms()) / 1000)
@@ -234,6 +266,10 @@ class Agent:
                 self.switch.decide(grp, time.monotonic_ns(), "hold-down")
             if any(n[0] <= t for n in grp.notify_due):
                 self.switch.notify_peers(grp, t)
+            due = self.resync_due_ms.get(grp.name)
+            if due is not None and due <= t:
+                sync_mc(grp)  # what no event announces: `ip maddr add`, packet sockets
+                self.resync_due_ms[grp.name] = t + grp.cfg.address_resync_s * 1000
 
     def _on_netlink(self) -> None:
         assert self.events is not None and self.lowers is not None

@@ -2,8 +2,10 @@
 
 Registration by MAC (net_failover's failover_slave_register), unregistration, updates
 (renames, flags, MTU), opening hot-plugged lowers, re-creating a failover device deleted by
-hand, MTU propagation from the failover device to its peer and lowers, and the multicast
-lists the lowers must carry.  Every change that can move traffic goes through the Switcher.
+hand, MTU propagation from the failover device to its peer and lowers, the failover device's
+MAC (put back when changed), and what the lowers must carry for what is on top of the failover
+device: its multicast and unicast address lists and its VLANs' ids.  Every change that can
+move traffic goes through the Switcher.
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ from bpfailover.agent.switch import Switcher
 from bpfailover.datapath.attach import Wiring
 from bpfailover.datapath.layout import ROLE_SLOTS
 from bpfailover.datapath.maps import Datapath, DatapathError
-from bpfailover.effects import mcsync
-from bpfailover.effects.ethtool import driver_of
+from bpfailover.effects import mcsync, vlans
+from bpfailover.effects.ethtool import driver_of, link_speed
 from bpfailover.events import netlink
 from bpfailover.model.groups import Group, Lower
 from bpfailover.ops.eventlog import event
@@ -45,12 +47,17 @@ UPPER_KINDS = {
 
 
 def sync_mc(grp: Group) -> None:
-    """The failover device's link-layer multicast list onto each lower."""
+    """The failover device's link-layer address lists (multicast and unicast) onto each
+    lower, as net_failover's dev_mc_sync_multiple()/dev_uc_sync_multiple()."""
     lowers = {lw.ifindex: lw.name for lw in grp.lowers.values()}
     try:
         grp.mc_added = mcsync.sync(grp.cfg.name, lowers, grp.mc_added)
     except OSError as e:
         event("mc_sync_error", group=grp.name, error=str(e))
+    try:
+        grp.uc_added = mcsync.sync_uc(grp.master, lowers, grp.uc_added)
+    except OSError as e:
+        event("uc_sync_error", group=grp.name, error=str(e))
 
 
 class Lowers:
@@ -75,19 +82,27 @@ class Lowers:
             if lower is not None:
                 if link.deleted:
                     self.unregister(grp, lower.role, gone=True)
+                    came_up = False
                 elif link.mac and link.mac != grp.mac:
                     event("lower_mac_changed", group=grp.name, lower=lower.name, mac=link.mac)
                     self.unregister(grp, lower.role)
+                    came_up = False
                 else:
-                    self.update(grp, link)
+                    came_up = self.update(grp, link)
                 self.switch.decide(grp, t_ns, f"link {link.ifname}")
+                if came_up and grp.pcfg.reselect != "better":
+                    self.refresh_speed(grp, lower)  # after the map write: off the fast path
                 return
             if link.ifindex == grp.master:
                 self._on_master(grp, link)
                 return
+            if link.link == grp.master and link.ifindex != grp.peer:
+                self._on_upper(grp, link)
+                return
             if not link.deleted and self.maybe_register(grp, link):
                 self.switch.decide(grp, t_ns, f"registered {link.ifname}")
                 sync_mc(grp)
+                self.sync_vlans(grp)
                 self._open_plugged(grp, link)
                 return
 
@@ -100,6 +115,8 @@ class Lowers:
         master = links.get(grp.master)
         if master is not None:
             grp.mtu = master.mtu
+            if master.mac and master.mac != grp.mac:
+                self._restore_mac(grp, master.mac)
         for link in links.values():
             if grp.lower_by_ifindex(link.ifindex) is None:
                 self.maybe_register(grp, link)
@@ -107,6 +124,19 @@ class Lowers:
                 self.update(grp, link)
         self.switch.decide(grp, t_ns, "reconcile")
         sync_mc(grp)
+        grp.vlans = {
+            lk.ifindex: lk.vlan
+            for lk in links.values()
+            if lk.link == grp.master and lk.vlan is not None and lk.ifindex != grp.peer
+        }
+        grp.vlan_filters = {}
+        for lk in links.values():
+            ours = vlans.parse_name(lk.ifname)
+            if ours is not None and lk.kind == "vlan" and lk.link == ours[0]:
+                grp.vlan_filters.setdefault(ours[0], set()).add(ours[1])
+        self.sync_vlans(grp)
+        for lower in grp.lowers.values():
+            self.refresh_speed(grp, lower)
 
     def _open_plugged(self, grp: Group, link: netlink.Link) -> None:
         """A lower hot-plugged while we run comes up admin down (a re-plugged VF), and the
@@ -123,24 +153,38 @@ class Lowers:
         except NetlinkError as e:
             event("lower_open_error", group=grp.name, lower=link.ifname, error=str(e))
 
-    def update(self, grp: Group, link: netlink.Link) -> None:
+    def update(self, grp: Group, link: netlink.Link) -> bool:
+        """Take in a lower's link event; True when its carrier came up."""
         lower = grp.lower_by_ifindex(link.ifindex)
         assert lower is not None
         if link.ifname and link.ifname != lower.name:
             # udev renames keep the role: everything is keyed by ifindex + MAC
             event("lower_renamed", group=grp.name, role=lower.role, old=lower.name, new=link.ifname)
             lower.name = link.ifname
+        came_up = link.carrier and not lower.carrier
         lower.admin_up, lower.carrier = link.admin_up, link.carrier
         if link.mtu:
             lower.mtu = link.mtu
+        if came_up and grp.pcfg.reselect == "better":
+            self.refresh_speed(grp, lower)  # the policy compares it: read before deciding
+        return came_up
+
+    def refresh_speed(self, grp: Group, lower: Lower) -> None:
+        """The lower's ethtool speed and duplex (a driver call under the RTNL lock: read when
+        its carrier comes up or it registers, not per event).  What `ethtool ens10` cannot
+        show (veth reports a fixed 10000/Full): status and metrics report this instead."""
+        speed, duplex = link_speed(lower.name)
+        if (speed, duplex) != (lower.speed_mbps, lower.duplex):
+            lower.speed_mbps, lower.duplex = speed, duplex
+            event("lower_speed", group=grp.name, lower=lower.name, mbps=speed, duplex=duplex)
 
     # -- registration -------------------------------------------------------------------------
     def _role_for(self, grp: Group, link: netlink.Link) -> Role | None:
         """Registration by MAC (net_failover's failover_slave_register)."""
         if link.mac != grp.mac or link.ifindex in (grp.master, grp.peer):
             return None
-        if link.kind in UPPER_KINDS:
-            return None
+        if link.kind in UPPER_KINDS or vlans.parse_name(link.ifname) is not None:
+            return None  # (our own VLAN filter devices too, events lacking their kind)
         gcfg = grp.cfg
         if gcfg.standby_name is not None:
             if link.ifname == gcfg.standby_name:
@@ -178,6 +222,7 @@ class Lowers:
         grp.lowers[role] = Lower(
             role, link.ifindex, link.ifname, link.admin_up, link.carrier, max(link.mtu, grp.mtu)
         )
+        self.refresh_speed(grp, grp.lowers[role])
         event(
             "lower_registered",
             group=grp.name,
@@ -194,6 +239,11 @@ class Lowers:
         self.switch.decide(grp, time.monotonic_ns(), f"unregister {lower.name}")
         self.wiring.unregister_lower(grp.gid, ROLE_SLOTS[role], lower.ifindex, gone=gone)
         grp.mc_added.pop(lower.ifindex, None)
+        grp.uc_added.pop(lower.ifindex, None)
+        for v in grp.vlan_filters.pop(lower.ifindex, set()):
+            if not gone:  # (a deleted lower took its VLAN devices with it)
+                with contextlib.suppress(Exception):
+                    vlans.remove(self.wiring.ipr, lower.ifindex, v)
         event("lower_unregistered", group=grp.name, role=role, lower=lower.name, gone=gone)
 
     # -- the failover device ------------------------------------------------------------------
@@ -201,9 +251,77 @@ class Lowers:
         if link.deleted:
             self._recreate_master(grp)
             return
+        if link.mac and link.mac != grp.mac:
+            self._restore_mac(grp, link.mac)
         if link.mtu and link.mtu != grp.mtu:
             self._propagate_mtu(grp, link.mtu)
         sync_mc(grp)
+
+    def _restore_mac(self, grp: Group, found: str) -> None:
+        """net_failover has no ndo_set_mac_address: its MAC cannot change.  veth takes a new
+        one (NetworkManager's cloned MAC, udev's MACAddressPolicy), after which the lowers'
+        frames carry a MAC the switch does not expect for this port.  Put it back at once."""
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        try:
+            self.wiring.restore_mac(grp.master, grp.mac)
+        except NetlinkError as e:
+            event("mac_restore_error", group=grp.name, found=found, mac=grp.mac, error=str(e))
+            return
+        grp.mac_restored += 1
+        event("mac_restored", group=grp.name, found=found, mac=grp.mac)
+
+    # -- devices on top of the failover device -------------------------------------------------
+    def _on_upper(self, grp: Group, link: netlink.Link) -> None:
+        """A netdev stacked on the failover device (VLAN, macvlan, ...) came, changed or went:
+        a VLAN's id goes to the lowers' filters, and its address lists (a macvlan's MAC on
+        the failover device's unicast list) to the lowers' lists."""
+        if link.deleted:
+            if grp.vlans.pop(link.ifindex, None) is not None:
+                self.sync_vlans(grp)
+        elif link.vlan is not None and grp.vlans.get(link.ifindex) != link.vlan:
+            grp.vlans[link.ifindex] = link.vlan
+            self.sync_vlans(grp)
+        sync_mc(grp)
+
+    def sync_vlans(self, grp: Group) -> None:
+        """Each VLAN id on the failover device on each lower's filter, as net_failover's
+        vlan_rx_add_vid/kill_vid; ids no longer on the failover device removed (only ours)."""
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        want = set(grp.vlans.values())
+        for lower in grp.lowers.values():
+            have = grp.vlan_filters.setdefault(lower.ifindex, set())
+            add, remove = vlans.plan(want, have)
+            for v in add:
+                try:
+                    name = vlans.add(self.wiring.ipr, lower.ifindex, v)
+                except (NetlinkError, ValueError) as e:
+                    if grp.vlan_error != str(e):  # once per kind of failure, not per id
+                        event(
+                            "vlan_filter_error",
+                            group=grp.name,
+                            lower=lower.name,
+                            vlan=v[1],
+                            error=str(e),
+                            hint="the 8021q module must be loadable",
+                        )
+                    grp.vlan_error = str(e)
+                    continue
+                have.add(v)
+                event(
+                    "vlan_filter",
+                    group=grp.name,
+                    lower=lower.name,
+                    vlan=v[1],
+                    protocol=f"0x{v[0]:04x}",
+                    device=name,
+                )
+            for v in remove:
+                with contextlib.suppress(NetlinkError):
+                    vlans.remove(self.wiring.ipr, lower.ifindex, v)
+                have.discard(v)
+                event("vlan_filter_removed", group=grp.name, lower=lower.name, vlan=v[1])
 
     def _recreate_master(self, grp: Group) -> None:
         """The failover device was deleted by hand (`failoverctl teardown` is the way to
@@ -221,15 +339,19 @@ class Lowers:
                 grp.cfg.inactive_rx == "drop",
                 grp.cfg.rx_path,
                 mtu=grp.mtu or None,
+                tx_path=grp.cfg.tx_path,
             )
         except (DatapathError, NetlinkError, OSError) as e:
             action = f"cannot re-create it: failoverctl teardown {grp.name}, then restart failoverd"
             event("failover_device_lost", group=grp.name, error=str(e), action=action)
             return
         rec = self.dp.group(gid)
+        old_peer = grp.peer
         grp.master, grp.peer = rec.master_ifindex, rec.peer_ifindex
         if old != grp.master:
             self.dp.del_dev(old)
+        if old_peer not in (grp.peer, grp.master):
+            self.dp.del_dev(old_peer)
         self.addrs.pop(old, None)
         grp.carrier = None  # the new peer starts down: decide() sets it
         note = "addresses are the OS network config's to restore"

@@ -82,6 +82,7 @@ def setup_group(
             gcfg.inactive_rx == "drop",
             gcfg.rx_path,
             mtu=links[standby].mtu if standby is not None else None,
+            tx_path=gcfg.tx_path,
         )
     except DatapathError as e:
         raise AgentError(f"group {gcfg.name}: {e}") from e
@@ -94,6 +95,10 @@ def setup_group(
         peer=rec.peer_ifindex,
         pcfg=policy.PolicyConfig.from_settings(gcfg.policy),
     )
+    found = wiring.mac_restored.pop(gcfg.name, None)
+    if found is not None:  # changed while no agent ran (or by a previous one's crash)
+        grp.mac_restored += 1
+        event("mac_restored", group=gcfg.name, found=found, mac=mac, when="start")
     grp.override = SLOT_NAMES.get(rec.override_slot)  # type: ignore[assignment]
     grp.active = SLOT_NAMES.get(dp.active(gid))  # type: ignore[assignment]
     event(

@@ -31,6 +31,10 @@ def group_status(grp: Group) -> GroupStatus:
         reselect=grp.pcfg.reselect,
         inactive_rx=grp.cfg.inactive_rx,
         rx_path=grp.cfg.rx_path,
+        tx_path=grp.cfg.tx_path,
+        speed_mbps=grp.lowers[grp.active].speed_mbps if grp.active in grp.lowers else None,
+        mac_restored=grp.mac_restored,
+        vlans=tuple(sorted({v[1] for v in grp.vlans.values()})),
         lowers=tuple(
             LowerStatus(
                 name=lw.name,
@@ -40,6 +44,8 @@ def group_status(grp: Group) -> GroupStatus:
                 admin_up=lw.admin_up,
                 carrier=lw.carrier,
                 mtu=lw.mtu,
+                speed_mbps=lw.speed_mbps,
+                duplex=lw.duplex,
                 active=grp.active == role,
             )
             for role, lw in sorted(grp.lowers.items())

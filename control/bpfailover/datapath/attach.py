@@ -301,6 +301,10 @@ class Wiring:
         """Raises pyroute2's NetlinkError when the device refuses."""
         self.ipr.link("set", index=ifindex, mtu=mtu)
 
+    def restore_mac(self, ifindex: int, mac: str) -> str | None:
+        """The group MAC back on the failover device; the address found instead, or None."""
+        return restore_mac(self.ipr, ifindex, mac)
+
     def set_up(self, ifindex: int) -> None:
         """Admin up; raises pyroute2's NetlinkError when the device refuses."""
         self.ipr.link("set", index=ifindex, state="up")

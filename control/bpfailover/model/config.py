@@ -269,6 +269,13 @@ class Group(_Model):
         "egress redirects before all of that: ~3 % less CPU per 64-byte packet, but the "
         "device's tx counters stay 0, tcpdump sees no transmit and a qdisc is bypassed)",
     )
+    address_resync_s: Annotated[int, AfterValidator(_in_range(0, 3600))] = Field(
+        default=10,
+        description="seconds between re-reads of the failover device's address lists for "
+        "the additions no kernel announces (`ip maddr add`, a packet socket's "
+        "PACKET_ADD_MEMBERSHIP); IP joins, macvlans and VLANs on top are synced at once by "
+        "events.  0: only on events",
+    )
 
     @property
     def standby_name(self) -> str | None:

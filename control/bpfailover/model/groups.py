@@ -18,9 +18,13 @@ class Lower:
     admin_up: bool
     carrier: bool
     mtu: int
+    speed_mbps: int | None = None  # ethtool's figure, read when its carrier comes up
+    duplex: str | None = None
 
     def state(self) -> policy.LowerState:
-        return policy.LowerState(present=True, admin_up=self.admin_up, carrier=self.carrier)
+        return policy.LowerState(
+            present=True, admin_up=self.admin_up, carrier=self.carrier, speed_mbps=self.speed_mbps
+        )
 
     @property
     def usable(self) -> bool:
@@ -58,6 +62,13 @@ class Group:
     # pending peer notifications: (due monotonic ms, lower role, how many rounds left)
     notify_due: list[tuple[int, Role, int]] = field(default_factory=list)
     mc_added: dict[int, set[str]] = field(default_factory=dict)  # lower ifindex -> our adds
+    uc_added: dict[int, set[str]] = field(default_factory=dict)  # the same, unicast list
+    mac_restored: int = 0  # times the failover device's MAC was changed and put back
+    # VLAN devices on the failover device: ifindex -> (protocol, VLAN id)
+    vlans: dict[int, tuple[int, int]] = field(default_factory=dict)
+    # our VLAN filter devices on the lowers: lower ifindex -> {(protocol, VLAN id)}
+    vlan_filters: dict[int, set[tuple[int, int]]] = field(default_factory=dict)
+    vlan_error: str | None = None  # the last failure to program a lower's VLAN filter
 
     @property
     def name(self) -> str:

@@ -86,6 +86,10 @@ class LowerStatus:
     counters: LowerCounters | None = _f(
         "datapath counters", counter=True, flatten=True, default=None
     )
+    speed_mbps: int | None = _f(
+        "link speed in Mb/s as ethtool reports it (null: unknown, e.g. no carrier)", default=None
+    )
+    duplex: str | None = _f("`full`, `half` or null (unknown)", default=None)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -124,6 +128,18 @@ class GroupStatus:
     last_switch: LastSwitch | None = _f("the last switch (null: none since the agent started)")
     drops: Mapping[str, int] | None = _f(
         "frames dropped by the datapath, by `hook/reason`", counter=True, default=None
+    )
+    tx_path: str = _f("transmit hook (config `tx_path`)", where="socket", default="veth")
+    speed_mbps: int | None = _f(
+        "the active lower's link speed (what net_failover's ethtool shows; `ethtool` on this "
+        "veth device says 10000); null: no active lower or unknown",
+        default=None,
+    )
+    mac_restored: int = _f(
+        "times the failover device's MAC was changed by someone and put back", default=0
+    )
+    vlans: tuple[int, ...] = _f(
+        "VLAN ids on the failover device, each programmed into both lowers' filters", default=()
     )
 
     def lower(self, role: str | None) -> LowerStatus | None:

@@ -196,6 +196,17 @@ class FailoverCollector(Collector):
             "1 if the program of the hook is attached where it must be",
             labels=["device", "hook"],
         )
+        speed = GaugeMetricFamily(
+            "failover_lower_speed_mbps",
+            "link speed of the lower as ethtool reports it (absent: unknown); `ethtool` on the "
+            "failover device itself (a veth) always says 10000",
+            labels=["device", "lower", "role"],
+        )
+        mac_restored = CounterMetricFamily(
+            "failover_mac_restored",
+            "times the failover device's MAC was changed by someone and put back",
+            labels=["device"],
+        )
         attach_state = _attachments(groups)
         for g in groups:
             gid = g.gid
@@ -207,6 +218,8 @@ class FailoverCollector(Collector):
                 found = found or is_active
                 active.add_metric([g.name, lw.name, lw.role], 1 if is_active else 0)
                 up.add_metric([g.name, lw.name, lw.role], 1 if lw.usable else 0)
+                if lw.speed_mbps is not None:
+                    speed.add_metric([g.name, lw.name, lw.role], lw.speed_mbps)
                 c = lw.counters or LowerCounters()
                 for (d, k), n in (
                     (("transmit", "packets"), c.tx_packets),
@@ -216,6 +229,7 @@ class FailoverCollector(Collector):
                 ):
                     ctr[(d, k)].add_metric([g.name, lw.name], n)
             active.add_metric([g.name, "none", "none"], 0 if found else 1)
+            mac_restored.add_metric([g.name], g.mac_restored)
             # every reason from 0: increase() then sees the first switch of each kind
             counts: dict[str, int] = {**dict.fromkeys(SWITCH_REASONS, 0), **g.switches}
             for reason, n in sorted(counts.items()):
@@ -231,6 +245,7 @@ class FailoverCollector(Collector):
             for hook, ok in attach_state.get(g.name, {}).items():
                 attached.add_metric([g.name, hook], 1 if ok else 0)
         yield from (active, up, switches, last, dur, *ctr.values(), drops, attached)
+        yield from (speed, mac_restored)
 
 
 def _initial_latencies(agent: StatusSource) -> Iterable[tuple[str, float]]:
@@ -241,7 +256,8 @@ def _initial_latencies(agent: StatusSource) -> Iterable[tuple[str, float]]:
 
 
 def _attachments(groups: Iterable[GroupStatus]) -> dict[str, dict[str, bool]]:
-    """Whether our programs sit where they must: egress filter on the failover device,
+    """Whether our programs sit where they must: the transmit filter (hook `tc_egress`: on
+    the hidden peer's ingress for tx_path veth, the failover device's egress for direct),
     ingress filter (and XDP, on the xdp receive path) on every registered lower."""
     from pyroute2 import IPRoute
 
@@ -251,7 +267,12 @@ def _attachments(groups: Iterable[GroupStatus]) -> dict[str, dict[str, bool]]:
     try:
         with IPRoute() as ipr:  # our own netlink socket: the agent's is not shared
             for g in groups:
-                st = {"tc_egress": attach.tc_attached(ipr, g.ifindex, "egress")}
+                if g.tx_path == "direct":
+                    tx_ok = attach.tc_attached(ipr, g.ifindex, "egress")
+                else:
+                    peer = ipr.link_lookup(ifname=attach.peer_name(g.name))
+                    tx_ok = bool(peer) and attach.tc_attached(ipr, peer[0], "ingress")
+                st = {"tc_egress": tx_ok}
                 st["tc_ingress"] = all(
                     attach.tc_attached(ipr, lw.ifindex, "ingress") for lw in g.lowers
                 )
