@@ -184,7 +184,8 @@ class EventSocket:
 
     RCVBUF = 8 << 20  # a flap storm must fit; ENOBUFS still handled by a re-dump
 
-    def __init__(self) -> None:
+    def __init__(self, mcast: bool = True) -> None:
+        """mcast=False: no RTM_NEWMULTICAST subscription, as on kernels before 6.13."""
         self.sock = socket.socket(
             socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_ROUTE
         )
@@ -197,8 +198,7 @@ class EventSocket:
             RTNLGRP_LINK,
             RTNLGRP_IPV4_IFADDR,
             RTNLGRP_IPV6_IFADDR,
-            RTNLGRP_IPV4_MCADDR,
-            RTNLGRP_IPV6_MCADDR,
+            *((RTNLGRP_IPV4_MCADDR, RTNLGRP_IPV6_MCADDR) if mcast else ()),
         ):
             try:
                 self.sock.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, grp)
