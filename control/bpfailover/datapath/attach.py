@@ -237,7 +237,7 @@ class Wiring:
         inactive_rx_drop: bool = False,
         rx_path: str = "tc",
         mtu: int | None = None,
-        tx_path: str = "veth",
+        tx_path: str = "direct",
     ) -> int:
         """Create/adopt the failover device and its group; returns the group id."""
         g = self.dp.alloc_group(name)
