@@ -264,10 +264,13 @@ class Lowers:
         from pyroute2.netlink.exceptions import NetlinkError
 
         try:
-            self.wiring.restore_mac(grp.master, grp.mac)
+            now = self.wiring.restore_mac(grp.master, grp.mac)
         except NetlinkError as e:
             event("mac_restore_error", group=grp.name, found=found, mac=grp.mac, error=str(e))
             return
+        if now is None:
+            return  # a stale event (the device's creation, or already put back)
+        found = now
         grp.mac_restored += 1
         event("mac_restored", group=grp.name, found=found, mac=grp.mac)
 
