@@ -109,6 +109,8 @@ class AgentRun:
         ]
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int | None:
+        """Send `sig` and wait for the exit; its code.  An agent that does not stop within
+        `timeout` is killed (nothing is left running) and that is an error, never hidden."""
         if self.proc is None or self.proc.poll() is not None:
             return self.proc.returncode if self.proc else None
         self.proc.send_signal(sig)
@@ -116,7 +118,11 @@ class AgentRun:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-            return self.proc.wait(timeout)
+            self.proc.wait(timeout)
+            raise HarnessError(
+                f"failoverd (pid {self.proc.pid}) did not stop within {timeout:g}s of "
+                f"{signal.Signals(sig).name}; killed: {self.tail()}"
+            ) from None
 
     def kill(self) -> None:
         self.stop(signal.SIGKILL)
@@ -126,10 +132,13 @@ class AgentRun:
         return self.start()
 
     def cleanup(self) -> None:
-        """Stop the agent, drop its pins; the lab's netns removal takes devices and filters."""
-        self.stop()
-        shutil.rmtree(self.pin_dir, ignore_errors=True)
-        shutil.rmtree(self.workdir, ignore_errors=True)
+        """Stop the agent, drop its pins; the lab's netns removal takes devices and filters.
+        (An agent that would not stop is still reported, after the clean-up.)"""
+        try:
+            self.stop()
+        finally:
+            shutil.rmtree(self.pin_dir, ignore_errors=True)
+            shutil.rmtree(self.workdir, ignore_errors=True)
 
     def __enter__(self) -> AgentRun:
         return self.start()

@@ -4,7 +4,8 @@ BPFAILOVER_FAULT="<point>[:<action>][@<nth>]" makes the agent fail on purpose th
 (default 1st) it passes a named point.  It is read once, at start; unset (always, outside
 tests) a point costs the agent one `is None` test.  Actions: kill (SIGKILL itself),
 close-netlink (close the event socket under itself), stall (wait, at most 30 s, until the
-file $BPFAILOVER_FAULT_GATE exists: the test acts meanwhile).
+file $BPFAILOVER_FAULT_GATE exists: the test acts meanwhile), raise (an exception, as a bug
+would: the loop must survive it).
 """
 
 from __future__ import annotations
@@ -22,7 +23,11 @@ class FaultSpecError(ValueError):
 
 
 FAULT_POINTS = ("adopt", "before-flip", "after-flip", "garp", "netlink-read")
-FAULT_ACTIONS = ("kill", "close-netlink", "stall")
+FAULT_ACTIONS = ("kill", "close-netlink", "stall", "raise")
+
+
+class InjectedFault(RuntimeError):
+    """TEST-ONLY: the `raise` action."""
 
 
 class Fault:
@@ -56,6 +61,8 @@ class Fault:
             os.kill(os.getpid(), signal.SIGKILL)
         elif self.action == "close-netlink" and self.close_netlink is not None:
             self.close_netlink()
+        elif self.action == "raise":
+            raise InjectedFault(f"injected at {point}")
         elif self.action == "stall":
             deadline = time.monotonic() + 30
             while self.gate and not os.path.exists(self.gate) and time.monotonic() < deadline:

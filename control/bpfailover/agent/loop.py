@@ -13,12 +13,16 @@ to: lowers.py (link events), switch.py (decisions and what follows), requests.py
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import selectors
+import signal
 import time
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
+from bpfailover import policy
 from bpfailover.agent import setup
 from bpfailover.agent import status as statusmod
 from bpfailover.agent.fault import Fault
@@ -55,10 +59,18 @@ class Agent:
         self.control: ControlServer | None = None
         self.addrs: dict[int, set[tuple[int, str]]] = {}  # ifindex -> {(family, address)}
         self.sel = selectors.DefaultSelector()
-        # stop() wakes the loop through this pipe: a signal alone does not end a select()
-        # with no timers (PEP 475 retries it), so SIGTERM after the last group's teardown hung
+        # Signals come in through this pipe (signal.set_wakeup_fd: the C handler writes the
+        # signal's number), and stop() writes a 0: the loop acts on them between events, not
+        # in a handler that interrupts a switch half done.  A handler alone would not end a
+        # select() with no timers either (PEP 475 retries it).
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.sel.register(self._wake_r, selectors.EVENT_READ, "wakeup")
+        # SIGHUP: where the new config comes from (None: nothing to reload, e.g. --lab)
+        self.load_config: Callable[[], configmod.Config] | None = None
+        self.exporter: Any = None  # the metrics exporter, restarted when metrics.listen changes
+        # Errors the loop survived, by where they happened: failover_agent_errors_total.
+        self.errors: Counter[str] = Counter()
+        self.reconcile_due_ms: int | None = None  # a failed full re-read, tried again
         self.stopping = False
         self.started_at = time.time()
         self.scheduling = "other"  # the event loop's policy, for status
@@ -205,28 +217,124 @@ class Agent:
         return self.snapshot
 
     def run(self) -> None:
+        """Until stopped.  One failing event, timer or group never ends it: each is
+        guarded, logged once (`agent_error`) and counted by where it happened.  Only the
+        selector itself failing (nothing left to wait on) propagates."""
         self.publish()  # with the scheduling go_realtime() set
         while not self.stopping:
             timeout = self._next_timeout()
             for key, _mask in self.sel.select(timeout):
                 if key.data == "netlink":
-                    self._on_netlink()
+                    self._guard("netlink", self._on_netlink)
                 elif key.data == "pins":
-                    self._on_pins()
+                    self._guard("pins", self._on_pins)
                 elif key.data == "doorbell":
-                    self._on_doorbell()
+                    self._guard("doorbell", self._on_doorbell)
                 elif key.data == "wakeup":
-                    with contextlib.suppress(BlockingIOError):
-                        os.read(self._wake_r, 64)
+                    self._on_wakeup()
                 elif self.control is not None:
-                    self.control.on_ready(key)
+                    self._guard("control", self.control.on_ready, key)
             self._run_timers()
-            self.publish()  # after the switch and its effects: never on the event -> map path
+            self._guard("publish", self.publish)  # after the switch and its effects
+
+    def _guard(self, where: str, fn: Callable[..., Any], *args: Any, group: str = "") -> bool:
+        """Run one unit of work; an exception is logged, counted, and the loop goes on."""
+        try:
+            fn(*args)
+        except Exception as e:
+            self.error(where, e, group)
+            return False
+        return True
+
+    def error(self, where: str, exc: BaseException, group: str = "") -> None:
+        self.errors[where] += 1
+        fields = {"group": group} if group else {}
+        event(
+            "agent_error",
+            where=where,
+            **fields,
+            error=f"{type(exc).__name__}: {exc}",
+            count=self.errors[where],
+        )
+
+    def signal_fd(self) -> int:
+        """For signal.set_wakeup_fd: the write end of the loop's wake-up pipe."""
+        return self._wake_w
+
+    def _on_wakeup(self) -> None:
+        try:
+            data = os.read(self._wake_r, 512)
+        except BlockingIOError:
+            return
+        for signum in data:
+            if signum in (signal.SIGTERM, signal.SIGINT):
+                event("signal", signal=signal.Signals(signum).name, action="stopping")
+                self.stopping = True
+            elif signum == signal.SIGHUP:
+                self._guard("reload", self.reload)
+            elif signum == 0:
+                self.stopping = True  # stop()
 
     def stop(self) -> None:
         self.stopping = True
         with contextlib.suppress(OSError):  # full (already woken) or closed
             os.write(self._wake_w, b"\0")
+
+    # -- SIGHUP ---------------------------------------------------------------------------
+    def reload(self) -> None:
+        """Read the config again and apply what can change live: each group's policy and
+        notify settings, metrics.listen, log.level.  Anything else changed refuses the whole
+        reload with one line naming the keys (restart failoverd for those); a config that
+        does not load is refused the same way.  Never stops the agent."""
+        if self.load_config is None:
+            event("reload_refused", why="no config file to read again (--lab)")
+            return
+        try:
+            new = self.load_config()
+            configmod.check_host(new)
+        except configmod.ConfigError as e:
+            event("reload_refused", error=str(e).replace("\n", "; "), action="config unchanged")
+            return
+        fixed = configmod.fixed_changes(self.cfg, new)
+        if fixed:
+            event(
+                "reload_refused",
+                keys=fixed,
+                why="cannot change while running: restart failoverd",
+                action="config unchanged",
+            )
+            return
+        old, self.cfg = self.cfg, new
+        changed = configmod.live_changes(old, new)
+        assert self.switch is not None
+        for gnew in new.groups:
+            grp = self.groups.get(gnew.name)
+            if grp is None:  # torn down meanwhile
+                continue
+            grp.cfg = gnew
+            grp.pcfg = policy.PolicyConfig.from_settings(gnew.policy)
+            self._guard(
+                "reload",
+                self.switch.decide,
+                grp,
+                time.monotonic_ns(),
+                "reload",
+                group=grp.name,
+            )
+        if new.log.level != old.log.level:
+            logging.getLogger().setLevel(new.log.level.upper())
+        if new.metrics.listen != old.metrics.listen:
+            self._restart_metrics(new.metrics.address)
+        event("reloaded", changed=changed)
+
+    def _restart_metrics(self, address: tuple[str, int] | None) -> None:
+        from bpfailover.ops import metrics
+
+        if self.exporter is not None:
+            self.exporter.stop()
+            self.on_switch = self.exporter.prev_on_switch
+            self.exporter = None
+        self.exporter = metrics.serve(self, address)
 
     def close(self) -> None:
         """Stop serving; the pinned datapath keeps forwarding."""
@@ -255,6 +363,8 @@ class Agent:
         if self.repin_due_ms is not None:
             due.append(self.repin_due_ms)
         due += self.resync_due_ms.values()
+        if self.reconcile_due_ms is not None:
+            due.append(self.reconcile_due_ms)
         if not due:
             return None  # event driven: nothing to do until the kernel says something
         return max(0.0, (min(due) - now_ms()) / 1000)
@@ -263,15 +373,29 @@ class Agent:
         assert self.switch is not None
         t = now_ms()
         if self.repin_due_ms is not None and self.repin_due_ms <= t:
-            self._repin()
-        for grp in self.groups.values():
+            self._guard("pins", self._repin)
+            self.repin_due_ms = None
+        if self.reconcile_due_ms is not None and self.reconcile_due_ms <= t:
+            self.reconcile()
+        for grp in list(self.groups.values()):
             if grp.deadline_ms is not None and grp.deadline_ms <= t:
-                self.switch.decide(grp, time.monotonic_ns(), "hold-down")
-            if any(n[0] <= t for n in grp.notify_due):
-                self.switch.notify_peers(grp, t)
-            due = self.resync_due_ms.get(grp.name)
-            if due is not None and due <= t:
-                sync_mc(grp)  # what no event announces: `ip maddr add`, packet sockets
+                ok = self._guard(
+                    "timer",
+                    self.switch.decide,
+                    grp,
+                    time.monotonic_ns(),
+                    "hold-down",
+                    group=grp.name,
+                )
+                if not ok:
+                    grp.deadline_ms = t + 1000  # decide again in a second, not in a busy loop
+            due = any(n[0] <= t for n in grp.notify_due)
+            if due and not self._guard("notify", self.switch.notify_peers, grp, t, group=grp.name):
+                grp.notify_due = []  # a notification that fails this way is dropped
+            resync = self.resync_due_ms.get(grp.name)
+            if resync is not None and resync <= t:
+                # what no event announces: `ip maddr add`, packet sockets
+                self._guard("timer", sync_mc, grp, group=grp.name)
                 self.resync_due_ms[grp.name] = t + grp.cfg.address_resync_s * 1000
 
     def _on_netlink(self) -> None:
@@ -297,7 +421,16 @@ class Agent:
                 else:
                     self.lowers.on_mcast(ev.ifindex)
             except Exception as e:  # one bad event (a device gone meanwhile) must not kill us
-                event("event_error", error=str(e), ifindex=getattr(ev, "ifindex", None))
+                self.errors["event"] += 1
+                event(
+                    "event_error",
+                    error=f"{type(e).__name__}: {e}",
+                    ifindex=getattr(ev, "ifindex", None),
+                    count=self.errors["event"],
+                    action="full re-read in 1 s",
+                )
+                if self.reconcile_due_ms is None:  # what that event should have done
+                    self.reconcile_due_ms = now_ms() + 1000
 
     # -- pins removed by hand ------------------------------------------------------------------
     def _on_pins(self) -> None:
@@ -342,12 +475,27 @@ class Agent:
         self.reconcile()
 
     def reconcile(self) -> None:
-        """Full re-read of links and addresses; never trust a missed event."""
+        """Full re-read of links and addresses; never trust a missed event.  If the dump
+        itself fails (devices vanishing under a link storm), it is tried again shortly; a
+        group that fails does not stop the others."""
         assert self.lowers is not None
-        links = {link.ifindex: link for link in netlink.dump_links()}
-        self._load_addrs()
-        for grp in self.groups.values():
-            self.lowers.reconcile_group(grp, links, time.monotonic_ns())
+        self.reconcile_due_ms = None
+        try:
+            links = {link.ifindex: link for link in netlink.dump_links()}
+            self._load_addrs()
+        except Exception as e:
+            self.error("reconcile", e)
+            self.reconcile_due_ms = now_ms() + 200
+            return
+        for grp in list(self.groups.values()):
+            self._guard(
+                "reconcile",
+                self.lowers.reconcile_group,
+                grp,
+                links,
+                time.monotonic_ns(),
+                group=grp.name,
+            )
 
     # -- control requests ---------------------------------------------------------------------
     def handle_request(self, req: dict[str, Any]) -> dict[str, Any]:

@@ -74,17 +74,26 @@ def main(argv: list[str] | None = None) -> int:
         agent = Agent(cfg)
     except FaultSpecError as e:
         return fatal(str(e), 2)
+    if not args.lab:
+        agent.load_config = lambda: configmod.load_config(source)  # SIGHUP
     return _serve(agent, cfg)
 
 
+def _ignore(signum: int, frame: object) -> None:
+    """The Python-level handler does nothing: the signal's number went down the loop's
+    wake-up pipe (set_wakeup_fd), and the loop acts on it between events."""
+
+
 def _serve(agent: Agent, cfg: configmod.Config) -> int:
-    signal.signal(signal.SIGTERM, lambda *_: agent.stop())
-    signal.signal(signal.SIGINT, lambda *_: agent.stop())
+    signal.set_wakeup_fd(agent.signal_fd(), warn_on_full_buffer=False)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, _ignore)  # SIGHUP reloads, never kills
     try:
         agent.start()
         from bpfailover.ops import metrics
 
-        metrics.serve(agent, cfg.metrics.address)  # its thread keeps normal scheduling
+        # its thread keeps normal scheduling
+        agent.exporter = metrics.serve(agent, cfg.metrics.address)
         agent.go_realtime()
         agent.run()
     except (AgentError, DatapathError, LoadError) as e:
@@ -94,6 +103,7 @@ def _serve(agent: Agent, cfg: configmod.Config) -> int:
             return fatal(f"address in use: {e}", 1)
         raise
     finally:
+        signal.set_wakeup_fd(-1)
         agent.close()
     return 0
 

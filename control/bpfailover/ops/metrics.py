@@ -53,6 +53,18 @@ from bpfailover.policy import SWITCH_REASONS
 
 log = logging.getLogger("bpfailover.metrics")
 
+# Where the agent counts the errors it survives (agent.errors), exported from 0.
+ERROR_PLACES = (
+    "event",
+    "netlink",
+    "timer",
+    "notify",
+    "reconcile",
+    "control",
+    "pins",
+    "doorbell",
+    "reload",
+)
 MAX_CONNECTIONS = 16  # scrapes in flight (one thread each); Prometheus needs one or two
 CONN_TIMEOUT_S = 5.0  # per socket operation, and the whole life of a connection
 
@@ -152,6 +164,20 @@ class FailoverCollector(Collector):
         info = GaugeMetricFamily("failover_build_info", "bpfailover build", labels=["version"])
         info.add_metric([self.version], 1)
         yield info
+        errors = CounterMetricFamily(
+            "failover_agent_errors",
+            "errors the event loop survived (logged as agent_error/event_error), by where: "
+            "event, netlink, timer, notify, reconcile, control, pins, reload",
+            labels=["where"],
+        )
+        seen: dict[str, int] = {}
+        for _ in range(5):  # the agent may add a key meanwhile: copy again
+            with suppress(RuntimeError):
+                seen = dict(getattr(self.agent, "errors", {}))
+                break
+        for where in sorted({*ERROR_PLACES, *seen}):
+            errors.add_metric([where], seen.get(where, 0))
+        yield errors
 
         active = GaugeMetricFamily(
             "failover_lower_active",
@@ -336,6 +362,7 @@ class Exporter:
         self.address = address
         self.server: Any = None
         self.thread: threading.Thread | None = None
+        self.prev_on_switch: Any = None
 
     def start(self) -> None:
         from wsgiref.simple_server import make_server
@@ -397,6 +424,7 @@ def serve(agent: Any, address: tuple[str, int] | None) -> Exporter | None:
                 dp.close()
         return None
     prev = agent.on_switch
+    exp.prev_on_switch = prev  # what a restarted exporter puts back
 
     def hook(grp: Any, sw: Any) -> None:
         exp.collector.on_switch(grp, sw)
