@@ -30,6 +30,15 @@ def _ok(v: float | None, target: float, above: bool = True) -> str:
     return "met" if (v >= target if above else v <= target) else "**missed**"
 
 
+def _cpu(t: dict[str, Any]) -> str:
+    c = t.get("cpu_us_per_pkt")
+    if not c:
+        return ""
+    return " / ".join(
+        f"{c['baseline'] / c[k]:.2f}" if c.get(k) else "–" for k in ("fo-tc", "fo-xdp", "fo-direct")
+    )
+
+
 def sections() -> tuple[list[str], dict[str, Any]]:
     parts: list[str] = []
     info: dict[str, Any] = {}
@@ -49,9 +58,12 @@ def sections() -> tuple[list[str], dict[str, Any]]:
                     m["baseline"] / scale,
                     m["fo-tc"] / scale,
                     m["fo-xdp"] / scale,
+                    m.get("fo-direct", 0) / scale,
                     t["ratio"]["fo-tc"],
                     t["ratio"]["fo-xdp"],
+                    t["ratio"].get("fo-direct"),
                     f"≥ {t['target']:.2f} ({_ok(t['ratio']['fo-tc'], t['target'])} tc)",
+                    _cpu(t),
                 ]
             )
         parts.append(
@@ -59,9 +71,24 @@ def sections() -> tuple[list[str], dict[str, Any]]:
             "Baseline: the same lab with the guest address on the primary itself (no "
             "failover device, no BPF). tx = guest sends (failover egress program), rx = "
             "guest receives (`iperf3 -R`, lower receive hook). UDP: 18-byte payloads "
-            "(64-byte frames), unlimited rate, delivered packets/s.\n\n"
+            "(64-byte frames), unlimited rate, delivered packets/s. fo-direct: `tx_path: "
+            "direct` (the transmit path that bypasses the failover device's counters and "
+            "taps). cpu: the sender's system CPU per packet (baseline / config), which "
+            "holds on a busy machine where pps does not.\n\n"
             + _md(
-                ["test", "unit", "baseline", "fo-tc", "fo-xdp", "tc ratio", "xdp ratio", "target"],
+                [
+                    "test",
+                    "unit",
+                    "baseline",
+                    "fo-tc",
+                    "fo-xdp",
+                    "fo-direct",
+                    "tc ratio",
+                    "xdp ratio",
+                    "direct ratio",
+                    "target",
+                    "cpu tc / xdp / direct",
+                ],
                 rows,
             )
         )

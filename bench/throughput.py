@@ -5,7 +5,9 @@ median of the rounds), so a noisy neighbour hits every configuration alike:
   baseline  the guest address straight on the primary (Lab.address_lower_directly),
             standby admin down: the plain veth path, no BPF at all;
   fo-tc     failoverd, receive path TC (lower ingress -> bpf_redirect to the failover dev);
-  fo-xdp    failoverd, receive path XDP (lower XDP -> devmap -> failover dev's hidden peer).
+  fo-xdp    failoverd, receive path XDP (lower XDP -> devmap -> failover dev's hidden peer);
+  fo-direct failoverd, receive path TC, tx_path direct (clsact egress of the failover
+            device redirects: not counted, not tapped; the transmit path before issue 13).
 Tests, each both ways (tx = guest sends, through the failover egress; rx = guest receives,
 iperf3 -R, through the lower's receive hook): iperf3 TCP 1 and 4 streams, and UDP with
 18-byte payloads (64-byte frames) unlimited rate, counting delivered packets/s.
@@ -29,7 +31,12 @@ TESTS = [
     ("tcp4", ["-P", "4"]),
     ("udp64", ["-u", "-b", "0", "-l", "18"]),
 ]
-CONFIGS = ["baseline", "fo-tc", "fo-xdp"]
+CONFIGS = ["baseline", "fo-tc", "fo-xdp", "fo-direct"]
+AGENT = {  # group settings of each failoverd config
+    "fo-tc": {"rx_path": "tc"},
+    "fo-xdp": {"rx_path": "xdp"},
+    "fo-direct": {"rx_path": "tc", "tx_path": "direct"},
+}
 
 
 def iperf(lab: Any, args: list[str], seconds: float) -> dict[str, float]:
@@ -60,9 +67,15 @@ def iperf(lab: Any, args: list[str], seconds: float) -> dict[str, float]:
         if "-u" in args:
             s = end["sum"]
             secs = s["seconds"] or seconds
+            # System CPU of the sending side per packet sent: the softirq path of every
+            # hop (the datapath included) runs in the sender's context, so this is the
+            # per-packet cost of the path, and it holds on a busy machine where pps does not.
+            cpu = end["cpu_utilization_percent"]
+            sys_pct = cpu["remote_system"] if "-R" in args else cpu["host_system"]
             return {
                 "pps": (s["packets"] - s["lost_packets"]) / secs,
                 "sent_pps": s["packets"] / secs,
+                "cpu_us_per_pkt": sys_pct / 100 * secs / max(s["packets"], 1) * 1e6,
             }
         return {"gbps": end["sum_received"]["bits_per_second"] / 1e9}
     except (ValueError, KeyError) as e:
@@ -77,13 +90,13 @@ def run(quick: bool, meta: dict[str, Any]) -> dict[str, Any]:
     with contextlib.ExitStack() as stack:
         labs: dict[str, Any] = {}
         agents: dict[str, Any] = {}
-        for cfg, tag in zip(CONFIGS, ("tpb", "tpt", "tpx"), strict=True):
+        for cfg, tag in zip(CONFIGS, ("tpb", "tpt", "tpx", "tpd"), strict=True):
             lr = stack.enter_context(lab_run(tag))
             labs[cfg] = lr.lab
             if cfg == "baseline":
                 lr.lab.address_lower_directly(0, "primary")
             else:
-                agents[cfg] = lr.agent({"rx_path": cfg.split("-")[1]}).start()
+                agents[cfg] = lr.agent(AGENT[cfg]).start()
                 lr.lab.address_failover(0)
             n = lr.lab.names(0)
             srv = subprocess.Popen(
@@ -97,7 +110,8 @@ def run(quick: bool, meta: dict[str, Any]) -> dict[str, Any]:
             for name, args in TESTS:
                 for direction in ("tx", "rx"):
                     a = args + (["-R"] if direction == "rx" else [])
-                    order = CONFIGS[rnd % 3 :] + CONFIGS[: rnd % 3]
+                    k = rnd % len(CONFIGS)
+                    order = CONFIGS[k:] + CONFIGS[:k]
                     for cfg in order:
                         samples.setdefault((f"{name} {direction}", cfg), []).append(
                             iperf(labs[cfg], a, seconds)
@@ -123,6 +137,12 @@ def run(quick: bool, meta: dict[str, Any]) -> dict[str, Any]:
                 cfg: med[cfg] / med["baseline"] if med["baseline"] else None for cfg in CONFIGS[1:]
             }
             target = 0.90 if metric == "pps" else 0.95
+            cpu = None
+            if metric == "pps":
+                cpu = {
+                    cfg: median([x["cpu_us_per_pkt"] for x in samples[(key, cfg)]])
+                    for cfg in CONFIGS
+                }
             tests.append(
                 {
                     "name": key,
@@ -131,6 +151,9 @@ def run(quick: bool, meta: dict[str, Any]) -> dict[str, Any]:
                     "ratio": ratio,
                     "target": target,
                     "samples": {cfg: samples[(key, cfg)] for cfg in CONFIGS},
+                    # sender system CPU per packet (µs): baseline / fo = the pps ratio a
+                    # CPU-bound sender would see, whatever else the machine is doing
+                    "cpu_us_per_pkt": cpu,
                 }
             )
             unit = (lambda v: f"{v / 1e3:,.1f}k") if metric == "pps" else (lambda v: f"{v:.2f}")
@@ -141,8 +164,10 @@ def run(quick: bool, meta: dict[str, Any]) -> dict[str, Any]:
                     unit(med["baseline"]),
                     unit(med["fo-tc"]),
                     unit(med["fo-xdp"]),
+                    unit(med["fo-direct"]),
                     ratio["fo-tc"],
                     ratio["fo-xdp"],
+                    ratio["fo-direct"],
                     f">= {target:.2f}",
                 ]
             )
@@ -156,9 +181,32 @@ def run(quick: bool, meta: dict[str, Any]) -> dict[str, Any]:
     print("\n== throughput: failover device vs address on the primary (median of rounds)")
     print(
         table(
-            ["test", "unit", "baseline", "fo-tc", "fo-xdp", "tc ratio", "xdp ratio", "target"], rows
+            [
+                "test",
+                "unit",
+                "baseline",
+                "fo-tc",
+                "fo-xdp",
+                "fo-direct",
+                "tc ratio",
+                "xdp ratio",
+                "direct ratio",
+                "target",
+            ],
+            rows,
         )
     )
+    cpu_rows = [
+        [
+            t["name"],
+            *(f"{t['cpu_us_per_pkt'][c]:.2f}" for c in CONFIGS),
+            *(t["cpu_us_per_pkt"]["baseline"] / t["cpu_us_per_pkt"][c] for c in CONFIGS[1:]),
+        ]
+        for t in tests
+        if t["cpu_us_per_pkt"]
+    ]
+    print("\n== 64-byte UDP: sending side's system CPU per packet, µs (baseline / config)")
+    print(table(["test", *CONFIGS, *(f"{c} ratio" for c in CONFIGS[1:])], cpu_rows))
     common.save("throughput", out, meta)
     plots.throughput(out)
     return out
