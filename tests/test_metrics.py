@@ -48,6 +48,8 @@ ALL_NAMES = {
     "failover_lower_receive_bytes_total",
     "failover_datapath_drops_total",
     "failover_datapath_attached",
+    "failover_lower_speed_mbps",
+    "failover_mac_restored_total",
 }
 
 

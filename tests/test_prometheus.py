@@ -38,6 +38,8 @@ KNOWN_METRICS = {
     "failover_lower_receive_bytes_total",
     "failover_datapath_drops_total",
     "failover_datapath_attached",
+    "failover_lower_speed_mbps",
+    "failover_mac_restored_total",
     "node_network_up",
     "node_network_transmit_packets_total",
     "node_network_receive_packets_total",
