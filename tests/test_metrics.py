@@ -53,6 +53,53 @@ ALL_NAMES = {
 }
 
 
+def test_only_possible_drop_combinations() -> None:
+    from bpfailover.datapath.counters import possible_drops
+
+    assert possible_drops("tc", "deliver") == [("tc_egress", "no_lower"), ("tc_ingress", "loop")]
+    assert possible_drops("tc", "drop") == [
+        ("tc_egress", "no_lower"),
+        ("tc_ingress", "inactive_rx"),
+        ("tc_ingress", "loop"),
+    ]
+    assert possible_drops("xdp", "deliver") == [
+        ("tc_egress", "no_lower"),
+        ("tc_ingress", "loop"),
+        ("xdp", "loop"),
+    ]
+    every = possible_drops("xdp", "drop")
+    assert ("tc_egress", "inactive_rx") not in every and ("tc_egress", "loop") not in every
+    assert len(every) == 5
+
+
+def test_every_drop_reason_is_explained_in_docs_and_dashboard() -> None:
+    import json
+    import re
+
+    from bpfailover.datapath import layout
+    from bpfailover.datapath.counters import DROP_REASONS, possible_drops
+
+    L = layout.load()
+    assert set(DROP_REASONS) == set(L.drop_reasons)  # a new reason in failover.h needs words
+    combos = {
+        c for rx in ("tc", "xdp") for ir in ("deliver", "drop") for c in possible_drops(rx, ir)
+    }
+    assert {h for h, _ in combos} == set(L.hooks) and {r for _, r in combos} == set(L.drop_reasons)
+    root = Path(__file__).resolve().parents[1]
+    doc = (root / "docs" / "operators.md").read_text()
+    rows = {m for m in re.findall(r"^\| `(\w+)` \| `(\w+)`", doc, re.M)}
+    for hook, reason in combos - {("xdp", "inactive_rx"), ("xdp", "loop")}:
+        assert (hook, reason) in rows, (hook, reason)
+    assert re.search(r"^\| `xdp` \| `inactive_rx`, `loop` \|", doc, re.M)
+    dash = json.loads((root / "deploy" / "grafana" / "bpfailover.json").read_text())
+    (panel,) = [p for p in dash["panels"] if "failover_datapath_drops_total" in str(p["targets"])]
+    legends = [t["legendFormat"] for t in panel["targets"]]
+    for reason in L.drop_reasons:
+        (legend,) = [lg for lg in legends if f" {reason}: " in lg]  # the reason, explained
+        assert len(legend.split(": ", 1)[1]) > 15, legend
+        assert reason in panel["description"]
+
+
 def kernel(lab: Lab, dev: str) -> dict[str, int]:
     return link_stats(lab.guest, dev)
 
@@ -168,6 +215,12 @@ def test_switches_counted_once_with_durations_and_drops(lab: Lab) -> None:
         )
         assert d1 - d0 >= 1  # (the failover device has no carrier now: few frames get out)
         assert one(s, "failover_switches_total", device=dev, reason="no_lower") == 1
+        # only what the tc receive path with `inactive_rx: deliver` can count
+        hooks = {
+            (dict(lb)["hook"], dict(lb)["reason"])
+            for lb in pick(s, "failover_datapath_drops_total", device=dev)
+        }
+        assert hooks == {("tc_egress", "no_lower"), ("tc_ingress", "loop")}
 
 
 @pytest.mark.root

@@ -41,6 +41,7 @@ KNOWN_METRICS = {
     "failover_lower_speed_mbps",
     "failover_mac_restored_total",
     "node_network_up",
+    "node_network_carrier",
     "node_network_transmit_packets_total",
     "node_network_receive_packets_total",
     "up",
@@ -64,6 +65,13 @@ def test_alert_rules_check_and_unit_tests() -> None:
     p = promtool("test", "rules", "alerts_test.yml")
     assert p.returncode == 0, p.stdout + p.stderr
     assert "SUCCESS" in p.stdout
+
+
+def documented_lower_join() -> str:
+    """The ```promql block of docs/operators.md (the node_exporter join of the lowers)."""
+    doc = (DEPLOY.parent / "docs" / "operators.md").read_text()
+    (block,) = re.findall(r"^```promql\n(.*?)^```", doc, re.M | re.S)
+    return str(block)
 
 
 def dashboard_exprs() -> list[str]:
@@ -210,6 +218,17 @@ def test_real_prometheus_sees_the_failover(lab: Lab, tmp_path: Path) -> None:
         assert joined[0]["metric"]["lower"] == n.standby
         assert joined[0]["metric"]["device"] == n.failover
         assert float(joined[0]["value"][1]) == 1
+        # The lowers join node_exporter through label_replace: the query of
+        # docs/operators.md, verbatim, gives one row per lower with its group and role.
+        rows = query(lab, documented_lower_join())
+        got = sorted(
+            (r["metric"]["device"], r["metric"]["failover"], r["metric"]["role"], r["value"][1])
+            for r in rows
+        )
+        assert got == [
+            (n.standby, n.failover, "standby", "1"),
+            (n.primary, n.failover, "primary", "0"),
+        ]
 
         # The shipped rules load and evaluate; one switch pages nobody.
         groups = api(lab, "/api/v1/rules")["groups"]
@@ -223,7 +242,7 @@ def test_real_prometheus_sees_the_failover(lab: Lab, tmp_path: Path) -> None:
         assert firing == []
         # Every dashboard query is valid PromQL and finds data.
         for e in dashboard_exprs():
-            q = e.replace("$instance", ".*").replace("$device", ".*")
+            q = e.replace("$instance", ".*").replace("$device", ".*").replace("$host", ".*")
             q = q.replace("$__rate_interval", "1m")
             api(lab, "/api/v1/query", query=q)  # status success, or the assert says why
 

@@ -7,6 +7,23 @@ from bpfailover.datapath.layout import ROLE_SLOTS
 from bpfailover.datapath.maps import Datapath
 from bpfailover.model.status import AgentStatus, GroupStatus, LowerCounters, LowerStatus
 
+# Where the programs count drops (bpf/failover_tc.c, failover_xdp.c): egress only when no
+# lower is usable; a lower's ingress (TC, and XDP on the xdp receive path) the inactive
+# lower's frames with `inactive_rx: drop` and our own frames flooded back by the switch.
+DROP_REASONS = {
+    "no_lower": "no usable lower: a frame the guest sent through the failover device dropped",
+    "inactive_rx": "a frame received on the inactive lower, dropped as `inactive_rx: drop` says",
+    "loop": "a frame with the group's own source MAC arriving on a lower: one we sent that the "
+    "switch flooded back (normal in small numbers, e.g. broadcasts); never handed to the guest",
+}
+
+
+def possible_drops(rx_path: str, inactive_rx: str) -> list[tuple[str, str]]:
+    """The (hook, reason) pairs a group's programs can count: only those are reported."""
+    ingress = ["tc_ingress", *(["xdp"] if rx_path == "xdp" else [])]
+    reasons = [*(["inactive_rx"] if inactive_rx == "drop" else []), "loop"]
+    return [("tc_egress", "no_lower"), *((h, r) for h in ingress for r in reasons)]
+
 
 def read(st: AgentStatus, dp: Datapath) -> AgentStatus:
     """`st` with every lower's packet/byte counters and every group's drops as they are now.
@@ -25,9 +42,10 @@ def read(st: AgentStatus, dp: Datapath) -> AgentStatus:
     def drops(g: GroupStatus) -> dict[str, int]:
         assert g.gid is not None
         return {
-            f"{hook}/{reason}": dp.drops(g.gid, h, r).packets
-            for h, hook in enumerate(L.hooks)
-            for r, reason in enumerate(L.drop_reasons)
+            f"{hook}/{reason}": dp.drops(
+                g.gid, L.hooks.index(hook), L.drop_reasons.index(reason)
+            ).packets
+            for hook, reason in possible_drops(g.rx_path, g.inactive_rx)
         }
 
     return st.with_counters(lower, drops)
