@@ -220,6 +220,7 @@ def test_real_prometheus_sees_the_failover(lab: Lab, tmp_path: Path) -> None:
         assert float(joined[0]["value"][1]) == 1
         # The lowers join node_exporter through label_replace: the query of
         # docs/operators.md, verbatim, gives one row per lower with its group and role.
+        wait_query(lab, f'node_network_carrier{{device="{n.primary}"}} == 0', "VF carrier scraped")
         rows = query(lab, documented_lower_join())
         got = sorted(
             (r["metric"]["device"], r["metric"]["failover"], r["metric"]["role"], r["value"][1])
