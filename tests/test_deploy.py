@@ -60,3 +60,30 @@ def test_systemd_unit_verifies(tmp_path: Path) -> None:
         if "failoverd.service" in ln and "Unknown" in ln or "Invalid" in ln
     ]
     assert p.returncode == 0 and not problems, p.stdout + p.stderr
+
+
+def test_systemd_unit_is_notify_watchdog_and_hardened(tmp_path: Path) -> None:
+    unit = configparser.ConfigParser(strict=False, interpolation=None)  # Wants= twice
+    unit.optionxform = str  # type: ignore[assignment,method-assign]
+    unit.read_string((DEPLOY / "systemd" / "failoverd.service").read_text())
+    svc = unit["Service"]
+    assert svc["Type"] == "notify" and int(svc["WatchdogSec"]) > 0
+    assert svc["RestartPreventExitStatus"] == "2"  # a bad config is not restarted in a loop
+    assert unit["Unit"]["StartLimitIntervalSec"] == "0"
+    assert "CAP_DAC_OVERRIDE" not in svc["CapabilityBoundingSet"]
+    assert svc["UMask"] == "0077" and svc["IPAddressDeny"] == "any"
+    assert svc["IPAddressAllow"] == "localhost"  # the default metrics.listen
+    assert svc["ExecReload"] == "/bin/kill -HUP $MAINPID"
+    (tmp_path / "failoverd.service").write_text(
+        (DEPLOY / "systemd" / "failoverd.service").read_text()
+    )
+    p = subprocess.run(
+        ["systemd-analyze", "security", "--offline=true", str(tmp_path / "failoverd.service")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    m = re.search(r"Overall exposure level for failoverd.service: ([\d.]+)", p.stdout)
+    assert m is not None, p.stdout + p.stderr
+    assert float(m.group(1)) <= 3.5, p.stdout  # 7.0 before the hardening (docs/operators.md)

@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -111,3 +114,61 @@ def test_a_failing_timer_is_logged_counted_and_survived(lab: Lab) -> None:
         assert run.proc is not None and run.proc.poll() is None
         assert one(scrape(lab), "failover_agent_errors_total", where="timer") == 1
         assert one(scrape(lab), "failover_agent_errors_total", where="event") == 0
+
+
+def test_sd_notify_ready_after_the_device_and_watchdog_from_the_loop(
+    lab: Lab, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The systemd side, with our own NOTIFY_SOCKET: READY=1 comes once the failover
+    device exists with its carrier; WATCHDOG=1 comes from the event loop, so a stalled loop
+    (the fault hook's stall) sends none until it runs again."""
+    n = lab.names(0)
+    path = str(tmp_path / "notify")
+    rx = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    rx.bind(path)
+    rx.settimeout(0.2)
+    got: list[tuple[float, str, bool]] = []  # (when, message, device up when it came)
+    done = threading.Event()
+
+    def receive() -> None:
+        while not done.is_set():
+            try:
+                msg = rx.recv(4096).decode()
+            except TimeoutError:
+                continue
+            up = False
+            if "READY=1" in msg:
+                info = lab.link(lab.guest, n.failover)
+                up = bool(info and info["flags"] & 0x10000)  # IFF_LOWER_UP: has carrier
+            got.append((time.monotonic(), msg, up))
+
+    t = threading.Thread(target=receive)
+    t.start()
+    gate = tmp_path / "gate"
+    monkeypatch.setenv("NOTIFY_SOCKET", path)
+    monkeypatch.setenv("WATCHDOG_USEC", "200000")  # a ping every 100 ms
+    try:
+        with fault_env("before-flip:stall@2", gate), agent_in_lab(lab, address=False) as run:
+            run.wait_for(lambda: any("READY=1" in m for _, m, _ in got), 10, "READY=1")
+            ready = [g for g in got if "READY=1" in g[1]]
+            assert len(ready) == 1 and ready[0][2], got[:3]
+            assert f"MAINPID={run.proc.pid}" in ready[0][1]  # type: ignore[union-attr]
+            run.wait_for(lambda: sum("WATCHDOG=1" in g[1] for g in got) >= 3, 10, "pings")
+            lab.set_far_end(0, "primary", False)  # the loop decides, then stalls
+            run.wait_for(lambda: run.events("fault_injected"), 10, "the stall")
+            t_stalled = time.monotonic()
+            time.sleep(1.5)
+            t_release = time.monotonic()
+            gate.touch()
+            run.wait_active(n.standby)
+            run.wait_for(
+                lambda: any(w > t_release and "WATCHDOG=1" in m for w, m, _ in got), 10, "pings"
+            )
+            during = [w for w, m, _ in got if "WATCHDOG=1" in m and t_stalled + 0.3 < w < t_release]
+            assert during == [], "watchdog pings while the loop was stalled"
+            run.stop()
+            assert any("STOPPING=1" in m for _, m, _ in got)
+    finally:
+        done.set()
+        t.join(5)
+        rx.close()

@@ -15,7 +15,7 @@ import signal
 import time
 from collections.abc import Callable
 
-from bpfailover.ops.eventlog import event
+from bpfailover.ops.eventlog import event, flush
 
 
 class FaultSpecError(ValueError):
@@ -58,6 +58,7 @@ class Fault:
             return
         event("fault_injected", point=point, action=self.action)
         if self.action == "kill":
+            flush()  # the line above is on the log queue: out before we die
             os.kill(os.getpid(), signal.SIGKILL)
         elif self.action == "close-netlink" and self.close_netlink is not None:
             self.close_netlink()

@@ -40,6 +40,7 @@ from bpfailover.events.pinwatch import PinWatch
 from bpfailover.model import config as configmod
 from bpfailover.model.groups import Group, Switch
 from bpfailover.model.status import AgentStatus
+from bpfailover.ops import sdnotify
 from bpfailover.ops.api import ControlServer, SocketInUse
 from bpfailover.ops.eventlog import event
 
@@ -71,6 +72,9 @@ class Agent:
         # Errors the loop survived, by where they happened: failover_agent_errors_total.
         self.errors: Counter[str] = Counter()
         self.reconcile_due_ms: int | None = None  # a failed full re-read, tried again
+        # systemd's watchdog, kept alive from this loop (a stalled loop stops the pings)
+        self.watchdog_ms = sdnotify.watchdog_interval_ms()
+        self.watchdog_due_ms: int | None = None
         self.stopping = False
         self.started_at = time.time()
         self.scheduling = "other"  # the event loop's policy, for status
@@ -257,6 +261,16 @@ class Agent:
             count=self.errors[where],
         )
 
+    def ready(self) -> None:
+        """Tell systemd (Type=notify) we are up: called once start() has every group's
+        failover device created or adopted, reconciled and forwarding."""
+        sdnotify.notify(
+            f"READY=1\nSTATUS=serving {len(self.groups)} group(s)\nMAINPID={os.getpid()}"
+        )
+        if self.watchdog_ms is not None:
+            sdnotify.notify("WATCHDOG=1")
+            self.watchdog_due_ms = now_ms() + self.watchdog_ms
+
     def signal_fd(self) -> int:
         """For signal.set_wakeup_fd: the write end of the loop's wake-up pipe."""
         return self._wake_w
@@ -269,6 +283,7 @@ class Agent:
         for signum in data:
             if signum in (signal.SIGTERM, signal.SIGINT):
                 event("signal", signal=signal.Signals(signum).name, action="stopping")
+                sdnotify.notify("STOPPING=1")
                 self.stopping = True
             elif signum == signal.SIGHUP:
                 self._guard("reload", self.reload)
@@ -365,6 +380,8 @@ class Agent:
         due += self.resync_due_ms.values()
         if self.reconcile_due_ms is not None:
             due.append(self.reconcile_due_ms)
+        if self.watchdog_due_ms is not None:
+            due.append(self.watchdog_due_ms)
         if not due:
             return None  # event driven: nothing to do until the kernel says something
         return max(0.0, (min(due) - now_ms()) / 1000)
@@ -377,6 +394,10 @@ class Agent:
             self.repin_due_ms = None
         if self.reconcile_due_ms is not None and self.reconcile_due_ms <= t:
             self.reconcile()
+        if self.watchdog_due_ms is not None and self.watchdog_due_ms <= t:
+            assert self.watchdog_ms is not None
+            sdnotify.notify("WATCHDOG=1")
+            self.watchdog_due_ms = t + self.watchdog_ms
         for grp in list(self.groups.values()):
             if grp.deadline_ms is not None and grp.deadline_ms <= t:
                 ok = self._guard(

@@ -94,6 +94,7 @@ def _serve(agent: Agent, cfg: configmod.Config) -> int:
 
         # its thread keeps normal scheduling
         agent.exporter = metrics.serve(agent, cfg.metrics.address)
+        agent.ready()  # systemd: READY=1 now that every failover device forwards
         agent.go_realtime()
         agent.run()
     except (AgentError, DatapathError, LoadError) as e:

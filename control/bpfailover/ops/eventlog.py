@@ -7,11 +7,15 @@ lines whose `msg` is an object."""
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import logging
+import logging.handlers
+import queue
 import sys
 import threading
+import time
 from typing import Any
 
 log = logging.getLogger("bpfailover.events")
@@ -49,15 +53,63 @@ class JsonLines(logging.Formatter):
 def fatal(error: str, code: int) -> int:
     """failoverd gives up: one `exit` event (still a JSON line), and the exit code."""
     log.error("%s", json.dumps({"event": "exit", "code": code, "error": error}))
+    flush()
     return code
+
+
+QUEUE_MAX = 10_000  # log lines waiting for stderr; beyond that they are dropped, and counted
+
+
+class _DroppingQueueHandler(logging.handlers.QueueHandler):
+    """Formats in the caller's thread (the JSON line is final), queues without ever
+    waiting: a full queue (stderr stuck) drops the line and counts it."""
+
+    dropped = 0
+
+    def enqueue(self, record: logging.LogRecord) -> None:
+        try:
+            self.queue.put_nowait(record)
+        except queue.Full:
+            type(self).dropped += 1
+
+
+_listener: logging.handlers.QueueListener | None = None
+_queue: queue.Queue[logging.LogRecord] | None = None
+
+
+def flush(timeout: float = 2.0) -> None:
+    """Wait (bounded) until the queued lines are written: before exiting on purpose."""
+    q = _queue
+    deadline = time.monotonic() + timeout
+    while q is not None and q.unfinished_tasks and time.monotonic() < deadline:
+        time.sleep(0.002)
+
+
+def _stop_listener() -> None:
+    global _listener
+    listener, _listener = _listener, None
+    if listener is not None:
+        listener.stop()  # writes what is still queued
 
 
 def setup_logging(level: str) -> None:
     """JSON lines on stderr from here on: also Python warnings and uncaught exceptions (of
-    any thread), which would otherwise print a bare traceback into the log."""
-    handler = logging.StreamHandler(sys.stderr)
+    any thread), which would otherwise print a bare traceback into the log.
+
+    The event loop never writes to stderr itself: a line is formatted, put on a bounded
+    queue and written by a listener thread, so a stuck pipe (a journald that does not
+    read) cannot stall a switch; lines beyond QUEUE_MAX are dropped instead."""
+    global _listener, _queue
+    _stop_listener()
+    _queue = queue.Queue(QUEUE_MAX)
+    out = logging.StreamHandler(sys.stderr)
+    out.setFormatter(logging.Formatter("%(message)s"))  # already a JSON line
+    handler = _DroppingQueueHandler(_queue)
     handler.setFormatter(JsonLines())
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler])
+    _listener = logging.handlers.QueueListener(_queue, out)
+    _listener.start()
+    atexit.register(_stop_listener)
     logging.captureWarnings(True)
     crash = logging.getLogger("bpfailover.crash")
 
