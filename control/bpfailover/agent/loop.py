@@ -17,7 +17,6 @@ import logging
 import os
 import selectors
 import signal
-import time
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -27,14 +26,26 @@ from bpfailover.agent import setup
 from bpfailover.agent import status as statusmod
 from bpfailover.agent.fault import Fault
 from bpfailover.agent.lowers import Lowers, sync_mc
+from bpfailover.agent.ports import (
+    Clock,
+    DatapathOpener,
+    EventSource,
+    LinkSource,
+    Netlink,
+    SpeedReader,
+    SystemClock,
+    WiringFactory,
+    rtnetlink_wiring,
+)
 from bpfailover.agent.requests import Requests
-from bpfailover.agent.switch import Switcher, now_ms
+from bpfailover.agent.switch import Decide, Switcher
 from bpfailover.datapath import counters
 from bpfailover.datapath.attach import Wiring
 from bpfailover.datapath.doorbell import Doorbell
 from bpfailover.datapath.loader import LoadError
 from bpfailover.datapath.maps import Datapath, DatapathError
 from bpfailover.effects import sched
+from bpfailover.effects.ethtool import link_speed
 from bpfailover.events import netlink
 from bpfailover.events.pinwatch import PinWatch
 from bpfailover.model import config as configmod
@@ -45,18 +56,31 @@ from bpfailover.ops.api import ControlServer, SocketInUse
 from bpfailover.ops.eventlog import event
 
 AgentError = setup.AgentError
-# TEST-ONLY: BPFAILOVER_TEST_NO_MCAST_EVENTS=1 leaves RTM_NEWMULTICAST unsubscribed, standing
-# in for kernels before 6.13 (Debian 12's 6.1), so the lab proves the other triggers.
-_MCAST_EVENTS = os.environ.get("BPFAILOVER_TEST_NO_MCAST_EVENTS") != "1"
 
 
 class Agent:
-    def __init__(self, cfg: configmod.Config) -> None:
+    """failoverd.  Its collaborators (ports.py) default to the real ones."""
+
+    def __init__(
+        self,
+        cfg: configmod.Config,
+        *,
+        datapath: DatapathOpener = Datapath.open,
+        wiring: WiringFactory = rtnetlink_wiring,
+        links: LinkSource | None = None,
+        clock: Clock | None = None,
+        speed: SpeedReader = link_speed,
+        decide: Decide = policy.decide,
+    ) -> None:
         self.cfg = cfg
+        self.open_datapath, self.make_wiring = datapath, wiring
+        self.links: LinkSource = links or Netlink()
+        self.clock: Clock = clock or SystemClock()
+        self.speed, self.decide = speed, decide
         self.groups: dict[str, Group] = {}
         self.dp: Datapath | None = None
         self.wiring: Wiring | None = None
-        self.events: netlink.EventSocket | None = None
+        self.events: EventSource | None = None
         self.control: ControlServer | None = None
         self.addrs: dict[int, set[tuple[int, str]]] = {}  # ifindex -> {(family, address)}
         self.sel = selectors.DefaultSelector()
@@ -76,9 +100,8 @@ class Agent:
         self.watchdog_ms = sdnotify.watchdog_interval_ms()
         self.watchdog_due_ms: int | None = None
         self.stopping = False
-        self.started_at = time.time()
+        self.started_at = self.clock.time()
         self.scheduling = "other"  # the event loop's policy, for status
-        self.ipr: Any = None
         self.pinwatch: PinWatch | None = None
         self.repin_due_ms: int | None = None
         self.doorbell: Doorbell | None = None  # the datapath rings it: address lists changed
@@ -91,6 +114,7 @@ class Agent:
         self.lowers: Lowers | None = None
         self.requests: Requests | None = None
         self._on_switch: Callable[[Group, Switch], None] | None = None
+        self.on_batch: Callable[[], None] | None = None  # after each batch of kernel events
         # The latest status, frozen: replaced whole (one assignment) after every change, so
         # readers in other threads (metrics) see a consistent picture without locks.
         self.snapshot: AgentStatus = statusmod.snapshot((), self.started_at, self.scheduling)
@@ -108,43 +132,33 @@ class Agent:
 
     def _close_netlink(self) -> None:  # TEST-ONLY: the close-netlink fault
         if self.events is not None:
-            self.events.sock.close()
+            self.events.close()
 
     # -- start-up ---------------------------------------------------------------------
     def start(self) -> None:
         # Subscribe before dumping: an event between the two is then seen twice, never lost.
-        self.events = netlink.EventSocket(mcast=_MCAST_EVENTS)
-        links = {link.ifindex: link for link in netlink.dump_links()}
+        self.events = self.links.subscribe()
+        links = {link.ifindex: link for link in self.links.dump_links()}
         setup.check_groups(self.cfg, links)  # bad input fails before anything is created
         self._open_datapath()
         assert self.dp is not None and self.wiring is not None
         self._load_addrs()
-        self.switch = Switcher(self.dp, self.wiring, self.addrs, self.fault)
-        self.switch.on_switch = self._on_switch
-        self.lowers = Lowers(self.groups, self.dp, self.wiring, self.switch, self.addrs)
-        self.requests = Requests(
-            self.groups,
-            self.dp,
-            self.wiring,
-            self.switch,
-            self.addrs,
-            self.status,
-            time.monotonic_ns,
-        )
+        self._build_jobs(self.dp, self.wiring)
         for gcfg in self.cfg.groups:
             self.groups[gcfg.name] = setup.setup_group(gcfg, links, self.dp, self.wiring)
         if self.fault is not None:
             self.fault.fire("adopt")  # TEST-ONLY: adopted, not yet reconciled
-        links = {link.ifindex: link for link in netlink.dump_links()}  # with the new devices
+        links = {link.ifindex: link for link in self.links.dump_links()}  # with the new devices
+        assert self.lowers is not None and self.switch is not None
         for grp in self.groups.values():
-            self.lowers.reconcile_group(grp, links, time.monotonic_ns())
+            self.lowers.reconcile_group(grp, links, self.clock.monotonic_ns())
             if grp.last_switch is None:
                 self.switch.renotify(grp)
         self.sel.register(self.events, selectors.EVENT_READ, "netlink")
         self._open_doorbell()
         for grp in self.groups.values():
             if grp.cfg.address_resync_s:
-                self.resync_due_ms[grp.name] = now_ms() + grp.cfg.address_resync_s * 1000
+                self.resync_due_ms[grp.name] = self._now_ms() + grp.cfg.address_resync_s * 1000
         if self.pinwatch is not None:
             self.sel.register(self.pinwatch, selectors.EVENT_READ, "pins")
         assert self.control is not None
@@ -152,11 +166,19 @@ class Agent:
         self.publish()
         event("started", groups=list(self.groups), pin_dir=self.cfg.bpffs, pid=os.getpid())
 
-    def _open_datapath(self) -> None:
-        from pyroute2 import IPRoute
+    def _build_jobs(self, dp: Datapath, wiring: Wiring) -> None:
+        self.switch = Switcher(dp, wiring, self.addrs, self.clock, self.fault, self.decide)
+        self.switch.on_switch = self._on_switch
+        self.lowers = Lowers(
+            self.groups, dp, wiring, self.switch, self.addrs, self.clock, self.speed
+        )
+        self.requests = Requests(
+            self.groups, dp, wiring, self.switch, self.addrs, self.status, self.clock
+        )
 
+    def _open_datapath(self) -> None:
         try:
-            self.dp = Datapath.open(self.cfg.bpffs)
+            self.dp = self.open_datapath(self.cfg.bpffs)
             self.dp.lock()
             self.pinwatch = PinWatch(self.dp.pin_dir)
             # Before any device: a live agent on the socket path stops us here.
@@ -168,8 +190,7 @@ class Agent:
             )
         except (DatapathError, LoadError, SocketInUse) as e:
             raise AgentError(str(e)) from e
-        self.ipr = IPRoute()
-        self.wiring = Wiring(self.dp, self.ipr)
+        self.wiring = self.make_wiring(self.dp)
 
     def _open_doorbell(self) -> None:
         """The datapath rings fo_events when an IGMP/MLD message leaves a failover device:
@@ -211,7 +232,7 @@ class Agent:
 
     def _load_addrs(self) -> None:
         self.addrs.clear()  # in place: the jobs hold this dict
-        for a in netlink.dump_addrs():
+        for a in self.links.dump_addrs():
             self.addrs.setdefault(a.ifindex, set()).add((a.family, a.address))
 
     # -- the loop -------------------------------------------------------------------------
@@ -226,20 +247,27 @@ class Agent:
         selector itself failing (nothing left to wait on) propagates."""
         self.publish()  # with the scheduling go_realtime() set
         while not self.stopping:
-            timeout = self._next_timeout()
-            for key, _mask in self.sel.select(timeout):
-                if key.data == "netlink":
-                    self._guard("netlink", self._on_netlink)
-                elif key.data == "pins":
-                    self._guard("pins", self._on_pins)
-                elif key.data == "doorbell":
-                    self._guard("doorbell", self._on_doorbell)
-                elif key.data == "wakeup":
-                    self._on_wakeup()
-                elif self.control is not None:
-                    self._guard("control", self.control.on_ready, key)
-            self._run_timers()
-            self._guard("publish", self.publish)  # after the switch and its effects
+            self.run_once()
+
+    def run_once(self, wait: bool = True) -> None:
+        """One turn: wait for an fd or the next timer (wait=False: do not wait), serve what
+        is ready, run the timers that are due, publish."""
+        timeout = self._next_timeout() if wait else 0
+        for key, _mask in self.sel.select(timeout):
+            if key.data == "netlink":
+                self._guard("netlink", self._on_netlink)
+                if self.on_batch is not None:
+                    self.on_batch()
+            elif key.data == "pins":
+                self._guard("pins", self._on_pins)
+            elif key.data == "doorbell":
+                self._guard("doorbell", self._on_doorbell)
+            elif key.data == "wakeup":
+                self._on_wakeup()
+            elif self.control is not None:
+                self._guard("control", self.control.on_ready, key)
+        self._run_timers()
+        self._guard("publish", self.publish)  # after the switch and its effects
 
     def _guard(self, where: str, fn: Callable[..., Any], *args: Any, group: str = "") -> bool:
         """Run one unit of work; an exception is logged, counted, and the loop goes on."""
@@ -332,7 +360,7 @@ class Agent:
                 "reload",
                 self.switch.decide,
                 grp,
-                time.monotonic_ns(),
+                self.clock.monotonic_ns(),
                 "reload",
                 group=grp.name,
             )
@@ -362,8 +390,8 @@ class Agent:
             self.pinwatch.close()
         if self.doorbell is not None:
             self.doorbell.close()
-        if self.ipr is not None:
-            self.ipr.close()
+        if self.wiring is not None:
+            self.wiring.close()
         if self.dp is not None:
             self.dp.close()
         for fd in (self._wake_r, self._wake_w):
@@ -384,11 +412,11 @@ class Agent:
             due.append(self.watchdog_due_ms)
         if not due:
             return None  # event driven: nothing to do until the kernel says something
-        return max(0.0, (min(due) - now_ms()) / 1000)
+        return max(0.0, (min(due) - self._now_ms()) / 1000)
 
     def _run_timers(self) -> None:
         assert self.switch is not None
-        t = now_ms()
+        t = self._now_ms()
         if self.repin_due_ms is not None and self.repin_due_ms <= t:
             self._guard("pins", self._repin)
             self.repin_due_ms = None
@@ -404,7 +432,7 @@ class Agent:
                     "timer",
                     self.switch.decide,
                     grp,
-                    time.monotonic_ns(),
+                    self.clock.monotonic_ns(),
                     "hold-down",
                     group=grp.name,
                 )
@@ -421,7 +449,7 @@ class Agent:
 
     def _on_netlink(self) -> None:
         assert self.events is not None and self.lowers is not None
-        t_ns = time.monotonic_ns()
+        t_ns = self.clock.monotonic_ns()
         if self.fault is not None:
             self.fault.fire("netlink-read")  # TEST-ONLY
         try:
@@ -451,7 +479,10 @@ class Agent:
                     action="full re-read in 1 s",
                 )
                 if self.reconcile_due_ms is None:  # what that event should have done
-                    self.reconcile_due_ms = now_ms() + 1000
+                    self.reconcile_due_ms = self._now_ms() + 1000
+
+    def _now_ms(self) -> int:
+        return self.clock.monotonic_ns() // 1_000_000
 
     # -- pins removed by hand ------------------------------------------------------------------
     def _on_pins(self) -> None:
@@ -461,7 +492,7 @@ class Agent:
             self._repin()  # `rm -r` is done: put everything back now
         elif pin_gone and self.repin_due_ms is None:
             # a pin went: maybe the start of an `rm -r`; let it finish rather than fight it
-            self.repin_due_ms = now_ms() + 500
+            self.repin_due_ms = self._now_ms() + 500
 
     def _repin(self) -> None:
         assert self.dp is not None and self.pinwatch is not None
@@ -489,8 +520,7 @@ class Agent:
             self.sel.unregister(old)  # type: ignore[arg-type]
         if old is not None:
             old.close()
-        # subscribe before the dump, as at start
-        self.events = netlink.EventSocket(mcast=_MCAST_EVENTS)
+        self.events = self.links.subscribe()  # subscribe before the dump, as at start
         self.sel.register(self.events, selectors.EVENT_READ, "netlink")
         event("netlink_reconnected", error=str(err), action="re-dump and reconcile")
         self.reconcile()
@@ -502,11 +532,11 @@ class Agent:
         assert self.lowers is not None
         self.reconcile_due_ms = None
         try:
-            links = {link.ifindex: link for link in netlink.dump_links()}
+            links = {link.ifindex: link for link in self.links.dump_links()}
             self._load_addrs()
         except Exception as e:
             self.error("reconcile", e)
-            self.reconcile_due_ms = now_ms() + 200
+            self.reconcile_due_ms = self._now_ms() + 200
             return
         for grp in list(self.groups.values()):
             self._guard(
@@ -514,7 +544,7 @@ class Agent:
                 self.lowers.reconcile_group,
                 grp,
                 links,
-                time.monotonic_ns(),
+                self.clock.monotonic_ns(),
                 group=grp.name,
             )
 

@@ -12,38 +12,21 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import time
 
+from bpfailover.agent.ports import Clock, SpeedReader
 from bpfailover.agent.switch import Switcher
 from bpfailover.datapath.attach import Wiring
 from bpfailover.datapath.layout import ROLE_SLOTS
 from bpfailover.datapath.maps import Datapath, DatapathError
 from bpfailover.effects import mcsync, vlans
-from bpfailover.effects.ethtool import driver_of, link_speed
+from bpfailover.effects.ethtool import driver_of
 from bpfailover.events import netlink
 from bpfailover.model.groups import Group, Lower
+from bpfailover.model.lowers import lower_role
 from bpfailover.ops.eventlog import event
 from bpfailover.policy import Role
 
 log = logging.getLogger("bpfailover.agent")
-
-# Netdev kinds stacked on top of a lower (they share its MAC) that must never be
-# taken for a primary: net_failover likewise registers only real Ethernet lowers.
-UPPER_KINDS = {
-    "vlan",
-    "macvlan",
-    "macvtap",
-    "ipvlan",
-    "ipvtap",
-    "bridge",
-    "bond",
-    "team",
-    "vxlan",
-    "geneve",
-    "netkit",
-    "ifb",
-    "dummy",
-}
 
 
 def sync_mc(grp: Group) -> None:
@@ -68,12 +51,16 @@ class Lowers:
         wiring: Wiring,
         switch: Switcher,
         addrs: dict[int, set[tuple[int, str]]],
+        clock: Clock,
+        speed: SpeedReader,
     ) -> None:
         self.groups = groups
         self.dp = dp
         self.wiring = wiring
         self.switch = switch
         self.addrs = addrs
+        self.clock = clock
+        self.speed = speed  # (Mb/s, duplex) by name, None where unknown
 
     # -- link events ------------------------------------------------------------------------
     def on_link(self, link: netlink.Link, t_ns: int) -> None:
@@ -173,27 +160,18 @@ class Lowers:
         """The lower's ethtool speed and duplex (a driver call under the RTNL lock: read when
         its carrier comes up or it registers, not per event).  What `ethtool ens10` cannot
         show (veth reports a fixed 10000/Full): status and metrics report this instead."""
-        speed, duplex = link_speed(lower.name)
+        speed, duplex = self.speed(lower.name)
         if (speed, duplex) != (lower.speed_mbps, lower.duplex):
             lower.speed_mbps, lower.duplex = speed, duplex
             event("lower_speed", group=grp.name, lower=lower.name, mbps=speed, duplex=duplex)
 
     # -- registration -------------------------------------------------------------------------
     def _role_for(self, grp: Group, link: netlink.Link) -> Role | None:
-        """Registration by MAC (net_failover's failover_slave_register)."""
-        if link.mac != grp.mac or link.ifindex in (grp.master, grp.peer):
+        if link.ifindex in (grp.master, grp.peer):
             return None
-        if link.kind in UPPER_KINDS or vlans.parse_name(link.ifname) is not None:
-            return None  # (our own VLAN filter devices too, events lacking their kind)
-        gcfg = grp.cfg
-        if gcfg.standby_name is not None:
-            if link.ifname == gcfg.standby_name:
-                return "standby"
-        elif driver_of(link.ifname) == getattr(gcfg.standby, "driver", None):
-            return "standby"
-        if gcfg.primary_name is not None and link.ifname != gcfg.primary_name:
-            return None
-        return "primary"
+        if vlans.parse_name(link.ifname) is not None:
+            return None  # our own VLAN filter devices (events may lack their kind)
+        return lower_role(grp.cfg, grp.mac, link.ifname, link.mac, link.kind, driver_of)
 
     def _refusal(self, grp: Group, link: netlink.Link, role: Role) -> tuple[str, str] | None:
         """(event name, why) when this lower cannot take its role now, else None."""
@@ -236,7 +214,7 @@ class Lowers:
     def unregister(self, grp: Group, role: Role, gone: bool = False) -> None:
         """Forget a lower.  If it is active the policy moves traffic away first."""
         lower = grp.lowers.pop(role)
-        self.switch.decide(grp, time.monotonic_ns(), f"unregister {lower.name}")
+        self.switch.decide(grp, self.clock.monotonic_ns(), f"unregister {lower.name}")
         self.wiring.unregister_lower(grp.gid, ROLE_SLOTS[role], lower.ifindex, gone=gone)
         grp.mc_added.pop(lower.ifindex, None)
         grp.uc_added.pop(lower.ifindex, None)
@@ -365,7 +343,7 @@ class Lowers:
             ifindex=grp.master,
             note=note,
         )
-        self.switch.decide(grp, time.monotonic_ns(), "failover device re-created")
+        self.switch.decide(grp, self.clock.monotonic_ns(), "failover device re-created")
         sync_mc(grp)
 
     def _propagate_mtu(self, grp: Group, mtu: int) -> None:

@@ -7,6 +7,7 @@ import errno
 import os
 import signal
 import sys
+from collections.abc import Callable
 
 from bpfailover import netns
 from bpfailover.agent import loop
@@ -52,7 +53,10 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(
+    argv: list[str] | None = None, make_agent: Callable[[configmod.Config], Agent] = Agent
+) -> int:
+    """failoverd; `make_agent` builds the Agent (bench/traced_agent.py passes traced parts)."""
     args = _args(argv)
     try:
         source = configmod.config_path(args.config)
@@ -71,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         except OSError as e:
             return fatal(f"netns {args.netns}: {e.strerror}", 1)
     try:
-        agent = Agent(cfg)
+        agent = make_agent(cfg)
     except FaultSpecError as e:
         return fatal(str(e), 2)
     if not args.lab:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from bpfailover.agent.ports import Clock
 from bpfailover.agent.switch import Switcher
 from bpfailover.datapath.attach import Wiring, peer_name
 from bpfailover.datapath.layout import ROLE_SLOTS
@@ -28,7 +29,7 @@ class Requests:
         switch: Switcher,
         addrs: dict[int, set[tuple[int, str]]],
         status: Callable[[], dict[str, Any]],
-        now_ns: Callable[[], int],
+        clock: Clock,
     ) -> None:
         self.groups = groups
         self.dp = dp
@@ -36,7 +37,7 @@ class Requests:
         self.switch = switch
         self.addrs = addrs  # ifindex -> {(family, address)}, kept by the agent
         self.status = status
-        self.now_ns = now_ns
+        self.clock = clock
 
     def handle(self, req: dict[str, Any]) -> dict[str, Any]:
         cmd = req.get("cmd")
@@ -75,7 +76,7 @@ class Requests:
         grp.override = target
         # persisted with the pins: survives a restart
         self.dp.update_group(grp.gid, override_slot=ROLE_SLOTS[target] if target else 0)
-        self.switch.decide(grp, self.now_ns(), "set-primary")
+        self.switch.decide(grp, self.clock.monotonic_ns(), "set-primary")
         event("override", group=grp.name, lower=lower, role=target)
         return {"ok": True, "active": grp.active, "override": grp.override}
 

@@ -8,12 +8,12 @@ notifications (GARP/NA), which go out now and again every garp_interval_ms.
 
 from __future__ import annotations
 
-import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from bpfailover import policy
 from bpfailover.agent.fault import Fault
+from bpfailover.agent.ports import Clock
 from bpfailover.datapath.attach import Wiring
 from bpfailover.datapath.layout import ROLE_SLOTS
 from bpfailover.datapath.maps import Datapath
@@ -21,9 +21,17 @@ from bpfailover.effects import notify
 from bpfailover.model.groups import Group, Switch
 from bpfailover.ops.eventlog import event
 
-
-def now_ms() -> int:
-    return time.monotonic_ns() // 1_000_000
+# policy.decide's signature: the bench passes a traced one
+Decide = Callable[
+    [
+        policy.GroupPolicyState,
+        Mapping[policy.Role, policy.LowerState],
+        policy.Role | None,
+        policy.PolicyConfig,
+        int,
+    ],
+    policy.Decision,
+]
 
 
 class Switcher:
@@ -34,24 +42,31 @@ class Switcher:
         dp: Datapath,
         wiring: Wiring,
         addrs: dict[int, set[tuple[int, str]]],
+        clock: Clock,
         fault: Fault | None = None,
+        decide: Decide = policy.decide,
     ) -> None:
         self.dp = dp
         self.wiring = wiring
         self.addrs = addrs  # ifindex -> {(family, address)}, kept by the agent
+        self.clock = clock
         self.fault = fault  # TEST-ONLY: None outside the fault suite
+        self.policy_decide = decide
         self.latencies: deque[float] = deque(maxlen=4096)  # switch latencies, seconds
         self.on_switch: Callable[[Group, Switch], None] | None = None  # metrics hook
+
+    def now_ms(self) -> int:
+        return self.clock.monotonic_ns() // 1_000_000
 
     def decide(self, grp: Group, t_event_ns: int, cause: str) -> None:
         """Ask the policy; switch if it says so; then the failover device's carrier."""
         lowers = {role: lw.state() for role, lw in grp.lowers.items()}
-        d = policy.decide(grp.pstate, lowers, grp.override, grp.pcfg, now_ms())
+        d = self.policy_decide(grp.pstate, lowers, grp.override, grp.pcfg, self.now_ms())
         grp.pstate = d.state
         grp.deadline_ms = d.next_deadline_ms
         if d.active != grp.active:
             self._flip(grp, d.active)
-            latency = (time.monotonic_ns() - t_event_ns) / 1e9
+            latency = (self.clock.monotonic_ns() - t_event_ns) / 1e9
             self._switched(grp, d.active, d.reason or cause, cause, latency)
         if d.carrier != grp.carrier:
             self.wiring.set_carrier(grp.peer, d.carrier)
@@ -76,7 +91,7 @@ class Switcher:
         """After the map write: the record, its log line, the hook, the peers."""
         old = grp.active
         sw = Switch(
-            wall_time=time.time(),
+            wall_time=self.clock.time(),
             from_role=old,
             to_role=active,
             from_lower=grp.lowers[old].name if old in grp.lowers else None,
@@ -99,8 +114,8 @@ class Switcher:
         if self.on_switch is not None:
             self.on_switch(grp, sw)
         if active is not None and grp.cfg.notify.garp_count > 0:
-            grp.notify_due = [(now_ms(), active, grp.cfg.notify.garp_count)]
-            self.notify_peers(grp, now_ms())
+            grp.notify_due = [(self.now_ms(), active, grp.cfg.notify.garp_count)]
+            self.notify_peers(grp, self.now_ms())
 
     def renotify(self, grp: Group) -> None:
         """Adopted an active lower without switching: the run that switched to it may have
@@ -109,8 +124,8 @@ class Switcher:
         if grp.active is None or grp.cfg.notify.garp_count <= 0:
             return
         event("renotify", group=grp.name, via=grp.lowers[grp.active].name, why="adopted")
-        grp.notify_due = [(now_ms(), grp.active, grp.cfg.notify.garp_count)]
-        self.notify_peers(grp, now_ms())
+        grp.notify_due = [(self.now_ms(), grp.active, grp.cfg.notify.garp_count)]
+        self.notify_peers(grp, self.now_ms())
 
     def notify_peers(self, grp: Group, t: int) -> None:
         """Send the notification rounds due by `t`; keep the later ones."""

@@ -294,6 +294,9 @@ class Wiring:
             detach_tc(self.ipr, ifindex, "ingress")
             detach_xdp(self.ipr, ifindex)
 
+    def close(self) -> None:
+        self.ipr.close()
+
     def set_carrier(self, peer_ifindex: int, on: bool) -> None:
         set_carrier(self.ipr, peer_ifindex, on)
 

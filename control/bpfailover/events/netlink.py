@@ -71,11 +71,6 @@ class Link:
     def carrier(self) -> bool:
         return bool(self.flags & IFF_LOWER_UP)
 
-    @property
-    def usable(self) -> bool:
-        # net_failover: netif_running && netif_carrier_ok
-        return self.admin_up and self.carrier
-
 
 @dataclass(frozen=True)
 class Addr:

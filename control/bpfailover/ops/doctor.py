@@ -25,6 +25,7 @@ from pathlib import Path
 from bpfailover import netns
 from bpfailover.datapath import kheaders
 from bpfailover.model import config as configmod
+from bpfailover.model.lowers import lower_role
 from bpfailover.model.status import AgentStatus, StatusFormatError
 from bpfailover.ops import api
 
@@ -34,21 +35,6 @@ AGENT_MODULES = {"bpfailover.agent", "bpfailover.agent.__main__", "bpfailover.ag
 _PYTHON = re.compile(r"^python[0-9.]*$")
 _PY_OPTS_WITH_VALUE = {"-W", "-X", "-Q"}
 PERMISSION_FIX = "run as root or as a member of the config's control.group"
-UPPER_KINDS = {
-    "vlan",
-    "macvlan",
-    "macvtap",
-    "ipvlan",
-    "ipvtap",
-    "bridge",
-    "bond",
-    "team",
-    "vxlan",
-    "geneve",
-    "netkit",
-    "ifb",
-    "dummy",
-}
 CAPS = {
     "CAP_NET_ADMIN": 12,
     "CAP_NET_RAW": 13,
@@ -136,8 +122,8 @@ def dump_links(ns: str | None) -> dict[int, LinkInfo]:
 def find_lowers(
     cfg: configmod.Config | None, links: dict[int, LinkInfo], status: AgentStatus | None
 ) -> list[Lower]:
-    """Lowers by the agent's word when it answers, else by config: the standby (name or
-    driver-less guess by name) and every other netdev with its MAC."""
+    """Lowers by the agent's word when it answers, else by config and the agent's rule
+    (model/lowers.py): the netdevs with the group's MAC but stacked devices."""
     by_index: dict[int, Lower] = {}
     if status is not None:
         for gs in status.groups:
@@ -154,10 +140,12 @@ def find_lowers(
                 continue
             hidden = {g.name, f"{g.name[:12]}_fo"}
             for lk in links.values():
-                if lk.mac != mac or lk.name in hidden or lk.kind in UPPER_KINDS:
+                if lk.name in hidden or lk.ifindex in by_index:
                     continue
-                if lk.ifindex not in by_index:
-                    role = "standby" if standby is not None and lk is standby else "primary"
+                # the agent's rule; doctor does not ask drivers (a standby given by driver
+                # is then not told apart, as before)
+                role = lower_role(g, mac, lk.name, lk.mac, lk.kind, lambda _name: None)
+                if role is not None:
                     by_index[lk.ifindex] = Lower(g.name, role, lk)
     return sorted(by_index.values(), key=lambda lw: (lw.group, lw.link.name))
 

@@ -1,0 +1,417 @@
+"""The agent's event -> decision -> map-write path in-process, without root.
+
+The Agent runs with a fake datapath (maps as dicts, every write logged), a fake wiring
+(no tc, no devices), a fake kernel (link dumps and an event source fed with
+`events.netlink.Link` objects) and a fake clock.  What it writes to the maps, and in which
+order, is what these tests check.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bpfailover.agent.loop import Agent
+from bpfailover.datapath.layout import ROLE_SLOTS
+from bpfailover.events import netlink
+from bpfailover.events.netlink import IFF_LOWER_UP, IFF_UP, Link
+from bpfailover.model import config as configmod
+
+MAC = "02:00:00:00:0a:01"
+UP = IFF_UP | IFF_LOWER_UP
+PRIMARY, STANDBY = ROLE_SLOTS["primary"], ROLE_SLOTS["standby"]
+
+
+@dataclass
+class GroupRec:
+    master_ifindex: int = 0
+    peer_ifindex: int = 0
+    override_slot: int = 0
+
+
+class FakeDatapath:
+    """The maps the agent writes, with a log of every write in order."""
+
+    def __init__(self, pin_dir: Path) -> None:
+        self.pin_dir = pin_dir
+        self.fds: dict[str, int] = {}  # no fo_events ring: no doorbell
+        self.recs: dict[int, GroupRec] = {}
+        self.lowers: dict[tuple[int, int], int] = {}
+        self.active_slot: dict[int, int] = {}
+        self.writes: list[tuple[Any, ...]] = []
+
+    def lock(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def group(self, g: int) -> GroupRec:
+        return self.recs[g]
+
+    def update_group(self, g: int, **fields: Any) -> None:
+        self.writes.append(("update_group", g, fields))
+        for k, v in fields.items():
+            if hasattr(self.recs[g], k):
+                setattr(self.recs[g], k, v)
+
+    def active(self, g: int) -> int:
+        return self.active_slot.get(g, 0)
+
+    def lower(self, g: int, slot: int) -> int:
+        return self.lowers.get((g, slot), 0)
+
+    def set_lower(self, g: int, slot: int, ifindex: int) -> None:
+        self.writes.append(("set_lower", g, slot, ifindex))
+        self.lowers[(g, slot)] = ifindex
+
+    def flip(self, g: int, slot: int) -> None:
+        # what the slot held when traffic moved to it: the datapath redirects there at once
+        self.writes.append(("flip", g, slot, self.lower(g, slot)))
+        self.active_slot[g] = slot
+
+    def del_dev(self, ifindex: int) -> None:
+        self.writes.append(("del_dev", ifindex))
+
+    def flips(self) -> list[tuple[int, int]]:
+        return [(w[2], w[3]) for w in self.writes if w[0] == "flip"]
+
+
+class FakeKernel:
+    """Links by ifindex; events queued for the agent's event source (a socketpair makes it
+    readable for the selector, as the netlink socket is)."""
+
+    def __init__(self, *links: Link) -> None:
+        self.links = {lk.ifindex: lk for lk in links}
+        self.queue: list[netlink.Event] = []
+        self.rx, self.tx = socket.socketpair()
+        self.rx.setblocking(False)
+
+    def send(self, link: Link) -> None:
+        """The kernel changes a link and says so."""
+        if link.deleted:
+            self.links.pop(link.ifindex, None)
+        else:
+            self.links[link.ifindex] = link
+        self.queue.append(link)
+        self.tx.send(b"!")
+
+    # LinkSource
+    def subscribe(self) -> FakeKernel:
+        return self
+
+    def dump_links(self) -> list[Link]:
+        return list(self.links.values())
+
+    def dump_addrs(self) -> list[netlink.Addr]:
+        return []
+
+    # EventSource
+    def fileno(self) -> int:
+        return self.rx.fileno()
+
+    def read(self) -> list[netlink.Event]:
+        with contextlib.suppress(BlockingIOError):
+            self.rx.recv(4096)
+        out, self.queue = self.queue, []
+        return out
+
+    def close(self) -> None:
+        pass
+
+    def shutdown(self) -> None:
+        self.rx.close()
+        self.tx.close()
+
+
+class FakeWiring:
+    """Group and lower set-up without devices: as the real Wiring, registering a lower
+    fills its slot and creating a group makes the failover device and its peer appear."""
+
+    def __init__(self, dp: FakeDatapath, kernel: FakeKernel) -> None:
+        self.dp, self.kernel = dp, kernel
+        self.carrier: dict[int, bool] = {}
+        self.opened: list[int] = []
+        self.mac_restored: dict[str, str] = {}
+
+    def setup_group(
+        self, name: str, mac: str, drop: bool = False, rx_path: str = "tc", **kw: Any
+    ) -> int:
+        g = len(self.dp.recs) + 1
+        master, peer = 1_000_100 + g, 1_000_200 + g  # no such ifindex on the host
+        self.dp.recs[g] = GroupRec(master, peer)
+        mtu = kw.get("mtu") or 1500
+        self.kernel.links[master] = Link(master, name, UP, mac, mtu, peer, "veth")
+        self.kernel.links[peer] = Link(peer, f"{name[:12]}_fo", 0, "", mtu, master, "veth")
+        return g
+
+    def register_lower(self, g: int, slot: int, ifindex: int, rx_path: str = "tc") -> None:
+        self.dp.set_lower(g, slot, ifindex)
+
+    def unregister_lower(self, g: int, slot: int, ifindex: int, gone: bool = False) -> None:
+        if self.dp.lower(g, slot) == ifindex:
+            self.dp.set_lower(g, slot, 0)
+
+    def teardown_group(self, name: str) -> bool:
+        return True
+
+    def set_carrier(self, peer: int, on: bool) -> None:
+        self.carrier[peer] = on
+
+    def set_mtu(self, ifindex: int, mtu: int) -> None:
+        pass
+
+    def restore_mac(self, ifindex: int, mac: str) -> str | None:
+        return None
+
+    def set_up(self, ifindex: int) -> None:
+        self.opened.append(ifindex)
+
+    def close(self) -> None:
+        pass
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.ns = 1_000_000_000_000
+
+    def monotonic_ns(self) -> int:
+        return self.ns
+
+    def time(self) -> float:
+        return self.ns / 1e9
+
+    def advance_ms(self, ms: int) -> None:
+        self.ns += ms * 1_000_000
+
+
+@dataclass
+class Harness:
+    agent: Agent
+    dp: FakeDatapath
+    kernel: FakeKernel
+    clock: FakeClock
+    wiring: list[FakeWiring]
+    speeds: dict[str, int]
+
+    def send(self, link: Link) -> None:
+        """The kernel says something; the agent serves it (one loop turn, no waiting)."""
+        self.kernel.send(link)
+        self.agent.run_once(wait=False)
+
+    def tick(self, ms: int) -> None:
+        self.clock.advance_ms(ms)
+        self.agent.run_once(wait=False)
+
+    @property
+    def active(self) -> str | None:
+        return self.agent.groups["fo0"].active
+
+    def carrier(self) -> bool:
+        return self.wiring[0].carrier[self.agent.groups["fo0"].peer]
+
+
+def primary(ifindex: int = 10, flags: int = UP, **kw: Any) -> Link:
+    return Link(ifindex, "ens10p", flags, MAC, 1500, **kw)
+
+
+def standby(flags: int = UP) -> Link:
+    return Link(11, "ens10s", flags, MAC, 1500)
+
+
+def config(tmp_path: Path, policy: str = "{}") -> configmod.Config:
+    return configmod.parse_config(
+        f"groups: [{{name: fo0, standby: ens10s, mac: '{MAC}', policy: {policy},"
+        " notify: {garp_count: 0}}]\n"
+        f"bpffs: {tmp_path / 'pins'}\ncontrol: {{socket: {tmp_path / 'c.sock'}}}\n"
+    )
+
+
+@pytest.fixture
+def make(tmp_path: Path) -> Iterator[Any]:
+    made: list[Harness] = []
+
+    def build(*links: Link, policy: str = "{}", speeds: dict[str, int] | None = None) -> Harness:
+        (tmp_path / "pins").mkdir(exist_ok=True)
+        dp = FakeDatapath(tmp_path / "pins")
+        kernel = FakeKernel(*links)
+        clock = FakeClock()
+        wirings: list[FakeWiring] = []
+        speed_table = dict(speeds or {})
+
+        def wiring(d: Any) -> FakeWiring:
+            wirings.append(FakeWiring(d, kernel))
+            return wirings[-1]
+
+        agent = Agent(
+            config(tmp_path, policy),
+            datapath=lambda _pin_dir: dp,  # type: ignore[arg-type,return-value]
+            wiring=wiring,  # type: ignore[arg-type]
+            links=kernel,
+            clock=clock,
+            speed=lambda name: (speed_table.get(name), "full"),
+        )
+        agent.start()
+        h = Harness(agent, dp, kernel, clock, wirings, speed_table)
+        made.append(h)
+        return h
+
+    yield build
+    for h in made:
+        h.agent.close()
+        h.kernel.shutdown()
+
+
+def test_start_registers_by_mac_and_flips_to_the_primary(make: Any) -> None:
+    other = Link(12, "ens12", UP, "02:00:00:00:0b:01", 1500)
+    vlan = Link(13, "ens10p.5", UP, MAC, 1500, kind="vlan")  # shares the MAC: never a lower
+    h = make(primary(), standby(), other, vlan)
+    grp = h.agent.groups["fo0"]
+    assert {r: lw.ifindex for r, lw in grp.lowers.items()} == {"primary": 10, "standby": 11}
+    assert h.dp.flips() == [(PRIMARY, 10)]
+    assert h.active == "primary" and h.carrier()
+
+
+def test_primary_carrier_off_flips_to_the_standby(make: Any) -> None:
+    h = make(primary(), standby())
+    h.send(primary(flags=IFF_UP))  # carrier off
+    assert h.dp.flips()[-1] == (STANDBY, 11)
+    assert h.active == "standby" and h.carrier()
+    sw = h.agent.groups["fo0"].last_switch
+    assert sw is not None and (sw.from_lower, sw.to_lower, sw.reason) == (
+        "ens10p",
+        "ens10s",
+        "primary_down",
+    )
+    h.send(primary())  # carrier back: reselect always moves back
+    assert h.dp.flips()[-1] == (PRIMARY, 10) and h.active == "primary"
+
+
+def test_both_down_flips_to_no_lower_and_drops_carrier(make: Any) -> None:
+    h = make(primary(), standby())
+    h.send(primary(flags=IFF_UP))
+    h.send(standby(flags=IFF_UP))
+    assert h.dp.flips()[-1] == (0, 0) and h.active is None and not h.carrier()
+
+
+def test_override_moves_traffic_and_persists_and_auto_moves_it_back(make: Any) -> None:
+    h = make(primary(), standby())
+    reply = h.agent.handle_request({"cmd": "set-primary", "group": "fo0", "lower": "ens10s"})
+    assert reply == {"ok": True, "active": "standby", "override": "standby"}
+    assert h.dp.flips()[-1] == (STANDBY, 11)
+    assert h.dp.group(1).override_slot == STANDBY  # in the maps: survives a restart
+    h.send(primary(flags=UP))  # a primary event does not undo the override
+    assert h.active == "standby"
+    h.agent.handle_request({"cmd": "set-primary", "group": "fo0", "lower": None})
+    assert h.dp.flips()[-1] == (PRIMARY, 10) and h.dp.group(1).override_slot == 0
+
+
+def test_override_to_an_unusable_lower_is_refused_and_changes_nothing(make: Any) -> None:
+    h = make(primary(), standby(flags=IFF_UP))
+    writes = list(h.dp.writes)
+    with pytest.raises(ValueError, match="ens10s is not usable"):
+        h.agent.handle_request({"cmd": "set-primary", "group": "fo0", "lower": "standby"})
+    assert h.dp.writes == writes and h.active == "primary"
+
+
+def test_hold_down_waits_downdelay_on_the_fake_clock(make: Any) -> None:
+    h = make(primary(), standby(), policy="{downdelay_ms: 200}")
+    h.send(primary(flags=IFF_UP))
+    assert h.active == "primary" and h.dp.flips() == [(PRIMARY, 10)]  # held down
+    assert h.agent._next_timeout() == pytest.approx(0.2)  # the loop sleeps until then
+    h.tick(199)
+    assert h.dp.flips() == [(PRIMARY, 10)]
+    h.tick(1)
+    assert h.dp.flips()[-1] == (STANDBY, 11) and h.active == "standby"
+
+
+def test_hold_down_cancelled_when_the_carrier_returns_in_time(make: Any) -> None:
+    h = make(primary(), standby(), policy="{downdelay_ms: 200}")
+    h.send(primary(flags=IFF_UP))
+    h.tick(100)
+    h.send(primary())  # back before downdelay
+    h.tick(500)
+    assert h.dp.flips() == [(PRIMARY, 10)] and h.active == "primary"
+
+
+def test_vf_replugged_with_a_new_ifindex_fills_its_slot_before_the_flip(make: Any) -> None:
+    h = make(primary(), standby())
+    h.send(primary(deleted=True))  # the VF is unplugged
+    assert h.dp.flips()[-1] == (STANDBY, 11)
+    assert h.dp.lower(1, PRIMARY) == 0  # the stale ifindex is gone from the slot
+    h.send(primary(ifindex=20, flags=0))  # re-plugged: a new netdev, admin down
+    assert h.wiring[0].opened == [20]  # the agent opens it, as net_failover does
+    assert h.active == "standby"
+    h.send(primary(ifindex=20))  # up with carrier
+    assert h.dp.flips()[-1] == (PRIMARY, 20)  # the slot held the new ifindex at the flip
+    assert h.agent.groups["fo0"].lowers["primary"].ifindex == 20
+
+
+def test_reselect_better_the_faster_lower_wins(make: Any) -> None:
+    h = make(
+        primary(),
+        standby(),
+        policy="{reselect: better}",
+        speeds={"ens10p": 25_000, "ens10s": 1_000},
+    )
+    h.send(primary(flags=IFF_UP))
+    assert h.active == "standby"
+    h.send(primary())  # back at 25G against the standby's 1G: it wins
+    assert h.dp.flips()[-1] == (PRIMARY, 10) and h.active == "primary"
+    assert h.agent.groups["fo0"].last_switch.reason == "primary_up"  # type: ignore[union-attr]
+
+
+def test_reselect_better_a_slower_lower_never_displaces_the_faster(make: Any) -> None:
+    h = make(
+        primary(),
+        standby(),
+        policy="{reselect: better}",
+        speeds={"ens10p": 1_000, "ens10s": 25_000},
+    )
+    h.send(primary(flags=IFF_UP))
+    assert h.active == "standby"
+    for _ in range(3):  # the slower primary flaps back up, again and again
+        h.send(primary())
+        assert h.active == "standby"
+        h.send(primary(flags=IFF_UP))
+    h.send(primary())
+    assert h.dp.flips()[-1] == (STANDBY, 11) and h.active == "standby"
+    # it renegotiates faster: read when its link comes up again, and now it wins
+    h.speeds["ens10p"] = 100_000
+    h.send(primary(flags=IFF_UP))
+    h.send(primary())
+    assert h.active == "primary"
+
+
+def test_reselect_better_reads_speeds_only_at_registration_and_on_the_way_up(make: Any) -> None:
+    asked: list[str] = []
+    h = make(primary(), standby(), policy="{reselect: better}")
+    h.agent.lowers.speed = lambda name: asked.append(name) or (None, None)  # type: ignore[union-attr]
+    h.send(primary(flags=IFF_UP))  # going down: no read
+    h.send(replace(standby(), mtu=1500))  # no change of state: no read
+    assert asked == []
+    h.send(primary())
+    assert asked == ["ens10p"]
+
+
+@pytest.mark.parametrize(("reselect", "flips_before_read"), [("always", 3), ("better", 2)])
+def test_speed_is_read_before_the_flip_only_when_the_policy_compares_it(
+    make: Any, reselect: str, flips_before_read: int
+) -> None:
+    h = make(primary(), standby(), policy=f"{{reselect: {reselect}}}", speeds={"ens10p": 25_000})
+    h.send(primary(flags=IFF_UP))  # flips to the standby: 2 flips so far
+    flips_at_read: list[int] = []
+
+    def speed(name: str) -> tuple[int | None, str | None]:
+        flips_at_read.append(len(h.dp.flips()))
+        return h.speeds.get(name), "full"
+
+    h.agent.lowers.speed = speed  # type: ignore[union-attr]
+    h.send(primary())  # comes up: both modes move back to it (faster for better)
+    assert h.active == "primary" and flips_at_read == [flips_before_read]
