@@ -297,7 +297,7 @@ class Agent:
         )
         if self.watchdog_ms is not None:
             sdnotify.notify("WATCHDOG=1")
-            self.watchdog_due_ms = now_ms() + self.watchdog_ms
+            self.watchdog_due_ms = self._now_ms() + self.watchdog_ms
 
     def signal_fd(self) -> int:
         """For signal.set_wakeup_fd: the write end of the loop's wake-up pipe."""
