@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from bpfailover.datapath import bpfsys, layout
-from bpfailover.datapath.loader import MAPS, PROGS, TEST_MAPS, LoadError
+from bpfailover.datapath.loader import MAPS, PROGS, TEST_MAPS, LoadError, check_bpffs
 
 log = logging.getLogger("bpfailover.datapath")
 
@@ -138,6 +138,10 @@ class Datapath:
         """Pin again, from our own fds, whatever was removed from the pin directory by hand
         (the directory too: then it is created and locked again).  Returns what was pinned."""
         if not self.pin_dir.is_dir():
+            try:  # bpffs unmounted: never leave a plain directory where the pins were
+                check_bpffs(self.pin_dir)
+            except LoadError as e:
+                raise DatapathError(str(e)) from None
             self.pin_dir.mkdir(mode=0o700)  # the lock is under /run: it still holds
         done = []
         for name, fd in self.fds.items():
