@@ -154,6 +154,9 @@ def test_status_table_and_json(lab: Lab) -> None:
             "last_switch",
             "drops",
             "degraded",
+            "vlans",
+            "mac_restored",
+            "speed_mbps",
         }
         assert (g["group"], g["device"], g["mac"]) == (n.failover, n.failover, n.mac)
         assert (g["active"], g["active_lower"], g["override"]) == ("primary", n.primary, None)
