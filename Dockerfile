@@ -15,12 +15,14 @@ RUN apt-get update \
 
 # Dependencies first: this layer stays cached while only the sources change.
 # An optional build secret `ca` (a CA bundle) serves sites whose egress re-signs TLS.
-COPY pyproject.toml /src/pyproject.toml
+# Every one pinned with its hashes (requirements.lock, `make lock`): a changed or
+# substituted file fails the build.
+COPY pyproject.toml requirements.lock /src/
 RUN --mount=type=secret,id=ca \
     if [ -s /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi \
  && python3 -m venv --system-site-packages /opt/bpfailover \
  && /opt/bpfailover/bin/pip install --no-cache-dir --disable-pip-version-check \
-      "pyroute2>=0.7,<1" "pydantic>=2.5" "prometheus-client>=0.17" "PyYAML>=6.0" setuptools
+      --require-hashes -r /src/requirements.lock
 
 COPY bpf /src/bpf
 COPY control /src/control

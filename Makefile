@@ -12,13 +12,14 @@ STAMP := $(VENV)/.setup-stamp
 
 setup: $(STAMP) bpffs
 
-$(STAMP): pyproject.toml lab/pyproject.toml Makefile
+$(STAMP): pyproject.toml lab/pyproject.toml Makefile requirements.lock
 	@missing=""; for p in $(APT_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "setup: installing Debian packages:$$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
 	@test -x $(PY) || /usr/bin/python3 -m venv --system-site-packages $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check --require-hashes -r requirements.lock
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]' -e ./lab
 	@touch $(STAMP)
 
@@ -67,3 +68,13 @@ proving-ground-quick: setup
 clean:
 	-$(VENV)/bin/failover-lab down 2>/dev/null
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+
+# The runtime dependencies, pinned with their hashes (make setup and the Dockerfile install
+# from it). Regenerate after changing dependencies in pyproject.toml: `make lock`.
+lock: setup
+	$(PY) -m pip install -q --disable-pip-version-check pip-tools
+	$(VENV)/bin/pip-compile --quiet --generate-hashes --strip-extras --allow-unsafe \
+	  --no-emit-index-url --no-emit-find-links --output-file=requirements.lock \
+	  pyproject.toml build-requirements.in
+
+.PHONY: lock

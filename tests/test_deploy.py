@@ -87,3 +87,30 @@ def test_systemd_unit_is_notify_watchdog_and_hardened(tmp_path: Path) -> None:
     m = re.search(r"Overall exposure level for failoverd.service: ([\d.]+)", p.stdout)
     assert m is not None, p.stdout + p.stderr
     assert float(m.group(1)) <= 3.5, p.stdout  # 7.0 before the hardening (docs/operators.md)
+
+
+def test_lock_pins_every_runtime_dependency_with_hashes() -> None:
+    """requirements.lock (make setup, the Dockerfile) pins what pyproject.toml asks for, each
+    with its hashes, and pyroute2 below its next major."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    root = DEPLOY.parent
+    deps = [
+        Requirement(d)
+        for d in tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"]
+    ]
+    lock = (root / "requirements.lock").read_text()
+    pins = dict(re.findall(r"^([a-z0-9._-]+)==([^\s\\]+) \\$", lock, flags=re.M))
+    for block in re.split(r"\n(?=[a-z])", lock.split("\n\n", 1)[-1]):
+        if "==" in block:
+            assert "--hash=sha256:" in block, block[:60]
+    for dep in deps:
+        name = dep.name.lower().replace("_", "-")
+        assert name in pins, f"{name} not in requirements.lock: make lock"
+        assert dep.specifier.contains(pins[name]), f"{name} {pins[name]} vs {dep.specifier}"
+    pyroute2 = next(d for d in deps if d.name == "pyroute2")
+    assert not pyroute2.specifier.contains("1.0")  # an upper bound on the major
+    assert "--require-hashes -r /src/requirements.lock" in (root / "Dockerfile").read_text()
+    assert "--require-hashes -r requirements.lock" in (root / "Makefile").read_text()
