@@ -12,7 +12,7 @@
 
 /* Bumped whenever a layout below changes: a pinned datapath with another ABI
  * is not adopted (a restart would read it wrongly). */
-#define FO_ABI_VERSION 2
+#define FO_ABI_VERSION 3
 
 #define FO_MAX_GROUPS 64
 #define FO_MAX_DEVS 1024
@@ -43,6 +43,22 @@
 
 /* fo_group.flags */
 #define FO_F_INACTIVE_RX_DROP 1
+/* The agent alone moves this group's traffic (downdelay_ms > 0: the operator asked to
+ * wait): the datapath does not fall back on its own. */
+#define FO_F_DP_HOLD 2
+
+/* fo_meta indexes. */
+#define FO_META_ABI 0
+#define FO_META_DP_CHECK 1
+#define FO_NMETA 2
+
+/* fo_meta[FO_META_DP_CHECK]: the per-packet lower check (net_failover's
+ * netif_running && netif_carrier_ok in the datapath itself). */
+#define FO_DPC_OFF 0		/* not compiled in: no kernel BTF, or it lacks a member */
+#define FO_DPC_ON 1
+#define FO_DPC_REFUSED 2	/* the verifier refused the checking programs */
+#define FO_DPC_PROBE_FAILED 3	/* the load-time probe read wrong values */
+#define FO_DPC_MISMATCH 4	/* a packet's device read back another ifindex: disabled */
 
 /* Hooks, the index of fo_drops' hook dimension. */
 #define FO_HOOK_TC_EGRESS 0
@@ -89,13 +105,16 @@ struct fo_counter {
 #ifdef FO_BPF_PROG
 /* bcc map declarations: name, key, value, size.  Pinned by the loader under
  * the configured bpffs directory with these same names. */
-BPF_TABLE("array", __u32, __u32, fo_meta, 1);            /* [0] = FO_ABI_VERSION */
+BPF_TABLE("array", __u32, __u32, fo_meta, FO_NMETA);     /* FO_META_* */
 BPF_TABLE("hash", __u32, struct fo_dev, fo_dev, FO_MAX_DEVS);
 BPF_TABLE("array", __u32, struct fo_group, fo_group, FO_MAX_GROUPS);
 BPF_TABLE("array", __u32, __u32, fo_active, FO_MAX_GROUPS);
 BPF_TABLE("array", __u32, __u32, fo_lower, FO_NLOWERS);
 BPF_TABLE("percpu_array", __u32, struct fo_counter, fo_stats, FO_NSTATS);
 BPF_TABLE("percpu_array", __u32, struct fo_counter, fo_drops, FO_NDROP_SLOTS);
+/* Packets the datapath moved on its own, at FO_STATS_IDX(group, the dead active slot, dir):
+ * tx sent through the other lower, rx delivered from it under inactive_rx drop. */
+BPF_TABLE("percpu_array", __u32, struct fo_counter, fo_fallback, FO_NSTATS);
 /* XDP receive path: group -> hidden veth peer of the failover device. */
 BPF_DEVMAP(fo_xdp_up, FO_MAX_GROUPS);
 #ifdef FO_TEST_HOOKS

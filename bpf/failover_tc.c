@@ -1,7 +1,8 @@
 /* SPDX-License-Identifier: GPL-2.0 */
-/* bpfailover TC programs (clsact, direct-action).
+/* bpfailover TC programs (clsact, direct-action): thin entry points over fo_lib.h.
  *   fo_egress     - egress of the failover device: out through the active lower.
  *   lower_ingress - ingress of each lower: up into the failover device.
+ *   fo_dp_probe   - load-time only (never attached): reads back the BTF offsets.
  */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/pkt_cls.h>
@@ -9,43 +10,76 @@
 #define FO_BPF_PROG 1
 #include "fo_lib.h"
 
-int fo_egress(struct __sk_buff *skb)
+/* An action as a TC return code (the TC half of cilium's ctx/skb.h idea). */
+static __always_inline int fo_tc_ret(struct __sk_buff *skb, struct fo_action *a)
 {
-	__u32 ifindex = skb->ifindex;
-	struct fo_dev *dev = fo_dev.lookup(&ifindex);
-	__u32 group, slot = FO_SLOT_NONE, target;
-
-	if (!dev || dev->role != FO_ROLE_MASTER || dev->group >= FO_MAX_GROUPS)
-		return TC_ACT_OK;	/* not a failover device we know: hands off */
-	group = dev->group;
-	target = fo_tx_target(group, &slot);
-	if (!target) {
-		fo_count_drop(group, FO_HOOK_TC_EGRESS, FO_DROP_NO_LOWER, skb->len);
-		return TC_ACT_SHOT;
-	}
-	fo_count(FO_STATS_IDX(group, slot, FO_DIR_TX), skb->len);
-	fo_note_redirect(target);
-	return bpf_redirect(target, 0);
-}
-
-int lower_ingress(struct __sk_buff *skb)
-{
-	struct fo_rx rx = {};
-	__u32 src_hi, src_lo;
-
-	fo_eth_src((void *)(long)skb->data, (void *)(long)skb->data_end, &src_hi, &src_lo);
-	switch (fo_rx_decide(skb->ifindex, src_hi, src_lo, &rx)) {
-	case FO_RX_UP:
-		fo_count(FO_STATS_IDX(rx.group, rx.slot, FO_DIR_RX), skb->len);
-		fo_note_redirect(rx.master_ifindex);
-		return bpf_redirect(rx.master_ifindex, BPF_F_INGRESS);
-	case FO_RX_DROP:
-		fo_count_drop(rx.group, FO_HOOK_TC_INGRESS, FO_DROP_INACTIVE_RX, skb->len);
-		return TC_ACT_SHOT;
-	case FO_RX_LOOP:
-		fo_count_drop(rx.group, FO_HOOK_TC_INGRESS, FO_DROP_LOOP, skb->len);
+	switch (a->act) {
+	case FO_ACT_TX:
+		if (a->fallback_from)
+			fo_count_fallback(a->group, a->fallback_from, FO_DIR_TX, skb->len);
+		fo_count(FO_STATS_IDX(a->group, a->slot, FO_DIR_TX), skb->len);
+		fo_note_redirect(a->ifindex);
+		return bpf_redirect(a->ifindex, 0);
+	case FO_ACT_UP:
+		if (a->fallback_from)
+			fo_count_fallback(a->group, a->fallback_from, FO_DIR_RX, skb->len);
+		fo_count(FO_STATS_IDX(a->group, a->slot, FO_DIR_RX), skb->len);
+		fo_note_redirect(a->ifindex);
+		return bpf_redirect(a->ifindex, BPF_F_INGRESS);
+	case FO_ACT_DROP:
 		return TC_ACT_SHOT;
 	default:
 		return TC_ACT_OK;
 	}
 }
+
+int fo_egress(struct __sk_buff *skb)
+{
+	struct fo_action a = {};
+
+	fo_tx_action(skb, &a);
+	return fo_tc_ret(skb, &a);
+}
+
+int lower_ingress(struct __sk_buff *skb)
+{
+	struct fo_action a = {};
+
+	fo_rx_action(FO_HOOK_TC_INGRESS, skb->ifindex, (void *)(long)skb->data,
+		     (void *)(long)skb->data_end, skb, 0, skb->len, &a);
+	return fo_tc_ret(skb, &a);
+}
+
+#ifdef FO_DP_CHECK
+/* Run once by the loader through BPF_PROG_TEST_RUN (skb on the loopback device): bit 0 the
+ * ifindex read through skb->dev is skb->ifindex, bit 1 the netns walk finds that same
+ * device, bits 2/3 its START/NOCARRIER state bits (checked against the device's flags). */
+int fo_dp_probe(struct __sk_buff *skb)
+{
+	void *dev = 0, *found;
+	unsigned long state = 0;
+	int ifindex = 0, complete = 0, ret = 0;
+
+	if (bpf_probe_read_kernel(&dev, sizeof(dev), (void *)skb + FO_OFF_SKB_DEV) || !dev)
+		return 0;
+	if (!bpf_probe_read_kernel(&ifindex, sizeof(ifindex), dev + FO_OFF_DEV_IFINDEX) &&
+	    (__u32)ifindex == skb->ifindex)
+		ret |= 1;
+	found = fo_dev_by_index(dev, skb->ifindex, &complete);
+	if (found == dev)
+		ret |= 2;
+	if (!bpf_probe_read_kernel(&state, sizeof(state), dev + FO_OFF_DEV_STATE)) {
+		if (state & (1UL << FO_BIT_LINK_START))
+			ret |= 4;
+		if (state & (1UL << FO_BIT_LINK_NOCARRIER))
+			ret |= 8;
+	}
+	return ret;
+}
+
+/* The same for XDP's context (xdp_buff->rxq->dev): bit 0 only. */
+int fo_dp_probe_xdp(struct xdp_md *ctx)
+{
+	return fo_xdp_dev(ctx) ? 1 : 0;
+}
+#endif

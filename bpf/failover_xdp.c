@@ -1,5 +1,5 @@
 /* SPDX-License-Identifier: GPL-2.0 */
-/* bpfailover XDP receive fast path on the lowers.
+/* bpfailover XDP receive fast path on the lowers: a thin entry point over fo_lib.h.
  *
  * XDP_REDIRECT always transmits on the target, so a frame is sent into the
  * failover device's hidden veth peer and enters the failover device through
@@ -10,33 +10,37 @@
 #define FO_BPF_PROG 1
 #include "fo_lib.h"
 
+/* An action as an XDP return code (the XDP half of cilium's ctx/xdp.h idea). */
+static __always_inline int fo_xdp_ret(struct fo_action *a, __u64 len)
+{
+	int verdict;
+
+	switch (a->act) {
+	case FO_ACT_UP:
+		/* Falls back to XDP_PASS (the TC path) when the group has no
+		 * devmap entry yet. */
+		verdict = fo_xdp_up.redirect_map(a->group, XDP_PASS);
+		if (verdict == XDP_REDIRECT) {
+			if (a->fallback_from)
+				fo_count_fallback(a->group, a->fallback_from, FO_DIR_RX, len);
+			fo_count(FO_STATS_IDX(a->group, a->slot, FO_DIR_RX), len);
+			fo_note_redirect(a->ifindex);
+		}
+		return verdict;
+	case FO_ACT_DROP:
+		return XDP_DROP;
+	default:
+		return XDP_PASS;
+	}
+}
+
 int xdp_lower_rx(struct xdp_md *ctx)
 {
 	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
 	__u64 len = data_end - data;
-	struct fo_rx rx = {};
-	__u32 src_hi, src_lo;
-	int verdict;
+	struct fo_action a = {};
 
-	fo_eth_src(data, data_end, &src_hi, &src_lo);
-	switch (fo_rx_decide(ctx->ingress_ifindex, src_hi, src_lo, &rx)) {
-	case FO_RX_UP:
-		/* Falls back to XDP_PASS (the TC path) when the group has no
-		 * devmap entry yet. */
-		verdict = fo_xdp_up.redirect_map(rx.group, XDP_PASS);
-		if (verdict == XDP_REDIRECT) {
-			fo_count(FO_STATS_IDX(rx.group, rx.slot, FO_DIR_RX), len);
-			fo_note_redirect(rx.master_ifindex);
-		}
-		return verdict;
-	case FO_RX_DROP:
-		fo_count_drop(rx.group, FO_HOOK_XDP, FO_DROP_INACTIVE_RX, len);
-		return XDP_DROP;
-	case FO_RX_LOOP:
-		fo_count_drop(rx.group, FO_HOOK_XDP, FO_DROP_LOOP, len);
-		return XDP_DROP;
-	default:
-		return XDP_PASS;
-	}
+	fo_rx_action(FO_HOOK_XDP, ctx->ingress_ifindex, data, data_end, 0, ctx, len, &a);
+	return fo_xdp_ret(&a, len);
 }

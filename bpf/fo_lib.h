@@ -39,25 +39,32 @@ static __always_inline void fo_note_redirect(__u32 ifindex)
 #endif
 }
 
-/* Transmit: the ifindex of the group's active lower, or 0 when there is none.
- * The active slot is read once; the slot's ifindex is only ever rewritten by
- * the agent while that slot is inactive. */
+/* Transmit: the group's active slot (FO_SLOT_NONE if none) and its lower's ifindex (0 when
+ * the slot has no lower).  The active slot is read once; the slot's ifindex is only ever
+ * rewritten by the agent while that slot is inactive. */
 static __always_inline __u32 fo_tx_target(__u32 group, __u32 *slot_out)
 {
 	__u32 *active = fo_active.lookup(&group);
 	__u32 slot, idx, *ifindex;
 
+	*slot_out = FO_SLOT_NONE;
 	if (!active)
 		return 0;
 	slot = *active;
 	if (slot == FO_SLOT_NONE || slot >= FO_NSLOTS)
 		return 0;
+	*slot_out = slot;
 	idx = FO_LOWER_IDX(group, slot);
 	ifindex = fo_lower.lookup(&idx);
-	if (!ifindex)
-		return 0;
-	*slot_out = slot;
-	return *ifindex;
+	return ifindex ? *ifindex : 0;
+}
+
+static __always_inline __u32 fo_slot_lower(__u32 group, __u32 slot)
+{
+	__u32 idx = FO_LOWER_IDX(group, slot);
+	__u32 *ifindex = fo_lower.lookup(&idx);
+
+	return ifindex ? *ifindex : 0;
 }
 
 enum fo_rx_verdict {
@@ -117,6 +124,262 @@ static __always_inline int fo_rx_decide(__u32 ifindex, __u32 src_hi, __u32 src_l
 			return FO_RX_DROP;
 	}
 	return FO_RX_UP;
+}
+
+/* ---- the per-packet lower check (net_failover's netif_running && netif_carrier_ok) ----
+ * Compiled in when the loader found the running kernel's layouts in its BTF (FO_OFF_*,
+ * FO_BIT_LINK_*: -D flags), and active while fo_meta[FO_META_DP_CHECK] is FO_DPC_ON.  No
+ * kernel pointer is ever stored: a lower is found by ifindex in the packet's own netns each
+ * time, the way dev_get_by_index_rcu() does (TC programs run under RCU), and every read
+ * goes through bpf_probe_read_kernel(), which cannot fault. */
+enum fo_link {
+	FO_LINK_UNKNOWN = 0,	/* could not tell: behave as without the check */
+	FO_LINK_GONE,		/* no such ifindex in the netns (unplugged) */
+	FO_LINK_DEAD,		/* not running, or no carrier */
+	FO_LINK_UP,
+};
+
+#ifdef FO_DP_CHECK
+#define FO_WALK_MAX 16		/* entries of one dev_index_head bucket looked at */
+
+static __always_inline void fo_dpc_set(__u32 state)
+{
+	__u32 key = FO_META_DP_CHECK;
+	__u32 *v = fo_meta.lookup(&key);
+
+	if (v)
+		*v = state;
+}
+
+static __always_inline int fo_dpc_applies(__u32 group)
+{
+	__u32 key = FO_META_DP_CHECK;
+	__u32 *on = fo_meta.lookup(&key);
+	struct fo_group *cfg;
+
+	if (!on || *on != FO_DPC_ON)
+		return 0;
+	cfg = fo_group.lookup(&group);
+	return cfg && !(cfg->flags & FO_F_DP_HOLD);
+}
+
+/* skb->dev, checked: its ifindex must read back as skb->ifindex, else the offsets are not
+ * this kernel's and the check turns itself off for good (FO_DPC_MISMATCH). */
+static __always_inline void *fo_skb_dev(struct __sk_buff *skb)
+{
+	void *dev = 0;
+	int ifindex = 0;
+
+	if (bpf_probe_read_kernel(&dev, sizeof(dev), (void *)skb + FO_OFF_SKB_DEV) || !dev)
+		return 0;
+	if (bpf_probe_read_kernel(&ifindex, sizeof(ifindex), dev + FO_OFF_DEV_IFINDEX) ||
+	    (__u32)ifindex != skb->ifindex) {
+		fo_dpc_set(FO_DPC_MISMATCH);
+		return 0;
+	}
+	return dev;
+}
+
+/* The receiving netdev of an XDP context (xdp_buff->rxq->dev), checked the same way. */
+static __always_inline void *fo_xdp_dev(struct xdp_md *ctx)
+{
+	void *rxq = 0, *dev = 0;
+	int ifindex = 0;
+
+	if (bpf_probe_read_kernel(&rxq, sizeof(rxq), (void *)ctx + FO_OFF_XDP_RXQ) || !rxq)
+		return 0;
+	if (bpf_probe_read_kernel(&dev, sizeof(dev), rxq + FO_OFF_RXQ_DEV) || !dev)
+		return 0;
+	if (bpf_probe_read_kernel(&ifindex, sizeof(ifindex), dev + FO_OFF_DEV_IFINDEX) ||
+	    (__u32)ifindex != ctx->ingress_ifindex) {
+		fo_dpc_set(FO_DPC_MISMATCH);
+		return 0;
+	}
+	return dev;
+}
+
+/* The netdev `ifindex` in the netns of netdev `dev`; *complete says the bucket was walked
+ * to its end (a miss then means there is no such device). */
+static __always_inline void *fo_dev_by_index(void *dev, __u32 ifindex, int *complete)
+{
+	void *net = 0, *head = 0, *node = 0, *cand;
+	__u32 bucket = ifindex & ((1U << FO_NETDEV_HASHBITS) - 1);
+	int idx, i;
+
+	*complete = 0;
+	if (bpf_probe_read_kernel(&net, sizeof(net), dev + FO_OFF_DEV_NET) || !net)
+		return 0;
+	if (bpf_probe_read_kernel(&head, sizeof(head), net + FO_OFF_NET_INDEX_HEAD) || !head)
+		return 0;
+	if (bpf_probe_read_kernel(&node, sizeof(node), head + bucket * sizeof(void *)))
+		return 0;
+#pragma unroll
+	for (i = 0; i < FO_WALK_MAX; i++) {
+		if (!node) {
+			*complete = 1;
+			return 0;
+		}
+		cand = node - FO_OFF_DEV_INDEX_HLIST;
+		if (bpf_probe_read_kernel(&idx, sizeof(idx), cand + FO_OFF_DEV_IFINDEX))
+			return 0;
+		if ((__u32)idx == ifindex) {
+			*complete = 1;
+			return cand;
+		}
+		if (bpf_probe_read_kernel(&node, sizeof(node), node))	/* hlist_node.next */
+			return 0;
+	}
+	return 0;
+}
+
+static __always_inline int fo_link(void *dev, __u32 ifindex)
+{
+	unsigned long state = 0;
+	int complete = 0;
+	void *lower;
+
+	if (!ifindex)
+		return FO_LINK_GONE;
+	lower = fo_dev_by_index(dev, ifindex, &complete);
+	if (!lower)
+		return complete ? FO_LINK_GONE : FO_LINK_UNKNOWN;
+	if (bpf_probe_read_kernel(&state, sizeof(state), lower + FO_OFF_DEV_STATE))
+		return FO_LINK_UNKNOWN;
+	if (!(state & (1UL << FO_BIT_LINK_START)) || (state & (1UL << FO_BIT_LINK_NOCARRIER)))
+		return FO_LINK_DEAD;
+	return FO_LINK_UP;
+}
+#else
+static __always_inline int fo_dpc_applies(__u32 group) { return 0; }
+static __always_inline void *fo_skb_dev(struct __sk_buff *skb) { return 0; }
+static __always_inline void *fo_xdp_dev(struct xdp_md *ctx) { return 0; }
+static __always_inline int fo_link(void *dev, __u32 ifindex) { return FO_LINK_UNKNOWN; }
+#endif /* FO_DP_CHECK */
+
+static __always_inline void fo_count_fallback(__u32 group, __u32 from_slot, __u32 dir,
+					      __u64 bytes)
+{
+	__u32 idx = FO_STATS_IDX(group, from_slot, dir);
+	struct fo_counter *c = fo_fallback.lookup(&idx);
+
+	if (c) {
+		c->packets++;
+		c->bytes += bytes;
+	}
+}
+
+/* ---- verdicts to actions: what an entry point does with a frame, whatever its hook.
+ * Each program file maps an action to its own return codes (as cilium's ctx/skb.h and
+ * ctx/xdp.h map CTX_ACT_*); the rules and the counting of drops and fallbacks live here. */
+enum fo_act {
+	FO_ACT_PASS = 0,	/* not ours: the stack carries on */
+	FO_ACT_DROP,		/* dropped, already counted by reason */
+	FO_ACT_TX,		/* out through lower `ifindex` (slot `slot`) */
+	FO_ACT_UP,		/* up into the failover device `ifindex` (from slot `slot`) */
+};
+
+struct fo_action {
+	__u32 act;
+	__u32 group;
+	__u32 slot;
+	__u32 ifindex;
+	__u32 fallback_from;	/* the dead active slot when the datapath moved it, else 0 */
+};
+
+/* Transmit from failover device skb->ifindex. */
+static __always_inline void fo_tx_action(struct __sk_buff *skb, struct fo_action *a)
+{
+	__u32 ifindex = skb->ifindex;
+	struct fo_dev *dev = fo_dev.lookup(&ifindex);
+	__u32 group, slot, target, other, oif;
+	void *kdev;
+	int st;
+
+	a->act = FO_ACT_PASS;
+	if (!dev || dev->role != FO_ROLE_MASTER || dev->group >= FO_MAX_GROUPS)
+		return;		/* not a failover device we know: hands off */
+	group = dev->group;
+	a->group = group;
+	target = fo_tx_target(group, &slot);
+	if (slot != FO_SLOT_NONE && fo_dpc_applies(group)) {
+		kdev = fo_skb_dev(skb);
+		st = kdev ? fo_link(kdev, target) : FO_LINK_UNKNOWN;
+		if (st == FO_LINK_DEAD || st == FO_LINK_GONE) {
+			other = FO_SLOT_STANDBY + FO_SLOT_PRIMARY - slot;
+			oif = fo_slot_lower(group, other);
+			if (oif && fo_link(kdev, oif) == FO_LINK_UP) {
+				a->fallback_from = slot;
+				a->act = FO_ACT_TX;
+				a->slot = other;
+				a->ifindex = oif;
+				return;
+			}
+			if (st == FO_LINK_DEAD)
+				target = 0;	/* neither lower can carry it */
+		}
+	}
+	if (!target) {
+		fo_count_drop(group, FO_HOOK_TC_EGRESS, FO_DROP_NO_LOWER, skb->len);
+		a->act = FO_ACT_DROP;
+		return;
+	}
+	a->act = FO_ACT_TX;
+	a->slot = slot;
+	a->ifindex = target;
+}
+
+/* Under inactive_rx drop: is the group's active lower dead, so that the frame from the
+ * other one is delivered (net_failover takes it once the standby is all there is)?
+ * `kdev` is the receiving netdev (0 where it cannot be read: XDP). */
+static __always_inline int fo_rx_active_dead(struct fo_rx *rx, void *kdev)
+{
+	__u32 slot;
+	int st;
+
+	fo_tx_target(rx->group, &slot);
+	if (slot == FO_SLOT_NONE || slot == rx->slot)
+		return 0;
+	st = fo_link(kdev, fo_slot_lower(rx->group, slot));
+	return st == FO_LINK_DEAD || st == FO_LINK_GONE;
+}
+
+/* Receive on lower `ifindex`: from TC (`skb`) or XDP (`xdp`), the other one 0. */
+static __always_inline void fo_rx_action(__u32 hook, __u32 ifindex, void *data, void *data_end,
+					 struct __sk_buff *skb, struct xdp_md *xdp, __u64 len,
+					 struct fo_action *a)
+{
+	void *kdev;
+
+	struct fo_rx rx = {};
+	__u32 src_hi, src_lo;
+
+	fo_eth_src(data, data_end, &src_hi, &src_lo);
+	a->act = FO_ACT_PASS;
+	switch (fo_rx_decide(ifindex, src_hi, src_lo, &rx)) {
+	case FO_RX_UP:
+		break;
+	case FO_RX_DROP:
+		if (fo_dpc_applies(rx.group)) {
+			kdev = skb ? fo_skb_dev(skb) : fo_xdp_dev(xdp);
+			if (kdev && fo_rx_active_dead(&rx, kdev)) {
+				fo_tx_target(rx.group, &a->fallback_from);
+				break;
+			}
+		}
+		fo_count_drop(rx.group, hook, FO_DROP_INACTIVE_RX, len);
+		a->act = FO_ACT_DROP;
+		return;
+	case FO_RX_LOOP:
+		fo_count_drop(rx.group, hook, FO_DROP_LOOP, len);
+		a->act = FO_ACT_DROP;
+		return;
+	default:
+		return;
+	}
+	a->act = FO_ACT_UP;
+	a->group = rx.group;
+	a->slot = rx.slot;
+	a->ifindex = rx.master_ifindex;
 }
 
 #endif /* FO_LIB_H */

@@ -1,15 +1,22 @@
-"""Layer 2: the BPF programs alone, through BPF_PROG_TEST_RUN.
+"""Layer 2: the BPF programs alone, through BPF_PROG_TEST_RUN, as one table of cases.
 
-Crafted frames in; verdict, redirect target (test build's fo_last_redirect) and
-exact counter deltas out.  The netdevs exist only so that the kernel accepts
-their ifindexes in the test context."""
+Each case (as katran's test fixtures do): a description, a program and the device it runs
+on, a crafted frame, the map and link state -> the verdict, the redirect target (the test
+build's fo_last_redirect) and the exact change of every counter of both groups (any counter
+a case does not name must not move).  The netdevs are real veths in a private netns: the
+kernel needs their ifindexes in the test context, and the per-packet lower check reads
+their real state (a lower is taken down, loses its carrier, or is "gone": an ifindex that
+does not exist).  One datapath serves the whole table; each case first puts the maps and
+links back to the default below, so every case also shows that a flip takes effect on the
+very next frame."""
 
 from __future__ import annotations
 
+import shutil
 import struct
 import subprocess
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -18,6 +25,7 @@ from bpfailover import netns
 from bpfailover.datapath import bpfsys
 from bpfailover.datapath.maps import Counter, Datapath
 from tests import frames
+from tests.conftest import unique
 
 pytestmark = pytest.mark.root
 
@@ -25,6 +33,7 @@ TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT = 0, 2, 7
 XDP_DROP, XDP_PASS, XDP_REDIRECT = 1, 2, 4
 SKB_CTX_SIZE = 192  # sizeof(struct __sk_buff); ifindex at offset 40
 XDP_CTX_SIZE = 24  # sizeof(struct xdp_md); ingress_ifindex at offset 12
+GONE_IFINDEX = 424242  # a lower whose device no longer exists (unplugged)
 
 V4 = frames.ipv4_udp(frames.PEER_MAC, frames.MAC, "198.18.0.1", "198.18.0.2")
 V6 = frames.ipv6_udp(frames.PEER_MAC, frames.MAC, "2001:db8::1", "2001:db8::2")
@@ -34,6 +43,440 @@ RX_V4 = frames.ipv4_udp(frames.MAC, frames.PEER_MAC, "198.18.0.2", "198.18.0.1")
 RX_V6 = frames.ipv6_udp(frames.MAC, frames.PEER_MAC, "2001:db8::2", "2001:db8::1")
 RX_ARP = frames.arp_request(frames.PEER_MAC, "198.18.0.2", "198.18.0.1")
 OTHER_MAC = "52:54:00:00:12:54"
+# group 1's own frame: not group 0's MAC
+G1_OWN = frames.ipv4_udp(frames.PEER_MAC, OTHER_MAC, "198.18.1.1", "198.18.1.2")
+
+DEVS = ("fo0", "sb0", "pr0", "fo1", "sb1", "pr1", "other")
+SLOTS = {"none": 0, "standby": 1, "primary": 2}
+DIRS = {"tx": 0, "rx": 1}
+HOOKS = {"tc_egress": 0, "tc_ingress": 1, "xdp": 2}
+REASONS = {"no_lower": 0, "inactive_rx": 1, "loop": 2}
+PROGS = {"egress": "prog_fo_egress", "ingress": "prog_lower_ingress", "xdp": "prog_xdp_lower_rx"}
+
+# counter keys: ("stats", group, slot, dir), ("drops", group, hook, reason),
+# ("fallback", group, from slot, dir) -> the Counter the case adds
+Key = tuple[str, int, str, str]
+
+
+@dataclass(frozen=True)
+class Case:
+    desc: str
+    prog: str  # egress | ingress | xdp
+    dev: str  # the device the frame is on
+    frame: bytes
+    verdict: int
+    redirect: str | None = None  # expected fo_last_redirect (None: not checked)
+    counts: dict[Key, int] = field(default_factory=dict)  # key -> packets (bytes = len(frame))
+    # map state (defaults: both groups active on primary, deliver mode, no devmap entry)
+    active: tuple[str, str] = ("primary", "primary")
+    drop_mode: bool = False  # group 0: inactive_rx drop
+    hold: bool = False  # group 0: FO_F_DP_HOLD (downdelay_ms > 0: the agent alone moves)
+    override: str = "none"  # group 0's override_slot
+    xdp_up: bool = False  # group 0's devmap entry
+    lowers: tuple[tuple[str, str, int | str], ...] = ()  # (group 0 slot, dev | ifindex)
+    dp_check: bool = True  # fo_meta[FO_META_DP_CHECK] is "on"
+    # link state: dev -> "down" (admin down: not running) | "nocarrier" (its peer is down)
+    links: tuple[tuple[str, str], ...] = ()
+
+
+def tx(g: int, slot: str, n: int = 1) -> dict[Key, int]:
+    return {("stats", g, slot, "tx"): n}
+
+
+def rx(g: int, slot: str, n: int = 1) -> dict[Key, int]:
+    return {("stats", g, slot, "rx"): n}
+
+
+def drop(g: int, hook: str, reason: str, n: int = 1) -> dict[Key, int]:
+    return {("drops", g, hook, reason): n}
+
+
+def fallback(g: int, from_slot: str, d: str) -> dict[Key, int]:
+    return {("fallback", g, from_slot, d): 1}
+
+
+FRAMES_TX = (("ipv4", V4), ("ipv6", V6), ("arp", ARP))
+FRAMES_RX = (("ipv4", RX_V4), ("ipv6", RX_V6), ("arp", RX_ARP))
+DEAD = (("down", "admin down"), ("nocarrier", "no carrier"))
+
+CASES: list[Case] = [
+    # -- transmit: out through the active lower, counted per slot --------------------------
+    *(
+        Case(
+            f"egress {name} -> active {slot}",
+            "egress",
+            "fo0",
+            f,
+            TC_ACT_REDIRECT,
+            dev,
+            tx(0, slot),
+            active=(slot, "primary"),
+        )
+        for name, f in FRAMES_TX
+        for slot, dev in (("primary", "pr0"), ("standby", "sb0"))
+    ),
+    *(
+        Case(
+            f"no active lower: {name} dropped as no_lower",
+            "egress",
+            "fo0",
+            f,
+            TC_ACT_SHOT,
+            None,
+            drop(0, "tc_egress", "no_lower"),
+            active=("none", "primary"),
+        )
+        for name, f in (("ipv4", V4), ("arp", ARP))
+    ),
+    Case(
+        "active slot's lower unregistered (check off): no_lower",
+        "egress",
+        "fo0",
+        V4,
+        TC_ACT_SHOT,
+        None,
+        drop(0, "tc_egress", "no_lower"),
+        lowers=(("primary", 0),),
+        dp_check=False,
+    ),
+    Case(
+        "active slot's lower unregistered, the standby dead too: no_lower",
+        "egress",
+        "fo0",
+        V4,
+        TC_ACT_SHOT,
+        None,
+        drop(0, "tc_egress", "no_lower"),
+        lowers=(("primary", 0),),
+        links=(("sb0", "down"),),
+    ),
+    Case("unknown device: egress left alone", "egress", "other", V4, TC_ACT_OK),
+    Case("unknown device: ingress left alone", "ingress", "other", RX_V4, TC_ACT_OK),
+    Case("unknown device: xdp passes", "xdp", "other", RX_V4, XDP_PASS),
+    Case("a lower's own egress is not redirected", "egress", "pr0", V4, TC_ACT_OK),
+    Case(
+        "groups isolated: fo1 -> its own standby",
+        "egress",
+        "fo1",
+        V4,
+        TC_ACT_REDIRECT,
+        "sb1",
+        tx(1, "standby"),
+        active=("primary", "standby"),
+    ),
+    Case(
+        "groups isolated: pr1 -> fo1",
+        "ingress",
+        "pr1",
+        RX_V4,
+        TC_ACT_REDIRECT,
+        "fo1",
+        rx(1, "primary"),
+        active=("primary", "standby"),
+    ),
+    # -- transmit: the per-packet lower check (net_failover's start_xmit) -------------------
+    *(
+        Case(
+            f"active primary {what}, standby up: datapath falls back to the standby",
+            "egress",
+            "fo0",
+            V4,
+            TC_ACT_REDIRECT,
+            "sb0",
+            {**tx(0, "standby"), **fallback(0, "primary", "tx")},
+            links=(("pr0", state),),
+        )
+        for state, what in DEAD
+    ),
+    *(
+        Case(
+            f"active standby {what}, primary up: datapath falls back to the primary",
+            "egress",
+            "fo0",
+            V6,
+            TC_ACT_REDIRECT,
+            "pr0",
+            {**tx(0, "primary"), **fallback(0, "standby", "tx")},
+            active=("standby", "primary"),
+            links=(("sb0", state),),
+        )
+        for state, what in DEAD
+    ),
+    Case(
+        "active primary gone (unplugged, agent not told yet): falls back",
+        "egress",
+        "fo0",
+        V4,
+        TC_ACT_REDIRECT,
+        "sb0",
+        {**tx(0, "standby"), **fallback(0, "primary", "tx")},
+        lowers=(("primary", GONE_IFINDEX),),
+    ),
+    Case(
+        "active slot's lower unregistered, standby up: falls back",
+        "egress",
+        "fo0",
+        ARP,
+        TC_ACT_REDIRECT,
+        "sb0",
+        {**tx(0, "standby"), **fallback(0, "primary", "tx")},
+        lowers=(("primary", 0),),
+    ),
+    *(
+        Case(
+            f"both lowers dead ({what} / {what2}): no_lower",
+            "egress",
+            "fo0",
+            V4,
+            TC_ACT_SHOT,
+            None,
+            drop(0, "tc_egress", "no_lower"),
+            links=(("pr0", s1), ("sb0", s2)),
+        )
+        for (s1, what), (s2, what2) in (
+            (DEAD[0], DEAD[1]),
+            (DEAD[1], DEAD[0]),
+            (DEAD[1], DEAD[1]),
+        )
+    ),
+    Case(
+        "primary dead, standby unregistered: no_lower",
+        "egress",
+        "fo0",
+        V4,
+        TC_ACT_SHOT,
+        None,
+        drop(0, "tc_egress", "no_lower"),
+        lowers=(("standby", 0),),
+        links=(("pr0", "nocarrier"),),
+    ),
+    Case(
+        "primary dead, standby gone: no_lower",
+        "egress",
+        "fo0",
+        V4,
+        TC_ACT_SHOT,
+        None,
+        drop(0, "tc_egress", "no_lower"),
+        lowers=(("standby", GONE_IFINDEX),),
+        links=(("pr0", "down"),),
+    ),
+    Case(
+        "agent says no lower, standby up: the datapath does not override it",
+        "egress",
+        "fo0",
+        V4,
+        TC_ACT_SHOT,
+        None,
+        drop(0, "tc_egress", "no_lower"),
+        active=("none", "primary"),
+        links=(("pr0", "nocarrier"),),
+    ),
+    Case(
+        "downdelay (hold): primary dead, sent there as the agent says, no fallback",
+        "egress",
+        "fo0",
+        V4,
+        TC_ACT_REDIRECT,
+        "pr0",
+        tx(0, "primary"),
+        hold=True,
+        links=(("pr0", "nocarrier"),),
+    ),
+    Case(
+        "override to the standby, standby dead: to the primary, as the policy table does",
+        "egress",
+        "fo0",
+        V4,
+        TC_ACT_REDIRECT,
+        "pr0",
+        {**tx(0, "primary"), **fallback(0, "standby", "tx")},
+        active=("standby", "primary"),
+        override="standby",
+        links=(("sb0", "down"),),
+    ),
+    Case(
+        "override to the standby, standby up: stays there (the way back is the agent's)",
+        "egress",
+        "fo0",
+        V4,
+        TC_ACT_REDIRECT,
+        "sb0",
+        tx(0, "standby"),
+        active=("standby", "primary"),
+        override="standby",
+    ),
+    Case(
+        "check off: primary dead, sent there as before",
+        "egress",
+        "fo0",
+        V4,
+        TC_ACT_REDIRECT,
+        "pr0",
+        tx(0, "primary"),
+        dp_check=False,
+        links=(("pr0", "nocarrier"),),
+    ),
+    Case(
+        "group 0's dead primary does not move group 1",
+        "egress",
+        "fo1",
+        V4,
+        TC_ACT_REDIRECT,
+        "pr1",
+        tx(1, "primary"),
+        links=(("pr0", "down"),),
+    ),
+    # -- receive ---------------------------------------------------------------------------
+    *(
+        Case(
+            f"deliver mode: {name} from the {slot} goes up",
+            "ingress",
+            dev,
+            f,
+            TC_ACT_REDIRECT,
+            "fo0",
+            rx(0, slot),
+        )
+        for name, f in FRAMES_RX
+        for slot, dev in (("primary", "pr0"), ("standby", "sb0"))
+    ),
+    *(
+        Case(
+            f"drop mode, active {act}: from {dev} {'up' if ok else 'dropped'}",
+            "ingress",
+            dev,
+            RX_V4,
+            TC_ACT_REDIRECT if ok else TC_ACT_SHOT,
+            "fo0" if ok else None,
+            rx(0, slot) if ok else drop(0, "tc_ingress", "inactive_rx"),
+            active=(act, "primary"),
+            drop_mode=True,
+        )
+        for act in ("primary", "standby")
+        for dev, slot in (("pr0", "primary"), ("sb0", "standby"))
+        for ok in [act == slot]
+    ),
+    *(
+        Case(
+            f"drop mode, active primary {what}: the standby's frame is delivered",
+            "ingress",
+            "sb0",
+            RX_V4,
+            TC_ACT_REDIRECT,
+            "fo0",
+            {**rx(0, "standby"), **fallback(0, "primary", "rx")},
+            drop_mode=True,
+            links=(("pr0", state),),
+        )
+        for state, what in DEAD
+    ),
+    Case(
+        "drop mode, active primary gone: the standby's frame is delivered",
+        "ingress",
+        "sb0",
+        RX_V6,
+        TC_ACT_REDIRECT,
+        "fo0",
+        {**rx(0, "standby"), **fallback(0, "primary", "rx")},
+        drop_mode=True,
+        lowers=(("primary", GONE_IFINDEX),),
+    ),
+    Case(
+        "drop mode + downdelay (hold), primary dead: the standby's frame dropped",
+        "ingress",
+        "sb0",
+        RX_V4,
+        TC_ACT_SHOT,
+        None,
+        drop(0, "tc_ingress", "inactive_rx"),
+        drop_mode=True,
+        hold=True,
+        links=(("pr0", "nocarrier"),),
+    ),
+    *(
+        Case(
+            f"own {name} flooded back on {dev} ({hook}): loop",
+            hook,
+            dev,
+            f,
+            TC_ACT_SHOT if hook == "ingress" else XDP_DROP,
+            None,
+            drop(0, "tc_ingress" if hook == "ingress" else "xdp", "loop"),
+            xdp_up=True,
+        )
+        for name, f in FRAMES_TX
+        for dev in ("sb0", "pr0")
+        for hook in ("ingress", "xdp")
+    ),
+    Case(
+        "group 1's MAC is not group 0's: passes group 0's lowers",
+        "ingress",
+        "pr0",
+        G1_OWN,
+        TC_ACT_REDIRECT,
+        "fo0",
+        rx(0, "primary"),
+    ),
+    Case("xdp without a devmap entry: passes to TC, counts nothing", "xdp", "pr0", RX_V4, XDP_PASS),
+    *(
+        Case(
+            f"xdp {name}: up through the devmap",
+            "xdp",
+            "pr0",
+            f,
+            XDP_REDIRECT,
+            "fo0",
+            rx(0, "primary"),
+            xdp_up=True,
+        )
+        for name, f in FRAMES_RX
+    ),
+    Case(
+        "xdp drop mode: the inactive standby's frame dropped",
+        "xdp",
+        "sb0",
+        RX_V4,
+        XDP_DROP,
+        None,
+        drop(0, "xdp", "inactive_rx"),
+        drop_mode=True,
+        xdp_up=True,
+    ),
+    Case(
+        "xdp drop mode: the active primary's frame up",
+        "xdp",
+        "pr0",
+        RX_V4,
+        XDP_REDIRECT,
+        "fo0",
+        rx(0, "primary"),
+        drop_mode=True,
+        xdp_up=True,
+    ),
+    Case(
+        "xdp drop mode, active primary dead: the standby's frame is delivered",
+        "xdp",
+        "sb0",
+        RX_V4,
+        XDP_REDIRECT,
+        "fo0",
+        {**rx(0, "standby"), **fallback(0, "primary", "rx")},
+        drop_mode=True,
+        xdp_up=True,
+        links=(("pr0", "down"),),
+    ),
+    Case(
+        "xdp drop mode, primary dead, no devmap entry: passed to TC, counts nothing here",
+        "xdp",
+        "sb0",
+        RX_V4,
+        XDP_PASS,
+        None,
+        drop_mode=True,
+        links=(("pr0", "down"),),
+    ),
+]
 
 
 def skb_ctx(ifindex: int) -> bytes:
@@ -48,205 +491,212 @@ def xdp_ctx(ifindex: int, frame_len: int) -> bytes:
     return bytes(ctx)
 
 
-@dataclass
 class Rig:
-    dp: Datapath
-    ns: str
-    ifx: dict[str, int]
-
-    def run_tc(self, prog: str, dev: str, frame: bytes) -> int:
-        with netns.entered(self.ns):  # the context's ifindex is looked up in this netns
-            res = bpfsys.prog_test_run(self.dp.prog_fd(prog), frame, skb_ctx(self.ifx[dev]))
-        return res.retval
-
-    def run_xdp(self, dev: str, frame: bytes) -> int:
-        with netns.entered(self.ns):
-            res = bpfsys.prog_test_run(
-                self.dp.prog_fd("prog_xdp_lower_rx"), frame, xdp_ctx(self.ifx[dev], len(frame))
-            )
-        return res.retval
-
-
-@pytest.fixture
-def rig(pin_dir: Path, scratch_netns: str) -> Iterator[Rig]:
     """Two groups: g0 = fo0 (sb0 standby, pr0 primary), g1 = fo1 (sb1, pr1)."""
-    ifx: dict[str, int] = {}
-    for dev in ("fo0", "sb0", "pr0", "fo1", "sb1", "pr1", "other"):
-        subprocess.run(
-            ["ip", "-n", scratch_netns, "link", "add", dev, "type", "veth", "peer", f"{dev}p"],
-            check=True,
+
+    def __init__(self, dp: Datapath, ns: str, ifx: dict[str, int]) -> None:
+        self.dp, self.ns, self.ifx = dp, ns, ifx
+        self.links: dict[str, str] = {}  # dev -> state differing from "up"
+
+    def set_links(self, want: dict[str, str]) -> None:
+        cmds = []
+        for dev in DEVS:
+            old, new = self.links.get(dev, "up"), want.get(dev, "up")
+            if old == new:
+                continue
+            cmds.append(f"link set {dev} {'down' if new == 'down' else 'up'}")
+            cmds.append(f"link set {dev}p {'down' if new == 'nocarrier' else 'up'}")
+        if cmds:
+            subprocess.run(
+                ["ip", "-n", self.ns, "-batch", "-"], input="\n".join(cmds), text=True, check=True
+            )
+        self.links = dict(want)
+
+    def apply(self, c: Case) -> None:
+        L, dp = self.dp.L, self.dp
+        for g in (0, 1):
+            for slot, dev in ((L.FO_SLOT_STANDBY, f"sb{g}"), (L.FO_SLOT_PRIMARY, f"pr{g}")):
+                dp.set_lower(g, slot, self.ifx[dev])
+            dp.flip(g, SLOTS[c.active[g]])
+        for slot_name, lower in c.lowers:
+            dp.set_lower(0, SLOTS[slot_name], lower if isinstance(lower, int) else self.ifx[lower])
+        flags = (L.FO_F_INACTIVE_RX_DROP if c.drop_mode else 0) | (L.FO_F_DP_HOLD if c.hold else 0)
+        dp.update_group(0, flags=flags, override_slot=SLOTS[c.override])
+        if c.xdp_up:
+            dp.set_xdp_up(0, self.ifx["fo0p"])
+        else:
+            bpfsys.map_delete(dp.fds["fo_xdp_up"], struct.pack("=I", 0))
+        state = L.FO_DPC_ON if c.dp_check else L.FO_DPC_OFF
+        bpfsys.map_update(
+            dp.fds["fo_meta"], struct.pack("=I", L.FO_META_DP_CHECK), struct.pack("=I", state)
         )
-        for name in (dev, f"{dev}p"):
-            out = subprocess.run(
-                ["ip", "-n", scratch_netns, "-o", "link", "show", name],
-                check=True,
-                capture_output=True,
-                text=True,
-            ).stdout
-            ifx[name] = int(out.split(":", 1)[0])
-    dp = Datapath.open(pin_dir, test_hooks=True)
-    L = dp.L
-    for i in (0, 1):
-        g = dp.alloc_group(f"fo{i}")
-        assert g == i
-        dp.update_group(
-            g,
-            master_ifindex=ifx[f"fo{i}"],
-            peer_ifindex=ifx[f"fo{i}p"],
-            mac=(frames.MAC, OTHER_MAC)[i],
-        )
-        dp.set_dev(ifx[f"fo{i}"], g, L.FO_ROLE_MASTER)
-        for slot, dev in ((L.FO_SLOT_STANDBY, f"sb{i}"), (L.FO_SLOT_PRIMARY, f"pr{i}")):
-            dp.set_dev(ifx[dev], g, slot)
-            dp.set_lower(g, slot, ifx[dev])
+        dp.update_group(1, flags=0)
+        self.set_links(dict(c.links))
+        bpfsys.map_update(dp.fds["fo_last_redirect"], struct.pack("=I", 0), struct.pack("=I", 0))
+
+    def run(self, c: Case) -> int:
+        fd = self.dp.prog_fd(PROGS[c.prog])
+        ifindex = self.ifx[c.dev]
+        ctx = xdp_ctx(ifindex, len(c.frame)) if c.prog == "xdp" else skb_ctx(ifindex)
+        with netns.entered(self.ns):  # the context's ifindex is looked up in this netns
+            return bpfsys.prog_test_run(fd, c.frame, ctx).retval
+
+    def counters(self) -> dict[Key, Counter]:
+        out: dict[Key, Counter] = {}
+        for g in (0, 1):
+            for slot in ("standby", "primary"):
+                for d in DIRS:
+                    out[("stats", g, slot, d)] = self.dp.stats(g, SLOTS[slot], DIRS[d])
+                    out[("fallback", g, slot, d)] = self.dp.fallback(g, SLOTS[slot], DIRS[d])
+            for hook in HOOKS:
+                for reason in REASONS:
+                    out[("drops", g, hook, reason)] = self.dp.drops(g, HOOKS[hook], REASONS[reason])
+        return out
+
+
+def _make_netns() -> str:
+    name = unique("fot-")
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    return name
+
+
+@pytest.fixture(scope="module")
+def rig() -> Iterator[Rig]:
+    bpffs = Path("/sys/fs/bpf")
+    if subprocess.run(["mountpoint", "-q", str(bpffs)], check=False).returncode != 0:
+        subprocess.run(["mount", "-t", "bpf", "bpf", str(bpffs)], check=True)
+    pin_dir = bpffs / unique("bpfailover-test-")
+    ns = _make_netns()
+    dp: Datapath | None = None
     try:
-        yield Rig(dp, scratch_netns, ifx)
+        ifx: dict[str, int] = {}
+        for dev in DEVS:
+            subprocess.run(
+                ["ip", "-n", ns, "link", "add", dev, "type", "veth", "peer", f"{dev}p"], check=True
+            )
+            for name in (dev, f"{dev}p"):
+                subprocess.run(["ip", "-n", ns, "link", "set", name, "up"], check=True)
+                out = subprocess.run(
+                    ["ip", "-n", ns, "-o", "link", "show", name],
+                    check=True,
+                    capture_output=True,
+                    text=True,
+                ).stdout
+                ifx[name] = int(out.split(":", 1)[0])
+        dp = Datapath.open(pin_dir, test_hooks=True)
+        assert dp.datapath_check() == "on"
+        L = dp.L
+        for i in (0, 1):
+            g = dp.alloc_group(f"fo{i}")
+            assert g == i
+            dp.update_group(
+                g,
+                master_ifindex=ifx[f"fo{i}"],
+                peer_ifindex=ifx[f"fo{i}p"],
+                mac=(frames.MAC, OTHER_MAC)[i],
+            )
+            dp.set_dev(ifx[f"fo{i}"], g, L.FO_ROLE_MASTER)
+            for slot, dev in ((L.FO_SLOT_STANDBY, f"sb{i}"), (L.FO_SLOT_PRIMARY, f"pr{i}")):
+                dp.set_dev(ifx[dev], g, slot)
+        yield Rig(dp, ns, ifx)
     finally:
-        dp.close()
+        if dp is not None:
+            dp.close()
+        shutil.rmtree(pin_dir, ignore_errors=True)
+        subprocess.run(["ip", "netns", "del", ns], check=False)
 
 
-@pytest.mark.parametrize("frame", [V4, V6, ARP], ids=["ipv4", "ipv6", "arp"])
-@pytest.mark.parametrize("slot_name", ["primary", "standby"])
-def test_egress_redirects_to_active_lower_and_counts(
-    rig: Rig, frame: bytes, slot_name: str
-) -> None:
+@pytest.mark.parametrize("case", CASES, ids=[c.desc for c in CASES])
+def test_case(rig: Rig, case: Case) -> None:
+    rig.apply(case)
+    before = rig.counters()
+    assert rig.run(case) == case.verdict
+    if case.redirect is not None:
+        assert rig.dp.last_redirect() == rig.ifx[case.redirect]
+    elif case.verdict in (TC_ACT_SHOT, XDP_DROP, TC_ACT_OK, XDP_PASS):
+        assert rig.dp.last_redirect() == 0  # nothing was redirected
+    after = rig.counters()
+    n = len(case.frame)
+    got = {
+        k: Counter(after[k].packets - v.packets, after[k].bytes - v.bytes)
+        for k, v in before.items()
+    }
+    want = {k: Counter(case.counts.get(k, 0), case.counts.get(k, 0) * n) for k in before}
+    assert {k: v for k, v in got.items() if v != Counter()} == {
+        k: v for k, v in want.items() if v != Counter()
+    }
+    assert rig.dp.datapath_check() == ("on" if case.dp_check else "off")  # never tripped
+
+
+def test_table_covers_every_verdict_and_counter_kind() -> None:
+    """The table itself: every program, verdict and counter family has a case."""
+    assert {c.prog for c in CASES} == set(PROGS)
+    verdicts = {(c.prog == "xdp", c.verdict) for c in CASES}
+    assert verdicts >= {(False, v) for v in (TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT)}
+    assert verdicts >= {(True, v) for v in (XDP_DROP, XDP_PASS, XDP_REDIRECT)}
+    kinds = {(k[0], k[-1]) for c in CASES for k in c.counts}
+    assert kinds >= {("stats", "tx"), ("stats", "rx"), ("fallback", "tx"), ("fallback", "rx")}
+    assert {k[3] for c in CASES for k in c.counts if k[0] == "drops"} == set(REASONS)
+
+
+def test_counters_survive_reopen_and_reset_on_new_group(rig: Rig) -> None:
     L = rig.dp.L
-    slot = L.FO_SLOT_PRIMARY if slot_name == "primary" else L.FO_SLOT_STANDBY
-    target = rig.ifx["pr0" if slot_name == "primary" else "sb0"]
-    rig.dp.flip(0, slot)
-    before = rig.dp.stats(0, slot, L.FO_DIR_TX)
-    assert rig.run_tc("prog_fo_egress", "fo0", frame) == TC_ACT_REDIRECT
-    assert rig.dp.last_redirect() == target
-    assert rig.dp.stats(0, slot, L.FO_DIR_TX) == before + Counter(1, len(frame))
-    other = L.FO_SLOT_STANDBY if slot == L.FO_SLOT_PRIMARY else L.FO_SLOT_PRIMARY
-    assert rig.dp.stats(0, other, L.FO_DIR_TX) == Counter()
-
-
-def test_flip_changes_target_of_next_frame(rig: Rig) -> None:
-    L = rig.dp.L
-    for slot, dev in ((L.FO_SLOT_PRIMARY, "pr0"), (L.FO_SLOT_STANDBY, "sb0"), (2, "pr0")):
-        rig.dp.flip(0, slot)
-        assert rig.run_tc("prog_fo_egress", "fo0", V4) == TC_ACT_REDIRECT
-        assert rig.dp.last_redirect() == rig.ifx[dev]
-
-
-def test_no_active_lower_drops_and_counts_no_lower(rig: Rig) -> None:
-    L = rig.dp.L
-    rig.dp.flip(0, L.FO_SLOT_NONE)
-    assert rig.run_tc("prog_fo_egress", "fo0", V4) == TC_ACT_SHOT
-    assert rig.run_tc("prog_fo_egress", "fo0", ARP) == TC_ACT_SHOT
-    drops = rig.dp.drops(0, L.FO_HOOK_TC_EGRESS, L.FO_DROP_NO_LOWER)
-    assert drops == Counter(2, len(V4) + len(ARP))
-    for slot in (L.FO_SLOT_STANDBY, L.FO_SLOT_PRIMARY):
-        assert rig.dp.stats(0, slot, L.FO_DIR_TX) == Counter()
-
-
-def test_active_slot_whose_lower_is_unregistered_drops(rig: Rig) -> None:
-    L = rig.dp.L
-    rig.dp.flip(0, L.FO_SLOT_PRIMARY)
-    rig.dp.set_lower(0, L.FO_SLOT_PRIMARY, 0)  # the VF was unplugged
-    assert rig.run_tc("prog_fo_egress", "fo0", V4) == TC_ACT_SHOT
-    assert rig.dp.drops(0, L.FO_HOOK_TC_EGRESS, L.FO_DROP_NO_LOWER).packets == 1
-
-
-def test_unknown_devices_are_left_alone(rig: Rig) -> None:
-    assert rig.run_tc("prog_fo_egress", "other", V4) == TC_ACT_OK
-    assert rig.run_tc("prog_lower_ingress", "other", RX_V4) == TC_ACT_OK
-    assert rig.run_xdp("other", RX_V4) == XDP_PASS
-    # a lower is not a failover device: its own egress is not redirected
-    assert rig.run_tc("prog_fo_egress", "pr0", V4) == TC_ACT_OK
-
-
-@pytest.mark.parametrize("frame", [RX_V4, RX_V6, RX_ARP], ids=["ipv4", "ipv6", "arp"])
-def test_ingress_delivers_from_both_lowers_by_default(rig: Rig, frame: bytes) -> None:
-    L = rig.dp.L
-    rig.dp.flip(0, L.FO_SLOT_PRIMARY)
-    for dev, slot in (("pr0", L.FO_SLOT_PRIMARY), ("sb0", L.FO_SLOT_STANDBY)):
-        before = rig.dp.stats(0, slot, L.FO_DIR_RX)
-        assert rig.run_tc("prog_lower_ingress", dev, frame) == TC_ACT_REDIRECT
-        assert rig.dp.last_redirect() == rig.ifx["fo0"]
-        assert rig.dp.stats(0, slot, L.FO_DIR_RX) == before + Counter(1, len(frame))
-
-
-def test_ingress_drop_mode_drops_only_the_inactive_lower(rig: Rig) -> None:
-    L = rig.dp.L
-    rig.dp.update_group(0, flags=L.FO_F_INACTIVE_RX_DROP)
-    rig.dp.flip(0, L.FO_SLOT_PRIMARY)
-    assert rig.run_tc("prog_lower_ingress", "pr0", RX_V4) == TC_ACT_REDIRECT
-    assert rig.run_tc("prog_lower_ingress", "sb0", RX_V4) == TC_ACT_SHOT
-    assert rig.dp.drops(0, L.FO_HOOK_TC_INGRESS, L.FO_DROP_INACTIVE_RX) == Counter(1, len(RX_V4))
-    assert rig.dp.stats(0, L.FO_SLOT_STANDBY, L.FO_DIR_RX) == Counter()
-    rig.dp.flip(0, L.FO_SLOT_STANDBY)
-    assert rig.run_tc("prog_lower_ingress", "sb0", RX_V4) == TC_ACT_REDIRECT
-    assert rig.run_tc("prog_lower_ingress", "pr0", RX_V4) == TC_ACT_SHOT
-
-
-@pytest.mark.parametrize("frame", [V4, V6, ARP], ids=["ipv4", "ipv6", "arp"])
-def test_own_frames_flooded_back_are_dropped_as_loop(rig: Rig, frame: bytes) -> None:
-    """A frame with the group's own source MAC arriving on a lower is one we sent that the
-    switch flooded back (deliver mode would otherwise hand our own broadcasts up)."""
-    L = rig.dp.L
-    rig.dp.flip(0, L.FO_SLOT_PRIMARY)
-    rig.dp.set_xdp_up(0, rig.ifx["fo0p"])
-    for dev in ("sb0", "pr0"):
-        assert rig.run_tc("prog_lower_ingress", dev, frame) == TC_ACT_SHOT
-        assert rig.run_xdp(dev, frame) == XDP_DROP
-    assert rig.dp.drops(0, L.FO_HOOK_TC_INGRESS, L.FO_DROP_LOOP) == Counter(2, 2 * len(frame))
-    assert rig.dp.drops(0, L.FO_HOOK_XDP, L.FO_DROP_LOOP) == Counter(2, 2 * len(frame))
-    # the other group's MAC is not ours: group 1's own frame passes group 0's lowers
-    other = frames.ipv4_udp(frames.PEER_MAC, OTHER_MAC, "198.18.1.1", "198.18.1.2")
-    assert rig.run_tc("prog_lower_ingress", "pr0", other) == TC_ACT_REDIRECT
-
-
-def test_groups_are_isolated(rig: Rig) -> None:
-    L = rig.dp.L
-    rig.dp.flip(0, L.FO_SLOT_PRIMARY)
-    rig.dp.flip(1, L.FO_SLOT_STANDBY)
-    assert rig.run_tc("prog_fo_egress", "fo1", V4) == TC_ACT_REDIRECT
-    assert rig.dp.last_redirect() == rig.ifx["sb1"]
-    assert rig.run_tc("prog_lower_ingress", "pr1", RX_V4) == TC_ACT_REDIRECT
-    assert rig.dp.last_redirect() == rig.ifx["fo1"]
-    for slot in (L.FO_SLOT_STANDBY, L.FO_SLOT_PRIMARY):
-        for d in (L.FO_DIR_TX, L.FO_DIR_RX):
-            assert rig.dp.stats(0, slot, d) == Counter()
-
-
-def test_xdp_redirects_up_through_devmap_else_passes_to_tc(rig: Rig) -> None:
-    L = rig.dp.L
-    rig.dp.flip(0, L.FO_SLOT_PRIMARY)
-    # no devmap entry yet: pass on to the TC path, count nothing here
-    assert rig.run_xdp("pr0", RX_V4) == XDP_PASS
-    assert rig.dp.stats(0, L.FO_SLOT_PRIMARY, L.FO_DIR_RX) == Counter()
-    rig.dp.set_xdp_up(0, rig.ifx["fo0p"])
-    for frame in (RX_V4, RX_V6, RX_ARP):
-        assert rig.run_xdp("pr0", frame) == XDP_REDIRECT
-        assert rig.dp.last_redirect() == rig.ifx["fo0"]
-    total = len(RX_V4) + len(RX_V6) + len(RX_ARP)
-    assert rig.dp.stats(0, L.FO_SLOT_PRIMARY, L.FO_DIR_RX) == Counter(3, total)
-
-
-def test_xdp_drop_mode(rig: Rig) -> None:
-    L = rig.dp.L
-    rig.dp.update_group(0, flags=L.FO_F_INACTIVE_RX_DROP)
-    rig.dp.set_xdp_up(0, rig.ifx["fo0p"])
-    rig.dp.flip(0, L.FO_SLOT_PRIMARY)
-    assert rig.run_xdp("sb0", RX_V4) == XDP_DROP
-    assert rig.dp.drops(0, L.FO_HOOK_XDP, L.FO_DROP_INACTIVE_RX) == Counter(1, len(RX_V4))
-    assert rig.run_xdp("pr0", RX_V4) == XDP_REDIRECT
-
-
-def test_counters_survive_reopen_and_reset_on_new_group(rig: Rig, pin_dir: Path) -> None:
-    L = rig.dp.L
-    rig.dp.flip(0, L.FO_SLOT_PRIMARY)
-    rig.run_tc("prog_fo_egress", "fo0", V4)
-    again = Datapath.open(pin_dir, load=False, test_hooks=True)  # a restarted agent
+    rig.apply(Case("", "egress", "fo0", V4, TC_ACT_REDIRECT))
+    before = rig.dp.stats(0, L.FO_SLOT_PRIMARY, L.FO_DIR_TX).packets
+    rig.run(Case("", "egress", "fo0", V4, TC_ACT_REDIRECT))
+    again = Datapath.open(rig.dp.pin_dir, load=False, test_hooks=True)  # a restarted agent
     try:
         assert again.groups() == {"fo0": 0, "fo1": 1}
         assert again.active(0) == L.FO_SLOT_PRIMARY
-        assert again.stats(0, L.FO_SLOT_PRIMARY, L.FO_DIR_TX).packets == 1
+        assert again.stats(0, L.FO_SLOT_PRIMARY, L.FO_DIR_TX).packets == before + 1
+        assert again.datapath_check() == "on"
         again.reset_group(0)
         assert again.stats(0, L.FO_SLOT_PRIMARY, L.FO_DIR_TX) == Counter()
+        assert again.fallback(0, L.FO_SLOT_PRIMARY, L.FO_DIR_TX) == Counter()
         assert again.active(0) == L.FO_SLOT_NONE
         assert "fo0" not in again.groups()
     finally:
+        # put group 0 back for any case that runs after this one
+        g = again.alloc_group("fo0")
+        again.update_group(g, master_ifindex=rig.ifx["fo0"], peer_ifindex=rig.ifx["fo0p"])
+        again.update_group(g, mac=frames.MAC)
+        again.set_dev(rig.ifx["fo0"], g, L.FO_ROLE_MASTER)
+        again.set_dev(rig.ifx["sb0"], g, L.FO_SLOT_STANDBY)
+        again.set_dev(rig.ifx["pr0"], g, L.FO_SLOT_PRIMARY)
         again.close()
+
+
+def test_wrong_offsets_are_caught_at_load_and_per_packet(rig: Rig) -> None:
+    """A datapath built with a wrong net_device.ifindex offset: the load-time probe turns
+    the check off; forced on anyway, the first packet whose device reads back another
+    ifindex turns it off for good (mismatch) and the packet goes where the agent said."""
+    pin_dir = Path("/sys/fs/bpf") / unique("bpfailover-test-")
+    L = rig.dp.L
+    try:
+        dp = Datapath.open(
+            pin_dir, test_hooks=True, loader_args=("--layout-override", '{"dev_ifindex": 228}')
+        )
+        try:
+            assert dp.datapath_check() == "probe_failed"
+            g = dp.alloc_group("fo0")
+            dp.update_group(g, master_ifindex=rig.ifx["fo0"], mac=frames.MAC)
+            dp.set_dev(rig.ifx["fo0"], g, L.FO_ROLE_MASTER)
+            for slot, dev in ((L.FO_SLOT_STANDBY, "sb0"), (L.FO_SLOT_PRIMARY, "pr0")):
+                dp.set_dev(rig.ifx[dev], g, slot)
+                dp.set_lower(g, slot, rig.ifx[dev])
+            dp.flip(g, L.FO_SLOT_PRIMARY)
+            rig.set_links({"pr0": "nocarrier"})
+            key = struct.pack("=I", L.FO_META_DP_CHECK)
+            bpfsys.map_update(dp.fds["fo_meta"], key, struct.pack("=I", L.FO_DPC_ON))
+            with netns.entered(rig.ns):
+                res = bpfsys.prog_test_run(
+                    dp.prog_fd("prog_fo_egress"), V4, skb_ctx(rig.ifx["fo0"])
+                )
+            assert res.retval == TC_ACT_REDIRECT
+            assert dp.last_redirect() == rig.ifx["pr0"]  # no fallback on a wrong reading
+            assert dp.datapath_check() == "mismatch"
+            assert dp.fallback(g, L.FO_SLOT_PRIMARY, L.FO_DIR_TX) == Counter()
+        finally:
+            dp.close()
+    finally:
+        shutil.rmtree(pin_dir, ignore_errors=True)

@@ -10,10 +10,39 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import platform
 import struct
 from dataclasses import dataclass
 
-SYS_BPF = 321  # x86_64
+# bpf(2)'s number differs by architecture (asm/unistd.h): the generic table (arm64, riscv,
+# loongarch) has 280, x86_64 its own 321.
+_SYS_BPF_BY_MACHINE = {
+    "x86_64": 321,
+    "amd64": 321,
+    "aarch64": 280,
+    "arm64": 280,
+    "riscv64": 280,
+    "loongarch64": 280,
+}
+
+
+def sys_bpf_number(machine: str | None = None) -> int:
+    """The bpf(2) syscall number on `machine` (default: this one's platform.machine())."""
+    machine = machine if machine is not None else platform.machine()
+    try:
+        return _SYS_BPF_BY_MACHINE[machine.lower()]
+    except KeyError:
+        known = ", ".join(sorted(_SYS_BPF_BY_MACHINE))
+        raise RuntimeError(
+            f"bpf(2) syscall number unknown for architecture {machine!r} (known: {known})"
+        ) from None
+
+
+try:
+    SYS_BPF: int | None = sys_bpf_number()
+    _SYS_BPF_ERROR = ""
+except RuntimeError as _e:  # refused at the first bpf(2) call, not at import
+    SYS_BPF, _SYS_BPF_ERROR = None, str(_e)
 
 BPF_MAP_LOOKUP_ELEM = 1
 BPF_MAP_UPDATE_ELEM = 2
@@ -38,6 +67,8 @@ class BpfError(OSError):
 
 
 def _sys_bpf(cmd: int, attr: ctypes.Array[ctypes.c_char], what: str) -> int:
+    if SYS_BPF is None:
+        raise BpfError(errno.ENOSYS, f"{what}: {_SYS_BPF_ERROR}")
     ret = _libc.syscall(SYS_BPF, cmd, attr, ATTR_SIZE)
     if ret < 0:
         err = ctypes.get_errno()

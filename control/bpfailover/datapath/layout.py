@@ -15,9 +15,6 @@ from collections.abc import Callable
 from functools import cache
 from pathlib import Path
 
-SLOT_NAMES = {1: "standby", 2: "primary"}
-ROLE_SLOTS = {"standby": 1, "primary": 2}
-
 _CTYPES: dict[str, type] = {"__u32": ctypes.c_uint32, "__u64": ctypes.c_uint64}
 
 
@@ -152,3 +149,13 @@ class Layout:
 @cache
 def load() -> Layout:
     return Layout((bpf_dir() / "failover.h").read_text())
+
+
+def _slot_names() -> dict[int, str]:
+    """Slot number -> role name of the lower slots (FO_SLOT_* of failover.h, without NONE)."""
+    L = load()
+    return {L.consts[f"FO_SLOT_{n.upper()}"]: n for n in L.names("FO_SLOT_") if n != "none"}
+
+
+SLOT_NAMES: dict[int, str] = _slot_names()
+ROLE_SLOTS: dict[str, int] = {name: slot for slot, name in SLOT_NAMES.items()}

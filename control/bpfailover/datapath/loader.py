@@ -15,8 +15,9 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
-from bpfailover.datapath import kheaders, layout
+from bpfailover.datapath import bpfsys, btf, kheaders, layout
 
 PROGS = {  # pin name -> (function, bcc program type attribute)
     "prog_fo_egress": ("fo_egress", "SCHED_CLS"),
@@ -31,10 +32,13 @@ MAPS = (
     "fo_lower",
     "fo_stats",
     "fo_drops",
+    "fo_fallback",
     "fo_xdp_up",
 )
 TEST_MAPS = ("fo_last_redirect",)
 BPF_FS_MAGIC = 0xCAFE4A11
+# load-time checks of the BTF offsets (never pinned or attached)
+PROBE_PROG, PROBE_PROG_XDP = "fo_dp_probe", "fo_dp_probe_xdp"
 
 
 class LoadError(RuntimeError):
@@ -59,12 +63,7 @@ def check_bpffs(path: Path) -> None:
         raise LoadError(f"{parent} is not a bpffs mount: run mount -t bpf -o mode=700 bpf {parent}")
 
 
-def compile_and_pin(pin_dir: Path, test_hooks: bool = False) -> dict[str, object]:
-    check_bpffs(pin_dir)
-    headers = kheaders.find()
-    os.environ.update(headers.env)
-    from bcc import BPF  # imported late: the env must be set first
-
+def _source() -> str:
     # One compilation unit, so both hooks share one set of maps.  bcc rewrites
     # map calls (m.lookup()) only in its main file, so fo_lib.h goes into the
     # text too (its include guard makes the programs' own #include a no-op).
@@ -73,21 +72,129 @@ def compile_and_pin(pin_dir: Path, test_hooks: bool = False) -> dict[str, object
         "#include <uapi/linux/bpf.h>\n#include <uapi/linux/pkt_cls.h>\n#define FO_BPF_PROG 1\n"
     )
     # (No #line markers: they confuse bcc's rewriter as well.)
-    text = prologue + "".join(
+    return prologue + "".join(
         f"/* {name} */\n{(d / name).read_text()}\n"
         for name in ("fo_lib.h", "failover_tc.c", "failover_xdp.c")
     )
-    cflags = [f"-I{layout.bpf_dir()}", "-Wno-unused-function"]
-    if test_hooks:
-        cflags.append("-DFO_TEST_HOOKS=1")
-    t0 = time.monotonic()
-    try:
-        b = BPF(text=text.encode(), cflags=cflags)
-    except Exception as e:
-        raise LoadError(f"compiling {layout.bpf_dir()} failed ({headers.description}): {e}") from e
-    compile_s = time.monotonic() - t0
+
+
+PROBE_IFINDEX = 7919  # the probe's veth, in a netns of its own: an ifindex nothing else has
+
+
+def run_probe(prog_fd: int, xdp_prog_fd: int) -> str:
+    """Run fo_dp_probe on a veth in a private netns, down, up without carrier, and up with
+    carrier: '' when every reading is right, else what was wrong.  Runs in its own thread,
+    which alone enters the new netns (gone with the thread)."""
+    import ctypes
+    import threading
+
+    result: list[str] = []
+
+    def probe() -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.unshare(0x40000000) != 0:  # CLONE_NEWNET
+            result.append(f"unshare(CLONE_NEWNET): {os.strerror(ctypes.get_errno())}")
+            return
+        from pyroute2 import IPRoute
+
+        with IPRoute() as ipr:
+            ipr.link("add", ifname="fo-probe0", index=PROBE_IFINDEX, kind="veth", peer="fo-probe1")
+            steps = (
+                ("down", None, 0b0011 | 0b1000),
+                ("up, no carrier", "fo-probe0", 0b0111 | 0b1000),
+                ("up with carrier", "fo-probe1", 0b0111),
+            )
+            for what, bring_up, want in steps:
+                if bring_up:
+                    ipr.link("set", index=ipr.link_lookup(ifname=bring_up)[0], state="up")
+                ctx = bytearray(192)  # struct __sk_buff: ifindex at offset 40
+                ctx[40:44] = PROBE_IFINDEX.to_bytes(4, sys.byteorder)
+                got = bpfsys.prog_test_run(prog_fd, bytes(64), bytes(ctx)).retval
+                if got != want:
+                    result.append(f"probe on a veth {what}: read {got:#06b}, expected {want:#06b}")
+                    return
+            xctx = bytearray(24)  # struct xdp_md: data_end at 4, ingress_ifindex at 12
+            xctx[4:8] = (64).to_bytes(4, sys.byteorder)
+            xctx[12:16] = PROBE_IFINDEX.to_bytes(4, sys.byteorder)
+            if bpfsys.prog_test_run(xdp_prog_fd, bytes(64), bytes(xctx)).retval != 1:
+                result.append("XDP probe: the ifindex read through xdp_buff->rxq->dev is wrong")
+
+    t = threading.Thread(target=probe, name="fo-dp-probe")
+    t.start()
+    t.join()
+    return result[0] if result else ""
+
+
+def compile_and_pin(
+    pin_dir: Path,
+    test_hooks: bool = False,
+    dp_check: bool = True,
+    btf_path: Path = btf.VMLINUX,
+    layout_override: dict[str, int] | None = None,
+) -> dict[str, object]:
+    """Compile, load and pin.  The per-packet lower check is compiled in when the running
+    kernel's BTF gives its layouts; a refused program or a failed probe leaves it off
+    (fo_meta says why) and the datapath loads all the same.  `layout_override` (tests only)
+    replaces BTF offsets, to show that wrong ones are caught."""
+    check_bpffs(pin_dir)
+    headers = kheaders.find()
+    os.environ.update(headers.env)
+    from bcc import BPF  # imported late: the env must be set first
+
     L = layout.load()
-    b[b"fo_meta"][b[b"fo_meta"].Key(0)] = b[b"fo_meta"].Leaf(L.FO_ABI_VERSION)
+    text = _source().encode()
+    base = [f"-I{layout.bpf_dir()}", "-Wno-unused-function"]
+    if test_hooks:
+        base.append("-DFO_TEST_HOOKS=1")
+    dpc, dpc_note = L.FO_DPC_OFF, "disabled in the configuration"
+    nl: btf.NetdevLayout | None = None
+    if dp_check:
+        try:
+            nl = btf.read_netdev_layout(btf_path)
+            if layout_override:
+                nl = btf.NetdevLayout(**{**nl.__dict__, **layout_override})
+        except btf.BtfError as e:
+            dpc_note = f"no kernel layouts from BTF: {e}"
+
+    def build(with_check: bool) -> tuple[Any, dict[str, Any]]:
+        cflags = base + (nl.cflags() if with_check and nl is not None else [])
+        try:
+            b = BPF(text=text, cflags=cflags)
+        except Exception as e:
+            raise LoadError(
+                f"compiling {layout.bpf_dir()} failed ({headers.description}): {e}"
+            ) from e
+        fns = {
+            pin: b.load_func(func.encode(), getattr(BPF, ptype))
+            for pin, (func, ptype) in PROGS.items()
+        }
+        return b, fns
+
+    t0 = time.monotonic()
+    b = fns = None
+    if nl is not None:
+        try:
+            b, fns = build(True)
+            dpc, dpc_note = L.FO_DPC_ON, "on"
+        except Exception as e:  # the verifier (or the compiler) refused the checking code
+            last = [ln for ln in str(e).splitlines() if ln.strip()]
+            dpc, dpc_note = L.FO_DPC_REFUSED, f"refused: {last[-1] if last else e}"
+            b = fns = None
+    if b is None or fns is None:
+        b, fns = build(False)
+    compile_s = time.monotonic() - t0
+    if dpc == L.FO_DPC_ON:
+        probe = b.load_func(PROBE_PROG.encode(), BPF.SCHED_CLS)
+        try:
+            xprobe = b.load_func(PROBE_PROG_XDP.encode(), BPF.XDP)
+            wrong = run_probe(probe.fd, xprobe.fd)
+        except Exception as e:  # noqa: BLE001 - any failure to probe leaves the check off
+            wrong = f"could not run: {e}"
+        if wrong:
+            dpc, dpc_note = L.FO_DPC_PROBE_FAILED, f"load-time probe: {wrong}"
+    meta = b[b"fo_meta"]
+    meta[meta.Key(L.FO_META_ABI)] = meta.Leaf(L.FO_ABI_VERSION)
+    meta[meta.Key(L.FO_META_DP_CHECK)] = meta.Leaf(dpc)
 
     # bpffs refuses names with a dot in them.
     tmp = pin_dir.parent / f"{pin_dir.name}-loading-{os.getpid()}"
@@ -102,8 +209,7 @@ def compile_and_pin(pin_dir: Path, test_hooks: bool = False) -> dict[str, object
 
         for name in MAPS + (TEST_MAPS if test_hooks else ()):
             pin(b[name.encode()].map_fd, name)
-        for pin_name, (func, ptype) in PROGS.items():
-            fn = b.load_func(func.encode(), getattr(BPF, ptype))
+        for pin_name, fn in fns.items():
             pin(fn.fd, pin_name)
         try:
             os.rename(tmp, pin_dir)
@@ -112,16 +218,36 @@ def compile_and_pin(pin_dir: Path, test_hooks: bool = False) -> dict[str, object
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return {"pin_dir": str(pin_dir), "headers": headers.description, "compile_s": compile_s}
+    return {
+        "pin_dir": str(pin_dir),
+        "headers": headers.description,
+        "compile_s": compile_s,
+        "datapath_check": L.names("FO_DPC_")[dpc],
+        "datapath_check_note": dpc_note,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="bpfailover-loader")
     ap.add_argument("pin_dir", type=Path)
     ap.add_argument("--test-hooks", action="store_true")
+    ap.add_argument(
+        "--no-datapath-check", action="store_true", help="leave the per-packet lower check out"
+    )
+    ap.add_argument(
+        "--layout-override",
+        type=json.loads,
+        default=None,
+        help="tests only: JSON of NetdevLayout fields replacing the BTF values",
+    )
     args = ap.parse_args(argv)
     try:
-        result = compile_and_pin(args.pin_dir, args.test_hooks)
+        result = compile_and_pin(
+            args.pin_dir,
+            args.test_hooks,
+            dp_check=not args.no_datapath_check,
+            layout_override=args.layout_override,
+        )
     except (LoadError, kheaders.HeadersError) as e:
         print(f"bpfailover-loader: {e}", file=sys.stderr)
         return 1

@@ -71,6 +71,7 @@ class Datapath:
         load: bool = True,
         test_hooks: bool = False,
         read_only: bool = False,
+        loader_args: tuple[str, ...] = (),
     ) -> Datapath:
         """Adopt the datapath pinned at pin_dir, loading it first if there is none.
         read_only: the maps only, through fds that cannot write (the exporter's)."""
@@ -78,7 +79,7 @@ class Datapath:
         if not os.path.lexists(pin_dir):
             if not load:
                 raise DatapathError(f"no datapath pinned at {pin_dir}")
-            run_loader(pin_dir, test_hooks)
+            run_loader(pin_dir, test_hooks, loader_args)
         check_owner(pin_dir)
         names = MAPS + (TEST_MAPS if test_hooks else ())
         if not read_only:
@@ -100,8 +101,7 @@ class Datapath:
     def _check_abi(self) -> None:
         """The version number, then every map's shape (key and value size, entries) against
         the layout this build reads and writes with: a mismatch is never adopted."""
-        raw = bpfsys.map_lookup(self.fds["fo_meta"], _u32(0), 4)
-        abi = struct.unpack("=I", raw)[0] if raw else 0
+        abi = self._meta(self.L.FO_META_ABI)
         if abi != self.L.FO_ABI_VERSION:
             raise DatapathError(
                 f"{self.pin_dir} holds datapath ABI {abi}, this is ABI {self.L.FO_ABI_VERSION}: "
@@ -118,6 +118,17 @@ class Datapath:
                     f"{self.pin_dir}/{name}: key/value size and entries {got}, this build "
                     f"expects {want}: tear it down first (failoverctl teardown GROUP)"
                 )
+
+    def _meta(self, key: int) -> int:
+        raw = bpfsys.map_lookup(self.fds["fo_meta"], _u32(key), 4)
+        return struct.unpack("=I", raw)[0] if raw else 0
+
+    def datapath_check(self) -> str:
+        """State of the per-packet lower check: "on", or why it is off ("off": not compiled
+        in, "refused", "probe_failed", "mismatch": turned itself off at run time)."""
+        state = self._meta(self.L.FO_META_DP_CHECK)
+        names = self.L.names("FO_DPC_")
+        return names[state] if state < len(names) else f"unknown({state})"
 
     def lock(self, lock_dir: Path = LOCK_DIR) -> None:
         """Become the single writer of this pin directory: an exclusive flock on a root-only
@@ -243,6 +254,7 @@ class Datapath:
             for d in range(self.L.FO_NDIRS):
                 idx = self.L.index("FO_STATS_IDX", g, slot, d)
                 bpfsys.map_update(self.fds["fo_stats"], _u32(idx), zero)
+                bpfsys.map_update(self.fds["fo_fallback"], _u32(idx), zero)
         for hook in range(self.L.FO_NHOOKS):
             for reason in range(self.L.FO_NDROPS):
                 idx = self.L.index("FO_DROPS_IDX", g, hook, reason)
@@ -288,6 +300,12 @@ class Datapath:
     def drops(self, g: int, hook: int, reason: int) -> Counter:
         return self._percpu_sum("fo_drops", self.L.index("FO_DROPS_IDX", g, hook, reason))
 
+    def fallback(self, g: int, from_slot: int, direction: int) -> Counter:
+        """Packets the datapath moved on its own while `from_slot` was active and dead."""
+        return self._percpu_sum(
+            "fo_fallback", self.L.index("FO_STATS_IDX", g, from_slot, direction)
+        )
+
     def last_redirect(self) -> int:
         """Test builds only: the target of the last redirect."""
         raw = bpfsys.map_lookup(self.fds["fo_last_redirect"], _u32(0), 4)
@@ -332,10 +350,12 @@ def check_owner(pin_dir: Path) -> None:
             )
 
 
-def run_loader(pin_dir: Path, test_hooks: bool = False) -> dict[str, Any]:
+def run_loader(
+    pin_dir: Path, test_hooks: bool = False, extra: tuple[str, ...] = ()
+) -> dict[str, Any]:
     """Compile and pin in a child process (the agent itself never holds LLVM).  `-P` and
     cwd `/`: a `bpfailover/` in the caller's directory cannot shadow the package."""
-    argv = [sys.executable, "-P", "-m", "bpfailover.datapath.loader", str(pin_dir)]
+    argv = [sys.executable, "-P", "-m", "bpfailover.datapath.loader", str(pin_dir), *extra]
     if test_hooks:
         argv.append("--test-hooks")
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False, cwd="/")
@@ -344,6 +364,14 @@ def run_loader(pin_dir: Path, test_hooks: bool = False) -> dict[str, Any]:
         raise LoadError(lines[-1] if lines else f"loader exited {proc.returncode}")
     info: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
     log.info("%s", json.dumps({"event": "datapath_loaded", **info}))  # a JSON log event
+    if info.get("datapath_check") != "on":
+        event = {
+            "event": "datapath_check_off",
+            "state": info.get("datapath_check"),
+            "why": info.get("datapath_check_note"),
+            "effect": "failover waits for the agent",
+        }
+        log.warning("%s", json.dumps(event))
     return info
 
 
