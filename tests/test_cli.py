@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from bpfailover import netns
+from bpfailover.model.status import Fallback, LowerCounters
 from bpfailover.ops import cli
 from bpfailover_lab import traffic
 from bpfailover_lab.topology import Lab
@@ -88,6 +89,15 @@ def test_format_table_of_empty_and_full_documents() -> None:
     assert "tc_egress/no_lower 2" in text
     assert "xdp/inactive" not in text  # zero drops are not shown
     assert cli.format_table(st, "ens99") == "no groups"
+    assert "datapath fallback" not in text and "lower check" not in text
+    moved = (Fallback(from_role="primary", to_role="standby", tx_packets=5),)
+    st = st.with_counters(
+        lambda g, lw: LowerCounters(), lambda g: {}, lambda g: moved, datapath_check="refused"
+    )
+    assert st.document(cli.degraded_reasons)["agent"]["datapath_check"] == "refused"
+    text = cli.format_table(st)
+    assert "datapath fallback (before the agent switched): primary -> standby tx 5 rx 0" in text
+    assert "per-packet lower check: refused" in text
 
 
 # ---- against a running agent -------------------------------------------------------------------
@@ -153,6 +163,7 @@ def test_status_table_and_json(lab: Lab) -> None:
             "switches",
             "last_switch",
             "drops",
+            "datapath_fallback",
             "degraded",
             "vlans",
             "mac_restored",

@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from bpfailover.ops import cli, doctor
 from bpfailover.ops.doctor import Host, LinkInfo
 from bpfailover_lab.topology import Lab
 from tests.opsutil import agent_in_lab, as_nobody, ctl
+from tests.statusutil import agent
 
 MAC = "52:54:00:00:12:53"
 CFG = config.parse_config(
@@ -48,6 +50,7 @@ def healthy_host(tmp: Path) -> Host:
     (tmp / "status").write_text(f"Name:\tx\nCapEff:\t{ALL_CAPS}\n")
     inc = tmp / "modules" / "6.18.0" / "build" / "include"
     inc.mkdir(parents=True)
+    (tmp / "vmlinux").write_bytes(b"btf")
     return Host(
         proc=tmp / "proc",
         run=tmp / "run",
@@ -56,6 +59,7 @@ def healthy_host(tmp: Path) -> Host:
         modules=tmp / "modules",
         mounts=tmp / "mounts",
         self_status=tmp / "status",
+        btf=tmp / "vmlinux",
         release="6.18.0",
         euid=0,
     )
@@ -339,3 +343,15 @@ def test_doctor_recognises_a_lab_agent(lab: Lab) -> None:
         agent.terminate()
         agent.wait(20)
         shutil.rmtree(pins, ignore_errors=True)
+
+
+def test_datapath_check_off_is_a_finding(tmp_path: Path) -> None:
+    host = healthy_host(tmp_path)
+    st = agent()
+    assert list(doctor.check_datapath_check(host, None)) == []
+    assert list(doctor.check_datapath_check(host, replace(st, datapath_check="on"))) == []
+    (f,) = doctor.check_datapath_check(host, replace(st, datapath_check="refused"))
+    assert f.check == "datapath-check" and "check is refused" in f.problem
+    host.btf.unlink()
+    (f,) = doctor.check_datapath_check(host, None)
+    assert "no kernel BTF" in f.problem and "CONFIG_DEBUG_INFO_BTF" in f.fix

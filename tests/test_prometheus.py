@@ -40,6 +40,8 @@ KNOWN_METRICS = {
     "failover_datapath_attached",
     "failover_lower_speed_mbps",
     "failover_mac_restored_total",
+    "failover_datapath_fallback_packets_total",
+    "failover_datapath_check",
     "node_network_up",
     "node_network_carrier",
     "node_network_transmit_packets_total",
@@ -234,7 +236,7 @@ def test_real_prometheus_sees_the_failover(lab: Lab, tmp_path: Path) -> None:
         # The shipped rules load and evaluate; one switch pages nobody.
         groups = api(lab, "/api/v1/rules")["groups"]
         rules = [r for g in groups for r in g["rules"]]
-        assert len(rules) == 5 and all(r["health"] == "ok" for r in rules), rules
+        assert len(rules) == 6 and all(r["health"] == "ok" for r in rules), rules
         firing = [
             a
             for a in api(lab, "/api/v1/alerts")["alerts"]

@@ -321,6 +321,7 @@ class Lowers:
                 grp.cfg.rx_path,
                 mtu=grp.mtu or None,
                 tx_path=grp.cfg.tx_path,
+                dp_hold=grp.cfg.policy.downdelay_ms > 0,
             )
         except (DatapathError, NetlinkError, OSError) as e:
             action = f"cannot re-create it: failoverctl teardown {grp.name}, then restart failoverd"

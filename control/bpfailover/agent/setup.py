@@ -83,6 +83,7 @@ def setup_group(
             gcfg.rx_path,
             mtu=links[standby].mtu if standby is not None else None,
             tx_path=gcfg.tx_path,
+            dp_hold=gcfg.policy.downdelay_ms > 0,  # the operator asked to wait
         )
     except DatapathError as e:
         raise AgentError(f"group {gcfg.name}: {e}") from e

@@ -238,14 +238,17 @@ class Wiring:
         rx_path: str = "tc",
         mtu: int | None = None,
         tx_path: str = "direct",
+        dp_hold: bool = False,
     ) -> int:
-        """Create/adopt the failover device and its group; returns the group id."""
+        """Create/adopt the failover device and its group; returns the group id.  `dp_hold`:
+        the datapath never moves this group's traffic on its own (downdelay_ms > 0)."""
         g = self.dp.alloc_group(name)
         master, peer, restored = create_failover_dev(self.ipr, name, mac, mtu)
         if restored is not None:
             self.mac_restored[name] = restored
         keep_neighbours_without_carrier(name)
         flags = self.L.FO_F_INACTIVE_RX_DROP if inactive_rx_drop else 0
+        flags |= self.L.FO_F_DP_HOLD if dp_hold else 0
         self.dp.update_group(
             g, master_ifindex=master, peer_ifindex=peer, flags=flags, mac=mac
         )  # (override_slot is kept: it survives restarts)

@@ -5,7 +5,13 @@ from __future__ import annotations
 
 from bpfailover.datapath.layout import ROLE_SLOTS
 from bpfailover.datapath.maps import Datapath
-from bpfailover.model.status import AgentStatus, GroupStatus, LowerCounters, LowerStatus
+from bpfailover.model.status import (
+    AgentStatus,
+    Fallback,
+    GroupStatus,
+    LowerCounters,
+    LowerStatus,
+)
 
 # Where the programs count drops (bpf/failover_tc.c, failover_xdp.c): egress only when no
 # lower is usable; a lower's ingress (TC, and XDP on the xdp receive path) the inactive
@@ -48,4 +54,16 @@ def read(st: AgentStatus, dp: Datapath) -> AgentStatus:
             for hook, reason in possible_drops(g.rx_path, g.inactive_rx)
         }
 
-    return st.with_counters(lower, drops)
+    def fallback(g: GroupStatus) -> tuple[Fallback, ...]:
+        assert g.gid is not None
+        return tuple(
+            Fallback(
+                from_role=f["from"],
+                to_role=f["to"],
+                tx_packets=f["tx_packets"],
+                rx_packets=f["rx_packets"],
+            )
+            for f in dp.fallback_summary(g.gid)
+        )
+
+    return st.with_counters(lower, drops, fallback, dp.datapath_check())

@@ -306,6 +306,17 @@ class Datapath:
             "fo_fallback", self.L.index("FO_STATS_IDX", g, from_slot, direction)
         )
 
+    def fallback_summary(self, g: int) -> list[dict[str, Any]]:
+        """Per dead active lower: packets the datapath sent through (tx) or took from (rx)
+        the other lower on its own, before the agent switched."""
+        out = []
+        for from_slot, name in layout.SLOT_NAMES.items():
+            to = next(n for s, n in layout.SLOT_NAMES.items() if s != from_slot)
+            tx = self.fallback(g, from_slot, self.L.FO_DIR_TX).packets
+            rx = self.fallback(g, from_slot, self.L.FO_DIR_RX).packets
+            out.append({"from": name, "to": to, "tx_packets": tx, "rx_packets": rx})
+        return out
+
     def last_redirect(self) -> int:
         """Test builds only: the target of the last redirect."""
         raw = bpfsys.map_lookup(self.fds["fo_last_redirect"], _u32(0), 4)

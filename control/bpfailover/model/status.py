@@ -104,6 +104,19 @@ class LastSwitch:
 
 
 @dataclass(frozen=True, kw_only=True)
+class Fallback:
+    """What the datapath's per-packet lower check moved on its own while the active lower
+    (`from`) was dead (not running, no carrier, gone), before the agent switched."""
+
+    from_role: Role = _f("role of the dead active lower", key="from")
+    to_role: Role = _f("role of the lower the frames went through instead", key="to")
+    tx_packets: int = _f("frames sent through `to` instead of `from`", default=0)
+    rx_packets: int = _f(
+        "frames from `to` delivered under `inactive_rx: drop` because `from` was dead", default=0
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
 class GroupStatus:
     """One failover group: its failover device, lowers and policy state."""
 
@@ -141,6 +154,11 @@ class GroupStatus:
     vlans: tuple[int, ...] = _f(
         "VLAN ids on the failover device, each programmed into both lowers' filters", default=()
     )
+    datapath_fallback: tuple[Fallback, ...] | None = _f(
+        "frames the datapath moved off a dead active lower on its own, by direction of the move",
+        counter=True,
+        default=None,
+    )
 
     def lower(self, role: str | None) -> LowerStatus | None:
         return next((lw for lw in self.lowers if lw.role == role), None)
@@ -153,6 +171,12 @@ class AgentStatus:
     pid: int = _f("failoverd's process id")
     started_at: float = _f("wall time failoverd started, seconds since the epoch")
     scheduling: str = _f("event loop scheduling policy, e.g. `fifo:10` or `other`", default="")
+    datapath_check: str | None = _f(
+        "the datapath's per-packet lower check: `on`, or why it is off (`off`: no usable "
+        "kernel BTF, `refused`, `probe_failed`, `mismatch`)",
+        counter=True,
+        default=None,
+    )
     groups: tuple[GroupStatus, ...] = _f("groups by name", keyed=True, default=())
 
     def group(self, name: str) -> GroupStatus | None:
@@ -162,15 +186,19 @@ class AgentStatus:
         self,
         lower: Callable[[GroupStatus, LowerStatus], LowerCounters],
         drops: Callable[[GroupStatus], Mapping[str, int]],
+        fallback: Callable[[GroupStatus], tuple[Fallback, ...]] | None = None,
+        datapath_check: str | None = None,
     ) -> AgentStatus:
         """A copy with the counters read now (the snapshot itself stays as it is)."""
         return dataclasses.replace(
             self,
+            datapath_check=datapath_check,
             groups=tuple(
                 dataclasses.replace(
                     g,
                     lowers=tuple(dataclasses.replace(lw, counters=lower(g, lw)) for lw in g.lowers),
                     drops=dict(drops(g)),
+                    datapath_fallback=fallback(g) if fallback else None,
                 )
                 for g in self.groups
             ),
@@ -371,12 +399,14 @@ def schema_markdown() -> str:
         '`{"ok": true, "status": AgentStatus}`, with the groups as an object by name and a '
         "few more keys (marked *socket only* below).\n\n",
         "Counters (marked *(counter)*: lowers' "
-        f"{counters}, groups' `drops`) are read from the datapath's per-CPU maps when the "
+        f"{counters}, groups' `drops` and `datapath_fallback`, the agent's "
+        "`datapath_check`) are read from the datapath's per-CPU maps when the "
         "request is served, summed over CPUs; they never go down while the pinned maps live.\n\n",
         "## `failoverctl status --json`\n\n",
         "| key | type | meaning |\n|---|---|---|\n",
         f"| `schema` | integer | this document's version: {SCHEMA_VERSION} |\n",
-        "| `agent` | object | `pid`, `started_at`, `scheduling` as in AgentStatus below |\n",
+        "| `agent` | object | `pid`, `started_at`, `scheduling`, `datapath_check` as in "
+        "AgentStatus below |\n",
         "| `groups` | list of Group | sorted by name; `failoverctl status --json GROUP` keeps "
         "only that one |\n\n",
         _table(
@@ -391,11 +421,12 @@ def schema_markdown() -> str:
         ),
         _table("LowerStatus", LowerStatus, "both"),
         _table("LastSwitch", LastSwitch, "both"),
+        _table("Fallback", Fallback, "both"),
         "## Control socket reply\n\n",
         '```\n{"ok": true, "status": AgentStatus}\n```\n\n',
         _table("AgentStatus", AgentStatus, "socket"),
         _table("GroupStatus", GroupStatus, "socket"),
-        "`LowerStatus` and `LastSwitch` are as above.\n\n",
+        "`LowerStatus`, `LastSwitch` and `Fallback` are as above.\n\n",
         "## Switch reasons\n\n",
         "`switches` keys and `last_switch.reason`: "
         + ", ".join(f"`{r}`" for r in SWITCH_REASONS)

@@ -176,14 +176,25 @@ def format_group(g: GroupStatus) -> list[str]:
     drops = {k: v for k, v in (g.drops or {}).items() if v}
     if drops:
         out.append("  drops: " + ", ".join(f"{k} {v}" for k, v in sorted(drops.items())))
+    moved = [f for f in g.datapath_fallback or () if f.tx_packets or f.rx_packets]
+    if moved:
+        out.append(
+            "  datapath fallback (before the agent switched): "
+            + ", ".join(
+                f"{f.from_role} -> {f.to_role} tx {f.tx_packets} rx {f.rx_packets}" for f in moved
+            )
+        )
     return out
 
 
 def format_table(st: AgentStatus, only: str | None = None) -> str:
     groups = [g for g in sorted(st.groups, key=lambda g: g.name) if only in (None, g.name)]
-    if not groups:
-        return "no groups"
-    return "\n".join(line for g in groups for line in format_group(g))
+    lines = [line for g in groups for line in format_group(g)] or ["no groups"]
+    if st.datapath_check not in (None, "on"):
+        lines.append(
+            f"datapath per-packet lower check: {st.datapath_check} (failover waits for the agent)"
+        )
+    return "\n".join(lines)
 
 
 class Status:

@@ -79,6 +79,7 @@ class Host:
     modules: Path = Path("/lib/modules")
     mounts: Path = Path("/proc/self/mounts")
     self_status: Path = Path("/proc/self/status")
+    btf: Path = Path("/sys/kernel/btf/vmlinux")
     release: str = field(default_factory=lambda: os.uname().release)
     euid: int = field(default_factory=os.geteuid)
     netns: str | None = None
@@ -389,6 +390,27 @@ def check_headers(host: Host) -> Iterator[Finding]:
     )
 
 
+def check_datapath_check(host: Host, status: AgentStatus | None) -> Iterator[Finding]:
+    """The datapath's per-packet lower check: what the running agent says, else whether
+    this kernel has the BTF it needs."""
+    state = status.datapath_check if status is not None else None
+    if state is None:
+        if host.btf.exists():
+            return
+        problem = f"no kernel BTF at {host.btf}: the datapath cannot check lowers per packet"
+    elif state == "on":
+        return
+    else:
+        problem = f"the datapath's per-packet lower check is {state}"
+    yield Finding(
+        "datapath-check",
+        host.release,
+        problem + " (failover waits for the agent: link-watch can delay it up to 1 s)",
+        "a kernel built with CONFIG_DEBUG_INFO_BTF=y (Debian's is); failoverd's log says "
+        "why the check is off",
+    )
+
+
 def _kernel_has_cap_bpf(release: str) -> bool:
     nums = [int(x) for x in re.findall(r"\d+", release)[:2]] + [0, 0]
     return (nums[0], nums[1]) >= (5, 8)
@@ -584,6 +606,7 @@ def run_checks(
         check_masters(lowers, links),
         check_bpffs(host, pin_dir),
         check_headers(host),
+        check_datapath_check(host, status),
         check_privileges(host),
         check_realtime(host, cfg),
         check_neighbour_knobs(host),

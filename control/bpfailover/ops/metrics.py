@@ -233,6 +233,19 @@ class FailoverCollector(Collector):
             "times the failover device's MAC was changed by someone and put back",
             labels=["device"],
         )
+        fallback = CounterMetricFamily(
+            "failover_datapath_fallback_packets",
+            "packets the datapath moved on its own while the active lower (from) was dead, "
+            "before the agent switched (transmit: sent through `to`; receive: taken from it)",
+            labels=["device", "from", "to", "direction"],
+        )
+        check = GaugeMetricFamily(
+            "failover_datapath_check",
+            "1 for the state of the per-packet lower check (on; off/refused/probe_failed/"
+            "mismatch: failover waits for the agent)",
+            labels=["state"],
+        )
+        check.add_metric([dp.datapath_check()], 1)
         attach_state = _attachments(groups)
         for g in groups:
             gid = g.gid
@@ -268,10 +281,13 @@ class FailoverCollector(Collector):
             for key, n in (g.drops or {}).items():
                 hook, reason = key.split("/", 1)
                 drops.add_metric([g.name, hook, reason], n)
+            for f in dp.fallback_summary(gid):
+                for d, n in (("transmit", f["tx_packets"]), ("receive", f["rx_packets"])):
+                    fallback.add_metric([g.name, f["from"], f["to"], d], n)
             for hook, ok in attach_state.get(g.name, {}).items():
                 attached.add_metric([g.name, hook], 1 if ok else 0)
-        yield from (active, up, switches, last, dur, *ctr.values(), drops, attached)
-        yield from (speed, mac_restored)
+        yield from (active, up, switches, last, dur, *ctr.values(), drops, fallback, check)
+        yield from (attached, speed, mac_restored)
 
 
 def _initial_latencies(agent: StatusSource) -> Iterable[tuple[str, float]]:

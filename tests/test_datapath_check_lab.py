@@ -1,0 +1,108 @@
+"""Layer 3: the datapath's per-packet lower check in the lab, with the agent SIGSTOPped.
+
+While the agent cannot act, the primary loses its carrier (or is unplugged) under a UDP
+stream: with the check the datapath moves the group's traffic to the standby at once and
+guest -> peer loses only what was in flight; without it (the control case, the check turned
+off in the pinned maps) everything sent while the agent is stopped is lost.  After SIGCONT
+the agent switches too and agrees with the datapath."""
+
+from __future__ import annotations
+
+import os
+import signal
+import struct
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import pytest
+
+from bpfailover.datapath import bpfsys
+from bpfailover.datapath.maps import Datapath
+from bpfailover_lab.agent_run import AgentRun
+from bpfailover_lab.topology import Lab
+from tests import labutil
+
+pytestmark = pytest.mark.root
+
+RATE = 5000  # pps each way
+STOPPED_S = 1.0  # the agent is stopped this long after the failure
+HANDFUL = 10  # packets in flight when the lower died (qdisc, socket, veth)
+
+
+@contextmanager
+def agent_stopped(agent: AgentRun) -> Iterator[None]:
+    assert agent.proc is not None
+    os.kill(agent.proc.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(agent.proc.pid, signal.SIGCONT)
+
+
+def set_check(agent: AgentRun, on: bool) -> None:
+    with Datapath.open(agent.pin_dir, load=False) as dp:
+        L = dp.L
+        value = L.FO_DPC_ON if on else L.FO_DPC_OFF
+        bpfsys.map_update(
+            dp.fds["fo_meta"], struct.pack("=I", L.FO_META_DP_CHECK), struct.pack("=I", value)
+        )
+        assert dp.datapath_check() == ("on" if on else "off")
+
+
+def fail_with_agent_stopped(lab: Lab, agent: AgentRun, fail: Callable[[], None]) -> tuple[int, int]:
+    """(guest -> peer lost, peer -> guest lost) when `fail` happens while the agent is
+    stopped; returns once the agent has switched to the standby."""
+    n = lab.names(0)
+    with labutil.stream(lab, rate=RATE, seconds=3.0) as h:
+        time.sleep(0.8)
+        with agent_stopped(agent):
+            fail()
+            time.sleep(STOPPED_S)
+        agent.wait_active(n.standby)
+        rep = h.wait()
+    print(f"\n{rep.format()}")
+    assert rep.b_to_a is not None
+    return rep.a_to_b.lost, rep.b_to_a.lost
+
+
+def assert_agent_agrees(agent: AgentRun, lab: Lab) -> None:
+    n = lab.names(0)
+    g = agent.group()
+    assert (g["active"], g["active_lower"]) == ("standby", n.standby)
+    sw = agent.events("switch")[-1]
+    assert (sw["from"], sw["to"]) == (n.primary, n.standby)
+    moved = {(f["from"], f["to"]): f for f in g["datapath_fallback"]}
+    assert moved[("primary", "standby")]["tx_packets"] > 0  # the datapath moved them first
+    assert agent.status()["datapath_check"] == "on"
+
+
+def test_carrier_lost_while_agent_stopped(running: tuple[Lab, AgentRun]) -> None:
+    lab, agent = running
+    assert agent.status()["datapath_check"] == "on"
+    tx_lost, rx_lost = fail_with_agent_stopped(
+        lab, agent, lambda: lab.set_far_end(0, "primary", False)
+    )
+    print(f"carrier off, agent stopped {STOPPED_S}s: guest->peer lost {tx_lost}, back {rx_lost}")
+    assert tx_lost <= HANDFUL
+    assert_agent_agrees(agent, lab)
+
+
+def test_vf_deleted_while_agent_stopped(running: tuple[Lab, AgentRun]) -> None:
+    lab, agent = running
+    tx_lost, rx_lost = fail_with_agent_stopped(lab, agent, lambda: lab.unplug_vf(0))
+    print(f"VF deleted, agent stopped {STOPPED_S}s: guest->peer lost {tx_lost}, back {rx_lost}")
+    assert tx_lost <= HANDFUL
+    assert_agent_agrees(agent, lab)
+
+
+def test_control_without_the_check_everything_is_lost_until_the_agent_acts(
+    running: tuple[Lab, AgentRun],
+) -> None:
+    """The same failure with the check off: what the check saves (shows the test can fail)."""
+    lab, agent = running
+    set_check(agent, False)
+    tx_lost, _ = fail_with_agent_stopped(lab, agent, lambda: lab.set_far_end(0, "primary", False))
+    print(f"check off, agent stopped {STOPPED_S}s: guest->peer lost {tx_lost}")
+    assert tx_lost >= RATE * STOPPED_S * 0.5
+    assert all(f["tx_packets"] == 0 for f in agent.group()["datapath_fallback"])
