@@ -5,6 +5,7 @@ from __future__ import annotations
 from bpfailover import policy
 from bpfailover.model.status import (
     AgentStatus,
+    Fallback,
     GroupStatus,
     LastSwitch,
     LowerCounters,
@@ -64,4 +65,9 @@ def counted(st: AgentStatus) -> AgentStatus:
     return st.with_counters(
         lambda g, lw: LowerCounters(tx_packets=7, tx_bytes=700, rx_packets=9, rx_bytes=900),
         lambda g: {"tc_egress/no_lower": 2, "xdp/inactive": 0},
+        lambda g: (
+            Fallback(from_role="primary", to_role="standby", tx_packets=3, rx_packets=1),
+            Fallback(from_role="standby", to_role="primary"),
+        ),
+        datapath_check="on",
     )

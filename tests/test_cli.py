@@ -89,7 +89,8 @@ def test_format_table_of_empty_and_full_documents() -> None:
     assert "tc_egress/no_lower 2" in text
     assert "xdp/inactive" not in text  # zero drops are not shown
     assert cli.format_table(st, "ens99") == "no groups"
-    assert "datapath fallback" not in text and "lower check" not in text
+    assert "datapath fallback (before the agent switched): primary -> standby tx 3 rx 1" in text
+    assert "lower check" not in text  # on: nothing to say
     moved = (Fallback(from_role="primary", to_role="standby", tx_packets=5),)
     st = st.with_counters(
         lambda g, lw: LowerCounters(), lambda g: {}, lambda g: moved, datapath_check="refused"

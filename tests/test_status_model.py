@@ -39,7 +39,7 @@ def test_json_round_trip_through_text() -> None:
 def test_socket_json_keeps_its_keys() -> None:
     """The control socket's status object: the keys every earlier agent sent (+ gid)."""
     out = counted(agent(group())).to_json()
-    assert list(out) == ["pid", "started_at", "scheduling", "groups"]
+    assert list(out) == ["pid", "started_at", "scheduling", "datapath_check", "groups"]
     g = out["groups"]["ens10"]
     assert list(g) == [
         "device",
@@ -62,6 +62,12 @@ def test_socket_json_keeps_its_keys() -> None:
         "speed_mbps",
         "mac_restored",
         "vlans",
+        "datapath_fallback",
+    ]
+    assert out["datapath_check"] == "on"
+    assert g["datapath_fallback"] == [
+        {"from": "primary", "to": "standby", "tx_packets": 3, "rx_packets": 1},
+        {"from": "standby", "to": "primary", "tx_packets": 0, "rx_packets": 0},
     ]
     assert g["lowers"][0] == {
         "name": "ens11",
@@ -248,6 +254,10 @@ def test_counters_read_from_the_datapath_at_request_time() -> None:
         L=SimpleNamespace(FO_DIR_TX=0, FO_DIR_RX=1, hooks=("tc_egress",), drop_reasons=("x",)),
         stats=stats,
         drops=lambda gid, h, r: Counter(5),
+        fallback_summary=lambda gid: [
+            {"from": "primary", "to": "standby", "tx_packets": 4, "rx_packets": 0}
+        ],
+        datapath_check=lambda: "refused",
     )
     st = agent_status.snapshot([_agent_group()], 1.6e9, "other")
     assert not reads
@@ -257,6 +267,9 @@ def test_counters_read_from_the_datapath_at_request_time() -> None:
         tx_packets=20, tx_bytes=2000, rx_packets=21, rx_bytes=2100
     )
     assert out.groups[0].drops == {"tc_egress/x": 5}
+    assert out.datapath_check == "refused" and st.datapath_check is None
+    (fb,) = out.groups[0].datapath_fallback or ()
+    assert (fb.from_role, fb.to_role, fb.tx_packets) == ("primary", "standby", 4)
     assert {r[0] for r in reads} == {3} and st.groups[0].lowers[0].counters is None
 
 
@@ -269,6 +282,7 @@ def test_cli_document_from_the_snapshot() -> None:
         "pid": 42,
         "started_at": 1.7e9,
         "scheduling": "fifo:10",
+        "datapath_check": "on",
     }
     (g,) = doc["groups"]
     assert "gid" not in g and "rx_path" not in g and g["group"] == "ens10"
@@ -297,6 +311,10 @@ def test_metrics_read_the_latest_snapshot() -> None:
         active=lambda gid: 2,  # the primary's slot
         stats=lambda gid, slot, d: Counter(),
         drops=lambda gid, h, r: Counter(),
+        fallback_summary=lambda gid: [
+            {"from": "primary", "to": "standby", "tx_packets": 6, "rx_packets": 0}
+        ],
+        datapath_check=lambda: "on",
     )
     src = SimpleNamespace(snapshot=agent(group()), dp=dp)
     col = metrics.FailoverCollector(src)  # type: ignore[arg-type]
@@ -311,6 +329,9 @@ def test_metrics_read_the_latest_snapshot() -> None:
     assert first[("failover_switches_total", ("ens10", "primary_down"))] == 0
     assert first[("failover_switch_duration_seconds_count", ("ens10",))] == 1
     assert first[("failover_lower_up", ("ens10", "ens10nsby", "standby"))] == 1
+    key = ("ens10", "primary", "standby", "transmit")
+    assert first[("failover_datapath_fallback_packets_total", key)] == 6
+    assert first[("failover_datapath_check", ("on",))] == 1
     # the agent swaps a new snapshot in: the next scrape shows it, nothing copied before
     src.snapshot = agent(
         dataclasses.replace(

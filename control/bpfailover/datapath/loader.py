@@ -78,51 +78,62 @@ def _source() -> str:
     )
 
 
-PROBE_IFINDEX = 7919  # the probe's veth, in a netns of its own: an ifindex nothing else has
+PROBE_IFINDEX = 7919  # the probe's veth in a private netns: an ifindex nothing else has
 
 
 def run_probe(prog_fd: int, xdp_prog_fd: int) -> str:
-    """Run fo_dp_probe on a veth in a private netns, down, up without carrier, and up with
-    carrier: '' when every reading is right, else what was wrong.  Runs in its own thread,
-    which alone enters the new netns (gone with the thread)."""
+    """Run the probes on a veth down, up without carrier, and up with carrier: '' when every
+    reading is right, else what was wrong.  The veth lives in a private netns entered by a
+    thread of its own (gone with the thread); without CAP_SYS_ADMIN (failoverd's systemd
+    unit) in this netns instead, under a name of its own, deleted at once."""
     import ctypes
     import threading
 
     result: list[str] = []
 
     def probe() -> None:
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.unshare(0x40000000) != 0:  # CLONE_NEWNET
-            result.append(f"unshare(CLONE_NEWNET): {os.strerror(ctypes.get_errno())}")
-            return
         from pyroute2 import IPRoute
 
+        libc = ctypes.CDLL(None, use_errno=True)
+        private = libc.unshare(0x40000000) == 0  # CLONE_NEWNET
+        tag = "" if private else str(os.getpid() % 100000)
+        names = (f"fo-probe{tag}a", f"fo-probe{tag}b")
         with IPRoute() as ipr:
-            ipr.link("add", ifname="fo-probe0", index=PROBE_IFINDEX, kind="veth", peer="fo-probe1")
-            steps = (
-                ("down", None, 0b0011 | 0b1000),
-                ("up, no carrier", "fo-probe0", 0b0111 | 0b1000),
-                ("up with carrier", "fo-probe1", 0b0111),
-            )
-            for what, bring_up, want in steps:
-                if bring_up:
-                    ipr.link("set", index=ipr.link_lookup(ifname=bring_up)[0], state="up")
-                ctx = bytearray(192)  # struct __sk_buff: ifindex at offset 40
-                ctx[40:44] = PROBE_IFINDEX.to_bytes(4, sys.byteorder)
-                got = bpfsys.prog_test_run(prog_fd, bytes(64), bytes(ctx)).retval
-                if got != want:
-                    result.append(f"probe on a veth {what}: read {got:#06b}, expected {want:#06b}")
-                    return
-            xctx = bytearray(24)  # struct xdp_md: data_end at 4, ingress_ifindex at 12
-            xctx[4:8] = (64).to_bytes(4, sys.byteorder)
-            xctx[12:16] = PROBE_IFINDEX.to_bytes(4, sys.byteorder)
-            if bpfsys.prog_test_run(xdp_prog_fd, bytes(64), bytes(xctx)).retval != 1:
-                result.append("XDP probe: the ifindex read through xdp_buff->rxq->dev is wrong")
+            extra = {"index": PROBE_IFINDEX} if private else {}
+            ipr.link("add", ifname=names[0], kind="veth", peer=names[1], **extra)
+            try:
+                result.append(_probe_steps(ipr, names, prog_fd, xdp_prog_fd))
+            finally:
+                if not private:
+                    ipr.link("del", ifname=names[0])
 
     t = threading.Thread(target=probe, name="fo-dp-probe")
     t.start()
     t.join()
-    return result[0] if result else ""
+    return result[0] if result else "the probe did not run"
+
+
+def _probe_steps(ipr: Any, names: tuple[str, str], prog_fd: int, xdp_prog_fd: int) -> str:
+    ifindex = ipr.link_lookup(ifname=names[0])[0]
+    steps = (
+        ("down", None, 0b1011),
+        ("up, no carrier", names[0], 0b1111),
+        ("up with carrier", names[1], 0b0111),
+    )
+    for what, bring_up, want in steps:
+        if bring_up:
+            ipr.link("set", index=ipr.link_lookup(ifname=bring_up)[0], state="up")
+        ctx = bytearray(192)  # struct __sk_buff: ifindex at offset 40
+        ctx[40:44] = ifindex.to_bytes(4, sys.byteorder)
+        got = bpfsys.prog_test_run(prog_fd, bytes(64), bytes(ctx)).retval
+        if got != want:
+            return f"probe on a veth {what}: read {got:#06b}, expected {want:#06b}"
+    xctx = bytearray(24)  # struct xdp_md: data_end at 4, ingress_ifindex at 12
+    xctx[4:8] = (64).to_bytes(4, sys.byteorder)
+    xctx[12:16] = ifindex.to_bytes(4, sys.byteorder)
+    if bpfsys.prog_test_run(xdp_prog_fd, bytes(64), bytes(xctx)).retval != 1:
+        return "XDP probe: the ifindex read through xdp_buff->rxq->dev is wrong"
+    return ""
 
 
 def compile_and_pin(
