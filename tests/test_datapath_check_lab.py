@@ -106,3 +106,37 @@ def test_control_without_the_check_everything_is_lost_until_the_agent_acts(
     print(f"check off, agent stopped {STOPPED_S}s: guest->peer lost {tx_lost}")
     assert tx_lost >= RATE * STOPPED_S * 0.5
     assert all(f["tx_packets"] == 0 for f in agent.group()["datapath_fallback"])
+
+
+def dp_hold(agent: AgentRun) -> bool:
+    with Datapath.open(agent.pin_dir, load=False, read_only=True) as dp:
+        return bool(dp.group(0).flags & dp.L.FO_F_DP_HOLD)
+
+
+def test_downdelay_holds_the_datapath_back_and_reload_updates_it(lab: Lab) -> None:
+    """downdelay_ms > 0: the operator asked to wait, so the datapath does not move the
+    group on its own (no fallback counted; the agent switches after the downdelay).  SIGHUP
+    with downdelay 0 lets the datapath act again."""
+    import yaml
+
+    agent = labutil.bring_up(lab, policy={"downdelay_ms": 300})
+    try:
+        n = lab.names(0)
+        assert dp_hold(agent)
+        with labutil.stream(lab, rate=2000, seconds=1.5) as h:
+            time.sleep(0.4)
+            lab.set_far_end(0, "primary", False)
+            agent.wait_active(n.standby)
+            rep = h.wait()
+        assert rep.a_to_b.lost > 0  # the downdelay's worth (what the operator asked for)
+        assert all(f["tx_packets"] == 0 for f in agent.group()["datapath_fallback"])
+        lab.set_far_end(0, "primary", True)
+        agent.wait_active(n.primary)
+        assert agent.proc is not None
+        agent.config["groups"][0]["policy"] = {"downdelay_ms": 0}
+        agent.config_path.write_text(yaml.safe_dump(agent.config))
+        agent.proc.send_signal(signal.SIGHUP)
+        agent.wait_for(lambda: agent.events("reloaded"), 10, "the reload")
+        assert not dp_hold(agent)
+    finally:
+        agent.cleanup()

@@ -356,6 +356,8 @@ class Agent:
                 continue
             grp.cfg = gnew
             grp.pcfg = policy.PolicyConfig.from_settings(gnew.policy)
+            assert self.wiring is not None
+            self.wiring.set_dp_hold(grp.gid, gnew.policy.downdelay_ms > 0)
             self._guard(
                 "reload",
                 self.switch.decide,

@@ -262,6 +262,11 @@ class Wiring:
         self.attach_tx(master, peer, tx_path)
         return g
 
+    def set_dp_hold(self, g: int, hold: bool) -> None:
+        """FO_F_DP_HOLD of group g: the datapath never moves its traffic on its own."""
+        flags = self.dp.group(g).flags & ~self.L.FO_F_DP_HOLD
+        self.dp.update_group(g, flags=flags | (self.L.FO_F_DP_HOLD if hold else 0))
+
     def attach_tx(self, master: int, peer: int, tx_path: str) -> bool:
         """fo_egress where the failover device's transmit passes: its hidden peer's clsact
         ingress (`veth`: the device transmits for real, so veth counts it, packet taps see
