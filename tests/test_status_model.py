@@ -251,7 +251,12 @@ def test_counters_read_from_the_datapath_at_request_time() -> None:
         return Counter(10 * slot + direction)
 
     dp = SimpleNamespace(
-        L=SimpleNamespace(FO_DIR_TX=0, FO_DIR_RX=1, hooks=("tc_egress",), drop_reasons=("x",)),
+        L=SimpleNamespace(
+            FO_DIR_TX=0,
+            FO_DIR_RX=1,
+            hooks=("tc_egress", "tc_ingress", "xdp"),
+            drop_reasons=("no_lower", "inactive_rx", "loop"),
+        ),
         stats=stats,
         drops=lambda gid, h, r: Counter(5),
         fallback_summary=lambda gid: [
@@ -266,7 +271,7 @@ def test_counters_read_from_the_datapath_at_request_time() -> None:
     assert prim is not None and prim.counters == LowerCounters(
         tx_packets=20, tx_bytes=2000, rx_packets=21, rx_bytes=2100
     )
-    assert out.groups[0].drops == {"tc_egress/x": 5}
+    assert out.groups[0].drops == {"tc_egress/no_lower": 5, "tc_ingress/loop": 5}
     assert out.datapath_check == "refused" and st.datapath_check is None
     (fb,) = out.groups[0].datapath_fallback or ()
     assert (fb.from_role, fb.to_role, fb.tx_packets) == ("primary", "standby", 4)
@@ -307,7 +312,12 @@ def test_metrics_read_the_latest_snapshot() -> None:
         packets, bytes = 1, 100
 
     dp = SimpleNamespace(
-        L=SimpleNamespace(FO_DIR_TX=0, FO_DIR_RX=1, hooks=("tc_egress",), drop_reasons=("x",)),
+        L=SimpleNamespace(
+            FO_DIR_TX=0,
+            FO_DIR_RX=1,
+            hooks=("tc_egress", "tc_ingress", "xdp"),
+            drop_reasons=("no_lower", "inactive_rx", "loop"),
+        ),
         active=lambda gid: 2,  # the primary's slot
         stats=lambda gid, slot, d: Counter(),
         drops=lambda gid, h, r: Counter(),
