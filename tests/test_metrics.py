@@ -253,7 +253,9 @@ def test_default_config_listens_on_loopback_only(lab: Lab) -> None:
         del run.config["metrics"]  # the shipped default, not the harness's
         run.config_path.write_text(yaml.safe_dump(run.config))
         run.start()
-        assert run.events("metrics")[-1]["listen"] == f"127.0.0.1:{METRICS_PORT}"
+        # the exporter starts (and logs) just after the control socket answers
+        evs = run.wait_for(lambda: run.events("metrics"), what="the metrics event")
+        assert evs[-1]["listen"] == f"127.0.0.1:{METRICS_PORT}"
         ss = subprocess.run(
             ["ip", "netns", "exec", lab.guest, "ss", "-Hlntu"],
             capture_output=True,
