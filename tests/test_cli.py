@@ -169,9 +169,6 @@ def test_status_table_and_json(lab: Lab) -> None:
             "vlans",
             "datapath_fallback",
             "degraded",
-            "vlans",
-            "mac_restored",
-            "speed_mbps",
         }
         assert (g["group"], g["device"], g["mac"]) == (n.failover, n.failover, n.mac)
         assert (g["active"], g["active_lower"], g["override"]) == ("primary", n.primary, None)
