@@ -13,12 +13,14 @@ from __future__ import annotations
 import contextlib
 import logging
 
+from bpfailover.agent import uppers
+from bpfailover.agent.addrlists import sync_mc
 from bpfailover.agent.ports import Clock, SpeedReader
 from bpfailover.agent.switch import Switcher
 from bpfailover.datapath.attach import Wiring
 from bpfailover.datapath.layout import ROLE_SLOTS
 from bpfailover.datapath.maps import Datapath, DatapathError
-from bpfailover.effects import mcsync, vlans
+from bpfailover.effects import vlans
 from bpfailover.effects.ethtool import driver_of
 from bpfailover.events import netlink
 from bpfailover.model.groups import Group, Lower
@@ -27,20 +29,6 @@ from bpfailover.ops.eventlog import event
 from bpfailover.policy import Role
 
 log = logging.getLogger("bpfailover.agent")
-
-
-def sync_mc(grp: Group) -> None:
-    """The failover device's link-layer address lists (multicast and unicast) onto each
-    lower, as net_failover's dev_mc_sync_multiple()/dev_uc_sync_multiple()."""
-    lowers = {lw.ifindex: lw.name for lw in grp.lowers.values()}
-    try:
-        grp.mc_added = mcsync.sync(grp.cfg.name, lowers, grp.mc_added)
-    except OSError as e:
-        event("mc_sync_error", group=grp.name, error=str(e))
-    try:
-        grp.uc_added = mcsync.sync_uc(grp.master, lowers, grp.uc_added)
-    except OSError as e:
-        event("uc_sync_error", group=grp.name, error=str(e))
 
 
 class Lowers:
@@ -84,12 +72,12 @@ class Lowers:
                 self._on_master(grp, link)
                 return
             if link.link == grp.master and link.ifindex != grp.peer:
-                self._on_upper(grp, link)
+                uppers.on_upper(grp, link, self.wiring)
                 return
             if not link.deleted and self.maybe_register(grp, link):
                 self.switch.decide(grp, t_ns, f"registered {link.ifname}")
                 sync_mc(grp)
-                self.sync_vlans(grp)
+                uppers.sync_vlans(grp, self.wiring)
                 self._open_plugged(grp, link)
                 return
 
@@ -121,7 +109,7 @@ class Lowers:
             ours = vlans.parse_name(lk.ifname)
             if ours is not None and lk.kind == "vlan" and lk.link == ours[0]:
                 grp.vlan_filters.setdefault(ours[0], set()).add(ours[1])
-        self.sync_vlans(grp)
+        uppers.sync_vlans(grp, self.wiring)
         for lower in grp.lowers.values():
             self.refresh_speed(grp, lower)
 
@@ -252,58 +240,6 @@ class Lowers:
         grp.mac_restored += 1
         event("mac_restored", group=grp.name, found=found, mac=grp.mac)
 
-    # -- devices on top of the failover device -------------------------------------------------
-    def _on_upper(self, grp: Group, link: netlink.Link) -> None:
-        """A netdev stacked on the failover device (VLAN, macvlan, ...) came, changed or went:
-        a VLAN's id goes to the lowers' filters, and its address lists (a macvlan's MAC on
-        the failover device's unicast list) to the lowers' lists."""
-        if link.deleted:
-            if grp.vlans.pop(link.ifindex, None) is not None:
-                self.sync_vlans(grp)
-        elif link.vlan is not None and grp.vlans.get(link.ifindex) != link.vlan:
-            grp.vlans[link.ifindex] = link.vlan
-            self.sync_vlans(grp)
-        sync_mc(grp)
-
-    def sync_vlans(self, grp: Group) -> None:
-        """Each VLAN id on the failover device on each lower's filter, as net_failover's
-        vlan_rx_add_vid/kill_vid; ids no longer on the failover device removed (only ours)."""
-        from pyroute2.netlink.exceptions import NetlinkError
-
-        want = set(grp.vlans.values())
-        for lower in grp.lowers.values():
-            have = grp.vlan_filters.setdefault(lower.ifindex, set())
-            add, remove = vlans.plan(want, have)
-            for v in add:
-                try:
-                    name = vlans.add(self.wiring.ipr, lower.ifindex, v)
-                except (NetlinkError, ValueError) as e:
-                    if grp.vlan_error != str(e):  # once per kind of failure, not per id
-                        event(
-                            "vlan_filter_error",
-                            group=grp.name,
-                            lower=lower.name,
-                            vlan=v[1],
-                            error=str(e),
-                            hint="the 8021q module must be loadable",
-                        )
-                    grp.vlan_error = str(e)
-                    continue
-                have.add(v)
-                event(
-                    "vlan_filter",
-                    group=grp.name,
-                    lower=lower.name,
-                    vlan=v[1],
-                    protocol=f"0x{v[0]:04x}",
-                    device=name,
-                )
-            for v in remove:
-                with contextlib.suppress(NetlinkError):
-                    vlans.remove(self.wiring.ipr, lower.ifindex, v)
-                have.discard(v)
-                event("vlan_filter_removed", group=grp.name, lower=lower.name, vlan=v[1])
-
     def _recreate_master(self, grp: Group) -> None:
         """The failover device was deleted by hand (`failoverctl teardown` is the way to
         remove a group): put it back as it was, same name, MAC and MTU, and carry on.  The
@@ -376,20 +312,3 @@ class Lowers:
             log.debug("mtu %d on %d: %s", mtu, ifindex, e)
             return False
         return True
-
-    # -- addresses, multicast -----------------------------------------------------------------
-    def on_addr(self, addr: netlink.Addr) -> None:
-        entry = (addr.family, addr.address)
-        addrs = self.addrs.setdefault(addr.ifindex, set())
-        if addr.deleted:
-            addrs.discard(entry)
-        else:
-            addrs.add(entry)
-        for grp in self.groups.values():
-            if addr.ifindex == grp.master:
-                sync_mc(grp)  # a new IPv6 address joins its solicited-node group
-
-    def on_mcast(self, ifindex: int) -> None:
-        for grp in self.groups.values():
-            if ifindex in (0, grp.master):
-                sync_mc(grp)
