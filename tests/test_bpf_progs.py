@@ -700,3 +700,33 @@ def test_wrong_offsets_are_caught_at_load_and_per_packet(rig: Rig) -> None:
             dp.close()
     finally:
         shutil.rmtree(pin_dir, ignore_errors=True)
+
+
+def test_without_kernel_btf_the_datapath_loads_without_the_check(rig: Rig) -> None:
+    """No BTF: the check is off (and says so), everything else works as before: a dead
+    active lower is still sent to, as the agent said."""
+    pin_dir = Path("/sys/fs/bpf") / unique("bpfailover-test-")
+    L = rig.dp.L
+    try:
+        dp = Datapath.open(pin_dir, test_hooks=True, loader_args=("--btf", "/nonexistent"))
+        try:
+            assert dp.datapath_check() == "off"
+            g = dp.alloc_group("fo0")
+            dp.update_group(g, master_ifindex=rig.ifx["fo0"], mac=frames.MAC)
+            dp.set_dev(rig.ifx["fo0"], g, L.FO_ROLE_MASTER)
+            for slot, dev in ((L.FO_SLOT_STANDBY, "sb0"), (L.FO_SLOT_PRIMARY, "pr0")):
+                dp.set_dev(rig.ifx[dev], g, slot)
+                dp.set_lower(g, slot, rig.ifx[dev])
+            dp.flip(g, L.FO_SLOT_PRIMARY)
+            rig.set_links({"pr0": "nocarrier"})
+            with netns.entered(rig.ns):
+                res = bpfsys.prog_test_run(
+                    dp.prog_fd("prog_fo_egress"), V4, skb_ctx(rig.ifx["fo0"])
+                )
+            assert res.retval == TC_ACT_REDIRECT
+            assert dp.last_redirect() == rig.ifx["pr0"]
+            assert dp.stats(g, L.FO_SLOT_PRIMARY, L.FO_DIR_TX) == Counter(1, len(V4))
+        finally:
+            dp.close()
+    finally:
+        shutil.rmtree(pin_dir, ignore_errors=True)

@@ -251,12 +251,19 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="tests only: JSON of NetdevLayout fields replacing the BTF values",
     )
+    ap.add_argument(
+        "--btf",
+        type=Path,
+        default=btf.VMLINUX,
+        help=f"kernel BTF to read the layouts from (default {btf.VMLINUX})",
+    )
     args = ap.parse_args(argv)
     try:
         result = compile_and_pin(
             args.pin_dir,
             args.test_hooks,
             dp_check=not args.no_datapath_check,
+            btf_path=args.btf,
             layout_override=args.layout_override,
         )
     except (LoadError, kheaders.HeadersError) as e:
