@@ -190,10 +190,14 @@ def fifo_vs_other(fifo: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
 
 def fifo_vs_other_line(c: dict[str, Any]) -> str:
     a, w = c["agent_p99_us"], c["window_p99_ms"]
+
+    def ratio(r: float | None) -> str:  # None: the baseline was 0 (no loss at all)
+        return "n/a" if r is None else f"{r:.2f}×"
+
     return (
         f"SCHED_FIFO vs SCHED_OTHER at {c['rate_pps']:,} pps: agent p99 {a['fifo']:.0f} vs "
-        f"{a['other']:.0f} µs ({a['ratio']:.2f}×), lost window p99 {w['fifo']:.2f} vs "
-        f"{w['other']:.2f} ms ({w['ratio']:.2f}×)"
+        f"{a['other']:.0f} µs ({ratio(a['ratio'])}), lost window p99 {w['fifo']:.2f} vs "
+        f"{w['other']:.2f} ms ({ratio(w['ratio'])})"
     )
 
 
