@@ -8,7 +8,6 @@ notifications (GARP/NA), which go out now and again every garp_interval_ms.
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Callable, Mapping
 
 from bpfailover import policy
@@ -52,7 +51,6 @@ class Switcher:
         self.clock = clock
         self.fault = fault  # TEST-ONLY: None outside the fault suite
         self.policy_decide = decide
-        self.latencies: deque[float] = deque(maxlen=4096)  # switch latencies, seconds
         self.on_switch: Callable[[Group, Switch], None] | None = None  # metrics hook
 
     def now_ms(self) -> int:
@@ -102,7 +100,6 @@ class Switcher:
         grp.active = active
         grp.last_switch = sw
         grp.switches[sw.reason] += 1
-        self.latencies.append(latency)
         event(
             "switch",
             group=grp.name,
