@@ -542,3 +542,25 @@ def test_libvirt_wrapper_runs_failover_migrate_with_virsh_migrate(tmp_path: Path
     ]
     p = subprocess.run([wrapper, "web1"], capture_output=True, text=True, env=env, check=False)
     assert p.returncode == 2 and "DOMAIN DEST_URI VF_XML" in p.stderr
+
+
+def test_failoverctl_without_a_config_does_not_import_pydantic(tmp_path: Path) -> None:
+    """failoverctl runs once per step through guest-exec: without a config file it must not
+    pay for pydantic (seconds in an emulated guest)."""
+    code = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from bpfailover.model import paths\n"
+        "from bpfailover.ops import cli\n"
+        f"paths.DEFAULT_CONFIG_PATH = Path({str(tmp_path / 'none.yaml')!r})\n"
+        "assert cli.socket_path(None, None) == cli.DEFAULT_SOCKET\n"
+        "print('pydantic' in sys.modules)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "BPFAILOVER_CONFIG"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.stdout.strip() == "False", out.stderr
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("groups: [{name: fo0, standby: eth1}]\ncontrol: {socket: /run/x.sock}\n")
+    code = code.replace("none.yaml", "c.yaml").replace("cli.DEFAULT_SOCKET", "'/run/x.sock'")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.stdout.strip() == "True", out.stderr

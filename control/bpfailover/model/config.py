@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
-import os
 import re
 import sys
 from collections.abc import Callable, Sequence
@@ -29,8 +28,8 @@ from pydantic import (
     model_validator,
 )
 
-DEFAULT_CONFIG_PATH = Path("/etc/bpfailover/config.yaml")
-CONFIG_ENV = "BPFAILOVER_CONFIG"
+from bpfailover.model.paths import CONFIG_ENV, DEFAULT_CONFIG_PATH, config_path
+
 MAX_GROUPS = 64
 IFNAMSIZ = 16  # kernel limit including the trailing NUL
 
@@ -687,13 +686,6 @@ def check_host(cfg: Config, source: str = "<config>") -> None:
             raise ConfigError(source, f"no such group {name!r}", ("control", key)) from None
 
 
-def config_path(cli_value: str | None) -> Path:
-    """The config to load: the command line's, else $BPFAILOVER_CONFIG, else the default."""
-    if cli_value:
-        return Path(cli_value)
-    return Path(os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG_PATH)
-
-
 LAB_PREFIX = "fo"  # failover-lab's default prefix
 _LAB_PREFIX_RE = re.compile(r"^[a-z0-9][a-z0-9_]{0,11}$")  # as failover-lab accepts it
 
@@ -824,6 +816,8 @@ def _main(argv: list[str] | None = None) -> int:
 
 
 __all__ = [
+    "CONFIG_ENV",
+    "DEFAULT_CONFIG_PATH",
     "Config",
     "ConfigError",
     "ControlSettings",

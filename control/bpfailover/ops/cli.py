@@ -20,6 +20,7 @@ import time
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
+from bpfailover.model import paths
 from bpfailover.model.status import (
     AgentStatus,
     GroupStatus,
@@ -48,17 +49,19 @@ def socket_path(cli_socket: str | None, cli_config: str | None, lab: str | None 
     $BPFAILOVER_CONFIG / the default file, when it exists), else the built-in default."""
     if cli_socket:
         return cli_socket
-    from bpfailover.model import config as configmod  # pydantic: 0.2 s, only when needed
-
     if lab is not None:
+        from bpfailover.model import config as configmod  # pydantic: only when needed
+
         try:
             return configmod.lab_config(lab).control.socket
         except configmod.ConfigError as e:
             raise CliError(str(e), EXIT_USAGE) from None
 
-    path = configmod.config_path(cli_config)
-    explicit = bool(cli_config or os.environ.get(configmod.CONFIG_ENV))
+    path = paths.config_path(cli_config)
+    explicit = bool(cli_config or os.environ.get(paths.CONFIG_ENV))
     if explicit or path.exists():
+        from bpfailover.model import config as configmod  # pydantic: only with a config
+
         try:
             return configmod.load_config(path).control.socket
         except configmod.ConfigError as e:
