@@ -254,6 +254,8 @@ def run(g: FakeGuest, *extra: str) -> int:
         DEVICE,
         "--exec-timeout",
         "2",
+        "--agent-timeout",
+        "1",
         "--switch-timeout",
         "1",
         "--return-timeout",

@@ -56,8 +56,11 @@ class Stop(Exception):
 class Guest:
     """failoverctl in the guest, run through the guest agent."""
 
-    def __init__(self, agent: Agent, failoverctl: str, exec_timeout: float) -> None:
+    def __init__(
+        self, agent: Agent, failoverctl: str, exec_timeout: float, agent_timeout: float = 10.0
+    ) -> None:
         self.agent, self.failoverctl, self.exec_timeout = agent, failoverctl, exec_timeout
+        self.agent_timeout = agent_timeout
 
     def ctl(self, *args: str) -> tuple[int | None, str, str]:
         try:
@@ -150,7 +153,7 @@ class Migration:
     def run(self) -> dict[str, Any]:
         # -- 1: checks, nothing changed yet --------------------------------------------------
         try:
-            self.guest.agent.ping(self.guest.exec_timeout)
+            self.guest.agent.ping(self.guest.agent_timeout)
         except AgentError as e:
             raise Stop(
                 f"guest agent not answering ({e}); is qemu-ga running in the guest?",
@@ -297,7 +300,12 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--pause", type=float, default=0.3, help="without --migrate-cmd: seconds to wait"
     )
-    ap.add_argument("--exec-timeout", type=float, default=30.0, help="per guest command")
+    ap.add_argument(
+        "--agent-timeout", type=float, default=10.0, help="for qemu-ga to answer guest-ping"
+    )
+    ap.add_argument(
+        "--exec-timeout", type=float, default=30.0, help="per failoverctl run in the guest"
+    )
     ap.add_argument("--switch-timeout", type=float, default=15.0)
     ap.add_argument("--detach-timeout", type=float, default=30.0)
     ap.add_argument("--return-timeout", type=float, default=90.0)
@@ -324,7 +332,12 @@ def build(args: argparse.Namespace) -> Migration:
         dest = args.dest_connect
 
         def after() -> Guest:
-            return Guest(VirshAgent(args.libvirt, dest), args.failoverctl, args.exec_timeout)
+            return Guest(
+                VirshAgent(args.libvirt, dest),
+                args.failoverctl,
+                args.exec_timeout,
+                args.agent_timeout,
+            )
 
         after_migration = after if dest and dest != args.connect else None
     else:
@@ -337,7 +350,7 @@ def build(args: argparse.Namespace) -> Migration:
         agent = SocketAgent(args.qga)
         after_migration = None
     return Migration(
-        Guest(agent, args.failoverctl, args.exec_timeout),
+        Guest(agent, args.failoverctl, args.exec_timeout, args.agent_timeout),
         vf,
         args.group,
         migrate_step(args.migrate_cmd, args.pause),
