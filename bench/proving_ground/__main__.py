@@ -55,6 +55,7 @@ def markdown(report: dict[str, Any]) -> str:
             f"{_fmt(r['gap_ms_p50'])} / {_fmt(r['gap_ms_max'])} | {back} | "
             f"{r['end_state_ok']}/{r['trials']} | {r['tcp_survived']}/{r['trials']} |"
         )
+    lines += host_migrate_notes(report)
     t = report["timings"]
     lines += [
         "",
@@ -72,6 +73,27 @@ def markdown(report: dict[str, Any]) -> str:
     if report["failures"]:
         lines += ["", "**Failures:** " + "; ".join(report["failures"])]
     return "\n".join(lines) + "\n"
+
+
+def host_migrate_notes(report: dict[str, Any]) -> list[str]:
+    """failover-migrate: how long the tool took, and what its refusal checks gave."""
+    rows = [r for r in report["summary"] if r["step"].startswith(("host-migrate", "refuse-"))]
+    if not rows:
+        return []
+    out = ["", "failover-migrate (docs/host-migration.md):"]
+    for r in rows:
+        if r["step"] == "host-migrate":
+            out.append(
+                f"- host-migrate: the whole sequence took {_fmt(r.get('tool_s_p50'))} s p50 "
+                "(six failoverctl runs through qemu-ga guest-exec under TCG, the VF's link-up)"
+            )
+        else:
+            ok = r["trials"] - r.get("checks_failed", 0)
+            out.append(
+                f"- {r['step']}: refused with exit {', '.join(map(str, r['exit_codes']))}, "
+                f"VF still attached: {ok}/{r['trials']}"
+            )
+    return out
 
 
 def _on_term(*_: object) -> NoReturn:
@@ -147,7 +169,9 @@ def main(argv: list[str] | None = None) -> int:
     bad = [
         f"{r['mode']}/{r['step']}"
         for r in report["summary"]
-        if r["end_state_ok"] < r["trials"] or r["tcp_survived"] < r["trials"]
+        if r["end_state_ok"] < r["trials"]
+        or r["tcp_survived"] < r["trials"]
+        or r.get("checks_failed")
     ]
     if bad:
         print(f"proving ground: wrong end state or TCP broken in {', '.join(bad)}", file=sys.stderr)

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-RECIPE = "pg-image-4"  # bump when the build steps below change
+RECIPE = "pg-image-5"  # bump when the build steps below change
 SUITE = "bookworm"
 MIRROR = os.environ.get("BPFAILOVER_PG_MIRROR", "http://deb.debian.org/debian")
 CACHE = Path(os.environ.get("BPFAILOVER_PG_CACHE", "/var/cache/bpfailover/pg"))
@@ -40,6 +40,7 @@ GUEST_PACKAGES = (
     "iputils-ping",
     "procps",
     "ca-certificates",
+    "qemu-guest-agent",  # failover-migrate drives the guest through it (docs/host-migration.md)
 )
 GUEST_REPO = "/opt/bpfailover"  # the repository (9p at run time, a copy at build time)
 GUEST_VENV = "/opt/bpfailover-venv"
@@ -47,7 +48,20 @@ IMAGE_SIZE = "4G"
 HOST_PACKAGES = ("qemu-system-x86", "qemu-utils", "debootstrap", "e2fsprogs")
 REPO = Path(__file__).resolve().parents[2]
 
-# PID 1 of the guest: mounts, modules, the repository, then the command server.
+# qemu-ga as operators run it, on the virtio-serial port org.qemu.guest_agent.0 (no udev
+# here, so no /dev/virtio-ports/ link: the port is found by name), with only the RPCs
+# failover-migrate needs (deploy/qemu-ga/qemu-ga-blocklist: Debian's 7.2 has no allow-list).
+# The guest init starts it; the proving ground stops and restarts it with the same line.
+QGA_PIDFILE = "/run/qemu-ga.pid"
+QGA_START = (
+    "for d in /sys/class/virtio-ports/*; do "
+    '[ "$(cat $d/name 2>/dev/null)" = org.qemu.guest_agent.0 ] && port=/dev/${d##*/}; done; '
+    f"/usr/sbin/qemu-ga --daemonize --pidfile={QGA_PIDFILE} --method=virtio-serial "
+    '--path="$port" --logfile=/run/qemu-ga.log '
+    f'--block-rpcs="$({GUEST_REPO}/deploy/qemu-ga/qemu-ga-blocklist)"'
+)
+
+# PID 1 of the guest: mounts, modules, the repository, qemu-ga, then the command server.
 INIT = f"""#!/bin/sh
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin
 mount -t proc proc /proc
@@ -64,6 +78,8 @@ mount -t 9p -o trans=virtio,version=9p2000.L,ro,cache=loose repo {GUEST_REPO} ||
 sysctl -qw net.ipv6.conf.default.disable_ipv6=1
 ip link set lo up
 echo 1 > /proc/sys/net/ipv6/conf/all/disable_ipv6
+export PATH={GUEST_VENV}/bin:$PATH
+{QGA_START} || echo "qemu-ga did not start"
 export PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
 exec {GUEST_VENV}/bin/python3 {GUEST_REPO}/bench/proving_ground/guestd.py
 """

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.proving_ground.image import GUEST_REPO, GUEST_VENV, Image
+from bench.proving_ground.image import GUEST_REPO, GUEST_VENV, QGA_PIDFILE, QGA_START, Image
 from bench.proving_ground.vm import (
     E1000_MAX_NIC,
     GUEST_V4,
@@ -90,6 +90,7 @@ class Mode:
         self.name, self.s, self.net = name, s, net
         self.vm = VM(img, net, name, s.workdir / name)
         self.agent_h: int | None = None
+        self.fm_tool_s: float | None = None  # slowest failover-migrate run so far
         self.timings: dict[str, float] = {}
 
     @property
@@ -238,26 +239,6 @@ class Streams:
             text=True,
         )
         self._ready(self.tcp_srv, "READY")
-        self.udp_peer = subprocess.Popen(
-            netns.cmd_in(
-                peer,
-                [
-                    host_py,
-                    "-m",
-                    "bpfailover_lab.traffic",
-                    "endpoint",
-                    "--bind",
-                    PEER_V4,
-                    "--to",
-                    GUEST_V4,
-                    *common,
-                ],
-            ),
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
         g = m.g
         argv = [
             GUEST_PY,
@@ -292,9 +273,35 @@ class Streams:
             ],
         )["h"]
         for h, want in ((self.udp_guest, "READY"), (self.tcp_cli, "CONNECTED")):
-            line = g.req("readline", h=h, timeout=30)["line"]
+            # a Python start-up in the TCG guest: seconds, tens of them on a loaded host
+            line = g.req("readline", h=h, timeout=120)["line"]
             if line is None or line.strip() != want:
-                raise VMError(f"guest stream side did not start ({want}): {line!r}")
+                with contextlib.suppress(VMError):
+                    g.req("kill", h=h)
+                    line = f"{line!r}: {g.req('wait', h=h, timeout=5).get('err', '')[-300:]}"
+                raise VMError(f"guest stream side did not start ({want}): {line}")
+        # The peer's endpoint only now: it waits for GO no longer than 10 s after READY, and
+        # the guest's start-ups above take longer than that on a loaded host.
+        self.udp_peer = subprocess.Popen(
+            netns.cmd_in(
+                peer,
+                [
+                    host_py,
+                    "-m",
+                    "bpfailover_lab.traffic",
+                    "endpoint",
+                    "--bind",
+                    PEER_V4,
+                    "--to",
+                    GUEST_V4,
+                    *common,
+                ],
+            ),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         self._ready(self.udp_peer, "READY")
         assert self.udp_peer.stdin is not None
         g.req("send", h=self.udp_guest, go=True)
@@ -364,6 +371,13 @@ def _last_json(text: str) -> dict[str, Any]:
 # Stream length per step: the fault, e1000e's own link-up after a plug (~2.5-3 s under TCG:
 # QEMU's autonegotiation timer and the driver's watchdog) and a margin to see where it ends.
 STEP_DURATION = {"baseline": 2.0, "carrier": 3.0, "unplug": 4.5, "planned": 6.0, "migration": 5.5}
+# The refusals: the tool's own time (no qemu-ga: its 5 s timeout); host-migrate: see
+# _host_migrate_duration.
+STEP_DURATION |= {
+    "refuse-no-qga": 12.0,
+    "refuse-no-failoverd": 12.0,
+    "refuse-standby-down": 12.0,
+}
 
 
 def _step_baseline(m: Mode, st: Streams, marks: dict[str, float]) -> None:
@@ -433,17 +447,161 @@ def _step_migration(m: Mode, st: Streams, marks: dict[str, float]) -> None:
     marks["standby_down"] = st.rel(time.monotonic())
 
 
+# ---- host-orchestrated migration: failover-migrate (docs/host-migration.md) -----------------
+
+# failoverctl under TCG starts in 2-6 s per guest-exec (a loaded host); the sequence runs
+# 6-7 of them.
+FM_EXEC_TIMEOUT = 60.0
+FM_AGENT_TIMEOUT = 5.0  # how long the tool waits for a qemu-ga that does not answer
+
+
+def failover_migrate(m: Mode, *extra: str) -> tuple[int, dict[str, Any]]:
+    """The host tool, as an operator runs it: its own monitor and the guest agent's socket."""
+    w = m.vm.workdir
+    args = m.vm.primary_args()
+    spec = ",".join([args["driver"]] + [f"{k}={v}" for k, v in args.items() if k != "driver"])
+    argv = [
+        sys.executable,
+        "-m",
+        "bpfailover.host.migrate",
+        "--qmp",
+        str(w / "qmp-host.sock"),
+        "--qga",
+        str(w / "qga.sock"),
+        "--device",
+        spec,
+        "--group",
+        GROUP,
+        "--json",
+        *extra,
+    ]
+    p = subprocess.run(argv, capture_output=True, text=True, timeout=300, check=False)
+    res = _last_json(p.stdout)
+    res["stderr"] = p.stderr.strip()
+    return p.returncode, res
+
+
+def vf_attached(m: Mode) -> bool:
+    assert m.vm.qmp is not None
+    kids = m.vm.qmp.cmd("qom-list", path="/machine/peripheral")
+    return any(k.get("name") == "pri0" for k in kids)
+
+
+def _qga_nice(m: Mode) -> None:
+    """qemu-ga (and so failoverctl, its child) at nice 5: under TCG one failoverctl run is
+    seconds of Python start-up that would otherwise starve the guest's Python stream
+    endpoints (a harness artefact: on hardware it is ~0.1 s; failoverd is SCHED_FIFO anyway)."""
+    m.g.sh(f"renice -n 5 -p $(cat {QGA_PIDFILE}) >/dev/null")
+
+
+def _host_migrate_duration(m: Mode) -> float:
+    """Long enough for the whole tool run under the stream: 90 s until this boot has measured
+    one, then 1.5x the slowest so far + 10 s (TCG on a shared host varies a lot)."""
+    return 90.0 if m.fm_tool_s is None else round(1.5 * m.fm_tool_s + 10.0, 1)
+
+
+def _step_host_migrate(m: Mode, st: Streams, marks: dict[str, float]) -> None:
+    """The seed's migration with failover-migrate driving the guest through qemu-ga."""
+    _qga_nice(m)
+    st.at(0.5)
+    t0 = st.rel(time.monotonic())
+    marks["fault"] = t0
+    code, res = failover_migrate(
+        m, "--exec-timeout", str(FM_EXEC_TIMEOUT), "--pause", "0.3", "--return-timeout", "120"
+    )
+    m.vm.plugged = vf_attached(m)
+    if m.vm.plugged:
+        m.vm.probes += 1
+    if code != 0:
+        raise VMError(f"failover-migrate exit {code}: {res.get('stderr', '')[-300:]}")
+    for k, v in res.get("marks", {}).items():
+        marks[f"fm_{k}"] = round(t0 + v, 3)
+    marks["restore"] = marks["fm_migrated"]  # just before its device_add
+    marks["tool_s"] = round(st.rel(time.monotonic()) - t0, 3)
+    m.fm_tool_s = max(m.fm_tool_s or 0.0, marks["tool_s"])
+
+
+def _refusal(m: Mode, marks: dict[str, float], expect: int) -> None:
+    """failover-migrate must refuse with `expect`, and the VF must still be attached."""
+    code, res = failover_migrate(
+        m, "--exec-timeout", str(FM_EXEC_TIMEOUT), "--agent-timeout", str(FM_AGENT_TIMEOUT)
+    )
+    attached = vf_attached(m)
+    marks["exit"] = float(code)
+    marks["vf_attached"] = 1.0 if attached else 0.0
+    marks["check_ok"] = 1.0 if code == expect and attached else 0.0
+    m.s.log(f"[{m.name}] failover-migrate exit {code} (want {expect}): {res.get('stderr')}")
+    if not attached:
+        m.vm.plugged = False
+
+
+def _step_refuse_no_qga(m: Mode, st: Streams, marks: dict[str, float]) -> None:
+    st.at(0.3)
+    m.g.sh(f"kill $(cat {QGA_PIDFILE}) && while [ -e {QGA_PIDFILE} ]; do sleep 0.1; done")
+    _refusal(m, marks, 3)
+
+
+def _step_refuse_no_failoverd(m: Mode, st: Streams, marks: dict[str, float]) -> None:
+    st.at(0.3)
+    assert m.agent_h is not None
+    m.g.req("kill", h=m.agent_h, sig=15)  # systemctl stop
+    if m.g.req("wait", h=m.agent_h, timeout=60).get("rc") is None:
+        m.s.log(f"[{m.name}] failoverd still running 60 s after SIGTERM: SIGKILL")
+        m.g.req("kill", h=m.agent_h, sig=9)
+        m.g.req("wait", h=m.agent_h, timeout=30)
+    m.agent_h = None
+    _refusal(m, marks, 4)
+
+
+def _step_refuse_standby_down(m: Mode, st: Streams, marks: dict[str, float]) -> None:
+    st.at(0.3)
+    m.vm.set_link("net0", False)
+
+    def unusable() -> bool:
+        s = m.agent_status()
+        return bool(s and not any(lw["role"] == "standby" and lw["usable"] for lw in s["lowers"]))
+
+    m.wait(unusable, 10, "the standby unusable in failoverd")
+    _refusal(m, marks, 5)
+
+
+def _restart_qga(m: Mode) -> None:
+    m.g.sh(QGA_START)
+    _qga_nice(m)
+
+
+def _standby_back(m: Mode) -> None:
+    m.vm.set_link("net0", True)
+
+
 STEPS: dict[str, Callable[[Mode, Streams, dict[str, float]], None]] = {
     "baseline": _step_baseline,
     "carrier": _step_carrier,
     "unplug": _step_unplug,
     "planned": _step_planned,
     "migration": _step_migration,
+    "host-migrate": _step_host_migrate,
+    "refuse-no-qga": _step_refuse_no_qga,
+    "refuse-standby-down": _step_refuse_standby_down,
+    "refuse-no-failoverd": _step_refuse_no_failoverd,  # last: its restart is the next settle's
 }
+# Put back after the stream, also when the step failed (a restart under the stream would
+# measure the bcc compile's CPU use, not the refusal).
+# failoverd, stopped by refuse-no-failoverd, is restarted by the next step's _settle (the
+# bcc compile takes a minute under TCG: not worth it when nothing follows).
+AFTER_STEP: dict[str, Callable[[Mode], None]] = {
+    "refuse-no-qga": _restart_qga,
+    "refuse-standby-down": _standby_back,
+}
+REFUSALS = {"refuse-no-qga", "refuse-standby-down", "refuse-no-failoverd"}
+BPFAILOVER_ONLY = {"planned", "host-migrate"} | REFUSALS
+ONCE_PER_BOOT = {"baseline"} | REFUSALS  # checks, not measurements
 
 
 def _settle(m: Mode, step: str) -> None:
     """Back to the normal state before a step (and the step's own starting state)."""
+    if m.name == "bpfailover" and m.agent_h is None:
+        m.start_agent()  # stopped by refuse-no-failoverd
     if not m.vm.plugged:
         m.vm.plug()
     m.vm.set_link("pri0", True)
@@ -464,13 +622,17 @@ def run_step(m: Mode, watch: TapWatch, step: str, trial: int) -> StepResult:
     res = StepResult(m.name, step, trial)
     _settle(m, step)
     watch.reset()
-    st = Streams(m, STEP_DURATION[step])
+    st = Streams(m, _host_migrate_duration(m) if step == "host-migrate" else STEP_DURATION[step])
     try:
-        STEPS[step](m, st, res.marks)
-    except Exception:
-        st.kill()
-        raise
-    ug, up, tc, ts = st.collect()
+        try:
+            STEPS[step](m, st, res.marks)
+        except Exception:
+            st.kill()
+            raise
+        ug, up, tc, ts = st.collect()
+    finally:
+        if step in AFTER_STEP:
+            AFTER_STEP[step](m)
     for side in (ug, up):
         if "error" in side:
             raise VMError(f"{m.name}/{step}: UDP endpoint: {side['error']}")
@@ -523,8 +685,10 @@ def run(img: Image, s: Settings) -> dict[str, Any]:
                 f"[{mode}] ready: boot {m.timings['boot_s']:.1f}s, "
                 f"set-up {m.timings['ready_s']:.1f}s, kernel {m.vm.guest.hello['kernel']}"
             )  # type: ignore[union-attr]
-            steps = [st for st in s.steps if not (st == "planned" and mode == "kernel")]
-            plugs = sum(1 for st in steps if st in ("unplug", "planned", "migration"))
+            steps = [st for st in s.steps if not (st in BPFAILOVER_ONLY and mode == "kernel")]
+            plugs = sum(
+                1 for st in steps if st in ("unplug", "planned", "migration", "host-migrate")
+            )
             for trial in range(s.trials):
                 if m.vm.probes + plugs > E1000_MAX_NIC:
                     s.log(f"[{mode}] rebooting the guest ({m.vm.probes} e1000e probes so far)")
@@ -532,8 +696,8 @@ def run(img: Image, s: Settings) -> dict[str, Any]:
                     m = Mode(mode, img, net, s)
                     m.start()
                 for step in steps:
-                    if step == "baseline" and trial > 0:
-                        continue  # the no-fault reference: once per boot is enough
+                    if step in ONCE_PER_BOOT and trial > 0:
+                        continue  # the no-fault reference and the refusals: once per boot
                     r = run_step(m, watch, step, trial)
                     results.append(r)
                     s.log(
@@ -598,6 +762,12 @@ def summarize(results: list[StepResult]) -> list[dict[str, Any]]:
                 "guest_missed_carrier_off": sum(
                     1 for r in rs if r.marks.get("guest_saw_carrier_off") == 0.0
                 ),
+                # refusal checks: failover-migrate's exit code as expected and the VF attached
+                "checks_failed": sum(1 for r in rs if r.marks.get("check_ok") == 0.0),
+                "exit_codes": sorted({int(r.marks["exit"]) for r in rs if "exit" in r.marks}),
+                "tool_s_p50": statistics.median(tool)
+                if (tool := [r.marks["tool_s"] for r in rs if "tool_s" in r.marks])
+                else None,
             }
         )
     return rows

@@ -245,7 +245,10 @@ class Guest:
         with self.lock:
             rid = self.next_id
             self.next_id += 1
-            self.sock.sendall(json.dumps({"id": rid, "op": op, **kw}).encode() + b"\n")
+            # guestd's own waits (readline, wait, run, unix) get the same timeout: its
+            # defaults (10 s) were shorter than ours, too short on a loaded host
+            msg = {"id": rid, "op": op, "timeout": timeout, **kw}
+            self.sock.sendall(json.dumps(msg).encode() + b"\n")
             while True:
                 msg = self._line(timeout + 10.0)
                 if msg.get("id") == rid:
@@ -323,6 +326,16 @@ class VM:
             f"socket,id=pgch,path={w / 'guest.sock'},server=on,wait=off",
             "-device",
             "virtserialport,chardev=pgch,name=pg",
+            # the guest agent's channel, as libvirt sets it up (docs/host-migration.md)
+            "-chardev",
+            f"socket,id=qgach,path={w / 'qga.sock'},server=on,wait=off",
+            "-device",
+            "virtserialport,chardev=qgach,name=org.qemu.guest_agent.0",
+            # a second monitor for failover-migrate (the first is the proving ground's own)
+            "-chardev",
+            f"socket,id=qmp2,path={w / 'qmp-host.sock'},server=on,wait=off",
+            "-mon",
+            "chardev=qmp2,mode=control",
             "-virtfs",
             f"local,path={REPO},mount_tag=repo,security_model=none,readonly=on",
             "-device",
@@ -340,7 +353,7 @@ class VM:
 
     def start(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        for name in ("qmp.sock", "guest.sock", "console.log"):
+        for name in ("qmp.sock", "guest.sock", "console.log", "qga.sock", "qmp-host.sock"):
             (self.workdir / name).unlink(missing_ok=True)
         t0 = time.monotonic()
         log = open(self.workdir / "qemu.log", "wb")  # noqa: SIM115 - the child owns it
