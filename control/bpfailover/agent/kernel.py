@@ -60,7 +60,14 @@ def reconnect(agent: Agent, err: OSError) -> None:
         agent.sel.unregister(old)  # type: ignore[arg-type]
     if old is not None:
         old.close()
-    agent.events = agent.links.subscribe()  # subscribe before the dump, as at start
+    agent.events = None
+    agent.netlink_retry_ms = None
+    try:
+        agent.events = agent.links.subscribe()  # subscribe before the dump, as at start
+    except OSError as e:  # (ENOBUFS, EMFILE...): deaf for now, so try again soon
+        agent.error("netlink", e)
+        agent.netlink_retry_ms = agent.now_ms() + 500
+        return
     agent.sel.register(agent.events, selectors.EVENT_READ, "netlink")
     event("netlink_reconnected", error=str(err), action="re-dump and reconcile")
     reconcile(agent)

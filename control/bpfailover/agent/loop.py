@@ -55,7 +55,7 @@ from bpfailover.model import config as configmod
 from bpfailover.model.groups import Group, Switch
 from bpfailover.model.status import AgentStatus
 from bpfailover.ops.api import ControlServer, SocketInUse
-from bpfailover.ops.eventlog import event
+from bpfailover.ops.eventlog import event, flush
 
 AgentError = setup.AgentError
 
@@ -94,6 +94,7 @@ class Agent:
         # Errors the loop survived, by where they happened: failover_agent_errors_total.
         self.errors: Counter[str] = Counter()
         self.reconcile_due_ms: int | None = None  # a failed full re-read, tried again
+        self.netlink_retry_ms: int | None = None  # a failed re-subscription, tried again
         self.stopping = False
         self.started_at = self.clock.time()
         self.scheduling = "other"  # the event loop's policy, for status
@@ -315,6 +316,8 @@ class Agent:
         due += self.resync_due_ms.values()
         if self.reconcile_due_ms is not None:
             due.append(self.reconcile_due_ms)
+        if self.netlink_retry_ms is not None:
+            due.append(self.netlink_retry_ms)
         if self.life.watchdog_due_ms is not None:
             due.append(self.life.watchdog_due_ms)
         if not due:
@@ -327,6 +330,8 @@ class Agent:
         if self.pins is not None and self.pins.due_ms is not None and self.pins.due_ms <= t:
             self.guard("pins", self.pins.repin)
             self.pins.due_ms = None
+        if self.netlink_retry_ms is not None and self.netlink_retry_ms <= t:
+            self.guard("netlink", kernel.reconnect, self, OSError("re-subscribing"))
         if self.reconcile_due_ms is not None and self.reconcile_due_ms <= t:
             self.reconcile()
         self.life.tick(t)
@@ -361,7 +366,11 @@ class Agent:
 
     def handle_request(self, req: dict[str, Any]) -> dict[str, Any]:
         assert self.requests is not None
-        return self.requests.handle(req)
+        reply = self.requests.handle(req)
+        # What was logged before a reply is in the log when the reply arrives (the writer
+        # thread may lag the loop); a stuck stderr delays a request at most 50 ms, no switch.
+        flush(0.05)
+        return reply
 
     def status(self) -> dict[str, Any]:
         """The control socket's status: the snapshot as of this request, counters read now."""
