@@ -300,3 +300,31 @@ def test_idle_connections_are_capped_and_time_out(lab: Lab) -> None:
         finally:
             for s in idle:
                 s.close()
+
+
+@pytest.mark.root
+def test_attached_means_our_programs_not_another_datapaths(lab: Lab, pin_dir: Path) -> None:
+    """A second datapath (another pin directory: a second failoverd) puts its transmit
+    program on our failover device: failover_datapath_attached says 0, not 1."""
+    from pyroute2 import IPRoute
+
+    from bpfailover.datapath import attach
+    from bpfailover.datapath.maps import Datapath
+
+    with agent_in_lab(lab, metrics=True, address=False) as run:
+        dev = lab.names(0).failover
+        assert one(scrape(lab), "failover_datapath_attached", device=dev, hook="tc_egress") == 1
+        tx = run.group()["tx_path"]
+        with Datapath.open(pin_dir) as other, netns.entered(lab.guest), IPRoute() as ipr:
+            ifindex = ipr.link_lookup(ifname=dev if tx == "direct" else attach.peer_name(dev))[0]
+            label = f"bpfailover:fo_egress:{other.prog_id('prog_fo_egress')}"
+            attach.attach_tc(
+                ipr,
+                ifindex,
+                "egress" if tx == "direct" else "ingress",
+                other.prog_fd("prog_fo_egress"),
+                label,
+            )
+        s = scrape(lab)
+        assert one(s, "failover_datapath_attached", device=dev, hook="tc_egress") == 0
+        assert one(s, "failover_datapath_attached", device=dev, hook="tc_ingress") == 1

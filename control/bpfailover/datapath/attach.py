@@ -84,9 +84,19 @@ def detach_tc(ipr: Any, ifindex: int, direction: str) -> None:
         ipr.tc("del-filter", "bpf", ifindex, TC_HANDLE, parent=parent, prio=TC_PRIO)
 
 
-def tc_attached(ipr: Any, ifindex: int, direction: str) -> bool:
+def tc_attached(ipr: Any, ifindex: int, direction: str, prog_id: int | None = None) -> bool:
+    """Our filter is on the hook; with prog_id, the one whose label names that program (a
+    filter of another datapath, e.g. a second failoverd with another pin directory, at our
+    priority is not ours)."""
     parent = CLSACT_EGRESS if direction == "egress" else CLSACT_INGRESS
-    return any(True for _ in _our_filters(ipr, ifindex, parent))
+    for f in _our_filters(ipr, ifindex, parent):
+        if prog_id is None:
+            return True
+        opts = f.get_attr("TCA_OPTIONS")
+        label = opts.get_attr("TCA_BPF_NAME") if opts is not None else None
+        if isinstance(label, str) and label.endswith(f":{prog_id}"):
+            return True
+    return False
 
 
 def xdp_prog_id(ipr: Any, ifindex: int) -> int:

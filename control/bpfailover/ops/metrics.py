@@ -246,7 +246,7 @@ class FailoverCollector(Collector):
             labels=["state"],
         )
         check.add_metric([dp.datapath_check()], 1)
-        attach_state = _attachments(groups)
+        attach_state = _attachments(groups, _our_prog_ids(self.agent))
         for g in groups:
             gid = g.gid
             assert gid is not None  # the agent's own snapshot always has it
@@ -297,10 +297,27 @@ def _initial_latencies(agent: StatusSource) -> Iterable[tuple[str, float]]:
             yield g.name, g.last_switch.latency_s
 
 
-def _attachments(groups: Iterable[GroupStatus]) -> dict[str, dict[str, bool]]:
+def _our_prog_ids(agent: Any) -> dict[str, int] | None:
+    """The agent's own programs (by pin name): what must be attached, not just anything at
+    our priority.  None if unknown (then any filter of ours counts)."""
+    from bpfailover.datapath.loader import PROGS
+
+    try:
+        return {name: agent.dp.prog_id(name) for name in PROGS}
+    except Exception:
+        return None
+
+
+def _attachments(
+    groups: Iterable[GroupStatus], progs: dict[str, int] | None = None
+) -> dict[str, dict[str, bool]]:
     """Whether our programs sit where they must: the transmit filter (hook `tc_egress`: on
     the hidden peer's ingress for tx_path veth, the failover device's egress for direct),
-    ingress filter (and XDP, on the xdp receive path) on every registered lower."""
+    ingress filter (and XDP, on the xdp receive path) on every registered lower.  "Our":
+    the agent's own program ids, so another datapath's programs there count as 0."""
+    p = progs or {}
+    tx_id, rx_id = p.get("prog_fo_egress"), p.get("prog_lower_ingress")
+    xdp_id = p.get("prog_xdp_lower_rx")
     from pyroute2 import IPRoute
 
     from bpfailover.datapath import attach
@@ -310,16 +327,20 @@ def _attachments(groups: Iterable[GroupStatus]) -> dict[str, dict[str, bool]]:
         with IPRoute() as ipr:  # our own netlink socket: the agent's is not shared
             for g in groups:
                 if g.tx_path == "direct":
-                    tx_ok = attach.tc_attached(ipr, g.ifindex, "egress")
+                    tx_ok = attach.tc_attached(ipr, g.ifindex, "egress", tx_id)
                 else:
                     peer = ipr.link_lookup(ifname=attach.peer_name(g.name))
-                    tx_ok = bool(peer) and attach.tc_attached(ipr, peer[0], "ingress")
+                    tx_ok = bool(peer) and attach.tc_attached(ipr, peer[0], "ingress", tx_id)
                 st = {"tc_egress": tx_ok}
                 st["tc_ingress"] = all(
-                    attach.tc_attached(ipr, lw.ifindex, "ingress") for lw in g.lowers
+                    attach.tc_attached(ipr, lw.ifindex, "ingress", rx_id) for lw in g.lowers
                 )
                 if g.rx_path == "xdp":
-                    st["xdp"] = all(attach.xdp_prog_id(ipr, lw.ifindex) for lw in g.lowers)
+                    st["xdp"] = all(
+                        (xid := attach.xdp_prog_id(ipr, lw.ifindex)) != 0
+                        and (xdp_id is None or xid == xdp_id)
+                        for lw in g.lowers
+                    )
                 out[g.name] = st
     except Exception as e:  # a device gone mid-scrape: report what we have
         log.debug("attachment check: %s", e)
