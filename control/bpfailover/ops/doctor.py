@@ -139,7 +139,7 @@ def find_lowers(
             mac = g.mac if g.mac != "auto" else (standby.mac if standby else None)
             if mac is None:
                 continue
-            hidden = {g.name, f"{g.name[:12]}_fo"}
+            hidden = {g.name, configmod.peer_name(g.name)}
             for lk in links.values():
                 if lk.name in hidden or lk.ifindex in by_index:
                     continue
