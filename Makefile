@@ -63,7 +63,10 @@ proving-ground: setup
 proving-ground-quick: setup
 	$(PY) -m bench.proving_ground --quick
 
-.PHONY: proving-ground proving-ground-quick
+proving-ground-cloud: setup
+	$(PY) -m bench.proving_ground.cloud
+
+.PHONY: proving-ground proving-ground-quick proving-ground-cloud
 
 clean:
 	-$(VENV)/bin/failover-lab down 2>/dev/null

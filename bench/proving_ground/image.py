@@ -172,7 +172,14 @@ def _rmtree_unmounted(root: Path) -> None:
     shutil.rmtree(root, ignore_errors=True)
 
 
-def _build(out: Path, log: Callable[[str], None]) -> None:
+def _build(
+    out: Path,
+    log: Callable[[str], None],
+    packages: tuple[str, ...] = GUEST_PACKAGES,
+    customize: Callable[[Path, Callable[[str], None]], None] | None = None,
+    key: str | None = None,
+) -> None:
+    """The image; `customize(root, log)` runs before mke2fs (the cloud-guest variant)."""
     root = out / "root"
     _rmtree_unmounted(root)
     _run(
@@ -192,7 +199,7 @@ def _build(out: Path, log: Callable[[str], None]) -> None:
         _chroot(root, ["apt-get", "update", "-qq"], 300, log)
         _chroot(
             root,
-            ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *GUEST_PACKAGES],
+            ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *packages],
             1200,
             log,
         )
@@ -264,6 +271,8 @@ def _build(out: Path, log: Callable[[str], None]) -> None:
     init.write_text(INIT)
     init.chmod(0o755)
     (root / "etc/hostname").write_text("pg-guest\n")
+    if customize is not None:
+        customize(root, log)
     kernels = sorted((root / "boot").glob("vmlinuz-*"))
     if not kernels:
         raise ImageError("no kernel in the guest root")
@@ -282,10 +291,10 @@ def _build(out: Path, log: Callable[[str], None]) -> None:
     (out / "meta.json").write_text(
         json.dumps(
             {
-                "key": _key(),
+                "key": key or _key(),
                 "kernel": release,
                 "suite": SUITE,
-                "packages": list(GUEST_PACKAGES),
+                "packages": list(packages),
                 "built_at": time.time(),
             }
         )
@@ -293,10 +302,16 @@ def _build(out: Path, log: Callable[[str], None]) -> None:
     _rmtree_unmounted(root)  # the disk image has it all
 
 
-def ensure_image(log: Callable[[str], None] = print, rebuild: bool = False) -> tuple[Image, float]:
-    """The cached image (built if missing or stale); returns it and the build time (0 if cached)."""
+def ensure_image(
+    log: Callable[[str], None] = print,
+    rebuild: bool = False,
+    key: str | None = None,
+    build: Callable[[Path, Callable[[str], None]], None] = _build,
+) -> tuple[Image, float]:
+    """The cached image (built if missing or stale); returns it and the build time (0 if cached).
+    `key` and `build`: another variant of the image (bench/proving_ground/cloud.py)."""
     CACHE.mkdir(parents=True, exist_ok=True)
-    key = _key()
+    key = key or _key()
     out = CACHE / key
     lock = os.open(CACHE, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -311,7 +326,7 @@ def ensure_image(log: Callable[[str], None] = print, rebuild: bool = False) -> t
                 shutil.rmtree(out, ignore_errors=True)
             out.mkdir(parents=True)
             try:
-                _build(out, log)
+                build(out, log)
             except BaseException:
                 _rmtree_unmounted(out / "root")
                 shutil.rmtree(out, ignore_errors=True)

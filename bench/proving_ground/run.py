@@ -92,6 +92,7 @@ class Mode:
         self.agent_h: int | None = None
         self.fm_tool_s: float | None = None  # slowest failover-migrate run so far
         self.timings: dict[str, float] = {}
+        self.group = GROUP  # the failover device (the cloud variant: the standby's old name)
 
     @property
     def g(self) -> Any:
@@ -158,7 +159,7 @@ class Mode:
             r = self.g.req("unix", path=AGENT_SOCK, msg={"cmd": "status"})["reply"]
         except VMError:
             return None
-        group: dict[str, Any] | None = r.get("status", {}).get("groups", {}).get(GROUP)
+        group: dict[str, Any] | None = r.get("status", {}).get("groups", {}).get(self.group)
         return group
 
     def agent(self, msg: dict[str, Any]) -> dict[str, Any]:
@@ -414,7 +415,7 @@ def _step_planned(m: Mode, st: Streams, marks: dict[str, float]) -> None:
     """bpfailover only: set-primary to the standby, then unplug; back with --auto."""
     st.at(0.5)
     marks["set_standby"] = st.rel(time.monotonic())
-    m.agent({"cmd": "set-primary", "group": GROUP, "lower": "standby"})
+    m.agent({"cmd": "set-primary", "group": m.group, "lower": "standby"})
     st.at(1.0)
     _unplug_and_replug(m, st, marks, 1.5)
 
@@ -428,7 +429,7 @@ def _step_planned(m: Mode, st: Streams, marks: dict[str, float]) -> None:
         "the re-plugged primary in failoverd",
     )
     marks["auto"] = st.rel(time.monotonic())
-    m.agent({"cmd": "set-primary", "group": GROUP})
+    m.agent({"cmd": "set-primary", "group": m.group})
 
 
 def _step_migration(m: Mode, st: Streams, marks: dict[str, float]) -> None:
@@ -609,7 +610,7 @@ def _settle(m: Mode, step: str) -> None:
     if m.name == "bpfailover":
         st = m.agent_status()
         if st and st.get("override"):
-            m.agent({"cmd": "set-primary", "group": GROUP})
+            m.agent({"cmd": "set-primary", "group": m.group})
     m.wait(m.on_primary, 60, "the primary back in use")
     if step == "migration":
         m.wait(lambda: not m.standby_ready(), 20, "standby carrier down")

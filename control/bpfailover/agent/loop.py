@@ -147,6 +147,7 @@ class Agent:
         assert self.lowers is not None and self.switch is not None
         for grp in self.groups.values():
             self.lowers.reconcile_group(grp, links, self.clock.monotonic_ns())
+            self.lowers.open_at_start(grp)
             if grp.last_switch is None:
                 self.switch.renotify(grp)
         self.sel.register(self.events, selectors.EVENT_READ, "netlink")

@@ -117,7 +117,7 @@ class Lowers:
         """A lower hot-plugged while we run comes up admin down (a re-plugged VF), and the
         lowers are unmanaged (deploy/): open it, as net_failover_slave_register() does with
         dev_open().  Found by the proving ground (docs/proving-ground.md).  Lowers present at
-        start-up are left as the operator set them."""
+        start-up: open_at_start."""
         if link.admin_up:
             return
         from pyroute2.netlink.exceptions import NetlinkError
@@ -127,6 +127,21 @@ class Lowers:
             event("lower_opened", group=grp.name, lower=link.ifname)
         except NetlinkError as e:
             event("lower_open_error", group=grp.name, lower=link.ifname, error=str(e))
+
+    def open_at_start(self, grp: Group) -> None:
+        """Lowers found down at start-up are opened too, as net_failover does for the slaves
+        it finds when it is created: at boot nobody else opens them (the shipped networkd,
+        NetworkManager and udev snippets keep the managers off the lowers)."""
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        for lower in list(grp.lowers.values()):
+            if lower.admin_up:
+                continue
+            try:
+                self.wiring.set_up(lower.ifindex)
+                event("lower_opened", group=grp.name, lower=lower.name, at="start")
+            except NetlinkError as e:
+                event("lower_open_error", group=grp.name, lower=lower.name, error=str(e))
 
     def update(self, grp: Group, link: netlink.Link) -> bool:
         """Take in a lower's link event; True when its carrier came up."""

@@ -203,10 +203,11 @@ def create_failover_dev(
     peer = peer_name(name)
     master = _index(ipr, name)
     if master is None:
-        ipr.link("add", ifname=name, kind="veth", peer={"ifname": peer})
+        # The MAC in the same message: udev's "add" event (NetworkManager's unmanaged rules,
+        # deploy/udev/86-bpfailover-nm-managed.rules) then already sees the group MAC.
+        ipr.link("add", ifname=name, kind="veth", address=mac, peer={"ifname": peer})
         master = _index(ipr, name)
         assert master is not None
-        ipr.link("set", index=master, address=mac)
     peer_ifx = _index(ipr, peer)
     link = ipr.get_links(master)[0]
     if peer_ifx is None or link.get_attr("IFLA_LINK") != peer_ifx:

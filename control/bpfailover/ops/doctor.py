@@ -6,7 +6,10 @@ lowers managed by NetworkManager or systemd-networkd; a lower enslaved to
 another master (the kernel's own net_failover, a bond, a bridge); bpffs not
 mounted; no kernel headers for bcc; missing root/capabilities; a second
 agent (two failoverd in one netns, or a pin lock held by an agent that does
-not answer).  Exit code 0: nothing found; 4: findings (printed with fixes).
+not answer); cloud guests (docs/cloud-guest.md): the hypervisor's `failover=on`,
+cloud-init without the duplicate-MAC shim, the failover device unmanaged by NetworkManager,
+its hidden peer managed by NetworkManager or systemd-networkd.
+Exit code 0: nothing found; 4: findings (printed with fixes).
 """
 
 from __future__ import annotations
@@ -84,6 +87,9 @@ class Host:
     euid: int = field(default_factory=os.geteuid)
     netns: str | None = None
     check_managers: bool = True  # NM/networkd state files describe the host netns only
+    sys: Path = Path("/sys")  # /sys/class/net describes the host netns only (check_managers)
+    var_log: Path = Path("/var/log")
+    usr_lib: Path = Path("/usr/lib")
 
 
 @dataclass
@@ -350,8 +356,9 @@ def check_masters(lowers: list[Lower], links: dict[int, LinkInfo]) -> Iterator[F
                 lw.link.name,
                 f"lower {lw.link.name} is enslaved to {mname} ({kind}): two failover "
                 "mechanisms fight over it",
-                "boot the guest without the kernel's failover (virtio-net `failover=off`, or "
-                f"blacklist net_failover) or release it: ip link set {lw.link.name} nomaster",
+                "boot the guest without the kernel's failover: virtio-net `failover=off` on "
+                "the hypervisor side (see the hypervisor-failover-on finding; net_failover "
+                f"cannot be blacklisted), or release it: ip link set {lw.link.name} nomaster",
             )
 
 
@@ -553,6 +560,144 @@ def check_agents(
             )
 
 
+# -- cloud guests (docs/cloud-guest.md) ----------------------------------------------------------
+
+VIRTIO_NET_F_STANDBY = 62
+CLOUD_INIT_SHIM = "bpfailover/cloud-init/sitecustomize.py"
+CLOUD_INIT_UNITS = ("cloud-init-local", "cloud-init", "cloud-config", "cloud-final")
+
+
+def _peer(name: str) -> str:
+    return f"{name[:12]}_fo"  # bpfailover.datapath.attach.peer_name (no datapath import here)
+
+
+def check_kernel_failover(host: Host, links: dict[int, LinkInfo]) -> Iterator[Finding]:
+    """A virtio NIC with the STANDBY feature: the hypervisor runs `failover=on`, so the
+    guest's virtio_net creates net_failover's master and takes the lowers itself."""
+    if not host.check_managers:
+        return
+    for lk in sorted(links.values(), key=lambda lk: lk.name):
+        try:
+            features = (host.sys / "class/net" / lk.name / "device/features").read_text().strip()
+        except OSError:
+            continue
+        if len(features) > VIRTIO_NET_F_STANDBY and features[VIRTIO_NET_F_STANDBY] == "1":
+            yield Finding(
+                "hypervisor-failover-on",
+                lk.name,
+                f"virtio NIC {lk.name} has the STANDBY feature (virtio-net `failover=on`): the "
+                "kernel's net_failover takes its lowers, bpfailover cannot (and net_failover "
+                "cannot be blacklisted: virtio_net needs its symbols)",
+                "set `failover=off` on the virtio-net device (QEMU `-device virtio-net-pci,...,"
+                "failover=off` and no `failover_pair_id` on the VF; libvirt: no <teaming> "
+                "elements) and reboot the guest.  What it costs: QEMU no longer unplugs the VF "
+                "by itself when migration starts (and re-plugs it on failure): the management "
+                "layer detaches the VF before `migrate` and attaches one on the destination "
+                "(docs/cloud-guest.md)",
+            )
+
+
+def check_cloud_init(host: Host, lowers: list[Lower]) -> Iterator[Finding]:
+    """cloud-init installed and enabled for the lowers' duplicate MAC without the shim."""
+    if not lowers or not (host.etc / "cloud" / "cloud.cfg").exists():
+        return
+    if (host.etc / "cloud" / "cloud-init.disabled").exists():
+        return
+    shim = host.usr_lib / CLOUD_INIT_SHIM
+    missing = []
+    for unit in CLOUD_INIT_UNITS:
+        d = host.etc / "systemd" / "system" / f"{unit}.service.d"
+        texts = [p.read_text(errors="replace") for p in sorted(d.glob("*.conf"))]
+        if not any(str(shim.parent) in t and "PYTHONPATH" in t for t in texts):
+            missing.append(unit)
+    try:
+        log = (host.var_log / "cloud-init.log").read_text(errors="replace")
+    except OSError:
+        log = ""
+    dup = re.search(r"duplicate mac found![^\n]*", log)
+    if missing or not shim.exists() or dup:
+        names = ", ".join(sorted({lw.link.name for lw in lowers}))
+        seen = f"; its log says: {dup.group(0)}" if dup else ""
+        yield Finding(
+            "cloud-init-duplicate-mac",
+            names,
+            f"cloud-init sees the lowers ({names}) as NICs with the failover device's MAC: "
+            "`get_interfaces_by_mac` raises 'duplicate mac found!' (network-config v2, "
+            f"OpenStack, EC2) and MAC-matched config may land on a lower{seen}",
+            f"install deploy/cloud-init/sitecustomize.py as {shim} and "
+            "deploy/cloud-init/10-bpfailover.conf as a drop-in of "
+            + ", ".join(f"{u}.service" for u in (missing or CLOUD_INIT_UNITS))
+            + " (docs/cloud-guest.md), then `systemctl daemon-reload`",
+        )
+
+
+def _nm_managed(host: Host, ifindex: int) -> bool | None:
+    try:
+        text = (host.run / "NetworkManager" / "devices" / str(ifindex)).read_text(errors="replace")
+    except OSError:
+        return None
+    managed = _keyfile_value(text, "managed")
+    return None if managed is None else managed.lower() in ("true", "1", "yes")
+
+
+def _udev_prop(host: Host, ifindex: int, key: str) -> str | None:
+    try:
+        text = (host.run / "udev" / "data" / f"n{ifindex}").read_text(errors="replace")
+    except OSError:
+        return None
+    m = re.search(rf"^E:{re.escape(key)}=(.*)$", text, re.M)
+    return m.group(1) if m else None
+
+
+def check_failover_devices(
+    host: Host, cfg: configmod.Config | None, links: dict[int, LinkInfo]
+) -> Iterator[Finding]:
+    """The failover device left unmanaged by NetworkManager; its hidden peer managed."""
+    if not host.check_managers or cfg is None:
+        return
+    names = {lk.name: lk for lk in links.values()}
+    nm_running = (host.run / "NetworkManager").is_dir()
+    for g in cfg.groups:
+        dev = names.get(g.name)
+        if dev is not None and nm_running and _udev_prop(host, dev.ifindex, "NM_UNMANAGED") == "1":
+            yield Finding(
+                "failover-device-nm-unmanaged",
+                g.name,
+                f"NetworkManager never manages failover device {g.name}: udev marks it "
+                "NM_UNMANAGED=1 (NetworkManager's 85-nm-unmanaged.rules does so for every veth)",
+                "install deploy/udev/86-bpfailover-nm-managed.rules (the group's MAC in it), "
+                "`udevadm control --reload && udevadm trigger --subsystem-match=net "
+                "--action=change`",
+            )
+        peer = names.get(_peer(g.name))
+        if peer is None:
+            continue
+        if _nm_managed(host, peer.ifindex):
+            yield Finding(
+                "peer-managed",
+                peer.name,
+                f"NetworkManager manages {peer.name}, the hidden peer of failover device "
+                f"{g.name} (its admin state is the failover device's carrier)",
+                f"`nmcli device set {peer.name} managed no` and add "
+                "`unmanaged-devices=interface-name:*_fo` to a NetworkManager conf.d file",
+            )
+        try:
+            text = (host.run / "systemd/netif/links" / str(peer.ifindex)).read_text()
+        except OSError:
+            continue
+        state = _keyfile_value(text, "ADMIN_STATE")
+        if state is not None and state not in ("unmanaged", "linger"):
+            net = _keyfile_value(text, "NETWORK_FILE") or "a .network file"
+            yield Finding(
+                "peer-managed",
+                peer.name,
+                f"systemd-networkd manages {peer.name}, the hidden peer of failover device "
+                f"{g.name} (state {state}, from {net}: a Name= glob such as en* catches it)",
+                "install deploy/networkd/00-bpfailover-peer.network in /etc/systemd/network "
+                "and `networkctl reload`",
+            )
+
+
 # -- running -------------------------------------------------------------------------------------
 
 
@@ -611,6 +756,9 @@ def run_checks(
         check_realtime(host, cfg),
         check_neighbour_knobs(host),
         check_agents(host, pin_dir, sock, denied),
+        check_kernel_failover(host, links),
+        check_cloud_init(host, lowers),
+        check_failover_devices(host, cfg, links),
     )
     for found in checks:
         findings.extend(found)

@@ -1,0 +1,40 @@
+#!/bin/sh
+# Cloud-guest variant, inside the guest at boot (pg-deploy.service, before udev's coldplug,
+# cloud-init, failoverd and the network managers): install bpfailover's deploy/ snippets from
+# the live repository, as an operator would copy them into an image, and pick the stack.
+# Kernel mode (net_failover) is the guest without bpfailover: nothing of it is installed.
+R=/opt/bpfailover
+arg() { sed -n "s/.*$1=\([a-z]*\).*/\1/p" /proc/cmdline; }
+stack=$(arg pgstack)
+mode=$(arg pgmode)
+if [ "$stack" = nm ]; then
+  printf 'system_info:\n  network:\n    renderers: [network-manager]\n' \
+    > /etc/cloud/cloud.cfg.d/91-pg-renderer.cfg
+else
+  printf 'system_info:\n  network:\n    renderers: [netplan]\n' \
+    > /etc/cloud/cloud.cfg.d/91-pg-renderer.cfg
+fi
+if [ "$mode" = bpfailover ]; then
+  install -D -m 644 $R/deploy/udev/80-bpfailover-lowers.rules \
+    $R/deploy/udev/81-bpfailover-standby-name.rules \
+    $R/deploy/udev/86-bpfailover-nm-managed.rules -t /etc/udev/rules.d/
+  install -D -m 644 $R/deploy/networkd/00-bpfailover-lowers.network \
+    $R/deploy/networkd/00-bpfailover-peer.network -t /etc/systemd/network/
+  install -D -m 644 $R/deploy/networkmanager/90-bpfailover-lowers.conf \
+    -t /etc/NetworkManager/conf.d/
+  install -D -m 644 $R/deploy/cloud-init/sitecustomize.py \
+    /usr/lib/bpfailover/cloud-init/sitecustomize.py
+  mkdir -p /etc/bpfailover
+  cat > /etc/bpfailover/config.yaml <<'YAML'
+# The standby is enp1s0nsby (81-bpfailover-standby-name.rules); the failover device takes
+# enp1s0, the name the virtio NIC had.
+groups:
+  - name: enp1s0
+    standby: {driver: virtio_net}
+    primary: auto
+metrics:
+  listen: null
+YAML
+fi
+udevadm control --reload 2>/dev/null || true
+exit 0

@@ -1,0 +1,108 @@
+"""bpfailover: cloud-init ignores the lowers of a bpfailover failover device.
+
+cloud-init (22.4, Debian 12) skips the lowers of the kernel's net_failover with
+`cloudinit.net.is_netfailover()`, which needs a `master` link and virtio's STANDBY feature.
+bpfailover needs `failover=off` and makes no master, so the virtio standby, the VF and the
+failover device all show the same MAC: `get_interfaces_by_mac()` raises "duplicate mac
+found!" (network-config v2 parsing, OpenStack, EC2, ...), `_rename_interfaces` and the
+fallback NIC may pick a lower.
+
+This file, on PYTHONPATH of cloud-init's units only (10-bpfailover.conf), extends
+`is_netfailover()`: a NIC with a bus device whose MAC is carried by a bpfailover failover
+device (a veth whose peer is "<name[:12]>_fo") is a lower and is ignored, exactly as
+net_failover's primary and standby are.  The failover device itself stays, so MAC-matched
+network config applies to it.  Reads sysfs only; imports nothing from bpfailover (cloud-init
+runs on the system Python).  The upstream fix is proposed in docs/cloud-guest.md.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+SYS_NET = "/sys/class/net"
+
+
+def _read(root: str, dev: str, attr: str) -> str:
+    try:
+        with open(os.path.join(root, dev, attr)) as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def peer_name(name: str) -> str:
+    """failoverd's hidden peer name (bpfailover.datapath.attach.peer_name)."""
+    return f"{name[:12]}_fo"
+
+
+def failover_macs(root: str = SYS_NET) -> dict[str, str]:
+    """{MAC: failover device} for every bpfailover failover device in `root`."""
+    try:
+        devs = os.listdir(root)
+    except OSError:
+        return {}
+    by_index = {_read(root, d, "ifindex"): d for d in devs}
+    out: dict[str, str] = {}
+    for d in devs:
+        if os.path.exists(os.path.join(root, d, "device")):
+            continue  # a bus device, never a veth
+        iflink, ifindex = _read(root, d, "iflink"), _read(root, d, "ifindex")
+        if iflink and iflink != ifindex and by_index.get(iflink) == peer_name(d):
+            mac = _read(root, d, "address").lower()
+            if mac:
+                out[mac] = d
+    return out
+
+
+def is_lower(devname: str, root: str = SYS_NET) -> bool:
+    """A bus NIC that carries the MAC of a bpfailover failover device."""
+    if not os.path.exists(os.path.join(root, devname, "device")):
+        return False
+    return _read(root, devname, "address").lower() in failover_macs(root)
+
+
+def _install() -> None:
+    import cloudinit.net as cnet
+
+    orig = cnet.is_netfailover
+    if getattr(orig, "bpfailover", False):
+        return
+
+    def is_netfailover(devname, driver=None):  # type: ignore[no-untyped-def]
+        return orig(devname, driver) or is_lower(devname)
+
+    is_netfailover.bpfailover = True  # type: ignore[attr-defined]
+    cnet.is_netfailover = is_netfailover
+
+
+def _chain_system_sitecustomize() -> None:
+    """Python imports only the first sitecustomize on sys.path: run the system's one too."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    for d in sys.path:
+        if not d or os.path.abspath(d) == here:
+            continue
+        path = os.path.join(d, "sitecustomize.py")
+        if os.path.isfile(path):
+            with open(path) as f:
+                code = compile(f.read(), path, "exec")
+            exec(code, {"__name__": "sitecustomize", "__file__": path})
+            return
+
+
+def _is_cloud_init() -> bool:
+    # sys.argv may not be set yet while site runs: read what the kernel has.
+    try:
+        with open("/proc/self/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")[:2]
+    except OSError:
+        return False
+    return any(os.path.basename(a) == b"cloud-init" for a in argv)
+
+
+if _is_cloud_init():
+    try:
+        _install()
+    except Exception as e:  # never break cloud-init itself
+        print(f"bpfailover cloud-init shim not active: {e}", file=sys.stderr)
+_chain_system_sitecustomize()

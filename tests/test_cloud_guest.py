@@ -1,0 +1,427 @@
+"""Cloud guests (docs/cloud-guest.md): the shipped naming and manager snippets, the cloud-init
+shim and doctor's cloud-guest findings, each against fixtures (no root, no udev needed).
+
+The udev rules are evaluated by a small interpreter of the keys they use, so a rule that
+renames the wrong device (or none) fails here; the proving ground's cloud variant runs them
+in real udev, networkd, NetworkManager and cloud-init."""
+
+from __future__ import annotations
+
+import configparser
+import fnmatch
+import importlib.util
+import re
+import sys
+import types
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bpfailover.datapath.attach import peer_name
+from bpfailover.model import config
+from bpfailover.ops import doctor
+from bpfailover.ops.doctor import Host, LinkInfo
+
+REPO = Path(__file__).resolve().parents[1]
+DEPLOY = REPO / "deploy"
+MAC = "52:54:00:00:12:53"
+OTHER = "52:54:00:aa:bb:cc"
+
+# ---- a tiny udev rule interpreter (the keys the shipped rules use) ---------------------------
+
+_TOKEN = re.compile(r'\s*([A-Z]+)(?:\{([^}]*)\})?\s*(==|!=|:=|\+=|=)\s*"([^"]*)"\s*,?')
+
+
+def parse_rules(path: Path) -> list[list[tuple[str, str | None, str, str]]]:
+    rules = []
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        toks = [(m.group(1), m.group(2), m.group(3), m.group(4)) for m in _TOKEN.finditer(line)]
+        assert sum(len(m.group(0)) for m in _TOKEN.finditer(line)) == len(line), line
+        rules.append(toks)
+    return rules
+
+
+def _glob(pattern: str, value: str) -> bool:
+    return any(fnmatch.fnmatchcase(value, p) for p in pattern.split("|"))
+
+
+def apply_rules(path: Path, dev: dict[str, Any]) -> dict[str, Any]:
+    """dev: action, kernel (name), subsystem, drivers (list up the chain), attrs, env."""
+    env = dict(dev.get("env", {}))
+    out: dict[str, Any] = {"env": env, "name": None}
+    for rule in parse_rules(path):
+        ok = True
+        for key, arg, op, val in rule:
+            if op not in ("==", "!="):
+                continue
+            if key == "ACTION":
+                got: list[str] = [dev["action"]]
+            elif key == "SUBSYSTEM":
+                got = [dev["subsystem"]]
+            elif key == "KERNEL":
+                got = [dev["kernel"]]
+            elif key == "DRIVERS":
+                got = dev.get("drivers", [])
+            elif key == "ATTR":
+                got = [dev["attrs"].get(arg, "")]
+            elif key == "ENV":
+                got = [env.get(arg, "")]
+            else:
+                raise AssertionError(f"interpreter does not know {key}")
+            hit = any(_glob(val, g) for g in got)
+            if (op == "==") != hit:
+                ok = False
+                break
+        if not ok:
+            continue
+        for key, arg, op, val in rule:
+            if op in ("==", "!="):
+                continue
+            val = re.sub(r"\$env\{([^}]*)\}", lambda m: env.get(m.group(1), ""), val)
+            if key == "NAME":
+                out["name"] = val
+            elif key == "ENV":
+                env[arg] = val
+    return out
+
+
+def netdev(kernel: str, mac: str, drivers: list[str], **env: str) -> dict[str, Any]:
+    return {
+        "action": "add",
+        "subsystem": "net",
+        "kernel": kernel,
+        "drivers": drivers,
+        "attrs": {"address": mac},
+        "env": env,
+    }
+
+
+NAMING = DEPLOY / "udev/81-bpfailover-standby-name.rules"
+NM_MANAGED = DEPLOY / "udev/86-bpfailover-nm-managed.rules"
+LOWERS = DEPLOY / "udev/80-bpfailover-lowers.rules"
+
+
+def test_standby_is_renamed_name_nsby_so_the_failover_device_takes_name() -> None:
+    virtio = netdev("eth0", MAC, ["virtio_net", "virtio-pci"], ID_NET_NAME="enp1s0")
+    assert apply_rules(NAMING, virtio)["name"] == "enp1s0nsby"
+    # The name the guest's config expects is then free for the failover device.
+    cfg = config.parse_config("groups: [{name: enp1s0, standby: {driver: virtio_net}}]")
+    assert cfg.groups[0].name == "enp1s0"
+
+
+def test_naming_leaves_the_vf_other_macs_and_kernel_standby_alone() -> None:
+    vf = netdev("eth1", MAC, ["e1000e"], ID_NET_NAME="enp2s0")
+    assert apply_rules(NAMING, vf)["name"] is None
+    other = netdev("eth2", OTHER, ["virtio_net"], ID_NET_NAME="enp3s0")
+    assert apply_rules(NAMING, other)["name"] is None
+    # failover=on: udev already named it from phys_port_name "sby" -- never "nsbynsby".
+    kernel_sby = netdev("eth0", MAC, ["virtio_net"], ID_NET_NAME="enp1s0nsby")
+    assert apply_rules(NAMING, kernel_sby)["name"] is None
+    # Renames happen on "add" only: a "change" event never renames a running NIC.
+    change = {**netdev("enp1s0", MAC, ["virtio_net"], ID_NET_NAME="enp1s0"), "action": "change"}
+    assert apply_rules(NAMING, change)["name"] is None
+    # The failover device (a veth, no bus driver) and udev without a chosen name: untouched.
+    assert apply_rules(NAMING, netdev("enp1s0", MAC, [], ID_NET_DRIVER="veth"))["name"] is None
+    assert apply_rules(NAMING, netdev("eth0", MAC, ["virtio_net"]))["name"] is None
+
+
+def nm_85(dev: dict[str, Any]) -> dict[str, Any]:
+    """NetworkManager's 85-nm-unmanaged.rules, the veth line (read from NM 1.42)."""
+    env = dict(dev["env"])
+    if env.get("ID_NET_DRIVER") == "veth" and not fnmatch.fnmatchcase(dev["kernel"], "eth[0-9]*"):
+        env["NM_UNMANAGED"] = "1"
+    return {**dev, "env": env}
+
+
+def test_nm_manages_the_failover_device_but_not_its_peer_or_the_lowers() -> None:
+    fo = nm_85(netdev("enp1s0", MAC, [], ID_NET_DRIVER="veth"))
+    assert fo["env"]["NM_UNMANAGED"] == "1"  # NetworkManager alone: never managed
+    assert apply_rules(NM_MANAGED, fo)["env"]["NM_UNMANAGED"] == "0"
+    peer = nm_85(netdev(peer_name("enp1s0"), MAC, [], ID_NET_DRIVER="veth"))
+    assert apply_rules(NM_MANAGED, peer)["env"]["NM_UNMANAGED"] == "1"
+    other_veth = nm_85(netdev("vethab12", OTHER, [], ID_NET_DRIVER="veth"))
+    assert apply_rules(NM_MANAGED, other_veth)["env"]["NM_UNMANAGED"] == "1"
+    for lower in (
+        netdev("enp1s0nsby", MAC, ["virtio_net"], ID_NET_DRIVER="virtio_net"),
+        netdev("enp2s0", MAC, ["e1000e"], ID_NET_DRIVER="e1000e"),
+    ):
+        got = apply_rules(NM_MANAGED, apply_rules(LOWERS, lower) | {"env": {}} | lower)
+        assert got["env"].get("NM_UNMANAGED") != "0"
+        assert apply_rules(LOWERS, lower)["env"]["NM_UNMANAGED"] == "1"
+
+
+def _network(path: Path) -> configparser.ConfigParser:
+    p = configparser.ConfigParser(strict=False)
+    p.optionxform = str  # type: ignore[assignment,method-assign]
+    p.read_string(path.read_text())
+    return p
+
+
+def test_networkd_peer_file_catches_the_peer_and_sorts_before_globs() -> None:
+    f = DEPLOY / "networkd/00-bpfailover-peer.network"
+    p = _network(f)
+    pattern = p["Match"]["Name"]
+    assert fnmatch.fnmatchcase(peer_name("enp1s0"), pattern)
+    assert fnmatch.fnmatchcase(peer_name("averylongname0"), pattern)
+    assert not fnmatch.fnmatchcase("enp1s0", pattern)
+    assert not fnmatch.fnmatchcase("enp1s0nsby", pattern)
+    assert p["Match"]["Kind"] == "veth" and p["Link"]["Unmanaged"] == "yes"
+    # networkd takes the first match in lexical order: before netplan's and a user's en* glob.
+    assert f.name < "10-netplan-nic0.network" and f.name < "50-dhcp.network"
+
+
+def test_networkd_lowers_file_takes_bus_nics_with_the_mac_never_the_veth() -> None:
+    f = DEPLOY / "networkd/00-bpfailover-lowers.network"
+    p = _network(f)
+    assert p["Match"]["MACAddress"] == MAC
+    assert p["Match"]["Driver"] == "!veth"
+    assert p["Link"]["Unmanaged"] == "yes"
+    assert f.name < "10-netplan-nic0.network"
+
+
+def test_every_snippet_names_the_same_group_mac() -> None:
+    files = [NAMING, NM_MANAGED, LOWERS, *sorted((DEPLOY / "networkd").glob("*lowers*"))]
+    files.append(DEPLOY / "networkmanager/90-bpfailover-lowers.conf")
+    for f in files:
+        macs = set(
+            re.findall(r"(?<![0-9a-f])(?:[0-9a-f]{2}:){5}[0-9a-f]{2}(?![0-9a-f:])", f.read_text())
+        )
+        assert macs == {MAC}, f
+
+
+def test_failoverd_unit_orders_before_the_managers_and_cloud_init() -> None:
+    unit = configparser.ConfigParser(strict=False, interpolation=None)
+    unit.optionxform = str  # type: ignore[assignment,method-assign]
+    text = (DEPLOY / "systemd/failoverd.service").read_text()
+    before = " ".join(re.findall(r"^Before=(.*)$", text, re.M)).split()
+    after = " ".join(re.findall(r"^After=(.*)$", text, re.M)).split()
+    wants = " ".join(re.findall(r"^Wants=(.*)$", text, re.M)).split()
+    for u in (
+        "network-pre.target",
+        "systemd-networkd.service",
+        "NetworkManager.service",
+        "cloud-init-local.service",
+    ):
+        assert u in before, u
+    assert "network-pre.target" in wants
+    assert "systemd-udev-trigger.service" in after  # the standby has its final name
+    assert "DefaultDependencies=no" in text  # cloud-init-local runs before sysinit.target
+    dropin = (DEPLOY / "cloud-init/10-bpfailover.conf").read_text()
+    assert "After=failoverd.service" in dropin
+    assert "PYTHONPATH=/usr/lib/bpfailover/cloud-init" in dropin
+
+
+# ---- the cloud-init shim -----------------------------------------------------------------------
+
+
+def load_shim() -> types.ModuleType:
+    spec = importlib.util.spec_from_file_location(
+        "bpfailover_ci_shim", DEPLOY / "cloud-init/sitecustomize.py"
+    )
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def fake_sysfs(root: Path, devs: list[tuple[str, int, int, str, bool]]) -> Path:
+    """(name, ifindex, iflink, mac, has a bus device)"""
+    net = root / "class" / "net"
+    for name, ifindex, iflink, mac, bus in devs:
+        d = net / name
+        d.mkdir(parents=True)
+        (d / "ifindex").write_text(f"{ifindex}\n")
+        (d / "iflink").write_text(f"{iflink}\n")
+        (d / "address").write_text(f"{mac}\n")
+        if bus:
+            (d / "device").mkdir()
+    return net
+
+
+GUEST = [
+    ("lo", 1, 1, "00:00:00:00:00:00", False),
+    ("enp1s0nsby", 2, 2, MAC, True),
+    ("enp2s0", 3, 3, MAC, True),
+    ("enp1s0", 4, 5, MAC, False),
+    ("enp1s0_fo", 5, 4, "aa:bb:cc:dd:ee:ff", False),
+    ("enp3s0", 6, 6, OTHER, True),
+]
+
+
+def test_shim_ignores_the_lowers_keeps_the_failover_device(tmp_path: Path) -> None:
+    shim = load_shim()
+    net = fake_sysfs(tmp_path, GUEST)
+    assert shim.peer_name("averylongname0") == peer_name("averylongname0")
+    assert shim.failover_macs(str(net)) == {MAC: "enp1s0"}
+    lowers = [d for d, *_ in GUEST if shim.is_lower(d, str(net))]
+    assert lowers == ["enp1s0nsby", "enp2s0"]
+
+
+def test_shim_does_nothing_without_a_failover_device(tmp_path: Path) -> None:
+    shim = load_shim()
+    # failoverd not up: a veth pair that is not ours, the lowers stay visible (cloud-init
+    # then reports the duplicate MAC, and doctor explains it).
+    net = fake_sysfs(
+        tmp_path,
+        [
+            ("enp1s0", 2, 2, MAC, True),
+            ("enp2s0", 3, 3, MAC, True),
+            ("veth0", 4, 5, MAC, False),
+            ("veth1", 5, 4, OTHER, False),
+        ],
+    )
+    assert shim.failover_macs(str(net)) == {}
+    assert not shim.is_lower("enp1s0", str(net))
+
+
+def test_shim_extends_cloud_inits_is_netfailover(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shim = load_shim()
+    net = fake_sysfs(tmp_path, GUEST)
+    cnet = types.ModuleType("cloudinit.net")
+    cnet.is_netfailover = lambda devname, driver=None: devname == "kernel-sby"  # type: ignore[attr-defined]
+    pkg = types.ModuleType("cloudinit")
+    pkg.net = cnet  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "cloudinit", pkg)
+    monkeypatch.setitem(sys.modules, "cloudinit.net", cnet)
+    monkeypatch.setattr(shim, "SYS_NET", str(net))
+    monkeypatch.setattr(shim.is_lower, "__defaults__", (str(net),))
+    shim._install()
+    shim._install()  # idempotent
+    f = cnet.is_netfailover  # type: ignore[attr-defined]
+    assert [d for d, *_ in GUEST if f(d)] == ["enp1s0nsby", "enp2s0"]
+    assert f("kernel-sby")  # net_failover's own lowers still ignored
+
+
+# ---- doctor's cloud-guest findings ----------------------------------------------------------
+
+
+def guest_links() -> dict[int, LinkInfo]:
+    return {
+        1: LinkInfo(1, "lo", "00:00:00:00:00:00"),
+        2: LinkInfo(2, "enp1s0nsby", MAC),
+        3: LinkInfo(3, "enp2s0", MAC),
+        4: LinkInfo(4, "enp1s0", MAC, "veth"),
+        5: LinkInfo(5, "enp1s0_fo", "aa:bb:cc:dd:ee:ff", "veth"),
+    }
+
+
+CFG = config.parse_config(f"groups: [{{name: enp1s0, standby: enp1s0nsby, mac: '{MAC}'}}]")
+
+
+def cloud_host(tmp: Path) -> Host:
+    return Host(
+        proc=tmp / "proc",
+        run=tmp / "run",
+        etc=tmp / "etc",
+        sys=tmp / "sys",
+        var_log=tmp / "log",
+        usr_lib=tmp / "usrlib",
+        euid=0,
+    )
+
+
+def found(host: Host, cfg: config.Config = CFG) -> list[tuple[str, str]]:
+    links = guest_links()
+    lowers = doctor.find_lowers(cfg, links, None)
+    out = [
+        *doctor.check_kernel_failover(host, links),
+        *doctor.check_cloud_init(host, lowers),
+        *doctor.check_failover_devices(host, cfg, links),
+    ]
+    for f in out:
+        assert f.fix and "\n" not in f.problem
+    return sorted((f.check, f.subject) for f in out)
+
+
+def test_clean_cloud_guest_has_no_findings(tmp_path: Path) -> None:
+    host = cloud_host(tmp_path)
+    assert found(host) == []
+    # cloud-init installed with the shim and every drop-in: still clean.
+    (host.etc / "cloud").mkdir(parents=True)
+    (host.etc / "cloud/cloud.cfg").write_text("{}\n")
+    shim = host.usr_lib / doctor.CLOUD_INIT_SHIM
+    shim.parent.mkdir(parents=True)
+    shim.write_text("#\n")
+    dropin = (
+        (DEPLOY / "cloud-init/10-bpfailover.conf")
+        .read_text()
+        .replace("/usr/lib", str(host.usr_lib))
+    )
+    for u in doctor.CLOUD_INIT_UNITS:
+        d = host.etc / "systemd/system" / f"{u}.service.d"
+        d.mkdir(parents=True)
+        (d / "10-bpfailover.conf").write_text(dropin)
+    assert found(host) == []
+    (host.var_log).mkdir()
+    (host.var_log / "cloud-init.log").write_text("DEBUG all fine\n")
+    assert found(host) == []
+
+
+def test_cloud_init_without_the_shim_is_the_duplicate_mac_finding(tmp_path: Path) -> None:
+    host = cloud_host(tmp_path)
+    (host.etc / "cloud").mkdir(parents=True)
+    (host.etc / "cloud/cloud.cfg").write_text("{}\n")
+    assert found(host) == [("cloud-init-duplicate-mac", "enp1s0nsby, enp2s0")]
+    (host.var_log).mkdir()
+    (host.var_log / "cloud-init.log").write_text(
+        "RuntimeError: duplicate mac found! both 'enp2s0' and 'enp1s0nsby' have mac 'x'\n"
+    )
+    f = list(doctor.check_cloud_init(host, doctor.find_lowers(CFG, guest_links(), None)))
+    assert "both 'enp2s0'" in f[0].problem and "10-bpfailover.conf" in f[0].fix
+    (host.etc / "cloud/cloud-init.disabled").write_text("")
+    assert found(host) == []
+
+
+def test_failover_on_is_found_with_the_right_advice(tmp_path: Path) -> None:
+    host = cloud_host(tmp_path)
+    feats = ["0"] * 64
+    d = host.sys / "class/net/enp1s0nsby/device"
+    d.mkdir(parents=True)
+    (d / "features").write_text("".join(feats) + "\n")
+    assert found(host) == []
+    feats[doctor.VIRTIO_NET_F_STANDBY] = "1"
+    (d / "features").write_text("".join(feats) + "\n")
+    assert found(host) == [("hypervisor-failover-on", "enp1s0nsby")]
+    f = next(doctor.check_kernel_failover(host, guest_links()))
+    assert "failover=off" in f.fix and "blacklist" not in f.fix
+    assert "unplugs the VF" in f.fix  # what failover=off costs
+    # A lower still enslaved to net_failover gets the same advice, never "blacklist".
+    links = guest_links()
+    links[2].master = 9
+    links[9] = LinkInfo(9, "enp1s0", MAC)
+    enslaved = list(doctor.check_masters(doctor.find_lowers(CFG, links, None), links))
+    assert enslaved and "failover=off" in enslaved[0].fix
+    assert "cannot be blacklisted" in enslaved[0].fix
+
+
+def test_failover_device_unmanaged_by_nm_and_peer_managed(tmp_path: Path) -> None:
+    host = cloud_host(tmp_path)
+    (host.run / "NetworkManager/devices").mkdir(parents=True)
+    (host.run / "udev/data").mkdir(parents=True)
+    (host.run / "udev/data/n4").write_text("E:ID_NET_DRIVER=veth\nE:NM_UNMANAGED=1\n")
+    assert found(host) == [("failover-device-nm-unmanaged", "enp1s0")]
+    (host.run / "udev/data/n4").write_text("E:ID_NET_DRIVER=veth\nE:NM_UNMANAGED=0\n")
+    assert found(host) == []
+    (host.run / "NetworkManager/devices/5").write_text("[device]\nmanaged=true\n")
+    assert found(host) == [("peer-managed", "enp1s0_fo")]
+    (host.run / "NetworkManager/devices/5").write_text("[device]\nmanaged=false\n")
+    links_dir = host.run / "systemd/netif/links"
+    links_dir.mkdir(parents=True)
+    (links_dir / "5").write_text(
+        "ADMIN_STATE=configured\nNETWORK_FILE=/etc/systemd/network/50-en.network\n"
+    )
+    f = list(doctor.check_failover_devices(host, CFG, guest_links()))
+    assert [(x.check, x.subject) for x in f] == [("peer-managed", "enp1s0_fo")]
+    assert "50-en.network" in f[0].problem and "00-bpfailover-peer.network" in f[0].fix
+    (links_dir / "5").write_text("ADMIN_STATE=unmanaged\n")
+    assert found(host) == []
+    # Not the host's netns: sysfs and the managers' state describe another one.
+    host.check_managers = False
+    (links_dir / "5").write_text("ADMIN_STATE=configured\n")
+    assert found(host) == []
