@@ -355,3 +355,21 @@ def test_harness_reports_agent_death(lab: Lab) -> None:
     finally:
         agent.cleanup()
         shutil.rmtree("/nonexistent", ignore_errors=True)
+
+
+def test_lowers_found_down_at_start_are_opened(lab: Lab) -> None:
+    """A cloud guest boots with the lowers down and the managers kept off them (deploy/):
+    failoverd opens them, as net_failover opens the slaves it finds when it is created."""
+    lab.up()
+    n = lab.names(0)
+    for dev in (n.standby, n.primary):
+        netns.run_in(lab.guest, ["ip", "link", "set", dev, "down"])
+    agent = start_agent(lab)
+    try:
+        agent.wait_active(n.primary)
+        opened = {e["lower"] for e in agent.events("lower_opened") if e.get("at") == "start"}
+        assert opened == {n.standby, n.primary}
+        for dev in (n.standby, n.primary):
+            assert lab.link(lab.guest, dev)["flags"] & 1  # type: ignore[index]  # IFF_UP
+    finally:
+        agent.cleanup()
