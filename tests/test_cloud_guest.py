@@ -287,15 +287,33 @@ def test_shim_extends_cloud_inits_is_netfailover(
     cnet.is_netfailover = lambda devname, driver=None: devname == "kernel-sby"  # type: ignore[attr-defined]
     pkg = types.ModuleType("cloudinit")
     pkg.net = cnet  # type: ignore[attr-defined]
+    netplan = types.ModuleType("cloudinit.net.netplan")
+
+    class Renderer:
+        def _render_content(self, network_state: object) -> str:
+            return (
+                "network:\n  version: 2\n  ethernets:\n    nic0:\n      match:\n"
+                f"        macaddress: '{MAC}'\n      dhcp4: true\n"
+            )
+
+    netplan.Renderer = Renderer  # type: ignore[attr-defined]
+    cnet.netplan = netplan  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "cloudinit", pkg)
     monkeypatch.setitem(sys.modules, "cloudinit.net", cnet)
+    monkeypatch.setitem(sys.modules, "cloudinit.net.netplan", netplan)
     monkeypatch.setattr(shim, "SYS_NET", str(net))
     monkeypatch.setattr(shim.is_lower, "__defaults__", (str(net),))
+    monkeypatch.setattr(shim.failover_macs, "__defaults__", (str(net),))
     shim._install()
     shim._install()  # idempotent
     f = cnet.is_netfailover  # type: ignore[attr-defined]
     assert [d for d, *_ in GUEST if f(d)] == ["enp1s0nsby", "enp2s0"]
     assert f("kernel-sby")  # net_failover's own lowers still ignored
+    import yaml
+
+    out = Renderer()._render_content(None)
+    assert out.startswith("# bpfailover: nic0: match macaddress")
+    assert yaml.safe_load(out)["network"]["ethernets"]["nic0"]["match"] == {"name": "enp1s0"}
 
 
 # ---- doctor's cloud-guest findings ----------------------------------------------------------
@@ -333,6 +351,7 @@ def found(host: Host, cfg: config.Config = CFG) -> list[tuple[str, str]]:
         *doctor.check_kernel_failover(host, links),
         *doctor.check_cloud_init(host, lowers),
         *doctor.check_failover_devices(host, cfg, links),
+        *doctor.check_netplan_mac_match(host, cfg, links),
     ]
     for f in out:
         assert f.fix and "\n" not in f.problem
@@ -424,4 +443,47 @@ def test_failover_device_unmanaged_by_nm_and_peer_managed(tmp_path: Path) -> Non
     # Not the host's netns: sysfs and the managers' state describe another one.
     host.check_managers = False
     (links_dir / "5").write_text("ADMIN_STATE=configured\n")
+    assert found(host) == []
+
+
+def test_shim_rewrites_netplan_mac_matches_to_the_failover_device() -> None:
+    """netplan 0.106 renders `match: macaddress` as PermanentMACAddress=, which a veth never
+    has: the cloud's entry is pointed at the failover device by name; others stay."""
+    shim = load_shim()
+    doc = {
+        "network": {
+            "version": 2,
+            "ethernets": {
+                "nic0": {"match": {"macaddress": MAC.upper()}, "set-name": "eth0", "dhcp4": True},
+                "nic1": {"match": {"macaddress": OTHER}, "dhcp4": True},
+                "enp9s0": {"dhcp4": True},
+            },
+        }
+    }
+    changed = shim.rewrite_netplan(doc, {MAC: "enp1s0"})
+    eth = doc["network"]["ethernets"]
+    assert eth["nic0"] == {"match": {"name": "enp1s0"}, "dhcp4": True}
+    assert eth["nic1"] == {"match": {"macaddress": OTHER}, "dhcp4": True}
+    assert eth["enp9s0"] == {"dhcp4": True}
+    assert changed == [f"nic0: match macaddress {MAC} -> name enp1s0"]
+    assert shim.rewrite_netplan({"network": {"version": 2}}, {MAC: "enp1s0"}) == []
+
+
+def test_netplan_mac_match_is_found_name_match_is_not(tmp_path: Path) -> None:
+    host = cloud_host(tmp_path)
+    (host.etc / "netplan").mkdir(parents=True)
+    f = host.etc / "netplan/50-cloud-init.yaml"
+    f.write_text(
+        f"network:\n  version: 2\n  ethernets:\n    nic0:\n      match:\n"
+        f"        macaddress: '{MAC.upper()}'\n      dhcp4: true\n"
+    )
+    assert found(host) == [("netplan-mac-match", f"{f}:nic0")]
+    auto = config.parse_config("groups: [{name: enp1s0, standby: {driver: virtio_net}}]")
+    assert found(host, auto) == [("netplan-mac-match", f"{f}:nic0")]  # MAC from the device
+    f.write_text(
+        "network:\n  version: 2\n  ethernets:\n    nic0:\n      match:\n"
+        "        name: enp1s0\n      dhcp4: true\n"
+    )
+    assert found(host) == []
+    f.write_text("network: [not, a, mapping\n")
     assert found(host) == []

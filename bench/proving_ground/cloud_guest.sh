@@ -36,5 +36,13 @@ metrics:
   listen: null
 YAML
 fi
+# The units as the working tree has them (the image has the copy made at build time).
+reload=
+refresh() { cmp -s "$1" "$2" || { install -D -m 644 "$1" "$2"; reload=1; }; }
+refresh $R/deploy/systemd/failoverd.service /etc/systemd/system/failoverd.service
+for u in cloud-init-local cloud-init cloud-config cloud-final; do
+  refresh $R/deploy/cloud-init/10-bpfailover.conf /etc/systemd/system/$u.service.d/10-bpfailover.conf
+done
+[ -n "$reload" ] && systemctl daemon-reload
 udevadm control --reload 2>/dev/null || true
 exit 0

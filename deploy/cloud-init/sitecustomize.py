@@ -8,7 +8,7 @@ found!" (network-config v2 parsing, OpenStack, EC2, ...), `_rename_interfaces` a
 fallback NIC may pick a lower.
 
 This file, on PYTHONPATH of cloud-init's units only (10-bpfailover.conf), extends
-`is_netfailover()`: a NIC with a bus device whose MAC is carried by a bpfailover failover
+`is_netfailover()` (and rewrites netplan's MAC matches, see rewrite_netplan): a NIC with a bus device whose MAC is carried by a bpfailover failover
 device (a veth whose peer is "<name[:12]>_fo") is a lower and is ignored, exactly as
 net_failover's primary and standby are.  The failover device itself stays, so MAC-matched
 network config applies to it.  Reads sysfs only; imports nothing from bpfailover (cloud-init
@@ -62,8 +62,55 @@ def is_lower(devname: str, root: str = SYS_NET) -> bool:
     return _read(root, devname, "address").lower() in failover_macs(root)
 
 
+def rewrite_netplan(doc: dict, macs: dict[str, str]) -> list[str]:
+    """netplan (0.105+) turns `match: {macaddress: M}` into networkd's PermanentMACAddress=M.
+    The failover device is a veth: it has no permanent MAC, so a MAC-matched entry would
+    configure no device at all (the lowers are taken by 00-bpfailover-lowers.network).  An
+    entry matching a failover MAC is rewritten to match the failover device by name; a
+    `set-name` is dropped (failoverd names that device).  Returns what was changed."""
+    changed = []
+    ethernets = (doc.get("network") or {}).get("ethernets") or {}
+    for key, entry in ethernets.items():
+        match = entry.get("match") if isinstance(entry, dict) else None
+        mac = str((match or {}).get("macaddress", "")).lower()
+        if mac in macs:
+            entry["match"] = {"name": macs[mac]}
+            entry.pop("set-name", None)
+            changed.append(f"{key}: match macaddress {mac} -> name {macs[mac]}")
+    return changed
+
+
+def _install_netplan() -> None:
+    try:
+        import yaml
+        from cloudinit.net import netplan
+    except ImportError:
+        return
+
+    orig = netplan.Renderer._render_content
+    if getattr(orig, "bpfailover", False):
+        return
+
+    def _render_content(self, network_state):  # type: ignore[no-untyped-def]
+        content = orig(self, network_state)
+        macs = failover_macs()
+        doc = yaml.safe_load(content) if macs else None
+        if not isinstance(doc, dict):
+            return content
+        changed = rewrite_netplan(doc, macs)
+        if not changed:
+            return content
+        note = "".join(f"# bpfailover: {c}\n" for c in changed)
+        return note + yaml.safe_dump(doc, default_flow_style=False)
+
+    _render_content.bpfailover = True  # type: ignore[attr-defined]
+    netplan.Renderer._render_content = _render_content
+
+
 def _install() -> None:
     import cloudinit.net as cnet
+
+    _install_netplan()
 
     orig = cnet.is_netfailover
     if getattr(orig, "bpfailover", False):

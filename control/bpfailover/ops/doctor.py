@@ -8,7 +8,8 @@ mounted; no kernel headers for bcc; missing root/capabilities; a second
 agent (two failoverd in one netns, or a pin lock held by an agent that does
 not answer); cloud guests (docs/cloud-guest.md): the hypervisor's `failover=on`,
 cloud-init without the duplicate-MAC shim, the failover device unmanaged by NetworkManager,
-its hidden peer managed by NetworkManager or systemd-networkd.
+its hidden peer managed by NetworkManager or systemd-networkd, a netplan MAC match (which
+never matches the failover device).
 Exit code 0: nothing found; 4: findings (printed with fixes).
 """
 
@@ -698,6 +699,42 @@ def check_failover_devices(
             )
 
 
+def check_netplan_mac_match(
+    host: Host, cfg: configmod.Config | None, links: dict[int, LinkInfo]
+) -> Iterator[Finding]:
+    """netplan (0.105+) renders `match: {macaddress: M}` as networkd's PermanentMACAddress=M;
+    the failover device (a veth) has no permanent MAC, so such an entry configures nothing
+    (or, without 00-bpfailover-lowers.network, the lowers)."""
+    if cfg is None:
+        return
+    import yaml
+
+    names = {lk.name: lk for lk in links.values()}
+    macs = {names[g.name].mac.lower(): g.name for g in cfg.groups if g.name in names}
+    macs.update({g.mac: g.name for g in cfg.groups if g.mac != "auto"})
+    for path in sorted((host.etc / "netplan").glob("*.yaml")):
+        try:
+            doc = yaml.safe_load(path.read_text(errors="replace"))
+        except (OSError, yaml.YAMLError):
+            continue
+        net = doc.get("network") if isinstance(doc, dict) else None
+        ethernets = net.get("ethernets") if isinstance(net, dict) else None
+        for key, entry in (ethernets or {}).items():
+            match = entry.get("match") if isinstance(entry, dict) else None
+            mac = str(match.get("macaddress", "")).lower() if isinstance(match, dict) else ""
+            if mac in macs:
+                yield Finding(
+                    "netplan-mac-match",
+                    f"{path}:{key}",
+                    f"netplan entry {key} matches MAC {mac}: netplan renders it as "
+                    "PermanentMACAddress=, which failover device "
+                    f"{macs[mac]} (a veth) does not have, so it configures no device or a lower",
+                    f"match the failover device by name (`match: {{name: {macs[mac]}}}`, no "
+                    "set-name); for cloud-init's file install deploy/cloud-init/ "
+                    "(docs/cloud-guest.md), then `netplan apply`",
+                )
+
+
 # -- running -------------------------------------------------------------------------------------
 
 
@@ -759,6 +796,7 @@ def run_checks(
         check_kernel_failover(host, links),
         check_cloud_init(host, lowers),
         check_failover_devices(host, cfg, links),
+        check_netplan_mac_match(host, cfg, links),
     )
     for found in checks:
         findings.extend(found)
