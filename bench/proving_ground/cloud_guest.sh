@@ -19,7 +19,15 @@ if [ "$mode" = bpfailover ]; then
     $R/deploy/udev/81-bpfailover-standby-name.rules \
     $R/deploy/udev/86-bpfailover-nm-managed.rules -t /etc/udev/rules.d/
   install -D -m 644 $R/deploy/networkd/00-bpfailover-lowers.network \
-    $R/deploy/networkd/00-bpfailover-peer.network -t /etc/systemd/network/
+    $R/deploy/networkd/00-bpfailover-peer.network \
+    $R/deploy/networkd/10-bpfailover-standby.link -t /etc/systemd/network/
+  # The shipped unit's ProtectKernelModules=yes hides /lib/modules/*/build: bcc then builds
+  # against UAPI-only headers copied to /var/cache first -- over 120 s under this TCG guest
+  # (the loader's limit).  Full headers: ~60 s.  (docs/cloud-guest.md, proving-ground notes)
+  mkdir -p /etc/systemd/system/failoverd.service.d
+  printf '[Service]\nProtectKernelModules=no\nTimeoutStartSec=900\n' \
+    > /tmp/zz-pg-boot.conf
+  refresh_later=/tmp/zz-pg-boot.conf
   install -D -m 644 $R/deploy/networkmanager/90-bpfailover-lowers.conf \
     -t /etc/NetworkManager/conf.d/
   install -D -m 644 $R/deploy/cloud-init/sitecustomize.py \
@@ -43,6 +51,7 @@ refresh $R/deploy/systemd/failoverd.service /etc/systemd/system/failoverd.servic
 for u in cloud-init-local cloud-init cloud-config cloud-final; do
   refresh $R/deploy/cloud-init/10-bpfailover.conf /etc/systemd/system/$u.service.d/10-bpfailover.conf
 done
+[ -n "$refresh_later" ] && refresh $refresh_later /etc/systemd/system/failoverd.service.d/zz-pg-boot.conf
 [ -n "$reload" ] && systemctl daemon-reload
 udevadm control --reload 2>/dev/null || true
 exit 0
