@@ -487,3 +487,49 @@ def test_netplan_mac_match_is_found_name_match_is_not(tmp_path: Path) -> None:
     assert found(host) == []
     f.write_text("network: [not, a, mapping\n")
     assert found(host) == []
+
+
+class _Msg:
+    def __init__(self, attrs: dict[str, Any]) -> None:
+        self.attrs = attrs
+
+    def get_attr(self, key: str) -> Any:
+        return self.attrs.get(key)
+
+
+class _AltnameIpr:
+    """The kernel answers a lookup of `enp1s0` with the standby that has it as altname."""
+
+    def link_lookup(self, ifname: str) -> list[int]:
+        return [3] if ifname in ("enp1s0", "enp1s0nsby") else []
+
+    def get_links(self, index: int) -> list[_Msg]:
+        return [_Msg({"IFLA_IFNAME": "enp1s0nsby", "IFLA_ADDRESS": MAC})]
+
+    def link(self, *a: Any, **kw: Any) -> None:
+        raise AssertionError("nothing may be created or changed")
+
+
+def test_failover_name_taken_by_an_altname_is_one_clear_error() -> None:
+    from bpfailover.datapath.attach import create_failover_dev
+    from bpfailover.datapath.maps import DatapathError
+
+    with pytest.raises(DatapathError) as e:
+        create_failover_dev(_AltnameIpr(), "enp1s0", MAC)
+    assert "alternative name of enp1s0nsby" in str(e.value)
+    assert "10-bpfailover-standby.link" in str(e.value)
+
+
+def test_standby_link_file_keeps_naming_and_drops_altnames() -> None:
+    p = _network(DEPLOY / "networkd/10-bpfailover-standby.link")
+    assert p["Match"]["MACAddress"] == MAC and p["Match"]["Driver"] == "virtio_net"
+    assert p["Link"]["AlternativeNamesPolicy"] == ""
+    assert p["Link"]["NamePolicy"].split() == [
+        "keep",
+        "kernel",
+        "database",
+        "onboard",
+        "slot",
+        "path",
+    ]
+    assert "10-bpfailover-standby.link" < "99-default.link"  # udev takes the first match

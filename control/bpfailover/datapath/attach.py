@@ -202,6 +202,16 @@ def create_failover_dev(
     been put back: someone changed it while no agent ran)."""
     peer = peer_name(name)
     master = _index(ipr, name)
+    if master is not None:
+        # The kernel resolves alternative names like names: systemd's AlternativeNamesPolicy
+        # leaves a renamed standby (enp1s0nsby) the altname enp1s0 (docs/cloud-guest.md).
+        owner = ipr.get_links(master)[0].get_attr("IFLA_IFNAME")
+        if owner != name:
+            raise DatapathError(
+                f"{name} is an alternative name of {owner}: install "
+                "deploy/networkd/10-bpfailover-standby.link (no altnames on the standby) or "
+                f"`ip link property del dev {owner} altname {name}`"
+            )
     if master is None:
         # The MAC in the same message: udev's "add" event (NetworkManager's unmanaged rules,
         # deploy/udev/86-bpfailover-nm-managed.rules) then already sees the group MAC.
