@@ -340,6 +340,7 @@ class CloudMode(Mode):
         make_seed(self.cvm.seed, f"pg-{self.stack}-{self.name}-{int(time.time())}")
         self.vm.start()
         self.timings["boot_s"] = self.vm.boot_s
+
         # cloud-final writes result.json when cloud-init is done: a cheap poll (a Python
         # start-up per `cloud-init status` is slow under TCG while bcc compiles).
         def finished() -> bool:
