@@ -533,3 +533,11 @@ def test_peer_names_are_cut_in_bytes_and_stay_valid() -> None:
     assert peer == "éééééé_fo" and len(peer.encode()) <= 15
     cfg = parse_config("groups: [{name: ééééééé, standby: a}]", "config.yaml")
     assert cfg.groups[0].name == "ééééééé"
+
+
+def test_max_groups_is_the_datapaths() -> None:
+    """The config's group limit restates FO_MAX_GROUPS of bpf/failover.h: kept equal here."""
+    from bpfailover.datapath import layout
+    from bpfailover.model import config as configmod
+
+    assert configmod.MAX_GROUPS == layout.load().FO_MAX_GROUPS

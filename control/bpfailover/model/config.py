@@ -30,7 +30,8 @@ from pydantic import (
 
 from bpfailover.model.paths import CONFIG_ENV, DEFAULT_CONFIG_PATH, config_path
 
-MAX_GROUPS = 64
+MAX_GROUPS = 64  # = FO_MAX_GROUPS of bpf/failover.h (the config layer cannot import the
+# datapath layer; tests/test_config.py::test_max_groups_is_the_datapaths keeps them equal)
 IFNAMSIZ = 16  # kernel limit including the trailing NUL
 
 Loc = tuple[str | int, ...]
