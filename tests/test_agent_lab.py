@@ -257,6 +257,45 @@ def test_second_agent_on_same_pins_is_refused(running: tuple[Lab, AgentRun]) -> 
     assert agent.status()["pid"] == agent.proc.pid  # type: ignore[union-attr]
 
 
+def test_second_agent_with_other_pins_is_refused(running: tuple[Lab, AgentRun]) -> None:
+    """One writer per failover device, whatever the pin directory: a second failoverd for
+    the same group with another bpffs is refused before it loads or attaches anything, and
+    the first agent's switches still move traffic afterwards."""
+    lab, agent = running
+    n = lab.names(0)
+    second = AgentRun(lab, name=f"{lab.prefix}-b")
+    hooks = {
+        dev: netns.run_in(lab.guest, ["tc", "filter", "show", "dev", dev, d]).stdout
+        for dev, d in ((n.primary, "ingress"), (n.standby, "ingress"), (n.failover, "egress"))
+    }
+    try:
+        proc = subprocess.run(
+            AgentRun.command(lab.guest, second.config_path),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert proc.returncode == 1, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and "another datapath's programs" in lines[0], proc.stderr
+        assert not second.pin_dir.exists(), "refused before loading a datapath"
+        assert not os.path.exists(second.socket)
+        for dev, d in ((n.primary, "ingress"), (n.standby, "ingress"), (n.failover, "egress")):
+            now = netns.run_in(lab.guest, ["tc", "filter", "show", "dev", dev, d]).stdout
+            assert now == hooks[dev], f"{dev} {d} hook changed"
+    finally:
+        second.cleanup()
+    assert agent.status()["pid"] == agent.proc.pid  # type: ignore[union-attr]
+    reply = agent.request({"cmd": "set-primary", "group": n.failover, "lower": n.standby})
+    assert reply["ok"], reply
+    agent.wait_active(n.standby)
+    before = link_stats(lab.guest, n.standby)["tx"]
+    with stream(lab, rate=2000, seconds=1.0) as h:
+        rep = h.wait()
+    assert link_stats(lab.guest, n.standby)["tx"] >= before + 1800, "traffic on the standby"
+    assert rep.total_lost == 0, rep.format()
+
+
 def test_mtu_follows_the_failover_device(running: tuple[Lab, AgentRun]) -> None:
     lab, agent = running
     n = lab.names(0)

@@ -256,6 +256,7 @@ def make(tmp_path: Path) -> Iterator[Any]:
             links=kernel,
             clock=clock,
             speed=lambda name: (speed_table.get(name), "full"),
+            hooks=lambda _cfg, _links: None,  # no kernel hooks to read
         )
         agent.start()
         h = Harness(agent, dp, kernel, clock, wirings, speed_table)

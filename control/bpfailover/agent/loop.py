@@ -73,12 +73,14 @@ class Agent:
         clock: Clock | None = None,
         speed: SpeedReader = link_speed,
         decide: Decide = policy.decide,
+        hooks: Callable[[configmod.Config, dict[int, Any]], None] = setup.check_hooks,
     ) -> None:
         self.cfg = cfg
         self.open_datapath, self.make_wiring = datapath, wiring
         self.links: LinkSource = links or Netlink()
         self.clock: Clock = clock or SystemClock()
         self.speed, self.decide = speed, decide
+        self.check_hooks = hooks  # another datapath's programs on our devices: refused
         self.groups: dict[str, Group] = {}
         self.dp: Datapath | None = None
         self.wiring: Wiring | None = None
@@ -135,6 +137,7 @@ class Agent:
         self.events = self.links.subscribe()
         links = {link.ifindex: link for link in self.links.dump_links()}
         setup.check_groups(self.cfg, links)  # bad input fails before anything is created
+        self.check_hooks(self.cfg, links)  # so does a device another datapath serves
         self._open_datapath()
         assert self.dp is not None and self.wiring is not None
         kernel.load_addrs(self)

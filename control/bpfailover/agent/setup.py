@@ -6,9 +6,14 @@ failover device's names free (or held by our own veth pair from an earlier run).
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 from bpfailover import policy
-from bpfailover.datapath.attach import Wiring, peer_name
+from bpfailover.datapath import bpfsys
+from bpfailover.datapath.attach import Wiring, foreign_programs, peer_name
 from bpfailover.datapath.layout import SLOT_NAMES
+from bpfailover.datapath.loader import PROGS
 from bpfailover.datapath.maps import Datapath, DatapathError
 from bpfailover.effects.ethtool import driver_of
 from bpfailover.events import netlink
@@ -62,6 +67,49 @@ def check_failover_name(name: str, links: dict[int, netlink.Link]) -> None:
         f"group {name}: netdev {taken} exists and is not a bpfailover failover device "
         f"(veth {name} + {peer}): rename the group or remove {taken}"
     )
+
+
+def pinned_prog_ids(pin_dir: str | Path) -> set[int]:
+    """The ids of the programs pinned in pin_dir (none when it holds no datapath yet)."""
+    ids = set()
+    for pin in PROGS:
+        try:
+            fd = bpfsys.obj_get(str(Path(pin_dir) / pin))
+        except OSError:
+            continue
+        try:
+            ids.add(bpfsys.prog_info(fd).id)
+        finally:
+            os.close(fd)
+    return ids
+
+
+def check_hooks(cfg: configmod.Config, links: dict[int, netlink.Link]) -> None:
+    """One writer per failover device, whatever the pin directory: raise AgentError when a
+    group's failover device, its hidden peer or a lower (a netdev with the group's MAC)
+    carries programs of another datapath (not those pinned in cfg.bpffs: an earlier run of
+    this pin directory is adopted).  Runs before the datapath is loaded: nothing changes."""
+    from pyroute2 import IPRoute
+
+    ours = pinned_prog_ids(cfg.bpffs)
+    with IPRoute() as ipr:
+        for gcfg in cfg.groups:
+            mac = gcfg.mac
+            if mac == "auto":
+                standby = resolve_standby(gcfg, links)
+                mac = links[standby].mac if standby is not None else ""
+            names = {gcfg.name, peer_name(gcfg.name)}
+            devs = [lk for lk in links.values() if lk.ifname in names or (mac and lk.mac == mac)]
+            for lk in sorted(devs, key=lambda lk: lk.ifindex):
+                found = foreign_programs(ipr, lk.ifindex, ours, xdp=gcfg.rx_path == "xdp")
+                if found:
+                    raise AgentError(
+                        f"group {gcfg.name}: {lk.ifname} carries another datapath's programs "
+                        f"({', '.join(found)}; ours in {cfg.bpffs}: "
+                        f"{', '.join(map(str, sorted(ours))) or 'none yet'}): another failoverd "
+                        "serves it; stop it, or remove an orphaned one with "
+                        "failoverctl teardown --pins DIR --all"
+                    )
 
 
 def setup_group(
