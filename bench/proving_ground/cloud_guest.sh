@@ -44,6 +44,20 @@ metrics:
   listen: null
 YAML
 fi
+# The venv's console scripts as the working tree's pyproject.toml has them (the editable
+# install made at build time wrote the entry points of that day).
+/opt/bpfailover-venv/bin/python3 - <<'PY'
+import tomllib
+from pathlib import Path
+scripts = tomllib.loads(Path("/opt/bpfailover/pyproject.toml").read_text())["project"]["scripts"]
+for name, target in scripts.items():
+    mod, func = target.split(":")
+    Path(f"/opt/bpfailover-venv/bin/{name}").write_text(
+        f"#!/opt/bpfailover-venv/bin/python3\nimport sys\nfrom {mod} import {func}\n"
+        f"sys.exit({func}())\n"
+    )
+    Path(f"/opt/bpfailover-venv/bin/{name}").chmod(0o755)
+PY
 # The units as the working tree has them (the image has the copy made at build time).
 reload=
 refresh() { cmp -s "$1" "$2" || { install -D -m 644 "$1" "$2"; reload=1; }; }
