@@ -533,3 +533,23 @@ def test_standby_link_file_keeps_naming_and_drops_altnames() -> None:
         "path",
     ]
     assert "10-bpfailover-standby.link" < "99-default.link"  # udev takes the first match
+
+
+def test_headers_behind_protectkernelmodules_fall_back_not_crash(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """systemd's ProtectKernelModules=yes and no CAP_DAC_OVERRIDE: stat() under /lib/modules
+    is EACCES for root; failoverd crashed on it at start-up in the cloud guest."""
+    from bpfailover.datapath import kheaders
+
+    real_is_dir = Path.is_dir
+
+    def is_dir(self: Path) -> bool:
+        if str(self).startswith("/lib/modules/"):
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_is_dir(self)
+
+    monkeypatch.setattr(Path, "is_dir", is_dir)
+    monkeypatch.delenv("BCC_KERNEL_SOURCE", raising=False)
+    with pytest.raises(kheaders.HeadersError, match="no kernel headers"):
+        kheaders.find("6.1.0-test", src_dir=tmp_path / "src", cache=tmp_path / "cache")

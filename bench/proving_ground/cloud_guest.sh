@@ -26,8 +26,8 @@ if [ "$mode" = bpfailover ]; then
   # (the loader's limit).  Full headers: ~60 s.  (docs/cloud-guest.md, proving-ground notes)
   mkdir -p /etc/systemd/system/failoverd.service.d
   printf '[Service]\nProtectKernelModules=no\nTimeoutStartSec=900\n' \
-    > /tmp/zz-pg-boot.conf
-  refresh_later=/tmp/zz-pg-boot.conf
+    > /run/pg-zz-boot.conf
+  refresh_later=/run/pg-zz-boot.conf
   install -D -m 644 $R/deploy/networkmanager/90-bpfailover-lowers.conf \
     -t /etc/NetworkManager/conf.d/
   install -D -m 644 $R/deploy/cloud-init/sitecustomize.py \

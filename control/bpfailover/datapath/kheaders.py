@@ -75,10 +75,21 @@ def _merged_tree(common: Path, arch: Path, cache: Path) -> Path:
     return target
 
 
+def _readable_dir(path: Path) -> bool:
+    """is_dir() that says no instead of raising EACCES: systemd's ProtectKernelModules=yes
+    makes /lib/modules inaccessible, and without CAP_DAC_OVERRIDE (the shipped unit) even
+    root gets EACCES there -- the fallback headers must then be used, not a crash (found by
+    the cloud-guest proving ground, docs/cloud-guest.md)."""
+    try:
+        return path.is_dir()
+    except PermissionError:
+        return False
+
+
 def find(release: str | None = None, src_dir: Path = SRC_DIR, cache: Path = CACHE_DIR) -> Headers:
     release = release or os.uname().release
     build = Path("/lib/modules") / release / "build"
-    if (build / "include").is_dir() or os.environ.get("BCC_KERNEL_SOURCE"):
+    if _readable_dir(build / "include") or os.environ.get("BCC_KERNEL_SOURCE"):
         where = os.environ.get("BCC_KERNEL_SOURCE", str(build))
         return Headers({}, f"kernel headers of {release} ({where})")
     pair = _debian_pair(src_dir)
