@@ -311,3 +311,66 @@ def test_socket_from_config_and_env(lab: Lab) -> None:
         assert p.returncode == 0, p.stderr
         env = {**os.environ, "BPFAILOVER_CONFIG": str(run.config_path)}
         assert ctl("status", env=env).returncode == 0
+
+
+@pytest.mark.root
+def test_orphaned_pins_reported_by_doctor_and_removed_without_an_agent(lab: Lab) -> None:
+    """`failoverctl teardown --pins DIR` removes a datapath whose agent is gone: refused
+    while an agent holds DIR, refused without --yes while the device has carrier and
+    addresses (nothing changes), then filters, the veth pair and the pins go; doctor lists
+    the orphan (with that command) until then."""
+    with agent_in_lab(lab) as run:
+        n = lab.names(0)
+        pins = run.pin_dir
+        teardown = ("teardown", "--pins", str(pins), "--netns", lab.guest)
+        p = ctl(*teardown, "--all", "--yes")
+        assert p.returncode == 1 and p.stdout == "", p.stderr
+        assert len(p.stderr.splitlines()) == 1 and "another agent holds" in p.stderr, p.stderr
+        assert status_json(run)["groups"][0]["group"] == n.failover
+
+        def orphans() -> list[dict[str, str]]:
+            out = ctl("--config", str(run.config_path), "doctor", "--netns", lab.guest, "--json")
+            found = json.loads(out.stdout)
+            return [f for f in found if (f["check"], f["subject"]) == ("orphaned-pins", str(pins))]
+
+        assert orphans() == []  # held by its agent
+        assert run.stop() == 0  # the datapath stays pinned and forwarding
+        found = orphans()
+        assert len(found) == 1, found
+        assert f"failoverctl teardown --pins {pins} --all --netns {lab.guest}" in found[0]["fix"]
+
+        p = ctl(*teardown, "--all")
+        v6 = str(ipaddress.ip_address(n.guest_v6))
+        assert (p.returncode, p.stdout, p.stderr) == (
+            1,
+            "",
+            f"failoverctl: {n.failover} has carrier and addresses ({n.guest_v4}/24,"
+            f" {v6}/64): teardown deletes the device with them and its traffic stops;"
+            " refused without --yes\n",
+        )
+        p = ctl(*teardown, "nosuchgroup", "--yes")
+        assert (p.returncode, p.stderr) == (
+            1,
+            f"failoverctl: {pins} has no group nosuchgroup (groups: {n.failover})\n",
+        )
+        assert ctl(*teardown).returncode == 2  # neither GROUP nor --all
+        assert lab.link(lab.guest, n.failover) is not None and pins.exists()
+
+        p = ctl(*teardown, "--all", "--yes")
+        assert (p.returncode, p.stdout) == (
+            0,
+            f"{n.failover}: removed failover device {n.failover} (addresses: {n.guest_v4}/24,"
+            f" {v6}/64) and its peer {n.failover}_fo; programs detached from lowers"
+            f" {n.standby}, {n.primary} (left in place)\n{pins}: pins removed\n",
+        ), p.stderr
+        assert lab.link(lab.guest, n.failover) is None
+        assert lab.link(lab.guest, f"{n.failover}_fo") is None
+        assert not pins.exists()
+        for dev in (n.primary, n.standby):
+            tc = netns.run_in(lab.guest, ["tc", "filter", "show", "dev", dev, "ingress"]).stdout
+            assert "bpfailover:" not in tc, tc
+            assert lab.link(lab.guest, dev) is not None  # lowers stay
+        assert orphans() == []
+        # a fresh agent starts on the same names: nothing of the old datapath is in its way
+        run.start()
+        assert status_json(run)["groups"][0]["active_lower"] == n.primary

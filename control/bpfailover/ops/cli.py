@@ -3,6 +3,7 @@
     failoverctl [--socket PATH | --config FILE] status [--json] [--check] [GROUP]
     failoverctl set-primary GROUP LOWER | set-primary GROUP --auto
     failoverctl teardown GROUP [--yes]
+    failoverctl teardown --pins DIR GROUP|--all [--yes] [--netns NAME]   (no agent)
     failoverctl doctor [--netns NAME]
 
 Exit codes (docs/operators.md): 0 ok, 1 failed (the agent refused: its reason on stderr),
@@ -268,15 +269,64 @@ class Teardown:
 
     @staticmethod
     def add_arguments(p: argparse.ArgumentParser) -> None:
-        p.add_argument("group")
+        p.add_argument("group", nargs="?")
         p.add_argument(
             "--yes",
             action="store_true",
             help="also when the failover device has carrier and addresses (its traffic stops)",
         )
+        p.add_argument(
+            "--pins",
+            metavar="DIR",
+            help="without an agent: remove the datapath pinned at DIR (an orphan: its agent "
+            "is gone; refused while an agent holds DIR), its devices in this netns, and DIR "
+            "once no group is left",
+        )
+        p.add_argument("--all", action="store_true", help="with --pins: every group in DIR")
+        p.add_argument(
+            "--netns", help="with --pins: the network namespace the datapath's devices are in"
+        )
+
+    @staticmethod
+    def run_orphan(args: argparse.Namespace) -> int:
+        from pathlib import Path
+
+        from bpfailover import netns
+        from bpfailover.ops import orphans
+
+        if args.all == (args.group is not None):
+            raise CliError("teardown --pins: give either GROUP or --all", EXIT_USAGE)
+        if os.geteuid() != 0:
+            raise CliError("teardown --pins needs root (it opens the pins and the devices)")
+        pin_dir = Path(args.pins)
+        try:
+            with netns.entered(args.netns):
+                removed, pins_gone = orphans.teardown(
+                    pin_dir, None if args.all else [args.group], args.yes
+                )
+        except orphans.TeardownError as e:
+            raise CliError(str(e)) from None
+        except OSError as e:
+            where = f"netns {args.netns}" if args.netns else str(pin_dir)
+            raise CliError(f"{where}: {e.strerror or e}") from None
+        for r in removed:
+            addrs = ", ".join(r.addresses) or "none"
+            lowers = ", ".join(r.lowers) or "none"
+            dev = (
+                f"removed failover device {r.device} (addresses: {addrs}) and its peer {r.peer}"
+                if r.device
+                else "failover device already gone"
+            )
+            print(f"{r.group}: {dev}; programs detached from lowers {lowers} (left in place)")
+        print(f"{pin_dir}: {'pins removed' if pins_gone else 'pins kept (groups left)'}")
+        return EXIT_OK
 
     @staticmethod
     def run(args: argparse.Namespace, sock: str) -> int:
+        if args.pins is None and (args.all or args.netns):
+            raise CliError("teardown: --all and --netns go with --pins DIR", EXIT_USAGE)
+        if args.group is None:
+            raise CliError("teardown: give GROUP (or --pins DIR GROUP|--all)", EXIT_USAGE)
         msg: dict[str, Any] = {"cmd": "teardown", "group": args.group}
         if args.yes:
             msg["force"] = True
@@ -354,6 +404,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise CliError("--lab and --config: give one", EXIT_USAGE)
         if args.verb == "doctor":
             return int(Doctor.run(args, args.socket))
+        if args.verb == "teardown" and args.pins is not None:
+            return Teardown.run_orphan(args)  # no agent to talk to
         sock = socket_path(args.socket, args.config, args.lab)
         return int(VERBS[args.verb].run(args, sock))
     except CliError as e:

@@ -6,7 +6,8 @@ lowers managed by NetworkManager or systemd-networkd; a lower enslaved to
 another master (the kernel's own net_failover, a bond, a bridge); bpffs not
 mounted; no kernel headers for bcc; missing root/capabilities; a second
 agent (two failoverd in one netns, or a pin lock held by an agent that does
-not answer); cloud guests (docs/cloud-guest.md): the hypervisor's `failover=on`,
+not answer); orphaned pin directories (a datapath no running agent holds);
+cloud guests (docs/cloud-guest.md): the hypervisor's `failover=on`,
 cloud-init without the duplicate-MAC shim, the failover device unmanaged by NetworkManager,
 its hidden peer managed by NetworkManager or systemd-networkd, a netplan MAC match (which
 never matches the failover device).
@@ -91,6 +92,7 @@ class Host:
     sys: Path = Path("/sys")  # /sys/class/net describes the host netns only (check_managers)
     var_log: Path = Path("/var/log")
     usr_lib: Path = Path("/usr/lib")
+    bpffs: Path = Path("/sys/fs/bpf")  # where orphaned pin directories are looked for
 
 
 @dataclass
@@ -561,6 +563,23 @@ def check_agents(
             )
 
 
+def check_orphaned_pins(host: Host, netns_hint: str | None) -> Iterator[Finding]:
+    """bpfailover datapaths under the bpffs that no running agent holds: their programs
+    may still be attached and forwarding, with nobody to fail over."""
+    from bpfailover.ops import orphans
+
+    for d in orphans.find(host.bpffs):
+        ns = f" --netns {netns_hint}" if netns_hint else " [--netns NAME]"
+        yield Finding(
+            "orphaned-pins",
+            str(d),
+            "a bpfailover datapath that no running agent holds (its agent is gone): its "
+            "programs and failover devices stay until removed",
+            f"failoverctl teardown --pins {d} --all{ns} (--yes while a failover device has "
+            "carrier and addresses); or start its failoverd again to adopt it",
+        )
+
+
 # -- cloud guests (docs/cloud-guest.md) ----------------------------------------------------------
 
 VIRTIO_NET_F_STANDBY = 62
@@ -793,6 +812,7 @@ def run_checks(
         check_realtime(host, cfg),
         check_neighbour_knobs(host),
         check_agents(host, pin_dir, sock, denied),
+        check_orphaned_pins(host, host.netns),
         check_kernel_failover(host, links),
         check_cloud_init(host, lowers),
         check_failover_devices(host, cfg, links),
@@ -846,6 +866,8 @@ def main_for_cli(args: argparse.Namespace, cli_socket: str | None) -> int:
             )
     sock = cli_socket or (cfg.control.socket if cfg else "/run/bpfailover/control.sock")
     host = Host(netns=netns_name_, check_managers=netns_name_ is None)
+    if cfg is not None:
+        host.bpffs = Path(cfg.bpffs).parent  # where this config's pins live
     findings = pre + run_checks(host, cfg, sock)
     if args.json:
         print(json.dumps([asdict(f) for f in findings], indent=2))
