@@ -875,3 +875,59 @@ def test_events_for_devices_that_vanished_meanwhile(
         f"\n{count} vanished devices: errors logged {len(agent.events('event_error'))}, "
         f"lost {rep.total_lost}"
     )
+
+
+@pytest.mark.root
+def test_netlink_overflow_while_200_devices_vanish(
+    running: tuple[Lab, AgentRun], tmp_path: Path
+) -> None:
+    """The reader stalled, a 4 KiB receive buffer (TEST-ONLY knob), 200 veths with the
+    group's MAC created, brought up and deleted: the kernel drops events (ENOBUFS), the agent
+    re-dumps and reconciles in the same process, and ends with the lowers that exist and no
+    fo_dev entry for a vanished device."""
+    lab, agent = running
+    n = lab.names(0)
+    gate = tmp_path / "gate"
+    lab.unplug_vf(0)  # no primary: every netdev with the group's MAC is a candidate
+    agent.wait_active(n.standby)
+    agent.stop()
+    os.environ["BPFAILOVER_TEST_NETLINK_RCVBUF"] = "4096"
+    try:
+        with fault_env("netlink-read:stall", gate):
+            agent.start()
+    finally:
+        del os.environ["BPFAILOVER_TEST_NETLINK_RCVBUF"]
+    pid = agent.status()["pid"]
+    count = 200
+    batch = []
+    for k in range(count):
+        batch += [
+            f"link add ox{k} type veth peer name oy{k}",
+            f"link set ox{k} address {n.mac}",
+            f"link set ox{k} up",
+            f"link set oy{k} up",
+        ]
+    batch += [f"link del ox{k}" for k in range(count)]
+    ip_batch(lab.guest, "link add vt0 type veth peer name vt1\n")  # any event stalls it
+    agent.wait_for(lambda: agent.events("fault_injected"), what="agent stalled")
+    ip_batch(lab.guest, "\n".join([*batch, "link del vt0"]) + "\n")
+    gate.touch()
+    agent.wait_for(lambda: agent.events("netlink_overflow"), 15.0, "netlink overflow")
+    g = converged(agent, lab)
+    assert g["active_lower"] == n.standby
+    assert [lw["name"] for lw in g["lowers"]] == [n.standby]
+    assert_no_stale_devs(agent, lab)
+    lab.plug_vf(0)
+    g = converged(agent, lab)
+    assert g["active_lower"] == n.primary and len(g["lowers"]) == 2
+    assert agent.proc is not None and agent.proc.poll() is None
+    assert agent.status()["pid"] == pid == agent.proc.pid, "no restart"
+    assert_no_stale_devs(agent, lab)
+    one_filter_each(lab)
+    TALLY.bad(count)
+    TALLY.fault()
+    print(
+        f"\n{count} vanished devices, 4 KiB buffer: overflows "
+        f"{len(agent.events('netlink_overflow'))}, errors logged "
+        f"{len(agent.events('event_error'))}"
+    )

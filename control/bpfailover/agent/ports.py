@@ -39,13 +39,16 @@ class LinkSource(Protocol):
 # TEST-ONLY: BPFAILOVER_TEST_NO_MCAST_EVENTS=1 leaves RTM_NEWMULTICAST unsubscribed, standing
 # in for kernels before 6.13 (Debian 12's 6.1), so the lab proves the other triggers.
 _MCAST_EVENTS = os.environ.get("BPFAILOVER_TEST_NO_MCAST_EVENTS") != "1"
+# TEST-ONLY: BPFAILOVER_TEST_NETLINK_RCVBUF=BYTES shrinks the event socket's receive buffer
+# (default 8 MiB) so the fault suite can make the kernel drop events (ENOBUFS) at will.
+_RCVBUF = int(os.environ.get("BPFAILOVER_TEST_NETLINK_RCVBUF") or 0) or None
 
 
 class Netlink:
     """The kernel's rtnetlink: the event socket and the dumps."""
 
     def subscribe(self) -> EventSource:
-        return netlink.EventSocket(mcast=_MCAST_EVENTS)
+        return netlink.EventSocket(mcast=_MCAST_EVENTS, rcvbuf=_RCVBUF)
 
     def dump_links(self) -> list[netlink.Link]:
         return netlink.dump_links()

@@ -179,15 +179,17 @@ class EventSocket:
 
     RCVBUF = 8 << 20  # a flap storm must fit; ENOBUFS still handled by a re-dump
 
-    def __init__(self, mcast: bool = True) -> None:
-        """mcast=False: no RTM_NEWMULTICAST subscription, as on kernels before 6.13."""
+    def __init__(self, mcast: bool = True, rcvbuf: int | None = None) -> None:
+        """mcast=False: no RTM_NEWMULTICAST subscription, as on kernels before 6.13.
+        rcvbuf: the receive buffer in bytes (TEST-ONLY: a small one forces ENOBUFS)."""
         self.sock = socket.socket(
             socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_ROUTE
         )
+        size = rcvbuf or self.RCVBUF
         try:
-            self.sock.setsockopt(socket.SOL_SOCKET, 33, self.RCVBUF)  # SO_RCVBUFFORCE
+            self.sock.setsockopt(socket.SOL_SOCKET, 33, size)  # SO_RCVBUFFORCE
         except OSError:
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.RCVBUF)
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
         self.sock.bind((0, 0))
         for grp in (
             RTNLGRP_LINK,
