@@ -222,6 +222,42 @@ def sections() -> tuple[list[str], dict[str, Any]]:
                 rows,
             )
         )
+    ml = _load("metrics_load")
+    if ml:
+        r = ml["results"]
+        info["metrics_load"] = ml
+        rows = []
+        for name in ("quiet", "load"):
+            ph = r[name]
+            rows.append(
+                [
+                    name,
+                    ph["switches"],
+                    ph["latency_us"].get("p50"),
+                    ph["latency_us"].get("p99"),
+                    ph["threads_max"],
+                    ph.get("scrapes_ok", "-"),
+                    ph.get("scrapes_refused", "-"),
+                ]
+            )
+        ratio = r.get("p99_ratio")
+        parts.append(
+            f"### Metrics under load ({r['idle_connections']:,} idle connections and "
+            f"{r['scrapers']} parallel scrapes during a flap storm of {r['toggles']} toggles)\n\n"
+            + _md(
+                [
+                    "phase",
+                    "switches",
+                    "agent µs p50",
+                    "agent µs p99",
+                    "agent threads max",
+                    "scrapes answered",
+                    "scrapes refused (cap 16)",
+                ],
+                rows,
+            )
+            + (f"\n\nSwitch latency p99 load / quiet: {ratio:.2f} (same run)." if ratio else "")
+        )
     return parts, info
 
 

@@ -14,7 +14,7 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
-from bench import agent_cost, common, failover, planned, report, scale, throughput
+from bench import agent_cost, common, failover, metrics_load, planned, report, scale, throughput
 
 BENCHES = {
     "throughput": throughput.run,
@@ -22,7 +22,9 @@ BENCHES = {
     "planned": planned.run,
     "agent_cost": agent_cost.run,
     "scale": scale.run,
+    "metrics_load": metrics_load.run,
 }
+FULL_ONLY = {"metrics_load"}  # not in --quick (only with --only)
 
 
 _MAIN_PID = os.getpid()
@@ -48,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     stale = common.sweep_stale()
     if stale:
         common.log(f"bench: removed leftovers of an earlier run: {', '.join(stale)}")
-    names = args.only or list(BENCHES)
+    names = args.only or [n for n in BENCHES if not (args.quick and n in FULL_ONLY)]
     mode = "quick" if args.quick else "full"
     cmd = "make bench-quick" if args.quick else "make bench"
     if args.only:
