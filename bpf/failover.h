@@ -12,7 +12,7 @@
 
 /* Bumped whenever a layout below changes: a pinned datapath with another ABI
  * is not adopted (a restart would read it wrongly). */
-#define FO_ABI_VERSION 3
+#define FO_ABI_VERSION 4
 
 #define FO_MAX_GROUPS 64
 #define FO_MAX_DEVS 1024
@@ -115,6 +115,9 @@ BPF_TABLE("percpu_array", __u32, struct fo_counter, fo_drops, FO_NDROP_SLOTS);
 /* Packets the datapath moved on its own, at FO_STATS_IDX(group, the dead active slot, dir):
  * tx sent through the other lower, rx delivered from it under inactive_rx drop. */
 BPF_TABLE("percpu_array", __u32, struct fo_counter, fo_fallback, FO_NSTATS);
+/* The agent's doorbell: a group id each time an IGMP/MLD message leaves its failover
+ * device (its address lists changed).  Never read, only drained (datapath/doorbell.py). */
+BPF_RINGBUF_OUTPUT(fo_events, 1);
 /* XDP receive path: group -> hidden veth peer of the failover device. */
 BPF_DEVMAP(fo_xdp_up, FO_MAX_GROUPS);
 #ifdef FO_TEST_HOOKS

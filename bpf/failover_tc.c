@@ -1,7 +1,11 @@
 /* SPDX-License-Identifier: GPL-2.0 */
 /* bpfailover TC programs (clsact, direct-action): thin entry points over fo_lib.h.
- *   fo_egress     - egress of the failover device: out through the active lower.
- *   lower_ingress - ingress of each lower: up into the failover device.
+ *   fo_egress     - what the failover device transmits: out through the active lower.
+ *                   Attached to its hidden peer's clsact ingress (tx_path veth: veth
+ *                   counts it, taps and a root qdisc see it) or to its own clsact egress
+ *                   (tx_path direct).  The peer is in fo_dev as the group's master too.
+ *   lower_ingress - ingress of each lower: up into the failover device through its hidden
+ *                   peer's transmit (so veth counts it).
  *   fo_dp_probe   - load-time only (never attached): reads back the BTF offsets.
  */
 #include <uapi/linux/bpf.h>
@@ -25,7 +29,7 @@ static __always_inline int fo_tc_ret(struct __sk_buff *skb, struct fo_action *a)
 			fo_count_fallback(a->group, a->fallback_from, FO_DIR_RX, skb->len);
 		fo_count(FO_STATS_IDX(a->group, a->slot, FO_DIR_RX), skb->len);
 		fo_note_redirect(a->ifindex);
-		return bpf_redirect(a->ifindex, BPF_F_INGRESS);
+		return bpf_redirect(a->ifindex, a->flags);
 	case FO_ACT_DROP:
 		return TC_ACT_SHOT;
 	default:

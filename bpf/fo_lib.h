@@ -77,7 +77,8 @@ enum fo_rx_verdict {
 struct fo_rx {
 	__u32 group;
 	__u32 slot;
-	__u32 master_ifindex;
+	__u32 up_ifindex;	/* where a frame goes up: the hidden peer (or the device) */
+	__u32 up_flags;		/* bpf_redirect() flags for it */
 };
 
 /* The source MAC of an Ethernet frame as (first 4 bytes, last 2 bytes); zeros when the
@@ -113,7 +114,16 @@ static __always_inline int fo_rx_decide(__u32 ifindex, __u32 src_hi, __u32 src_l
 		return FO_RX_NOT_OURS;
 	rx->group = group;
 	rx->slot = dev->role;
-	rx->master_ifindex = cfg->master_ifindex;
+	/* Up through the hidden peer's transmit: veth counts it (the failover device's rx,
+	 * the peer's tx) and delivers it into the failover device like any frame it
+	 * receives.  A group without a peer (none is ever written so) goes straight in. */
+	if (cfg->peer_ifindex) {
+		rx->up_ifindex = cfg->peer_ifindex;
+		rx->up_flags = 0;
+	} else {
+		rx->up_ifindex = cfg->master_ifindex;
+		rx->up_flags = BPF_F_INGRESS;
+	}
 	if (src_hi == cfg->mac_hi && src_lo == cfg->mac_lo)
 		return FO_RX_LOOP;
 	if (cfg->flags & FO_F_INACTIVE_RX_DROP) {
@@ -283,8 +293,31 @@ struct fo_action {
 	__u32 group;
 	__u32 slot;
 	__u32 ifindex;
+	__u32 flags;		/* FO_ACT_UP: the bpf_redirect() flags */
 	__u32 fallback_from;	/* the dead active slot when the datapath moved it, else 0 */
 };
+
+/* An IGMP or MLD message leaving the failover device: its address lists have just changed
+ * (the kernel adds/removes the link-layer group before it reports a join/leave), so ring
+ * the agent's doorbell to sync them onto the lowers.  MLD always travels with a hop-by-hop
+ * header (router alert), which ordinary traffic does not carry: one byte to compare. */
+static __always_inline int fo_is_mc_report(struct __sk_buff *skb)
+{
+	__u8 *p = (__u8 *)(long)skb->data;
+
+	if ((void *)(p + 14 + 10) > (void *)(long)skb->data_end)
+		return 0;
+	if (p[12] == 0x08 && p[13] == 0x00)		/* IPv4 */
+		return p[14 + 9] == 2;			/* protocol IGMP */
+	if (p[12] == 0x86 && p[13] == 0xdd)		/* IPv6 */
+		return p[14 + 6] == 0;			/* next header: hop-by-hop */
+	return 0;
+}
+
+static __always_inline void fo_ring(__u32 group)
+{
+	fo_events.ringbuf_output(&group, sizeof(group), BPF_RB_FORCE_WAKEUP);
+}
 
 /* Transmit from failover device skb->ifindex. */
 static __always_inline void fo_tx_action(struct __sk_buff *skb, struct fo_action *a)
@@ -300,6 +333,8 @@ static __always_inline void fo_tx_action(struct __sk_buff *skb, struct fo_action
 		return;		/* not a failover device we know: hands off */
 	group = dev->group;
 	a->group = group;
+	if (fo_is_mc_report(skb))
+		fo_ring(group);
 	target = fo_tx_target(group, &slot);
 	if (slot != FO_SLOT_NONE && fo_dpc_applies(group)) {
 		kdev = fo_skb_dev(skb);
@@ -379,7 +414,8 @@ static __always_inline void fo_rx_action(__u32 hook, __u32 ifindex, void *data, 
 	a->act = FO_ACT_UP;
 	a->group = rx.group;
 	a->slot = rx.slot;
-	a->ifindex = rx.master_ifindex;
+	a->ifindex = rx.up_ifindex;
+	a->flags = rx.up_flags;
 }
 
 #endif /* FO_LIB_H */

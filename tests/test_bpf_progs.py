@@ -100,6 +100,15 @@ FRAMES_RX = (("ipv4", RX_V4), ("ipv6", RX_V6), ("arp", RX_ARP))
 DEAD = (("down", "admin down"), ("nocarrier", "no carrier"))
 
 CASES: list[Case] = [
+    Case(
+        "tx_path veth: what fo0 sent, at its hidden peer's ingress -> active primary",
+        "egress",
+        "fo0p",
+        V4,
+        TC_ACT_REDIRECT,
+        "pr0",
+        tx(0, "primary"),
+    ),
     # -- transmit: out through the active lower, counted per slot --------------------------
     *(
         Case(
@@ -596,6 +605,7 @@ def rig() -> Iterator[Rig]:
                 mac=(frames.MAC, OTHER_MAC)[i],
             )
             dp.set_dev(ifx[f"fo{i}"], g, L.FO_ROLE_MASTER)
+            dp.set_dev(ifx[f"fo{i}p"], g, L.FO_ROLE_MASTER)  # tx_path veth: fo_egress there
             for slot, dev in ((L.FO_SLOT_STANDBY, f"sb{i}"), (L.FO_SLOT_PRIMARY, f"pr{i}")):
                 dp.set_dev(ifx[dev], g, slot)
         yield Rig(dp, ns, ifx)
@@ -612,7 +622,10 @@ def test_case(rig: Rig, case: Case) -> None:
     before = rig.counters()
     assert rig.run(case) == case.verdict
     if case.redirect is not None:
-        assert rig.dp.last_redirect() == rig.ifx[case.redirect]
+        want = case.redirect
+        if case.prog != "egress" and want in ("fo0", "fo1"):
+            want += "p"  # up into the failover device through its hidden peer's transmit
+        assert rig.dp.last_redirect() == rig.ifx[want]
     elif case.verdict in (TC_ACT_SHOT, XDP_DROP, TC_ACT_OK, XDP_PASS):
         assert rig.dp.last_redirect() == 0  # nothing was redirected
     after = rig.counters()
@@ -661,6 +674,7 @@ def test_counters_survive_reopen_and_reset_on_new_group(rig: Rig) -> None:
         again.update_group(g, master_ifindex=rig.ifx["fo0"], peer_ifindex=rig.ifx["fo0p"])
         again.update_group(g, mac=frames.MAC)
         again.set_dev(rig.ifx["fo0"], g, L.FO_ROLE_MASTER)
+        again.set_dev(rig.ifx["fo0p"], g, L.FO_ROLE_MASTER)
         again.set_dev(rig.ifx["sb0"], g, L.FO_SLOT_STANDBY)
         again.set_dev(rig.ifx["pr0"], g, L.FO_SLOT_PRIMARY)
         again.close()
@@ -805,3 +819,38 @@ def test_tap_carrier_loss_is_seen_at_once_while_link_watch_delays_netlink(rig: R
         for ifindex in [i for i, (g, _r) in rig.dp.devs().items() if g == 0]:
             if ifindex not in rig.ifx.values():
                 rig.dp.del_dev(ifindex)
+
+
+def _igmp_report() -> bytes:
+    ip = bytearray(frames.ipv4_udp("01:00:5e:00:00:16", frames.MAC, "198.18.0.1", "224.0.0.22"))
+    ip[14 + 9] = 2  # protocol IGMP (the rest does not matter to the check)
+    return bytes(ip)
+
+
+def _mld_report() -> bytes:
+    f = bytearray(frames.ipv6_udp("33:33:00:00:00:16", frames.MAC, "fe80::1", "ff02::16"))
+    f[14 + 6] = 0  # next header hop-by-hop, as every MLD message has
+    return bytes(f)
+
+
+def test_igmp_and_mld_leaving_ring_the_doorbell_nothing_else_does(rig: Rig) -> None:
+    """The kernel changes the failover device's address lists, then reports the join or
+    leave: the report passing fo_egress is the agent's cue to sync the lowers (kernels
+    before 6.13 have no RTM_NEWMULTICAST).  Ordinary traffic never rings."""
+    from bpfailover.datapath.doorbell import Doorbell
+
+    bell = Doorbell(rig.dp.fds["fo_events"])
+    try:
+        bell.drain()
+        rig.apply(Case("", "egress", "fo0", V4, TC_ACT_REDIRECT))
+        for frame in (V4, V6, ARP):
+            assert rig.run(Case("", "egress", "fo0p", frame, TC_ACT_REDIRECT)) == TC_ACT_REDIRECT
+        assert bell.drain() == 0
+        for frame in (_igmp_report(), _mld_report()):
+            assert rig.run(Case("", "egress", "fo0p", frame, TC_ACT_REDIRECT)) == TC_ACT_REDIRECT
+            assert bell.drain() == 16  # one record: rung once, and the frame still went out
+        # not one of our failover devices: hands off, no ring
+        assert rig.run(Case("", "egress", "other", _igmp_report(), TC_ACT_OK)) == TC_ACT_OK
+        assert bell.drain() == 0
+    finally:
+        bell.close()

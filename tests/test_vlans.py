@@ -48,7 +48,14 @@ def test_add_and_remove_requests() -> None:
     assert vlans.add(ipr, 7, (AD, 42)) == "fo7s42"
     assert ipr.calls[-1] == (
         "add",
-        {"ifname": "fo7s42", "kind": "vlan", "link": 7, "vlan_id": 42, "vlan_protocol": AD},
+        {
+            "ifname": "fo7s42",
+            "kind": "vlan",
+            "link": 7,
+            "vlan_id": 42,
+            "vlan_protocol": AD,
+            "vlan_flags": {"flags": 4, "mask": 4},  # loose binding: stays down with the lower
+        },
     )
     vlans.remove(ipr, 7, (AD, 42))
     assert ipr.calls[-1] == ("del", {"index": 100})

@@ -5,11 +5,12 @@ a VLAN on the failover device receives nothing through them unless its id is in 
 filters (net_failover: ndo_vlan_rx_add_vid on both lowers; bpfailover: one admin-down VLAN
 device per lower, docs/operators.md).  Per mode (kernel net_failover, bpfailover), one boot:
 
-  1. bpfailover only, the control: failoverd stopped (SIGSTOP), VLAN 100 created on fo0:
-     the e1000e drops the tagged frames (nothing answers);
-  2. VLAN 100 on the failover device (bpfailover: failoverd resumed): tagged echo requests
-     from the peer are answered through the e1000e;
-  3. the e1000e's link off (`set_link pri0 off`): answered through virtio.
+  1. VLAN 100 on the failover device: tagged echo requests from the peer answered through
+     the e1000e (bpfailover: with failoverd stopped, SIGSTOP, so nothing is programmed);
+  2. the e1000e unplugged (`device_del`), the bridge's entry for its port deleted (the
+     migration script's step): answered through virtio (bpfailover: first still stopped,
+     the control; then resumed, it programs virtio's filter);
+  3. the e1000e plugged again: its filter gets the id too, answered through it.
 
 The lab kernel on the host has no 8021q, so the peer speaks VLAN through a packet socket:
 tagged ICMP echo requests out, echo replies from the guest's VLAN address counted in.  The
@@ -27,7 +28,7 @@ from typing import Any
 
 from bench.proving_ground import image
 from bench.proving_ground.run import GROUP, Mode, Settings
-from bench.proving_ground.vm import Net, VMError, sh
+from bench.proving_ground.vm import MAC, Net, VMError, sh
 
 VID = 100
 GUEST_VLAN_V4 = "198.18.100.1"
@@ -120,6 +121,14 @@ def _active_standby(m: Mode) -> bool:
     return bool(st and st.get("active") == "standby")
 
 
+def _unplug(m: Mode, net: Net) -> None:
+    """The VF hot-unplugged (as for a migration); the bridge forgets its port, as the
+    migration script does (net_failover sends no GARP)."""
+    m.vm.unplug()
+    net.fdb_del(MAC, net.tap_pri)
+    time.sleep(1.0)
+
+
 def check(mode: str, img: image.Image, s: Settings) -> dict[str, Any]:
     net = Net(s.prefix)
     net.up()
@@ -130,23 +139,33 @@ def check(mode: str, img: image.Image, s: Settings) -> dict[str, Any]:
         out["guest_kernel"] = m.vm.guest.hello["kernel"]  # type: ignore[union-attr]
         mac, peer_mac = _group_mac(m), _peer_mac(net)
         if mode == "bpfailover":
+            # the control: nobody programs the lowers' filters while failoverd is stopped
+            # (the datapath's own per-packet check still moves traffic off the unplugged VF)
             assert m.agent_h is not None
-            m.g.req("kill", h=m.agent_h, sig=19)  # SIGSTOP: nobody programs the filters
+            m.g.req("kill", h=m.agent_h, sig=19)  # SIGSTOP
             _vlan_up(m, peer_mac)
             time.sleep(1.0)
-            out["e1000e_without_filter"] = _answers(net, mac)
+            out["no_filter_e1000e"] = _answers(net, mac)
+            _unplug(m, net)
+            out["no_filter_virtio"] = _answers(net, mac)
             m.g.req("kill", h=m.agent_h, sig=18)  # SIGCONT: failoverd sees the VLAN
-            m.wait(lambda: "vlan_filter" in m.agent_log(), 30, "failoverd's vlan_filter events")
+            m.wait(lambda: _active_standby(m), 30, "failoverd on the standby")
+            m.wait(lambda: "vlan_filter" in m.agent_log(), 30, "failoverd's vlan_filter event")
             time.sleep(0.5)
-            out["filters"] = m.g.sh("ip -br link show type vlan")
+            out["virtio"] = _answers(net, mac)
         else:
             _vlan_up(m, peer_mac)
             time.sleep(1.0)
-        out["e1000e"] = _answers(net, mac)
-        m.vm.set_link("pri0", False)
-        m.wait(lambda: _active_standby(m), 30, "traffic on the standby")
-        time.sleep(0.5)
-        out["virtio_after_failover"] = _answers(net, mac)
+            out["e1000e"] = _answers(net, mac)
+            _unplug(m, net)
+            out["virtio"] = _answers(net, mac)
+        # a VF plugged later: its filter gets the id too (net_failover: vlan_vids_add_by_dev)
+        m.vm.plug()
+        m.wait(m.on_primary, 90, "traffic on the re-plugged primary")
+        net.fdb_del(MAC, net.tap_sby)  # (the guest sends nothing unasked: forget virtio's port)
+        time.sleep(1.0)
+        out["e1000e_replugged"] = _answers(net, mac)
+        out["vlan_devices"] = m.g.sh("ip -br link show type vlan", check=False)
         if mode == "bpfailover":
             out["agent_events"] = [ln for ln in m.agent_log().splitlines() if '"vlan_filter' in ln][
                 -4:

@@ -6,6 +6,7 @@ vlan_rx_add_vid/kill_vid), their addresses on the lowers' lists (sync_mc).
 from __future__ import annotations
 
 import contextlib
+import errno
 
 from bpfailover.agent.addrlists import sync_mc
 from bpfailover.datapath.attach import Wiring
@@ -41,6 +42,8 @@ def sync_vlans(grp: Group, wiring: Wiring) -> None:
             try:
                 name = vlans.add(wiring.ipr, lower.ifindex, v)
             except (NetlinkError, ValueError) as e:
+                if getattr(e, "code", None) == errno.ENODEV:
+                    continue  # the lower is gone; its RTM_DELLINK is on its way
                 if grp.vlan_error != str(e):  # once per kind of failure, not per id
                     event(
                         "vlan_filter_error",

@@ -288,7 +288,7 @@ class Wiring:
         inactive_rx_drop: bool = False,
         rx_path: str = "tc",
         mtu: int | None = None,
-        tx_path: str = "direct",
+        tx_path: str = "veth",
         dp_hold: bool = False,
     ) -> int:
         """Create/adopt the failover device and its group; returns the group id.  `dp_hold`:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import ctypes
+import mmap
 import os
 import re
 from collections.abc import Callable
@@ -99,6 +100,9 @@ class Layout:
             self.maps[name] = (sizes[key], sizes[value], self._value(entries))
         for m in re.finditer(r"BPF_DEVMAP\(\s*(\w+)\s*,\s*(\w+)\s*\)", text):
             self.maps[m.group(1)] = (4, 4, self._value(m.group(2)))  # bcc: int -> int
+        for m in re.finditer(r"BPF_RINGBUF_OUTPUT\(\s*(\w+)\s*,\s*(\w+)\s*\)", text):
+            # a ring buffer: no key or value, max_entries is its size in bytes (pages)
+            self.maps[m.group(1)] = (0, 0, self._value(m.group(2)) * mmap.PAGESIZE)
 
     def _value(self, token: str) -> int:
         return int(token) if token.isdigit() else self.consts[token]

@@ -34,6 +34,7 @@ MAPS = (
     "fo_drops",
     "fo_fallback",
     "fo_xdp_up",
+    "fo_events",
 )
 TEST_MAPS = ("fo_last_redirect",)
 BPF_FS_MAGIC = 0xCAFE4A11

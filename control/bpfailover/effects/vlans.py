@@ -16,11 +16,16 @@ has a new ifindex, and its old VLAN devices went with it.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from typing import Any
 
 ETH_P_8021Q = 0x8100
 ETH_P_8021AD = 0x88A8
+# VLAN_FLAG_LOOSE_BINDING: the VLAN device does not follow its lower's admin state (else the
+# kernel brings it up with the lower: found in the proving ground, a re-plugged VF opened by
+# failoverd took its filter device up with it)
+VLAN_FLAG_LOOSE_BINDING = 0x4
 _NAME = re.compile(r"^fo(\d+)([.s])(\d+)$")
 
 Vlan = tuple[int, int]  # (protocol, VLAN id)
@@ -49,7 +54,8 @@ def plan(want: set[Vlan], have: set[Vlan]) -> tuple[list[Vlan], list[Vlan]]:
 
 
 def add(ipr: Any, lower_ifindex: int, vlan: Vlan) -> str:
-    """The filter device for `vlan` on the lower (admin down); raises NetlinkError."""
+    """The filter device for `vlan` on the lower (admin down, loosely bound, no IPv6: it
+    must never speak for itself); raises NetlinkError."""
     name = filter_name(lower_ifindex, vlan)
     ipr.link(
         "add",
@@ -58,7 +64,13 @@ def add(ipr: Any, lower_ifindex: int, vlan: Vlan) -> str:
         link=lower_ifindex,
         vlan_id=vlan[1],
         vlan_protocol=vlan[0],
+        vlan_flags={"flags": VLAN_FLAG_LOOSE_BINDING, "mask": VLAN_FLAG_LOOSE_BINDING},
     )
+    with (
+        contextlib.suppress(OSError),
+        open(f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6", "w") as f,
+    ):
+        f.write("1")
     return name
 
 

@@ -262,7 +262,7 @@ class Group(_Model):
         "ingress) or `xdp` (XDP redirect; what XDP cannot redirect falls through to tc)",
     )
     tx_path: Literal["veth", "direct"] = Field(
-        default="direct",
+        default="veth",
         description="transmit path of the failover device: `veth` (it transmits into its "
         "hidden peer, whose clsact ingress redirects to the active lower: its tx counters, "
         "packet taps such as tcpdump and a root qdisc see the traffic) or `direct` (clsact "
