@@ -258,7 +258,69 @@ def sections() -> tuple[list[str], dict[str, Any]]:
             )
             + (f"\n\nSwitch latency p99 load / quiet: {ratio:.2f} (same run)." if ratio else "")
         )
+    dc = _load("datapath_check")
+    if dc:
+        info["datapath_check"] = dc
+        parts.append(_datapath_check(dc["results"]))
     return parts, info
+
+
+def _datapath_check(r: dict[str, Any]) -> str:
+    rows = [
+        [
+            f"{x['rate_pps']:,}",
+            "on" if x["check"] else "off",
+            x["trials"],
+            x["g2p_window_ms"]["p50"],
+            x["g2p_window_ms"]["p99"],
+            x["g2p_window_ms"]["max"],
+            x["p2g_window_ms"]["p99"],
+        ]
+        for x in r["runs"]
+    ]
+    text = (
+        "### Datapath per-packet lower check, on vs off in the same run\n\n"
+        "Unplanned failover (the primary's far end admin down under a UDP stream both ways), "
+        "lost window ms (g2p = guest → peer):\n\n"
+        + _md(["pps", "check", "n", "g2p p50", "g2p p99", "g2p max", "p2g p99"], rows)
+    )
+    if r.get("stopped"):
+        text += "\n\nThe agent SIGSTOPped across the carrier loss, guest → peer lost:\n\n" + _md(
+            ["pps", "check", "stopped s", "lost", "window ms"],
+            [
+                [
+                    f"{x['rate_pps']:,}",
+                    "on" if x["check"] else "off",
+                    x["stop_s"],
+                    x["g2p_lost"],
+                    x["g2p_window_ms"],
+                ]
+                for x in r["stopped"]
+            ],
+        )
+    st = r.get("storm")
+    if st:
+        text += (
+            f"\n\n{st['groups']} groups lose the primary's carrier at once "
+            f"({st['trials_per_setting']} trials per setting, alternating); guest → peer "
+            f"lost window ms on groups {st['sampled_groups']} ({st['rate_pps']:,} pps "
+            "each; the last one is the last the agent gets to):\n\n"
+            + _md(
+                ["check", "n", "p50", "p99", "max", "last group p50"],
+                [
+                    [
+                        "on" if x["check"] else "off",
+                        x["g2p_window_ms"]["n"],
+                        x["g2p_window_ms"]["p50"],
+                        x["g2p_window_ms"]["p99"],
+                        x["g2p_window_ms"]["max"],
+                        x["last_group_g2p_window_ms"]["p50"],
+                    ]
+                    for x in st["runs"]
+                ],
+            )
+        )
+    return text
 
 
 def _machine(info: dict[str, Any]) -> tuple[str, str, str]:

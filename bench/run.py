@@ -14,7 +14,17 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
-from bench import agent_cost, common, failover, metrics_load, planned, report, scale, throughput
+from bench import (
+    agent_cost,
+    common,
+    datapath_check,
+    failover,
+    metrics_load,
+    planned,
+    report,
+    scale,
+    throughput,
+)
 
 BENCHES = {
     "throughput": throughput.run,
@@ -23,6 +33,7 @@ BENCHES = {
     "agent_cost": agent_cost.run,
     "scale": scale.run,
     "metrics_load": metrics_load.run,
+    "datapath_check": datapath_check.bench_run,
 }
 FULL_ONLY = {"metrics_load"}  # not in --quick (only with --only)
 

@@ -66,6 +66,14 @@ def test_analyze_duplicates_reorder_gap() -> None:
     assert d.last_arrival_s == pytest.approx(0.116)
 
 
+def test_analyze_holes_say_where_loss_fell() -> None:
+    arr = [(s, s * MS) for s in range(40) if s not in (0, 5, 6, 7, 20)]
+    assert analyze(arr, 0).holes == [[0, 0], [5, 7], [20, 20]]
+    many = [(s, s * MS) for s in range(0, 40, 2)]  # every odd seq lost: only the first 8
+    assert analyze(many, 0).holes == [[k, k] for k in range(1, 17, 2)]
+    assert analyze([], 0).holes == []
+
+
 def test_analyze_nothing_received() -> None:
     d = analyze([], 0, sent=50)
     assert (d.received, d.lost, d.max_gap_ms, d.first_arrival_s) == (0, 50, 0.0, None)

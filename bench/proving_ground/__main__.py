@@ -55,6 +55,19 @@ def markdown(report: dict[str, Any]) -> str:
             f"{_fmt(r['gap_ms_p50'])} / {_fmt(r['gap_ms_max'])} | {back} | "
             f"{r['end_state_ok']}/{r['trials']} | {r['tcp_survived']}/{r['trials']} |"
         )
+    if "bpfailover" in s["modes"]:
+        fb = [
+            f"{r['step']} {_fmt(r['dp_fallback_p50'])}"
+            for r in report["summary"]
+            if r["mode"] == "bpfailover" and r.get("dp_fallback_p50") is not None
+        ]
+        lines += [
+            "",
+            f"bpfailover's per-packet lower check (README): **{report.get('datapath_check')}** "
+            "in the guest's kernel. Frames it moved off a dead primary on its own, p50 per "
+            "step: " + (", ".join(fb) or "–") + ".",
+        ]
+    lines += vs_kernel_notes(report)
     lines += host_migrate_notes(report)
     t = report["timings"]
     lines += [
@@ -73,6 +86,45 @@ def markdown(report: dict[str, Any]) -> str:
     if report["failures"]:
         lines += ["", "**Failures:** " + "; ".join(report["failures"])]
     return "\n".join(lines) + "\n"
+
+
+def vs_kernel(summary: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per step run in both modes: does bpfailover lose no more than the kernel, in each
+    direction (p50 over the trials)?"""
+    rows = {(r["mode"], r["step"]): r for r in summary}
+    out = []
+    for (mode, step), b in rows.items():
+        k = rows.get(("kernel", step))
+        if mode != "bpfailover" or k is None or step == "baseline":
+            continue
+        out.append(
+            {
+                "step": step,
+                "out": [k["lost_out_p50"], b["lost_out_p50"]],
+                "in": [k["lost_in_p50"], b["lost_in_p50"]],
+                "no_more_than_kernel": b["lost_out_p50"] <= k["lost_out_p50"]
+                and b["lost_in_p50"] <= k["lost_in_p50"],
+            }
+        )
+    return out
+
+
+def vs_kernel_notes(report: dict[str, Any]) -> list[str]:
+    cmp = report.get("vs_kernel") or []
+    if not cmp:
+        return []
+    out = ["", "bpfailover vs the kernel, lost p50 out (guest→peer) / in (peer→guest):"]
+    for c in cmp:
+        out.append(
+            f"- {c['step']}: kernel {_fmt(c['out'][0])} / {_fmt(c['in'][0])}, bpfailover "
+            f"{_fmt(c['out'][1])} / {_fmt(c['in'][1])}: "
+            + (
+                "no more than the kernel in either direction"
+                if c["no_more_than_kernel"]
+                else "**more than the kernel**"
+            )
+        )
+    return out
 
 
 def host_migrate_notes(report: dict[str, Any]) -> list[str]:
@@ -156,9 +208,12 @@ def main(argv: list[str] | None = None) -> int:
             "modes": got["timings"],
         },
         "failures": got["failures"],
+        "datapath_check": got.get("datapath_check"),
         "summary": summarize(got["results"]) if got["results"] else [],
+        "vs_kernel": [],
         "trials": [{**asdict(r), "lost": r.lost, "gap_ms": r.gap_ms} for r in got["results"]],
     }
+    report["vs_kernel"] = vs_kernel(report["summary"])
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1) + "\n")
     md = markdown(report)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import random
 import statistics
 import subprocess
@@ -48,9 +49,11 @@ class Settings:
     rate_pps: int = 500  # per direction; what the TCG guest sustains with room to spare
     tcp_rate: int = 50  # writes per second of 1000 bytes
     modes: tuple[str, ...] = ("kernel", "bpfailover")
-    steps: tuple[str, ...] = ("baseline", "carrier", "unplug", "planned", "migration")
-    workdir: Path = Path("/tmp/bpfailover-pg")
-    prefix: str = "pg"
+    steps: tuple[str, ...] = ("baseline", "carrier", "flap", "unplug", "planned", "migration")
+    # Namespaces pg-hv/pg-peer, taps pgsby/pgpri, /tmp/bpfailover-pg: two runs on one host
+    # need two prefixes (BPFAILOVER_PG_PREFIX, at most 5 characters: the taps' names).
+    prefix: str = os.environ.get("BPFAILOVER_PG_PREFIX", "pg")
+    workdir: Path = Path(f"/tmp/bpfailover-{os.environ.get('BPFAILOVER_PG_PREFIX', 'pg')}")
     log: Callable[[str], None] = print
 
 
@@ -94,6 +97,7 @@ class Mode:
         self.fm_tool_s: float | None = None  # slowest failover-migrate run so far
         self.timings: dict[str, float] = {}
         self.group = GROUP  # the failover device (the cloud variant: the standby's old name)
+        self.datapath_check: str | None = None  # failoverd's per-packet lower check: on / why off
 
     @property
     def g(self) -> Any:
@@ -154,6 +158,9 @@ class Mode:
         )["h"]
         self.wait(lambda: self.agent_status() is not None, 240, "failoverd (bcc compile in TCG)")
         self.timings["agent_start_s"] = time.monotonic() - t0
+        r = self.g.req("unix", path=AGENT_SOCK, msg={"cmd": "status"})["reply"]
+        self.datapath_check = r.get("status", {}).get("agent", {}).get("datapath_check")
+        self.s.log(f"[{self.name}] failoverd's datapath check: {self.datapath_check}")
 
     def agent_status(self) -> dict[str, Any] | None:
         try:
@@ -162,6 +169,13 @@ class Mode:
             return None
         group: dict[str, Any] | None = r.get("status", {}).get("groups", {}).get(self.group)
         return group
+
+    def fallback_frames(self) -> int | None:
+        """Frames the datapath moved off a dead active lower on its own (tx + rx), so far."""
+        st = self.agent_status() if self.name == "bpfailover" else None
+        if not st or st.get("datapath_fallback") is None:
+            return None
+        return sum(f["tx_packets"] + f["rx_packets"] for f in st["datapath_fallback"])
 
     def agent(self, msg: dict[str, Any]) -> dict[str, Any]:
         reply: dict[str, Any] = self.g.req("unix", path=AGENT_SOCK, msg=msg)["reply"]
@@ -373,6 +387,7 @@ def _last_json(text: str) -> dict[str, Any]:
 # Stream length per step: the fault, e1000e's own link-up after a plug (~2.5-3 s under TCG:
 # QEMU's autonegotiation timer and the driver's watchdog) and a margin to see where it ends.
 STEP_DURATION = {"baseline": 2.0, "carrier": 3.0, "unplug": 4.5, "planned": 6.0, "migration": 5.5}
+STEP_DURATION["flap"] = 3.5
 # The refusals: the tool's own time (no qemu-ga: its 5 s timeout); host-migrate: see
 # _host_migrate_duration.
 STEP_DURATION |= {
@@ -394,6 +409,31 @@ def _step_carrier(m: Mode, st: Streams, marks: dict[str, float]) -> None:
     pri = m.by_driver("e1000e")  # the emulator must really have taken the link away
     marks["guest_saw_carrier_off"] = 0.0 if pri and pri["carrier"] else 1.0
     st.at(1.5)
+    marks["restore"] = st.rel(time.monotonic())
+    m.vm.set_link("pri0", True)
+
+
+def _step_flap(m: Mode, st: Streams, marks: dict[str, float]) -> None:
+    """The e1000e's link off / on / off within a second, then back on.
+
+    The last carrier loss comes within 1 s of the carrier coming back: a real NIC's carrier
+    events are not "urgent" for link-watch (net/core/link_watch.c), so the RTM_NEWLINK that
+    tells failoverd can wait up to a second, while net_failover (and the datapath's own
+    per-packet check) read the carrier bit at once.
+    """
+    st.at(0.5)
+    marks["fault"] = st.rel(time.monotonic())
+    m.vm.set_link("pri0", False)
+    st.at(0.9)
+    marks["flap_on"] = st.rel(time.monotonic())
+    m.vm.set_link("pri0", True)
+    st.at(1.3)
+    marks["flap_off"] = st.rel(time.monotonic())
+    m.vm.set_link("pri0", False)
+    st.at(1.8)
+    pri = m.by_driver("e1000e")  # the guest must really have lost carrier the second time
+    marks["guest_saw_carrier_off"] = 0.0 if pri and pri["carrier"] else 1.0
+    st.at(2.0)
     marks["restore"] = st.rel(time.monotonic())
     m.vm.set_link("pri0", True)
 
@@ -581,6 +621,7 @@ def _standby_back(m: Mode) -> None:
 STEPS: dict[str, Callable[[Mode, Streams, dict[str, float]], None]] = {
     "baseline": _step_baseline,
     "carrier": _step_carrier,
+    "flap": _step_flap,
     "unplug": _step_unplug,
     "planned": _step_planned,
     "migration": _step_migration,
@@ -626,6 +667,7 @@ def run_step(m: Mode, watch: TapWatch, step: str, trial: int) -> StepResult:
     res = StepResult(m.name, step, trial)
     _settle(m, step)
     watch.reset()
+    fb0 = m.fallback_frames()
     st = Streams(m, _host_migrate_duration(m) if step == "host-migrate" else STEP_DURATION[step])
     try:
         try:
@@ -637,6 +679,9 @@ def run_step(m: Mode, watch: TapWatch, step: str, trial: int) -> StepResult:
     finally:
         if step in AFTER_STEP:
             AFTER_STEP[step](m)
+    fb1 = m.fallback_frames() if fb0 is not None else None
+    if fb0 is not None and fb1 is not None:  # a restarted agent's counters start again
+        res.marks["dp_fallback"] = float(fb1 - fb0 if fb1 >= fb0 else fb1)
     for side in (ug, up):
         if "error" in side:
             raise VMError(f"{m.name}/{step}: UDP endpoint: {side['error']}")
@@ -649,6 +694,12 @@ def run_step(m: Mode, watch: TapWatch, step: str, trial: int) -> StepResult:
     res.sent_out, res.lost_out, res.gap_out_ms = out.sent, out.lost, round(out.max_gap_ms, 1)
     res.sent_in, res.lost_in, res.gap_in_ms = inn.sent, inn.lost, round(inn.max_gap_ms, 1)
     res.duplicates = out.duplicates + inn.duplicates
+    for key, d in (("out", out), ("in", inn)):  # where loss fell: seconds from stream start
+        if d.holes:
+            res.notes.append(
+                f"lost {key} at "
+                + ", ".join(f"{h[0] / m.s.rate_pps:.3f}s+{h[1] - h[0] + 1}" for h in d.holes)
+            )
     if out.send_errors:
         res.notes.append(f"guest send errors {out.send_errnos}")
     res.tcp_survived = bool(tc.get("ok"))
@@ -675,6 +726,7 @@ def run(img: Image, s: Settings) -> dict[str, Any]:
     results: list[StepResult] = []
     timings: dict[str, dict[str, float]] = {}
     failures: list[str] = []
+    dp_check: dict[str, str | None] = {}
     net = Net(s.prefix)
     for mode in s.modes:
         net.up()
@@ -689,6 +741,8 @@ def run(img: Image, s: Settings) -> dict[str, Any]:
                 f"[{mode}] ready: boot {m.timings['boot_s']:.1f}s, "
                 f"set-up {m.timings['ready_s']:.1f}s, kernel {m.vm.guest.hello['kernel']}"
             )  # type: ignore[union-attr]
+            if mode == "bpfailover":
+                dp_check[mode] = m.datapath_check
             steps = [st for st in s.steps if not (st in BPFAILOVER_ONLY and mode == "kernel")]
             plugs = sum(
                 1 for st in steps if st in ("unplug", "planned", "migration", "host-migrate")
@@ -725,7 +779,12 @@ def run(img: Image, s: Settings) -> dict[str, Any]:
                 watch.close()
             net.down()
         timings[mode] = {**m.timings, "total_s": time.monotonic() - t_mode}
-    return {"results": results, "timings": timings, "failures": failures}
+    return {
+        "results": results,
+        "timings": timings,
+        "failures": failures,
+        "datapath_check": dp_check.get("bpfailover"),
+    }
 
 
 def pct(values: list[float], q: float) -> float:
@@ -763,6 +822,9 @@ def summarize(results: list[StepResult]) -> list[dict[str, Any]]:
                 "end_state_ok": sum(1 for r in rs if r.end_on == r.expected_end),
                 "tcp_survived": sum(1 for r in rs if r.tcp_survived),
                 "duplicates_max": max(r.duplicates for r in rs),
+                "dp_fallback_p50": statistics.median(fb)
+                if (fb := [r.marks["dp_fallback"] for r in rs if "dp_fallback" in r.marks])
+                else None,
                 "guest_missed_carrier_off": sum(
                     1 for r in rs if r.marks.get("guest_saw_carrier_off") == 0.0
                 ),

@@ -58,6 +58,9 @@ class DirectionStats:
     last_arrival_s: float | None = None
     send_errors: int = 0  # sends the local stack refused (counted in sent, so in lost)
     send_errnos: dict[str, int] = field(default_factory=dict)
+    # the first HOLES_KEPT runs of sequence numbers missing below the highest one received,
+    # [first, last] (seq n was sent n / rate seconds after t0): where in the stream loss fell
+    holes: list[list[int]] = field(default_factory=list)
 
     def with_sender(
         self, sent: int, send_errors: int, send_errnos: dict[str, int]
@@ -74,6 +77,21 @@ class DirectionStats:
     def from_dict(cls, d: dict[str, Any]) -> DirectionStats:
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
+
+
+HOLES_KEPT = 8
+
+
+def _holes(seen: set[int], max_seq: int) -> list[list[int]]:
+    out: list[list[int]] = []
+    expect = 0
+    for seq in sorted(seen):
+        if seq > expect:
+            out.append([expect, seq - 1])
+            if len(out) == HOLES_KEPT:
+                break
+        expect = seq + 1
+    return out
 
 
 def analyze(arrivals: Iterable[tuple[int, int]], t0_ns: int, sent: int = 0) -> DirectionStats:
@@ -108,6 +126,7 @@ def analyze(arrivals: Iterable[tuple[int, int]], t0_ns: int, sent: int = 0) -> D
         max_gap_at_s=(gap_at - t0_ns) / 1e9 if gap_at is not None else 0.0,
         first_arrival_s=(first_t - t0_ns) / 1e9 if first_t is not None else None,
         last_arrival_s=(prev_t - t0_ns) / 1e9 if prev_t is not None else None,
+        holes=_holes(seen, max_seq),
     )
 
 
