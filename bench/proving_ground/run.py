@@ -159,7 +159,7 @@ class Mode:
         self.wait(lambda: self.agent_status() is not None, 240, "failoverd (bcc compile in TCG)")
         self.timings["agent_start_s"] = time.monotonic() - t0
         r = self.g.req("unix", path=AGENT_SOCK, msg={"cmd": "status"})["reply"]
-        self.datapath_check = r.get("status", {}).get("agent", {}).get("datapath_check")
+        self.datapath_check = r.get("status", {}).get("datapath_check")
         self.s.log(f"[{self.name}] failoverd's datapath check: {self.datapath_check}")
 
     def agent_status(self) -> dict[str, Any] | None:
