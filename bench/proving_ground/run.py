@@ -387,7 +387,7 @@ def _last_json(text: str) -> dict[str, Any]:
 # Stream length per step: the fault, e1000e's own link-up after a plug (~2.5-3 s under TCG:
 # QEMU's autonegotiation timer and the driver's watchdog) and a margin to see where it ends.
 STEP_DURATION = {"baseline": 2.0, "carrier": 3.0, "unplug": 4.5, "planned": 6.0, "migration": 5.5}
-STEP_DURATION["flap"] = 3.5
+STEP_DURATION["flap"] = 4.5  # 0.5 + the link-up (~0.6 s) + 1.3 + the link-up + margin
 # The refusals: the tool's own time (no qemu-ga: its 5 s timeout); host-migrate: see
 # _host_migrate_duration.
 STEP_DURATION |= {
@@ -416,24 +416,33 @@ def _step_carrier(m: Mode, st: Streams, marks: dict[str, float]) -> None:
 def _step_flap(m: Mode, st: Streams, marks: dict[str, float]) -> None:
     """The e1000e's link off / on / off within a second, then back on.
 
-    The last carrier loss comes within 1 s of the carrier coming back: a real NIC's carrier
-    events are not "urgent" for link-watch (net/core/link_watch.c), so the RTM_NEWLINK that
-    tells failoverd can wait up to a second, while net_failover (and the datapath's own
-    per-packet check) read the carrier bit at once.
+    The second carrier loss comes right after the carrier came back: carrier-on is an
+    "urgent" link-watch event that runs link-watch at once and sets its next run a second
+    later; carrier-off of a real NIC is not urgent (net/core/link_watch.c), so the
+    RTM_NEWLINK that tells failoverd waits for that run, while net_failover (and the
+    datapath's per-packet check) read the carrier bit at once.  QEMU's e1000e brings the
+    link up ~0.5 s after `set_link on` (its autonegotiation timer), so the second `off`
+    waits until the guest has seen the carrier back (else the guest never sees a flap).
     """
     st.at(0.5)
     marks["fault"] = st.rel(time.monotonic())
     m.vm.set_link("pri0", False)
-    st.at(0.9)
+    st.at(0.6)
     marks["flap_on"] = st.rel(time.monotonic())
     m.vm.set_link("pri0", True)
-    st.at(1.3)
+
+    def carrier() -> bool:
+        pri = m.by_driver("e1000e")
+        return bool(pri and pri["carrier"])
+
+    m.wait(carrier, 3.0, "the e1000e's carrier back within the flap")
+    marks["guest_carrier_on"] = st.rel(time.monotonic())
+    st.at(marks["guest_carrier_on"] + 0.1)
     marks["flap_off"] = st.rel(time.monotonic())
     m.vm.set_link("pri0", False)
-    st.at(1.8)
-    pri = m.by_driver("e1000e")  # the guest must really have lost carrier the second time
-    marks["guest_saw_carrier_off"] = 0.0 if pri and pri["carrier"] else 1.0
-    st.at(2.0)
+    st.at(marks["flap_off"] + 0.5)
+    marks["guest_saw_carrier_off"] = 0.0 if carrier() else 1.0
+    st.at(marks["flap_off"] + 1.2)
     marks["restore"] = st.rel(time.monotonic())
     m.vm.set_link("pri0", True)
 
