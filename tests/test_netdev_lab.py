@@ -127,6 +127,27 @@ def test_tcpdump_on_the_failover_device(
     assert out == (50 if tx_seen else 0)
 
 
+# -- qdisc -------------------------------------------------------------------------------------
+def _qdisc_sent(lab: Lab, dev: str) -> int:
+    out = netns.run_in(lab.guest, ["tc", "-s", "-j", "qdisc", "show", "dev", dev]).stdout
+    root = next(q for q in json.loads(out) if q.get("root"))
+    return int(root["packets"])
+
+
+@pytest.mark.parametrize(("tx_path", "queued"), [("veth", True), ("direct", False)])
+def test_root_qdisc_on_the_failover_device(
+    lab: Lab, agent_factory: list[AgentRun], tx_path: str, queued: bool
+) -> None:
+    """A root qdisc on the failover device sees what it transmits with tx_path veth; with
+    direct the clsact egress redirect runs before it and it is bypassed."""
+    _up(lab, agent_factory, tx_path=tx_path)
+    n = lab.names(0)
+    netns.run_in(lab.guest, ["tc", "qdisc", "add", "dev", n.failover, "root", "pfifo"])
+    assert ping(lab.guest, n.peer_v4, count=10)
+    sent = _qdisc_sent(lab, n.failover)
+    assert (sent >= 10) if queued else (sent == 0), sent
+
+
 # -- MAC ---------------------------------------------------------------------------------------
 def _mac(lab: Lab, dev: str) -> str:
     info = lab.link(lab.guest, dev)
@@ -208,12 +229,14 @@ def test_socket_join_lands_on_both_lowers(
         run.wait_for(lambda d=dev: mac not in _maddrs(lab, d), what=f"{mac} gone from {dev}")
 
 
+@pytest.mark.parametrize("mcast_events", [True, False], ids=["rtm_newmulticast", "as_6.1"])
 def test_ip_maddr_lands_on_both_lowers(
-    lab: Lab, agent_factory: list[AgentRun], monkeypatch: pytest.MonkeyPatch
+    lab: Lab, agent_factory: list[AgentRun], monkeypatch: pytest.MonkeyPatch, mcast_events: bool
 ) -> None:
-    """`ip maddr add` (SIOCADDMULTI) is announced by no kernel and sends nothing: the
-    periodic re-read (address_resync_s) carries it, here without RTM_NEWMULTICAST."""
-    monkeypatch.setenv("BPFAILOVER_TEST_NO_MCAST_EVENTS", "1")
+    """`ip maddr add` (SIOCADDMULTI) is announced by no kernel (RTM_NEWMULTICAST is about IP
+    groups) and sends nothing: the periodic re-read (address_resync_s) carries it."""
+    if not mcast_events:
+        monkeypatch.setenv("BPFAILOVER_TEST_NO_MCAST_EVENTS", "1")
     run = _up(lab, agent_factory, address_resync_s=1)
     n = lab.names(0)
     mac = "01:80:c2:00:00:0e"  # LLDP: a link-layer-only group, as PTP/LLDP daemons join
