@@ -1,0 +1,67 @@
+"""The proving ground's report: bpfailover against the kernel per step and direction."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bench.proving_ground.__main__ import markdown, vs_kernel
+
+
+def _row(mode: str, step: str, out: float, inn: float) -> dict[str, Any]:
+    return {"mode": mode, "step": step, "lost_out_p50": out, "lost_in_p50": inn}
+
+
+def test_vs_kernel_compares_each_direction_and_skips_what_has_no_pair() -> None:
+    rows = [
+        _row("kernel", "baseline", 0, 0),
+        _row("bpfailover", "baseline", 5, 5),  # no fault: not a comparison
+        _row("kernel", "flap", 0, 700),
+        _row("bpfailover", "flap", 1, 0),  # more out than the kernel, less in
+        _row("kernel", "unplug", 0, 300),
+        _row("bpfailover", "unplug", 0, 300),  # equal counts as no more
+        _row("bpfailover", "planned", 0, 0),  # the kernel cannot do it
+    ]
+    got = {c["step"]: c for c in vs_kernel(rows)}
+    assert sorted(got) == ["flap", "unplug"]
+    assert got["flap"]["out"] == [0, 1] and got["flap"]["in"] == [700, 0]
+    assert got["flap"]["no_more_than_kernel"] is False
+    assert got["unplug"]["no_more_than_kernel"] is True
+
+
+def test_markdown_says_the_check_state_and_the_comparison() -> None:
+    summary = [
+        {
+            **_row(mode, "flap", out, 0),
+            "trials": 1,
+            "lost_p50": out,
+            "lost_max": out,
+            "gap_ms_p50": 1.0,
+            "gap_ms_max": 1.0,
+            "back_on_primary_ms_p50": None,
+            "back_on_primary_ms_max": None,
+            "back_missing": 0,
+            "end_state_ok": 1,
+            "tcp_survived": 1,
+            "dp_fallback_p50": fb,
+        }
+        for mode, out, fb in (("kernel", 0, None), ("bpfailover", 2, 40.0))
+    ]
+    report = {
+        "settings": {
+            "rate_pps": 500,
+            "tcp_rate": 50,
+            "trials": 1,
+            "modes": ["kernel", "bpfailover"],
+        },
+        "guest_kernel": "6.1",
+        "qemu": "7.2",
+        "summary": summary,
+        "datapath_check": "on",
+        "vs_kernel": vs_kernel(summary),
+        "timings": {"image_build_s": 0, "total_s": 1, "modes": {}},
+        "failures": [],
+    }
+    md = markdown(report)
+    assert "lower check (README): **on**" in md
+    assert "flap 40" in md
+    assert "- flap: kernel 0 / 0, bpfailover 2 / 0: **more than the kernel**" in md
