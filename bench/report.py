@@ -366,7 +366,7 @@ def write(total_s: float | None = None, mode: str = "full") -> None:
         "## Performance\n\n" + head + "\nEvery ratio is against a baseline measured in the "
         'same run on the same lab (network namespaces and veth: the "VF" is a veth, so '
         "these numbers are the software paths' costs, not a real NIC's). Reproduce with "
-        "`make bench` (≈12 min) or `make bench-quick` (< 3 min); raw data and plots in "
+        "`make bench` (≈15 min) or `make bench-quick` (< 4 min); raw data and plots in "
         "`bench/results/`.\n\n" + body + "\n\n" + extra
     )
 

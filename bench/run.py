@@ -51,7 +51,7 @@ def _sigterm(_sig: int, _frm: Any) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="smaller subset (< 3 min)")
+    ap.add_argument("--quick", action="store_true", help="smaller subset (< 4 min)")
     ap.add_argument("--only", action="append", choices=list(BENCHES), help="repeatable")
     args = ap.parse_args(argv)
     if os.geteuid() != 0:
