@@ -118,7 +118,9 @@ def test_image_contents(image: str, container: str) -> None:
             "sh",
             "-c",
             "failoverctl --help >/dev/null && "
-            "/opt/bpfailover/bin/python -c 'import bcc, bpfailover.metrics' && "
+            "/opt/bpfailover/bin/python -c 'import bcc, bpfailover.ops.metrics' && "
+            # the product image carries no lab (a separate distribution)
+            "! /opt/bpfailover/bin/python -c 'import bpfailover_lab' 2>/dev/null && "
             "ls -d /usr/src/linux-headers-*-amd64 && . /etc/os-release && echo $VERSION_CODENAME",
         ],
         capture_output=True,
