@@ -230,6 +230,13 @@ def main(argv: list[str] | None = None) -> int:
     ]
     if bad:
         print(f"proving ground: wrong end state or TCP broken in {', '.join(bad)}", file=sys.stderr)
+    # The datapath's per-packet lower check must come up in the guest's kernel (6.1): off
+    # is safe for failoverd, but here it means the BTF reader, the verifier or the probe
+    # no longer agree with the kernel the check is promised for.
+    check = report["datapath_check"]
+    if "bpfailover" in s.modes and got["results"] and check != "on":
+        print(f"proving ground: the datapath check is {check!r} in the guest", file=sys.stderr)
+        bad.append("bpfailover/datapath_check")
     return 1 if got["failures"] or bad else 0
 
 
