@@ -7,6 +7,10 @@ R=/opt/bpfailover
 arg() { sed -n "s/.*$1=\([a-z]*\).*/\1/p" /proc/cmdline; }
 stack=$(arg pgstack)
 mode=$(arg pgmode)
+# The image is debootstrap minbase: no `locales` package, so cloud-init's locale module
+# (update-locale) would fail -- an image defect unrelated to networking (Debian's cloud
+# images ship locales).  Both modes get the same setting.
+printf 'locale: false\n' > /etc/cloud/cloud.cfg.d/92-pg-locale.cfg
 if [ "$stack" = nm ]; then
   printf 'system_info:\n  network:\n    renderers: [network-manager]\n' \
     > /etc/cloud/cloud.cfg.d/91-pg-renderer.cfg
