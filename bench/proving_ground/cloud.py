@@ -594,6 +594,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stacks", default=",".join(STACKS))
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--steps", default=",".join(CLOUD_STEPS))
+    ap.add_argument("--prefix", default="pgc", help="namespace/tap prefix (parallel runs)")
     ap.add_argument("--rebuild", action="store_true")
     ap.add_argument("--image-only", action="store_true", help="build the image and stop")
     ap.add_argument("--out", type=Path, default=RESULTS / "proving_ground_cloud.json")
@@ -613,8 +614,8 @@ def main(argv: list[str] | None = None) -> int:
             trials=args.trials,
             modes=tuple(args.modes.split(",")),
             steps=tuple(args.steps.split(",")),
-            workdir=Path("/tmp/bpfailover-pg-cloud"),
-            prefix="pgc",
+            workdir=Path(f"/tmp/bpfailover-pg-cloud-{args.prefix}"),
+            prefix=args.prefix,
         )
         got = run_cloud(img, s, tuple(args.stacks.split(",")))
     except KeyboardInterrupt:
