@@ -137,7 +137,8 @@ def host_migrate_notes(report: dict[str, Any]) -> list[str]:
         if r["step"] == "host-migrate":
             out.append(
                 f"- host-migrate: the whole sequence took {_fmt(r.get('tool_s_p50'))} s p50 "
-                "(six failoverctl runs through qemu-ga guest-exec under TCG, the VF's link-up)"
+                "(6-7 failoverctl runs through qemu-ga guest-exec, each a Python start-up in "
+                "the TCG guest beside the stream endpoints; the VF's link-up)"
             )
         else:
             ok = r["trials"] - r.get("checks_failed", 0)
