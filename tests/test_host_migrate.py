@@ -169,7 +169,7 @@ def guest(tmp_path: Path) -> Iterator[FakeGuest]:
                         reply = {
                             "error": {
                                 "class": "CommandNotFound",
-                                "desc": f"The command {cmd} has been disabled for this instance",
+                                "desc": f"Command {cmd} has been disabled",
                             }
                         }
                     elif cmd == "guest-exec":
