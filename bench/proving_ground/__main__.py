@@ -134,6 +134,12 @@ def host_migrate_notes(report: dict[str, Any]) -> list[str]:
         return []
     out = ["", "failover-migrate (docs/host-migration.md):"]
     for r in rows:
+        if r.get("send_errors_out_max"):
+            out.append(
+                f"- {r['step']}: of the lost, up to {r['send_errors_out_max']} per trial never "
+                "left the guest (its UDP sender's EAGAIN: the emulated vCPU starved, TX "
+                f"backlog); lost beyond those: {r['lost_beyond_send_errors_max']} max"
+            )
         if r["step"] == "host-migrate":
             out.append(
                 f"- host-migrate: the whole sequence took {_fmt(r.get('tool_s_p50'))} s p50 "

@@ -718,6 +718,7 @@ def run_step(m: Mode, watch: TapWatch, step: str, trial: int) -> StepResult:
             )
     if out.send_errors:
         res.notes.append(f"guest send errors {out.send_errnos}")
+        res.marks["send_errors_out"] = float(out.send_errors)  # in lost_out: never left
     res.tcp_survived = bool(tc.get("ok"))
     res.tcp_gap_ms = round(ts["max_gap_ms"], 1) if "max_gap_ms" in ts else None
     res.tcp_error = tc.get("error") or ts.get("error")
@@ -850,6 +851,10 @@ def summarize(results: list[StepResult]) -> list[dict[str, Any]]:
                 # refusal checks: failover-migrate's exit code as expected and the VF attached
                 "checks_failed": sum(1 for r in rs if r.marks.get("check_ok") == 0.0),
                 "exit_codes": sorted({int(r.marks["exit"]) for r in rs if "exit" in r.marks}),
+                "send_errors_out_max": max(int(r.marks.get("send_errors_out", 0)) for r in rs),
+                "lost_beyond_send_errors_max": max(
+                    r.lost - int(r.marks.get("send_errors_out", 0)) for r in rs
+                ),
                 "tool_s_p50": statistics.median(tool)
                 if (tool := [r.marks["tool_s"] for r in rs if "tool_s" in r.marks])
                 else None,
