@@ -530,7 +530,7 @@ def failover_migrate(m: Mode, *extra: str) -> tuple[int, dict[str, Any]]:
         "--device",
         spec,
         "--group",
-        GROUP,
+        m.group,
         "--json",
         *extra,
     ]
@@ -555,7 +555,7 @@ def _host_migrate_duration(m: Mode) -> float:
     agent = SocketAgent(str(m.vm.workdir / "qga.sock"))
     t = time.monotonic()
     try:
-        agent.run([FAILOVERCTL, "status", "--json", GROUP], FM_EXEC_TIMEOUT)
+        agent.run([FAILOVERCTL, "status", "--json", m.group], FM_EXEC_TIMEOUT)
     finally:
         agent.close()
     one = time.monotonic() - t
