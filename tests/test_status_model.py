@@ -37,9 +37,9 @@ def test_json_round_trip_through_text() -> None:
 
 
 def test_socket_json_keeps_its_keys() -> None:
-    """The control socket's status object: the keys every earlier agent sent (+ gid)."""
+    """The control socket's status object: the keys every earlier agent sent (+ gid, errors)."""
     out = counted(agent(group())).to_json()
-    assert list(out) == ["pid", "started_at", "scheduling", "datapath_check", "groups"]
+    assert list(out) == ["pid", "started_at", "scheduling", "datapath_check", "groups", "errors"]
     g = out["groups"]["ens10"]
     assert list(g) == [
         "device",

@@ -214,7 +214,9 @@ class Agent:
     # -- the loop -------------------------------------------------------------------------
     def publish(self) -> AgentStatus:
         """A new snapshot of what the agent knows now, swapped in for the readers."""
-        self.snapshot = statusmod.snapshot(self.groups.values(), self.started_at, self.scheduling)
+        self.snapshot = statusmod.snapshot(
+            self.groups.values(), self.started_at, self.scheduling, self.errors
+        )
         return self.snapshot
 
     def run(self) -> None:

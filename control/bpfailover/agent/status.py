@@ -4,7 +4,7 @@ types and their JSON; datapath/counters.py adds the counters when a request asks
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from types import MappingProxyType
 
 from bpfailover.model.groups import Group
@@ -63,11 +63,17 @@ def group_status(grp: Group) -> GroupStatus:
     )
 
 
-def snapshot(groups: Iterable[Group], started_at: float, scheduling: str) -> AgentStatus:
-    """Built in the agent thread, which alone changes the groups."""
+def snapshot(
+    groups: Iterable[Group],
+    started_at: float,
+    scheduling: str,
+    errors: Mapping[str, int] | None = None,
+) -> AgentStatus:
+    """Built in the agent thread, which alone changes the groups and the error counts."""
     return AgentStatus(
         pid=os.getpid(),
         started_at=started_at,
         scheduling=scheduling,
         groups=tuple(group_status(g) for g in groups),
+        errors=MappingProxyType(dict(errors or {})),
     )

@@ -22,6 +22,7 @@ import types
 import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, Literal, get_args, get_origin
 
 from bpfailover.policy import Reselect, Role
@@ -42,6 +43,7 @@ def _f(
     flatten: bool = False,
     keyed: bool = False,
     default: Any = dataclasses.MISSING,
+    default_factory: Any = dataclasses.MISSING,
 ) -> Any:
     """A documented field.  key: its JSON name (default: the attribute's); counter: read from
     the maps at request time, None in the frozen snapshot; flatten: a nested object whose keys
@@ -54,6 +56,8 @@ def _f(
         "flatten": flatten,
         "keyed": keyed,
     }
+    if default_factory is not dataclasses.MISSING:
+        return field(default_factory=default_factory, metadata=meta)
     return field(default=default, metadata=meta)
 
 
@@ -178,6 +182,12 @@ class AgentStatus:
         default=None,
     )
     groups: tuple[GroupStatus, ...] = _f("groups by name", keyed=True, default=())
+    errors: Mapping[str, int] = _f(
+        "errors the event loop survived, by where (event, netlink, timer, notify, reconcile, "
+        "control, pins, reload)",
+        where="socket",
+        default_factory=lambda: MappingProxyType({}),
+    )
 
     def group(self, name: str) -> GroupStatus | None:
         return next((g for g in self.groups if g.name == name), None)

@@ -170,11 +170,7 @@ class FailoverCollector(Collector):
             "event, netlink, timer, notify, reconcile, control, pins, reload",
             labels=["where"],
         )
-        seen: dict[str, int] = {}
-        for _ in range(5):  # the agent may add a key meanwhile: copy again
-            with suppress(RuntimeError):
-                seen = dict(getattr(self.agent, "errors", {}))
-                break
+        seen = self.agent.snapshot.errors  # published by the agent thread, read-only here
         for where in sorted({*ERROR_PLACES, *seen}):
             errors.add_metric([where], seen.get(where, 0))
         yield errors
