@@ -277,7 +277,7 @@ def test_second_agent_with_other_pins_is_refused(running: tuple[Lab, AgentRun]) 
         )
         assert proc.returncode == 1, proc.stderr
         lines = proc.stderr.strip().splitlines()
-        assert len(lines) == 1 and "another datapath's programs" in lines[0], proc.stderr
+        assert len(lines) == 1 and "which a running failoverd holds" in lines[0], proc.stderr
         assert not second.pin_dir.exists(), "refused before loading a datapath"
         assert not os.path.exists(second.socket)
         for dev, d in ((n.primary, "ingress"), (n.standby, "ingress"), (n.failover, "egress")):

@@ -40,6 +40,7 @@ from hypothesis import strategies as st
 
 from bpfailover import netns
 from bpfailover.datapath.maps import Datapath
+from bpfailover.model.config import peer_name
 from bpfailover_lab import traffic
 from bpfailover_lab.agent_run import AgentRun, HarnessError
 from bpfailover_lab.topology import Lab
@@ -108,7 +109,10 @@ def one_filter_each(lab: Lab) -> None:
     for dev in (n.primary, n.standby):
         if lab.link(lab.guest, dev) is not None:
             assert our_filters(lab, dev) == 1, f"{dev}: duplicate or missing filter"
-    assert our_filters(lab, n.failover, "egress") == 1
+    # fo_egress: on the hidden peer's ingress (tx_path veth, the default), none on the
+    # device's own egress (that is where tx_path direct puts it)
+    assert our_filters(lab, peer_name(n.failover), "ingress") == 1
+    assert our_filters(lab, n.failover, "egress") == 0
 
 
 def tx_total(g: dict[str, Any]) -> int:
@@ -604,6 +608,8 @@ def test_bpffs_unmounted_under_the_agent(lab: Lab) -> None:
             g = converged(agent, lab)
             rep2 = h.wait()
         assert agent.pin_dir.exists() and g["active_lower"] == n.standby
+        # no running agent holds the old datapath any more: its hooks are taken over, said so
+        assert agent.events("hooks_taken_over"), agent.tail()
         one_filter_each(lab)
         lab.set_far_end(0, "primary", True)
         assert converged(agent, lab)["active_lower"] == n.primary

@@ -14,7 +14,7 @@ from bpfailover.datapath import bpfsys
 from bpfailover.datapath.attach import Wiring, foreign_programs, peer_name
 from bpfailover.datapath.layout import SLOT_NAMES
 from bpfailover.datapath.loader import PROGS
-from bpfailover.datapath.maps import Datapath, DatapathError
+from bpfailover.datapath.maps import Datapath, DatapathError, held_pin_dirs
 from bpfailover.effects.ethtool import driver_of
 from bpfailover.events import netlink
 from bpfailover.model import config as configmod
@@ -87,11 +87,16 @@ def pinned_prog_ids(pin_dir: str | Path) -> set[int]:
 def check_hooks(cfg: configmod.Config, links: dict[int, netlink.Link]) -> None:
     """One writer per failover device, whatever the pin directory: raise AgentError when a
     group's failover device, its hidden peer or a lower (a netdev with the group's MAC)
-    carries programs of another datapath (not those pinned in cfg.bpffs: an earlier run of
-    this pin directory is adopted).  Runs before the datapath is loaded: nothing changes."""
+    carries the programs of a datapath that a running agent holds (pinned in a pin
+    directory whose single-instance lock is taken).  Programs of an earlier run of our own
+    pin directory are adopted; those of a datapath no agent holds any more (its agent gone,
+    its pins removed or its bpffs unmounted) are taken over in place, and said so.  Runs
+    before the datapath is loaded: a refusal changes nothing."""
     from pyroute2 import IPRoute
 
     ours = pinned_prog_ids(cfg.bpffs)
+    held = [d for d in held_pin_dirs() if d != Path(cfg.bpffs).absolute()]
+    live = {pid: d for d in held for pid in pinned_prog_ids(d)}
     with IPRoute() as ipr:
         for gcfg in cfg.groups:
             mac = gcfg.mac
@@ -102,13 +107,20 @@ def check_hooks(cfg: configmod.Config, links: dict[int, netlink.Link]) -> None:
             devs = [lk for lk in links.values() if lk.ifname in names or (mac and lk.mac == mac)]
             for lk in sorted(devs, key=lambda lk: lk.ifindex):
                 found = foreign_programs(ipr, lk.ifindex, ours, xdp=gcfg.rx_path == "xdp")
-                if found:
+                served = sorted({str(live[pid]) for _, pid in found if pid in live})
+                if served:
                     raise AgentError(
-                        f"group {gcfg.name}: {lk.ifname} carries another datapath's programs "
-                        f"({', '.join(found)}; ours in {cfg.bpffs}: "
-                        f"{', '.join(map(str, sorted(ours))) or 'none yet'}): another failoverd "
-                        "serves it; stop it, or remove an orphaned one with "
-                        "failoverctl teardown --pins DIR --all"
+                        f"group {gcfg.name}: {lk.ifname} carries the programs of the datapath "
+                        f"in {', '.join(served)} ({', '.join(d for d, _ in found)}), which a "
+                        "running failoverd holds: stop it first (one writer per device)"
+                    )
+                if found:
+                    event(
+                        "hooks_taken_over",
+                        group=gcfg.name,
+                        dev=lk.ifname,
+                        programs=[d for d, _ in found],
+                        why="no running agent holds their datapath",
                     )
 
 

@@ -107,25 +107,29 @@ def label_prog_id(label: object) -> int | None:
     return int(tail) if tail.isdigit() else None
 
 
-def foreign_programs(ipr: Any, ifindex: int, ours: set[int], xdp: bool = False) -> list[str]:
-    """What on this netdev's hooks is another datapath's: a bpf filter at our clsact
-    priority (ingress or egress) whose program id is not one of `ours` (another failoverd
-    with another pin directory, or a stale one whose pins are gone) and, with `xdp` (the
-    group's rx_path puts our program there), an XDP program that is not ours.  Filters of
-    other tools at other priorities are not ours to judge.  An empty list: we may attach."""
-    found = []
+def foreign_programs(
+    ipr: Any, ifindex: int, ours: set[int], xdp: bool = False
+) -> list[tuple[str, int | None]]:
+    """What on this netdev's hooks is another datapath's, as (description, program id): a
+    bpf filter at our clsact priority (ingress or egress) whose program id is not one of
+    `ours` (another failoverd with another pin directory, or a stale one whose pins are
+    gone) and, with `xdp` (the group's rx_path puts our program there), an XDP program that
+    is not ours.  Filters of other tools at other priorities are not ours to judge.  An
+    empty list: we may attach."""
+    found: list[tuple[str, int | None]] = []
     for direction, parent in (("ingress", CLSACT_INGRESS), ("egress", CLSACT_EGRESS)):
         for f in _our_filters(ipr, ifindex, parent):
             opts = f.get_attr("TCA_OPTIONS")
             if opts is None:
                 continue  # the dump's entry for the priority itself (no handle, no program)
             label = opts.get_attr("TCA_BPF_NAME")
-            if label_prog_id(label) not in ours:
-                found.append(f"tc {direction} {label or 'bpf filter'}")
+            pid = label_prog_id(label)
+            if pid not in ours:
+                found.append((f"tc {direction} {label or 'bpf filter'}", pid))
     if xdp:
-        pid = xdp_prog_id(ipr, ifindex)
-        if pid and pid not in ours:
-            found.append(f"xdp program {pid}")
+        xid = xdp_prog_id(ipr, ifindex)
+        if xid and xid not in ours:
+            found.append((f"xdp program {xid}", xid))
     return found
 
 

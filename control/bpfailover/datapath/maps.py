@@ -143,6 +143,8 @@ class Datapath:
                 f"another agent holds {self.pin_dir} (lock {path}; only one failoverd per "
                 "pin directory)"
             ) from None
+        os.ftruncate(fd, 0)  # who holds it: read by held_pin_dirs() (another agent's check)
+        os.pwrite(fd, str(self.pin_dir.absolute()).encode(), 0)
         self._lock_fd = fd
 
     def repin(self) -> list[str]:
@@ -326,6 +328,27 @@ class Datapath:
 def lock_path(pin_dir: Path, lock_dir: Path = LOCK_DIR) -> Path:
     digest = hashlib.sha256(str(Path(pin_dir).absolute()).encode()).hexdigest()[:16]
     return lock_dir / f"pins-{digest}.lock"
+
+
+def held_pin_dirs(lock_dir: Path = LOCK_DIR) -> list[Path]:
+    """The pin directories a running agent holds right now: each lock file under lock_dir
+    that is flocked (probed without waiting), read for the pin directory it names."""
+    out = []
+    for path in sorted(lock_dir.glob("pins-*.lock")):
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            continue  # nobody holds it (closing drops the probe's lock)
+        except BlockingIOError:
+            name = os.pread(fd, 4096, 0).decode(errors="replace")
+            if name:
+                out.append(Path(name))
+        finally:
+            os.close(fd)
+    return out
 
 
 def open_lock(path: Path) -> int:
