@@ -561,7 +561,7 @@ def _host_migrate_duration(m: Mode) -> float:
         agent.close()
     one = time.monotonic() - t
     m.s.log(f"[{m.name}] one failoverctl run through qemu-ga: {one:.1f}s")
-    return round(min(240.0, max(30.0, 25.0 * one + 15.0)), 1)
+    return round(min(240.0, max(40.0, 35.0 * one + 20.0)), 1)
 
 
 def _step_host_migrate(m: Mode, st: Streams, marks: dict[str, float]) -> None:
