@@ -27,7 +27,14 @@ from typing import Any, NoReturn
 
 from bench.proving_ground import image
 from bench.proving_ground import vm as vm_mod
-from bench.proving_ground.run import Mode, Settings, StepResult, run_step, summarize
+from bench.proving_ground.run import (
+    Mode,
+    Settings,
+    StepResult,
+    run_step,
+    steps_table,
+    summarize,
+)
 from bench.proving_ground.vm import (
     E1000_MAX_NIC,
     GUEST_V4,
@@ -499,14 +506,6 @@ def run_cloud(img: image.Image, s: Settings, stacks: tuple[str, ...]) -> dict[st
 # ---- report -------------------------------------------------------------------------------
 
 
-def _fmt(v: Any) -> str:
-    if v is None:
-        return "–"
-    if isinstance(v, float):
-        return f"{v:.0f}" if v >= 10 else f"{v:.1f}"
-    return str(v)
-
-
 def markdown(report: dict[str, Any]) -> str:
     s = report["settings"]
     lines = [
@@ -542,22 +541,8 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         "## Steps",
         "",
-        "| step | stack/mode | trials | lost p50 (out/in) | lost max | longest gap p50 / max "
-        "(ms) | back on primary p50 / max (ms) | end state ok | TCP survived |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for r in report["summary"]:
-        back = (
-            f"{_fmt(r['back_on_primary_ms_p50'])} / {_fmt(r['back_on_primary_ms_max'])}"
-            if r["back_on_primary_ms_p50"] is not None
-            else "–"
-        )
-        lines.append(
-            f"| {r['step']} | {r['mode']} | {r['trials']} | {_fmt(r['lost_p50'])} "
-            f"({_fmt(r['lost_out_p50'])}/{_fmt(r['lost_in_p50'])}) | {r['lost_max']} | "
-            f"{_fmt(r['gap_ms_p50'])} / {_fmt(r['gap_ms_max'])} | {back} | "
-            f"{r['end_state_ok']}/{r['trials']} | {r['tcp_survived']}/{r['trials']} |"
-        )
+    lines += steps_table(report["summary"], mode_header="stack/mode")
     t = report["timings"]
     lines += [
         "",

@@ -863,3 +863,36 @@ def summarize(results: list[StepResult]) -> list[dict[str, Any]]:
             }
         )
     return rows
+
+
+def fmt(v: Any, unit: str = "") -> str:
+    """A report cell: – for none, whole numbers from 10 up, one decimal below."""
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.0f}{unit}" if v >= 10 else f"{v:.1f}{unit}"
+    return f"{v}{unit}"
+
+
+def steps_table(summary: list[dict[str, Any]], mode_header: str = "mode") -> list[str]:
+    """The markdown table of summarize()'s rows, one per step and mode."""
+    lines = [
+        f"| step | {mode_header} | trials | lost p50 (out/in) | lost max | longest gap p50 / "
+        "max (ms) | back on primary p50 / max (ms) | end state ok | TCP survived |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in summary:
+        back = (
+            f"{fmt(r['back_on_primary_ms_p50'])} / {fmt(r['back_on_primary_ms_max'])}"
+            if r["back_on_primary_ms_p50"] is not None
+            else "–"
+        )
+        if r.get("back_missing"):
+            back += f" ({r['back_missing']} never)"
+        lines.append(
+            f"| {r['step']} | {r['mode']} | {r['trials']} | {fmt(r['lost_p50'])} "
+            f"({fmt(r['lost_out_p50'])}/{fmt(r['lost_in_p50'])}) | {r['lost_max']} | "
+            f"{fmt(r['gap_ms_p50'])} / {fmt(r['gap_ms_max'])} | {back} | "
+            f"{r['end_state_ok']}/{r['trials']} | {r['tcp_survived']}/{r['trials']} |"
+        )
+    return lines
