@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import ipaddress
 import json
 import os
 import socket
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -99,6 +102,107 @@ def test_format_table_of_empty_and_full_documents() -> None:
     text = cli.format_table(st)
     assert "datapath fallback (before the agent switched): primary -> standby tx 5 rx 0" in text
     assert "per-packet lower check: refused" in text
+
+
+class FakeAgent:
+    """A control socket that answers set-primary and status from a scripted list of states:
+    each status read takes the next one (the last one stays)."""
+
+    def __init__(self, path: Path, states: list[Any], refuse: str | None = None) -> None:
+        self.states, self.refuse, self.requests = list(states), refuse, []
+        self.srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.srv.bind(str(path))
+        self.srv.listen(8)
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            try:
+                conn, _ = self.srv.accept()
+            except OSError:
+                return
+            with conn:
+                req = json.loads(conn.makefile("rb").readline())
+                self.requests.append(req)
+                if req["cmd"] == "set-primary":
+                    reply = {"ok": False, "error": self.refuse} if self.refuse else {"ok": True}
+                else:
+                    st = self.states.pop(0) if len(self.states) > 1 else self.states[0]
+                    reply = {"ok": True, "status": st.to_json()}
+                conn.sendall(json.dumps(reply).encode() + b"\n")
+
+    def close(self) -> None:
+        self.srv.close()
+
+
+def _set_primary(sock: Path, *argv: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = cli.main(["--socket", str(sock), "set-primary", *argv])
+        except SystemExit as e:  # argparse's own refusals
+            code = int(e.code or 0)
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_set_primary_wait_returns_once_the_lower_is_active(tmp_path: Path) -> None:
+    sock = tmp_path / "ctl.sock"
+    states = [agent(group("primary"))] * 3 + [agent(group("standby", override="standby"))]
+    fake = FakeAgent(sock, states)
+    try:
+        code, out, err = _set_primary(sock, "ens10", "standby", "--wait", "30", "--json")
+        assert (code, err) == (0, "")
+        g = json.loads(out)["groups"][0]
+        assert (g["active"], g["override"]) == ("standby", "standby")
+        assert [r["cmd"] for r in fake.requests] == ["set-primary"] + ["status"] * 4
+        assert fake.requests[0] == {"cmd": "set-primary", "group": "ens10", "lower": "standby"}
+    finally:
+        fake.close()
+
+
+def test_set_primary_auto_wait_waits_for_the_primary_by_name_or_role(tmp_path: Path) -> None:
+    sock = tmp_path / "ctl.sock"
+    states = [agent(group("standby", primary_usable=False)), agent(group("primary"))]
+    fake = FakeAgent(sock, states)
+    try:
+        code, out, err = _set_primary(sock, "ens10", "--auto", "--wait", "30")
+        assert (code, out, err) == (0, "ens10: override auto, active ens11\n", "")
+        assert fake.requests[0]["lower"] is None
+        code, out, _ = _set_primary(sock, "ens10", "ens11", "--wait", "30")  # by name
+        assert code == 0 and [r["cmd"] for r in fake.requests].count("status") == 3
+    finally:
+        fake.close()
+
+
+def test_set_primary_wait_times_out_with_exit_5_and_the_state(tmp_path: Path) -> None:
+    sock = tmp_path / "ctl.sock"
+    fake = FakeAgent(sock, [agent(group("standby", primary_usable=False))])
+    try:
+        code, out, err = _set_primary(sock, "ens10", "--auto", "--wait", "0.3", "--json")
+        assert code == cli.EXIT_TIMEOUT == 5
+        assert json.loads(out)["groups"][0]["active"] == "standby"  # the state, even so
+        assert err == (
+            "failoverctl: ens10: primary ens11 not active after 0.3s (active: ens10nsby; "
+            "ens11: not usable, admin up, carrier no)\n"
+        )
+    finally:
+        fake.close()
+
+
+def test_set_primary_wait_refused_or_bad_waits_nothing(tmp_path: Path) -> None:
+    sock = tmp_path / "ctl.sock"
+    fake = FakeAgent(sock, [agent(group("primary"))], refuse="lower ens10nsby is not usable")
+    try:
+        code, out, err = _set_primary(sock, "ens10", "standby", "--wait", "30")
+        assert (code, out) == (1, "") and "not usable" in err
+        assert [r["cmd"] for r in fake.requests] == ["set-primary"]  # no waiting after a no
+        for bad in ("0", "-1", "nan", "x"):
+            code, out, err = _set_primary(sock, "ens10", "standby", "--wait", bad)
+            assert code == 2 and len(err.strip().splitlines()) >= 1, (bad, err)
+        assert [r["cmd"] for r in fake.requests] == ["set-primary"]
+    finally:
+        fake.close()
 
 
 # ---- against a running agent -------------------------------------------------------------------

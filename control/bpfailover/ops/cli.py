@@ -1,13 +1,13 @@
 """failoverctl: talk to failoverd over its control socket (and check the host: doctor).
 
     failoverctl [--socket PATH | --config FILE] status [--json] [--check] [GROUP]
-    failoverctl set-primary GROUP LOWER | set-primary GROUP --auto
+    failoverctl set-primary GROUP LOWER|--auto [--wait SECONDS] [--json]
     failoverctl teardown GROUP [--yes]
     failoverctl teardown --pins DIR GROUP|--all [--yes] [--netns NAME]   (no agent)
     failoverctl doctor [--netns NAME]
 
 Exit codes (docs/operators.md): 0 ok, 1 failed (the agent refused: its reason on stderr),
-2 usage, 3 agent unreachable, 4 degraded (`status --check`).
+2 usage, 3 agent unreachable, 4 degraded (`status --check`), 5 timed out (`set-primary --wait`).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from bpfailover.model.status import (
     AgentStatus,
     GroupStatus,
     LowerCounters,
+    LowerStatus,
     StatusFormatError,
 )
 from bpfailover.ops import api
@@ -35,6 +36,7 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
 EXIT_DEGRADED = 4
+EXIT_TIMEOUT = 5
 
 DEFAULT_SOCKET = "/run/bpfailover/control.sock"
 
@@ -247,17 +249,85 @@ class SetPrimary:
         p.add_argument("group")
         p.add_argument("lower", nargs="?", help="lower name (or role: primary, standby)")
         p.add_argument("--auto", action="store_true", help="clear the override")
+        p.add_argument(
+            "--wait",
+            type=float,
+            metavar="SECONDS",
+            help="then wait until that lower (--auto: the primary) is the active one, at most "
+            "SECONDS (exit 5 if it is not by then; the override stays as set)",
+        )
+        p.add_argument(
+            "--json",
+            action="store_true",
+            help="print the group's status document at the end (as `status --json GROUP`)",
+        )
 
     @staticmethod
     def run(args: argparse.Namespace, sock: str) -> int:
         if args.auto == (args.lower is not None):
             raise CliError("set-primary: give either LOWER or --auto", EXIT_USAGE)
+        if args.wait is not None and not 0 < args.wait < 86400:
+            raise CliError(
+                f"set-primary: --wait {args.wait:g}: give 0 < SECONDS < 86400", EXIT_USAGE
+            )
         reply = call(sock, {"cmd": "set-primary", "group": args.group, "lower": args.lower})
-        active = reply.get("active")
-        print(
-            f"{args.group}: override {reply.get('override') or 'auto'}, active {active or 'none'}"
-        )
+        if args.wait is None and not args.json:
+            active = reply.get("active")
+            print(
+                f"{args.group}: override {reply.get('override') or 'auto'}, "
+                f"active {active or 'none'}"
+            )
+            return EXIT_OK
+        want = args.lower or "primary"
+        deadline = time.monotonic() + (args.wait or 0.0)
+        delay = 0.05
+        while True:
+            st = fetch_status(sock)
+            g = st.group(args.group)
+            if g is None:  # removed meanwhile (teardown)
+                raise CliError(f"unknown group {args.group!r}")
+            done = switched_to(g, want)
+            if done or args.wait is None or time.monotonic() >= deadline:
+                break
+            time.sleep(delay)
+            delay = min(0.25, delay * 1.5)  # one status read per 0.25 s once it takes a while
+        if args.json:
+            print(json.dumps(status_document(st, args.group), indent=2, sort_keys=True))
+        else:
+            print(
+                f"{args.group}: override {g.override or 'auto'}, active {g.active_lower or 'none'}"
+            )
+        if args.wait is not None and not done:
+            lw = _target(g, want)
+            what = f"{want} {lw.name}" if lw is not None and lw.name != want else want
+            raise CliError(
+                f"{args.group}: {what} not active after {args.wait:g}s "
+                f"(active: {g.active_lower or 'none'}; {_lower_state(lw, want)})",
+                EXIT_TIMEOUT,
+            )
         return EXIT_OK
+
+
+def _target(g: GroupStatus, want: str) -> LowerStatus | None:
+    """The lower `set-primary GROUP want` asks for: a role, or a lower's name."""
+    if want in ("primary", "standby"):
+        return g.lower(want)
+    return next((lw for lw in g.lowers if lw.name == want), None)
+
+
+def switched_to(g: GroupStatus, want: str) -> bool:
+    """The datapath transmits through the lower asked for (a role or a name)."""
+    lw = _target(g, want)
+    return lw is not None and lw.active and g.active_lower == lw.name
+
+
+def _lower_state(lw: LowerStatus | None, want: str) -> str:
+    if lw is None:
+        return f"no {want} lower registered"
+    return (
+        f"{lw.name}: {'usable' if lw.usable else 'not usable'}, "
+        f"admin {'up' if lw.admin_up else 'down'}, carrier {'yes' if lw.carrier else 'no'}"
+    )
 
 
 class Teardown:
