@@ -40,6 +40,7 @@ class FakeGuest:
     switch_works: bool = True
     vf_attached: bool = True
     vf_usable_after_plug: bool = True
+    ctl_waits: bool = True  # failoverctl knows `set-primary --wait` (older ones do not)
     groups: tuple[str, ...] = ("fo0",)
     override: str | None = None
     active: str = "primary"
@@ -103,13 +104,20 @@ class FakeGuest:
                 return 1, "", f"failoverctl: unknown group {names[0]!r} (groups: fo0)"
             return 0, json.dumps(self.doc()), ""
         if argv[0] == "set-primary":
+            if "--wait" in argv and not self.ctl_waits:
+                return 2, "", "failoverctl: unrecognized arguments: --wait 1 --json"
             target = None if "--auto" in argv else argv[2]
             if target == "standby" and not self.standby_carrier:
                 return 1, "", "failoverctl: lower eth0 is not usable"
             self.override = target
             if self.switch_works or target != "standby":
                 self.reselect()
-            return 0, "", ""
+            if "--wait" not in argv:
+                return 0, "", ""
+            want = target or "primary"
+            if self.active == want:
+                return 0, json.dumps(self.doc()), ""
+            return 5, json.dumps(self.doc()), f"failoverctl: fo0: {want} not active after 1s"
         return 2, "", "usage"
 
 
@@ -268,14 +276,33 @@ def run(g: FakeGuest, *extra: str) -> int:
 
 
 def test_planned_sequence_in_order_and_back_on_the_vf(guest: FakeGuest, capsys: Any) -> None:
+    """Three failoverctl runs in all (each one a Python start-up in the guest): the checks'
+    status, then set-primary standby and set-primary --auto, each waiting in the guest."""
     assert run(guest, "--json") == 0
-    sets = [c for c in guest.ctl_calls if c[0] == "set-primary"]
-    assert sets == [["set-primary", "fo0", "standby"], ["set-primary", "fo0", "--auto"]]
+    assert guest.ctl_calls == [
+        ["status", "--json"],
+        ["set-primary", "fo0", "standby", "--wait", "1", "--json"],
+        ["set-primary", "fo0", "--auto", "--wait", "1", "--json"],
+    ]
     assert [c for c in guest.qmp_calls if c.startswith("device")] == ["device_del", "device_add"]
     assert guest.vf_attached and guest.active == "primary" and guest.override is None
     out = json.loads(capsys.readouterr().out)
     m = out["marks"]
     assert out["exit"] == 0
+    assert m["on_standby"] <= m["detached"] <= m["attached"] <= m["on_primary"]
+
+
+def test_an_older_failoverctl_without_wait_is_polled(guest: FakeGuest, capsys: Any) -> None:
+    guest.ctl_waits = False
+    assert run(guest, "--json") == 0
+    sets = [c for c in guest.ctl_calls if c[0] == "set-primary"]
+    assert sets == [
+        ["set-primary", "fo0", "standby", "--wait", "1", "--json"],  # refused: usage, no change
+        ["set-primary", "fo0", "standby"],
+        ["set-primary", "fo0", "--auto"],
+    ]
+    assert guest.active == "primary" and guest.override is None
+    m = json.loads(capsys.readouterr().out)["marks"]
     assert m["on_standby"] <= m["detached"] <= m["attached"] <= m["vf_usable"] <= m["on_primary"]
 
 
@@ -325,10 +352,11 @@ def test_refuses_when_the_standby_is_not_usable(guest: FakeGuest, capsys: Any) -
     assert not [c for c in guest.ctl_calls if c[0] == "set-primary"]
 
 
+@pytest.mark.parametrize("ctl_waits", [True, False])
 def test_refuses_and_undoes_the_override_when_the_switch_times_out(
-    guest: FakeGuest, capsys: Any
+    guest: FakeGuest, capsys: Any, ctl_waits: bool
 ) -> None:
-    guest.switch_works = False
+    guest.switch_works, guest.ctl_waits = False, ctl_waits
     _refused(guest, capsys, migrate.EXIT_SWITCH_TIMEOUT, "did not report the standby")
     assert guest.ctl_calls[-1] == ["set-primary", "fo0", "--auto"] and guest.override is None
 
@@ -351,7 +379,19 @@ def test_two_groups_need_a_choice(guest: FakeGuest, capsys: Any) -> None:
 
 
 def test_vf_never_usable_after_attach_fails_on_the_standby(guest: FakeGuest, capsys: Any) -> None:
+    """The override is cleared before the wait: the guest's policy takes the VF whenever it
+    becomes usable, after the tool gave up."""
     guest.vf_usable_after_plug = False
+    assert run(guest) == migrate.EXIT_FAILED
+    err = capsys.readouterr().err
+    assert "did not get back to the new VF" in err and "once the VF is usable" in err
+    assert guest.active == "standby" and guest.override is None
+
+
+def test_vf_never_usable_with_an_older_failoverctl_keeps_the_override(
+    guest: FakeGuest, capsys: Any
+) -> None:
+    guest.vf_usable_after_plug, guest.ctl_waits = False, False
     assert run(guest) == migrate.EXIT_FAILED
     assert "stays on the standby" in capsys.readouterr().err
     assert guest.active == "standby" and guest.override == "standby"

@@ -42,7 +42,7 @@ EXIT_VF_NOT_ATTACHED = 7  # also: the detach itself failed (the guest is put bac
 EXIT_MIGRATION_FAILED = 8  # the VF was re-attached on the source and the guest put back
 
 # failoverctl's own exit codes (docs/operators.md)
-CTL_FAILED, CTL_USAGE, CTL_UNREACHABLE = 1, 2, 3
+CTL_FAILED, CTL_USAGE, CTL_UNREACHABLE, CTL_TIMEOUT = 1, 2, 3, 5
 
 
 class Stop(Exception):
@@ -61,10 +61,11 @@ class Guest:
     ) -> None:
         self.agent, self.failoverctl, self.exec_timeout = agent, failoverctl, exec_timeout
         self.agent_timeout = agent_timeout
+        self.waits: bool | None = None  # failoverctl has `set-primary --wait` (None: not tried)
 
-    def ctl(self, *args: str) -> tuple[int | None, str, str]:
+    def ctl(self, *args: str, wait: float = 0.0) -> tuple[int | None, str, str]:
         try:
-            r = self.agent.run([self.failoverctl, *args], self.exec_timeout)
+            r = self.agent.run([self.failoverctl, *args], self.exec_timeout + wait)
         except ExecError as e:
             raise Stop(f"failoverctl is not usable in the guest: {e}", EXIT_NO_FAILOVERD) from None
         except AgentError as e:
@@ -79,10 +80,7 @@ class Guest:
             raise Stop(f"the guest's failoverd: {err.removeprefix('failoverctl: ')}", EXIT_USAGE)
         if code != 0:
             raise Stop(f"failoverctl status in the guest: exit {code}: {err}", EXIT_NO_FAILOVERD)
-        try:
-            groups = json.loads(out)["groups"]
-        except (ValueError, KeyError, TypeError):
-            raise Stop(f"failoverctl status --json: not a status: {out[:80]!r}", 1) from None
+        groups = _groups(out)
         if name is None and len(groups) != 1:
             names = ", ".join(g["group"] for g in groups) or "none"
             raise Stop(f"the guest has groups {names}: choose one with --group", EXIT_USAGE)
@@ -92,6 +90,37 @@ class Guest:
     def set_primary(self, group: str, lower: str | None) -> tuple[int | None, str]:
         code, _, err = self.ctl("set-primary", group, *([lower] if lower else ["--auto"]))
         return code, err
+
+    def switch(
+        self, group: str, lower: str | None, wait: float
+    ) -> tuple[int | None, dict[str, Any] | None, str] | None:
+        """One failoverctl run: `set-primary GROUP LOWER|--auto --wait SECONDS --json`, which
+        returns once that lower (--auto: the primary) is active, or after `wait` (exit 5).
+        None: this failoverctl has no --wait (older than the host tool): nothing was changed,
+        the caller sets and polls instead."""
+        if self.waits is False:
+            return None
+        target = [lower] if lower else ["--auto"]
+        code, out, err = self.ctl(
+            "set-primary", group, *target, "--wait", f"{wait:g}", "--json", wait=wait
+        )
+        if code == CTL_USAGE and "--wait" in err:  # argparse: unrecognized arguments
+            self.waits = False
+            return None
+        self.waits = True
+        try:
+            g = _groups(out)[0] if out.strip() else None
+        except (Stop, IndexError):
+            g = None
+        return code, g, err
+
+
+def _groups(out: str) -> list[dict[str, Any]]:
+    try:
+        groups: list[dict[str, Any]] = json.loads(out)["groups"]
+    except (ValueError, KeyError, TypeError):
+        raise Stop(f"failoverctl status --json: not a status: {out[:80]!r}", 1) from None
+    return groups
 
 
 def lower(g: dict[str, Any], role: str) -> dict[str, Any] | None:
@@ -176,12 +205,7 @@ class Migration:
             raise Stop(f"{self.vf.name}: {e}", EXIT_VF_NOT_ATTACHED) from None
         self.mark("checked")
         # -- 2: the guest moves to the standby -----------------------------------------------
-        code, err = self.guest.set_primary(name, "standby")
-        if code != 0:
-            raise Stop(
-                f"{name}: the guest refused set-primary standby: {err}", EXIT_STANDBY_UNUSABLE
-            )
-        if self.wait(lambda g: on(g, "standby"), self.switch_timeout) is None:
+        if not self._to_standby(name):
             self.guest.set_primary(name, prior)  # undo: the VF stays and carries traffic again
             raise Stop(
                 f"{name}: the guest did not report the standby active within "
@@ -220,28 +244,71 @@ class Migration:
         if migrated and self.after_migration is not None:
             self.guest = self.after_migration()
         # -- 4: back to the VF ---------------------------------------------------------------
-        got = self.wait(
-            lambda g: bool((lw := lower(g, "primary")) and lw.get("usable")), self.return_timeout
-        )
-        if got is None:
-            raise Stop(
-                f"{name}: the guest did not report the new VF usable within "
-                f"{self.return_timeout:g}s; it stays on the standby (override standby)",
-                EXIT_FAILED,
-            )
-        self.log(f"{name}: VF usable in the guest at {self.mark('vf_usable'):.1f}s")
-        code, err = self.guest.set_primary(name, prior)
-        if code != 0:
-            raise Stop(f"{name}: set-primary {prior or '--auto'} refused: {err}", EXIT_FAILED)
-        if prior in (None, "primary"):
-            if self.wait(lambda g: on(g, "primary"), self.return_timeout) is None:
-                raise Stop(f"{name}: the primary did not become active again", EXIT_FAILED)
+        if prior is None and self._auto_back(name):
             self.log(f"{name}: back on the VF at {self.mark('on_primary'):.1f}s")
+        else:  # an override to put back, or a failoverctl without --wait: poll its status
+            got = self.wait(
+                lambda g: bool((lw := lower(g, "primary")) and lw.get("usable")),
+                self.return_timeout,
+            )
+            if got is None:
+                raise Stop(
+                    f"{name}: the guest did not report the new VF usable within "
+                    f"{self.return_timeout:g}s; it stays on the standby (override standby)",
+                    EXIT_FAILED,
+                )
+            self.log(f"{name}: VF usable in the guest at {self.mark('vf_usable'):.1f}s")
+            code, err = self.guest.set_primary(name, prior)
+            if code != 0:
+                raise Stop(f"{name}: set-primary {prior or '--auto'} refused: {err}", EXIT_FAILED)
+            if prior in (None, "primary"):
+                if self.wait(lambda g: on(g, "primary"), self.return_timeout) is None:
+                    raise Stop(f"{name}: the primary did not become active again", EXIT_FAILED)
+                self.log(f"{name}: back on the VF at {self.mark('on_primary'):.1f}s")
         if not migrated:
             raise Stop(
                 "migration failed: the VF was re-attached on the source", EXIT_MIGRATION_FAILED
             )
         return {"group": name, "override_restored": prior, "marks": self.marks}
+
+    def _to_standby(self, name: str) -> bool:
+        """set-primary standby and wait until the guest reports it active: one failoverctl
+        run (`--wait`), or set-primary and status polls with an older failoverctl."""
+        res = self.guest.switch(name, "standby", self.switch_timeout)
+        if res is None:
+            code, err = self.guest.set_primary(name, "standby")
+        else:
+            code, g, err = res
+            if code == CTL_TIMEOUT:
+                return False
+        if code == CTL_UNREACHABLE:
+            raise Stop(f"failoverd is not running in the guest ({err})", EXIT_NO_FAILOVERD)
+        if code != 0:
+            raise Stop(
+                f"{name}: the guest refused set-primary standby: {err}", EXIT_STANDBY_UNUSABLE
+            )
+        if res is None:
+            return self.wait(lambda g: on(g, "standby"), self.switch_timeout) is not None
+        return g is not None and on(g, "standby")
+
+    def _auto_back(self, name: str) -> bool:
+        """`set-primary --auto --wait`: the override cleared at once, the guest's policy
+        moves to the new VF once it is usable, failoverctl returns when it is active.  False:
+        this failoverctl has no --wait (the caller polls)."""
+        res = self.guest.switch(name, None, self.return_timeout)
+        if res is None:
+            return False
+        code, g, err = res
+        if code == CTL_TIMEOUT or (code == 0 and not (g and on(g, "primary"))):
+            raise Stop(
+                f"{name}: the guest did not get back to the new VF within "
+                f"{self.return_timeout:g}s ({err.removeprefix('failoverctl: ') or 'not active'}); "
+                "the override is cleared: it moves to the VF once the VF is usable",
+                EXIT_FAILED,
+            )
+        if code != 0:
+            raise Stop(f"{name}: set-primary --auto refused: {err}", EXIT_FAILED)
+        return True
 
     def _still_attached(self) -> bool:
         try:

@@ -50,8 +50,13 @@ class Agent:
     def ping(self, timeout: float) -> None:
         self.execute("guest-ping", timeout)
 
-    def run(self, argv: list[str], timeout: float, poll: float = 0.05) -> ExecResult:
-        """guest-exec argv[0] with argv[1:], wait for it (guest-exec-status) up to timeout."""
+    def run(
+        self, argv: list[str], timeout: float, poll: float = 0.05, max_poll: float = 0.25
+    ) -> ExecResult:
+        """guest-exec argv[0] with argv[1:], wait for it (guest-exec-status) up to timeout.
+        guest-exec-status every `poll` seconds at first, backing off to `max_poll` (a
+        program that blocks for a while, `set-primary --wait`, is not asked 20 times a
+        second: every request wakes the guest)."""
         deadline = time.monotonic() + timeout
         try:
             pid = self.execute(
@@ -73,6 +78,7 @@ class Agent:
             if left <= 0:
                 raise AgentError(f"{' '.join(argv)}: still running after {timeout:g}s")
             time.sleep(min(poll, max(0.0, left)))
+            poll = min(max_poll, poll * 1.5)
 
 
 def _b64(data: str | None) -> str:
