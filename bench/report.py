@@ -35,8 +35,23 @@ def _cpu(t: dict[str, Any]) -> str:
     if not c:
         return ""
     return " / ".join(
-        f"{c['baseline'] / c[k]:.2f}" if c.get(k) else "–" for k in ("fo-tc", "fo-xdp", "fo-direct")
+        f"{c['baseline'] / c[k]:.2f}" if c.get(k) else "–"
+        for k in ("fo-tc", "fo-xdp", "fo-direct", "fo-nocheck")
     )
+
+
+def _bpf_ns(costs: dict[str, Any] | None) -> str:
+    """The BPF programs' own ns per packet (64-byte UDP; kernel.bpf_stats_enabled)."""
+    if not costs:
+        return ""
+    cells = [
+        f"{cfg} {d}: "
+        + ", ".join(f"{pin.removeprefix('prog_')} {ns:.0f}" for pin, ns in v[d].items())
+        for cfg, v in costs.items()
+        for d in ("tx", "rx")
+        if v.get(d)
+    ]
+    return "\n\nBPF programs' own run time per packet, ns: " + "; ".join(cells) + ".\n"
 
 
 def sections() -> tuple[list[str], dict[str, Any]]:
@@ -59,9 +74,11 @@ def sections() -> tuple[list[str], dict[str, Any]]:
                     m["fo-tc"] / scale,
                     m["fo-xdp"] / scale,
                     m.get("fo-direct", 0) / scale,
+                    m.get("fo-nocheck", 0) / scale,
                     t["ratio"]["fo-tc"],
                     t["ratio"]["fo-xdp"],
                     t["ratio"].get("fo-direct"),
+                    t["ratio"].get("fo-nocheck"),
                     f"≥ {t['target']:.2f} ({_ok(t['ratio']['fo-tc'], t['target'])} tc)",
                     _cpu(t),
                 ]
@@ -73,7 +90,8 @@ def sections() -> tuple[list[str], dict[str, Any]]:
             "guest receives (`iperf3 -R`, lower receive hook). UDP: 18-byte payloads "
             "(64-byte frames), unlimited rate, delivered packets/s. fo-direct: `tx_path: "
             "direct` (the transmit path that bypasses the failover device's counters and "
-            "taps). cpu: the sender's system CPU per packet (baseline / config), which "
+            "taps). fo-nocheck: fo-tc with the datapath's per-packet lower check off. "
+            "cpu: the sender's system CPU per packet (baseline / config), which "
             "holds on a busy machine where pps does not.\n\n"
             + _md(
                 [
@@ -83,14 +101,17 @@ def sections() -> tuple[list[str], dict[str, Any]]:
                     "fo-tc",
                     "fo-xdp",
                     "fo-direct",
+                    "fo-nocheck",
                     "tc ratio",
                     "xdp ratio",
                     "direct ratio",
+                    "nocheck ratio",
                     "target",
-                    "cpu tc / xdp / direct",
+                    "cpu tc / xdp / direct / nocheck",
                 ],
                 rows,
             )
+            + _bpf_ns(r.get("bpf_ns_per_run"))
         )
     fo = _load("failover")
     if fo:

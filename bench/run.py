@@ -53,6 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smaller subset (< 4 min)")
     ap.add_argument("--only", action="append", choices=list(BENCHES), help="repeatable")
+    ap.add_argument(
+        "--rounds", type=int, help="throughput: rounds (default 3, --quick 1); more = less noise"
+    )
+    ap.add_argument("--seconds", type=float, help="throughput: seconds per sample (default 4)")
     args = ap.parse_args(argv)
     if os.geteuid() != 0:
         print("bench: needs root (network namespaces, BPF)", file=sys.stderr)
@@ -77,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
             "machine": common.machine_info(),
             "loadavg_before": common.loadavg(),
         }
+        if args.rounds or args.seconds:
+            meta["overrides"] = {"rounds": args.rounds, "seconds": args.seconds}
         common.log(f"\n### {name} ({mode})")
         t = time.monotonic()
         try:

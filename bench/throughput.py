@@ -8,9 +8,15 @@ median of the rounds), so a noisy neighbour hits every configuration alike:
   fo-xdp    failoverd, receive path XDP (lower XDP -> devmap -> failover dev's hidden peer);
   fo-direct failoverd, receive path TC, tx_path direct (clsact egress of the failover
             device redirects: not counted, not tapped; the transmit path before issue 13).
+  fo-nocheck  as fo-tc with the datapath's per-packet lower check off (fo_meta), to show
+            what that check costs apart from the transmit path.
 Tests, each both ways (tx = guest sends, through the failover egress; rx = guest receives,
 iperf3 -R, through the lower's receive hook): iperf3 TCP 1 and 4 streams, and UDP with
 18-byte payloads (64-byte frames) unlimited rate, counting delivered packets/s.
+After the rounds, one 64-byte UDP sample each way per failoverd config with the kernel's
+BPF statistics on (kernel.bpf_stats_enabled, off again afterwards; it adds two clock reads
+per program run, so it is kept out of the rounds): the programs' own run time per packet,
+a figure that does not move with the machine's load as pps does.
 """
 
 from __future__ import annotations
@@ -19,10 +25,13 @@ import contextlib
 import json
 import subprocess
 import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from bench import common, plots
 from bench.common import lab_run, log, median, table
+from bench.datapath_check import set_check
 from bpfailover import netns
 
 PORT = 5301
@@ -31,12 +40,14 @@ TESTS = [
     ("tcp4", ["-P", "4"]),
     ("udp64", ["-u", "-b", "0", "-l", "18"]),
 ]
-CONFIGS = ["baseline", "fo-tc", "fo-xdp", "fo-direct"]
+CONFIGS = ["baseline", "fo-tc", "fo-xdp", "fo-direct", "fo-nocheck"]
 AGENT = {  # group settings of each failoverd config
     "fo-tc": {"rx_path": "tc"},
     "fo-xdp": {"rx_path": "xdp"},
     "fo-direct": {"rx_path": "tc", "tx_path": "direct"},
+    "fo-nocheck": {"rx_path": "tc"},
 }
+PROG_PINS = ("prog_fo_egress", "prog_lower_ingress", "prog_xdp_lower_rx")
 
 
 def iperf(lab: Any, args: list[str], seconds: float) -> dict[str, float]:
@@ -85,18 +96,22 @@ def iperf(lab: Any, args: list[str], seconds: float) -> dict[str, float]:
 
 def run(quick: bool, meta: dict[str, Any]) -> dict[str, Any]:
     rounds, seconds = (1, 1.5) if quick else (3, 4.0)
+    over = meta.get("overrides", {})
+    rounds, seconds = over.get("rounds") or rounds, over.get("seconds") or seconds
     samples: dict[tuple[str, str], list[dict[str, float]]] = {}
     counters: dict[str, Any] = {}
     with contextlib.ExitStack() as stack:
         labs: dict[str, Any] = {}
         agents: dict[str, Any] = {}
-        for cfg, tag in zip(CONFIGS, ("tpb", "tpt", "tpx", "tpd"), strict=True):
+        for cfg, tag in zip(CONFIGS, ("tpb", "tpt", "tpx", "tpd", "tpn"), strict=True):
             lr = stack.enter_context(lab_run(tag))
             labs[cfg] = lr.lab
             if cfg == "baseline":
                 lr.lab.address_lower_directly(0, "primary")
             else:
                 agents[cfg] = lr.agent(AGENT[cfg]).start()
+                if cfg == "fo-nocheck":
+                    set_check(agents[cfg].pin_dir, False)
                 lr.lab.address_failover(0)
             n = lr.lab.names(0)
             srv = subprocess.Popen(
@@ -117,6 +132,8 @@ def run(quick: bool, meta: dict[str, Any]) -> dict[str, Any]:
                             iperf(labs[cfg], a, seconds)
                         )
             log(f"  throughput round {rnd + 1}/{rounds} done")
+        with _bpf_stats():
+            bpf_ns = _prog_costs(labs, agents, seconds)
         for cfg, ag in agents.items():
             g = ag.group(0)
             counters[cfg] = {
@@ -165,9 +182,11 @@ def run(quick: bool, meta: dict[str, Any]) -> dict[str, Any]:
                     unit(med["fo-tc"]),
                     unit(med["fo-xdp"]),
                     unit(med["fo-direct"]),
+                    unit(med["fo-nocheck"]),
                     ratio["fo-tc"],
                     ratio["fo-xdp"],
                     ratio["fo-direct"],
+                    ratio["fo-nocheck"],
                     f">= {target:.2f}",
                 ]
             )
@@ -177,6 +196,7 @@ def run(quick: bool, meta: dict[str, Any]) -> dict[str, Any]:
         "configs": CONFIGS[1:],
         "tests": tests,
         "datapath_counters": counters,
+        "bpf_ns_per_run": bpf_ns,
     }
     print("\n== throughput: failover device vs address on the primary (median of rounds)")
     print(
@@ -188,9 +208,11 @@ def run(quick: bool, meta: dict[str, Any]) -> dict[str, Any]:
                 "fo-tc",
                 "fo-xdp",
                 "fo-direct",
+                "fo-nocheck",
                 "tc ratio",
                 "xdp ratio",
                 "direct ratio",
+                "nocheck ratio",
                 "target",
             ],
             rows,
@@ -207,9 +229,67 @@ def run(quick: bool, meta: dict[str, Any]) -> dict[str, Any]:
     ]
     print("\n== 64-byte UDP: sending side's system CPU per packet, µs (baseline / config)")
     print(table(["test", *CONFIGS, *(f"{c} ratio" for c in CONFIGS[1:])], cpu_rows))
+    print("\n== BPF programs' own run time per packet, ns (64-byte UDP, kernel.bpf_stats_enabled)")
+    print(
+        table(
+            ["config", "direction", *PROG_PINS],
+            [
+                [cfg, d, *(f"{v[d].get(p, 0):.0f}" if v[d].get(p) else "-" for p in PROG_PINS)]
+                for cfg, v in bpf_ns.items()
+                for d in ("tx", "rx")
+            ],
+        )
+    )
     common.save("throughput", out, meta)
     plots.throughput(out)
     return out
+
+
+@contextlib.contextmanager
+def _bpf_stats() -> Iterator[None]:
+    """kernel.bpf_stats_enabled on for the block, back to what it was after."""
+    knob = Path("/proc/sys/kernel/bpf_stats_enabled")
+    before = knob.read_text().strip()
+    knob.write_text("1")
+    try:
+        yield
+    finally:
+        knob.write_text(before)
+
+
+def _prog_stats(pin_dir: Path) -> dict[str, tuple[int, int]]:
+    """pin name -> (run_time_ns, run_cnt) of an agent's pinned programs."""
+    out = {}
+    for pin in PROG_PINS:
+        p = subprocess.run(
+            ["bpftool", "-j", "prog", "show", "pinned", str(pin_dir / pin)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        with contextlib.suppress(ValueError, KeyError):
+            j = json.loads(p.stdout)
+            out[pin] = (int(j.get("run_time_ns", 0)), int(j.get("run_cnt", 0)))
+    return out
+
+
+def _prog_costs(
+    labs: dict[str, Any], agents: dict[str, Any], seconds: float
+) -> dict[str, dict[str, dict[str, float]]]:
+    """config -> direction -> pin -> ns per run, over one 64-byte UDP sample each way."""
+    udp = dict(TESTS)["udp64"]
+    costs: dict[str, dict[str, dict[str, float]]] = {}
+    for cfg, ag in agents.items():
+        for direction in ("tx", "rx"):
+            a = _prog_stats(ag.pin_dir)
+            iperf(labs[cfg], udp + (["-R"] if direction == "rx" else []), seconds)
+            b = _prog_stats(ag.pin_dir)
+            costs.setdefault(cfg, {})[direction] = {
+                pin: (b[pin][0] - a[pin][0]) / (b[pin][1] - a[pin][1])
+                for pin in b
+                if pin in a and b[pin][1] - a[pin][1] > 1000
+            }
+    return costs
 
 
 def _stop(p: subprocess.Popen[bytes]) -> None:
