@@ -166,6 +166,47 @@ def test_primary_hot_plugged_after_start(lab: Lab) -> None:
         agent.wait_active(n.primary)
         reg = agent.events("lower_registered")[-1]
         assert (reg["role"], reg["lower"]) == ("primary", n.primary)
+        assert not agent.events("lower_udev_wait")  # no udev here: taken at once
+    finally:
+        agent.cleanup()
+
+
+def test_hot_plugged_lower_waits_for_udev(
+    lab: Lab, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where udev serves the agent's netdevs (a directory stands in for /run/udev), a VF
+    plugged while it runs is not registered until udev's database has it, even up with
+    carrier; its entry written, it is registered and traffic moves to it.  The fallback
+    timer is pushed out of reach, so only the watch can have let it go."""
+    udev = tmp_path / "udev"
+    (udev / "data").mkdir(parents=True)
+    (udev / "control").touch()
+    monkeypatch.setenv("BPFAILOVER_TEST_UDEV_DIR", str(udev))
+    monkeypatch.setenv("BPFAILOVER_TEST_UDEV_HOLD_MS", "600000")
+
+    def processed(dev: str) -> int:
+        ifindex: int = lab.link(lab.guest, dev)["ifindex"]  # type: ignore[index]
+        (udev / "data" / f".#n{ifindex}tmp").write_text("I:1700000000\n")
+        os.rename(udev / "data" / f".#n{ifindex}tmp", udev / "data" / f"n{ifindex}")
+        return ifindex
+
+    lab.up()
+    n = lab.names(0)
+    processed(n.standby)
+    lab.unplug_vf(0)
+    agent = start_agent(lab)
+    try:
+        agent.wait_active(n.standby)
+        lab.plug_vf(0)  # up, carrier on
+        held = agent.wait_for(lambda: agent.events("lower_udev_wait"), what="the VF held")
+        ifindex = lab.link(lab.guest, n.primary)["ifindex"]  # type: ignore[index]
+        assert held[-1]["ifindex"] == ifindex
+        assert [lw["role"] for lw in agent.group()["lowers"]] == ["standby"]
+        assert agent.group()["active_lower"] == n.standby
+        processed(n.primary)
+        agent.wait_active(n.primary)
+        assert agent.events("lower_udev_ready")[-1]["lower"] == n.primary
+        assert not agent.events("lower_udev_timeout")
     finally:
         agent.cleanup()
 

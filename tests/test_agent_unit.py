@@ -9,6 +9,8 @@ order, is what these tests check.
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -21,6 +23,7 @@ from bpfailover.agent.loop import Agent
 from bpfailover.datapath.layout import ROLE_SLOTS
 from bpfailover.events import netlink
 from bpfailover.events.netlink import IFF_LOWER_UP, IFF_UP, Link
+from bpfailover.events.udev import UdevDb
 from bpfailover.model import config as configmod
 
 MAC = "02:00:00:00:0a:01"
@@ -237,7 +240,12 @@ def config(tmp_path: Path, policy: str = "{}") -> configmod.Config:
 def make(tmp_path: Path) -> Iterator[Any]:
     made: list[Harness] = []
 
-    def build(*links: Link, policy: str = "{}", speeds: dict[str, int] | None = None) -> Harness:
+    def build(
+        *links: Link,
+        policy: str = "{}",
+        speeds: dict[str, int] | None = None,
+        udev: UdevDb | None = None,
+    ) -> Harness:
         (tmp_path / "pins").mkdir(exist_ok=True)
         dp = FakeDatapath(tmp_path / "pins")
         kernel = FakeKernel(*links)
@@ -257,6 +265,7 @@ def make(tmp_path: Path) -> Iterator[Any]:
             clock=clock,
             speed=lambda name: (speed_table.get(name), "full"),
             hooks=lambda _cfg, _links: None,  # no kernel hooks to read
+            udev=udev or UdevDb(tmp_path / "no-udev", check_netns=False),  # no udev here
         )
         agent.start()
         h = Harness(agent, dp, kernel, clock, wirings, speed_table)
@@ -416,3 +425,164 @@ def test_speed_is_read_before_the_flip_only_when_the_policy_compares_it(
     h.agent.lowers.speed = speed  # type: ignore[union-attr]
     h.send(primary())  # comes up: both modes move back to it (faster for better)
     assert h.active == "primary" and flips_at_read == [flips_before_read]
+
+
+# -- udev: a new lower is left alone until udev has named it (agent/udevwait.py) ------------
+
+
+@pytest.fixture
+def udev_dir(tmp_path: Path) -> Path:
+    """Stands in for /run/udev: entries for the lowers present at start, no control socket
+    yet (udev not running until a test creates it)."""
+    root = tmp_path / "udev"
+    (root / "data").mkdir(parents=True)
+    for ifindex in (10, 11):
+        udev_entry(root, ifindex)
+    return root
+
+
+def udev_entry(root: Path, ifindex: int, text: str = "I:1700000000\n") -> None:
+    """udev processed netdev `ifindex`: its entry written as udev does (renamed into place)."""
+    tmp = root / "data" / f".#n{ifindex}tmp"
+    tmp.write_text(text)
+    tmp.rename(root / "data" / f"n{ifindex}")
+
+
+def replugged(h: Harness) -> None:
+    """The VF unplugged; its successor appears, admin down, under the kernel's name."""
+    h.send(primary(deleted=True))
+    h.send(Link(20, "eth0", 0, MAC, 1500))
+
+
+def events(caplog: pytest.LogCaptureFixture, name: str) -> list[dict[str, Any]]:
+    out = []
+    for rec in caplog.records:
+        with contextlib.suppress(ValueError, TypeError):
+            ev = json.loads(rec.getMessage())
+            if isinstance(ev, dict) and ev.get("event") == name:
+                out.append(ev)
+    return out
+
+
+def test_without_udev_a_replugged_vf_is_taken_in_the_same_turn(make: Any, udev_dir: Path) -> None:
+    """No udev for our netdevs (the lab, containers): no wait at all.  The event that
+    announces the VF registers and opens it, no timer is set, no watch armed."""
+    h = make(primary(), standby(), udev=UdevDb(udev_dir, check_netns=False))
+    replugged(h)
+    assert h.wiring[0].opened == [20]
+    assert h.agent.groups["fo0"].lowers["primary"].ifindex == 20
+    assert h.agent.udev.held == {} and h.agent.udev.next_due_ms() is None
+    assert not h.agent.udev.registered  # the watch was never even created
+
+
+def test_with_udev_a_replugged_vf_waits_for_its_name(
+    make: Any, udev_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    (udev_dir / "control").touch()  # udev runs
+    db = UdevDb(udev_dir, check_netns=False)
+    h = make(primary(), standby(), udev=db)
+    assert set(h.agent.groups["fo0"].lowers) == {"primary", "standby"}  # present: processed
+    caplog.set_level(logging.INFO, logger="bpfailover.events")
+    replugged(h)
+    grp = h.agent.groups["fo0"]
+    assert h.wiring[0].opened == [] and "primary" not in grp.lowers  # untouched
+    assert h.dp.lower(1, PRIMARY) == 0
+    h.send(Link(20, "enp2s0", 0, MAC, 1500))  # udev renames it: still not processed
+    assert h.wiring[0].opened == [] and "primary" not in grp.lowers
+    assert [e["ifindex"] for e in events(caplog, "lower_udev_wait")] == [20]  # said once
+    udev_entry(udev_dir, 20)
+    h.agent.run_once(wait=False)  # the watch wakes the loop
+    assert h.wiring[0].opened == [20]
+    assert grp.lowers["primary"].ifindex == 20 and grp.lowers["primary"].name == "enp2s0"
+    assert [e["lower"] for e in events(caplog, "lower_registered")] == ["enp2s0"]
+    assert events(caplog, "lower_udev_ready") and not events(caplog, "lower_udev_timeout")
+    assert h.agent.udev.held == {} and db.wd == -1  # nothing held: the watch is off
+    h.send(primary(ifindex=20))
+    assert h.active == "primary"
+
+
+def test_the_rename_and_the_entry_in_one_turn_register_the_new_name(
+    make: Any, udev_dir: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """udev renames (an RTM_NEWLINK) before it writes the entry: when both are ready in one
+    turn, the link events are served first, whichever fd the selector reports first (here
+    the watch's), so the lower registers under its new name."""
+    (udev_dir / "control").touch()
+    h = make(primary(), standby(), udev=UdevDb(udev_dir, check_netns=False))
+    replugged(h)
+    select = h.agent.sel.select
+    monkeypatch.setattr(
+        h.agent.sel,
+        "select",
+        lambda timeout=None: sorted(select(timeout), key=lambda kv: kv[0].data != "udev"),
+    )
+    udev_entry(udev_dir, 20)  # neither served yet
+    h.kernel.send(Link(20, "enp2s0", 0, MAC, 1500))
+    caplog.set_level(logging.INFO, logger="bpfailover.events")
+    h.agent.run_once(wait=False)
+    # matched (driver, configured name) and registered under udev's name, not the kernel's
+    assert [e["lower"] for e in events(caplog, "lower_registered")] == ["enp2s0"]
+    assert h.agent.groups["fo0"].lowers["primary"].name == "enp2s0"
+    assert h.wiring[0].opened == [20]
+
+
+def test_an_entry_marked_renaming_keeps_it_waiting(make: Any, udev_dir: Path) -> None:
+    (udev_dir / "control").touch()
+    h = make(primary(), standby(), udev=UdevDb(udev_dir, check_netns=False))
+    replugged(h)
+    udev_entry(udev_dir, 20, "I:1\nE:ID_RENAMING=1\n")  # systemd >= 254, mid-rename
+    h.agent.run_once(wait=False)
+    assert h.wiring[0].opened == [] and 20 in h.agent.udev.held
+    udev_entry(udev_dir, 20, "I:1\nE:ID_NET_NAME_PATH=enp2s0\n")
+    h.agent.run_once(wait=False)
+    assert h.wiring[0].opened == [20]
+
+
+def test_already_processed_when_it_appears_no_wait(make: Any, udev_dir: Path) -> None:
+    (udev_dir / "control").touch()
+    h = make(primary(), standby(), udev=UdevDb(udev_dir, check_netns=False))
+    h.send(primary(deleted=True))
+    udev_entry(udev_dir, 20)
+    h.send(Link(20, "enp2s0", 0, MAC, 1500))
+    assert h.wiring[0].opened == [20] and h.agent.udev.held == {}
+
+
+def test_udev_silent_the_timer_lets_it_go_and_says_so(
+    make: Any, udev_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from bpfailover.agent.udevwait import HOLD_MS
+
+    (udev_dir / "control").touch()  # udev "runs" but never processes the VF
+    h = make(primary(), standby(), udev=UdevDb(udev_dir, check_netns=False))
+    caplog.set_level(logging.INFO, logger="bpfailover.events")
+    replugged(h)
+    assert h.agent.udev.next_due_ms() == h.agent.now_ms() + HOLD_MS  # the loop wakes then
+    h.tick(HOLD_MS - 1)
+    assert h.wiring[0].opened == []
+    h.tick(1)
+    assert h.wiring[0].opened == [20]
+    assert h.agent.groups["fo0"].lowers["primary"].name == "eth0"  # as the kernel named it
+    (timeout,) = events(caplog, "lower_udev_timeout")
+    assert (timeout["lower"], timeout["waited_ms"]) == ("eth0", HOLD_MS)
+    assert h.agent.udev.next_due_ms() is None
+
+
+def test_a_held_lower_unplugged_is_forgotten(make: Any, udev_dir: Path) -> None:
+    (udev_dir / "control").touch()
+    db = UdevDb(udev_dir, check_netns=False)
+    h = make(primary(), standby(), udev=db)
+    replugged(h)
+    h.send(Link(20, "eth0", 0, MAC, 1500, deleted=True))
+    assert h.agent.udev.held == {} and h.agent.udev.next_due_ms() is None and db.wd == -1
+    h.tick(10_000)
+    assert h.wiring[0].opened == [] and "primary" not in h.agent.groups["fo0"].lowers
+
+
+def test_other_netdevs_are_never_held(make: Any, udev_dir: Path) -> None:
+    """Only a netdev with the group's MAC waits; an unrelated NIC or a VLAN on a lower
+    costs nothing."""
+    (udev_dir / "control").touch()
+    h = make(primary(), standby(), udev=UdevDb(udev_dir, check_netns=False))
+    h.send(Link(30, "eth1", 0, "02:00:00:00:0b:01", 1500))
+    h.send(Link(31, "ens10p.7", 0, MAC, 1500, kind="vlan", link=10))
+    assert h.agent.udev.held == {}

@@ -65,3 +65,13 @@ def test_markdown_says_the_check_state_and_the_comparison() -> None:
     assert "lower check (README): **on**" in md
     assert "flap 40" in md
     assert "- flap: kernel 0 / 0, bpfailover 2 / 0: **more than the kernel**" in md
+
+
+def test_cloud_report_names_the_replugged_vf() -> None:
+    """The cloud variant records the VF's name after each re-plug: udev's predictable name
+    once failoverd waits for udev, the kernel's eth<N> when a lower is opened too early."""
+    from bench.proving_ground.cloud import vf_names
+
+    boot = {"replugged_vf": [{"name": "enp2s0"}, {"name": "enp2s0"}, {"name": "eth0"}]}
+    assert vf_names(boot) == "enp2s0 ×2, eth0 ×1"
+    assert vf_names({}) == "–"

@@ -44,6 +44,7 @@ from bpfailover.agent.ports import (
 from bpfailover.agent.reload import reload as reload_config
 from bpfailover.agent.requests import Requests
 from bpfailover.agent.switch import Decide, Switcher
+from bpfailover.agent.udevwait import UdevWait, hold_ms_from_env
 from bpfailover.datapath import counters
 from bpfailover.datapath.attach import Wiring
 from bpfailover.datapath.doorbell import Doorbell
@@ -51,6 +52,7 @@ from bpfailover.datapath.loader import LoadError
 from bpfailover.datapath.maps import Datapath, DatapathError
 from bpfailover.effects import sched
 from bpfailover.effects.ethtool import link_speed
+from bpfailover.events.udev import UdevDb
 from bpfailover.model import config as configmod
 from bpfailover.model.groups import Group, Switch
 from bpfailover.model.status import AgentStatus
@@ -74,6 +76,7 @@ class Agent:
         speed: SpeedReader = link_speed,
         decide: Decide = policy.decide,
         hooks: Callable[[configmod.Config, dict[int, Any]], None] = setup.check_hooks,
+        udev: UdevDb | None = None,
     ) -> None:
         self.cfg = cfg
         self.open_datapath, self.make_wiring = datapath, wiring
@@ -90,6 +93,10 @@ class Agent:
         self.sel = selectors.DefaultSelector()
         self.life = Lifecycle()  # signals, stop(), systemd
         self.sel.register(self.life, selectors.EVENT_READ, "wakeup")
+        # new lowers wait for udev's name where udev runs for our netdevs (udevwait.py)
+        self.udev = UdevWait(
+            udev if udev is not None else UdevDb.from_env(), self.sel, hold_ms_from_env()
+        )
         # SIGHUP: where the new config comes from (None: nothing to reload, e.g. --lab)
         self.load_config: Callable[[], configmod.Config] | None = None
         self.exporter: Any = None  # the metrics exporter, restarted when metrics.listen changes
@@ -171,7 +178,7 @@ class Agent:
         self.switch = Switcher(dp, wiring, self.addrs, self.clock, self.fault, self.decide)
         self.switch.on_switch = self._on_switch
         self.lowers = Lowers(
-            self.groups, dp, wiring, self.switch, self.addrs, self.clock, self.speed
+            self.groups, dp, wiring, self.switch, self.addrs, self.clock, self.speed, self.udev
         )
         self.requests = Requests(
             self.groups, dp, wiring, self.switch, self.addrs, self.status, self.clock
@@ -231,6 +238,7 @@ class Agent:
         """One turn: wait for an fd or the next timer (wait=False: do not wait), serve what
         is ready, run the timers that are due, publish."""
         timeout = self._next_timeout() if wait else 0
+        udev = False
         for key, _mask in self.sel.select(timeout):
             if key.data == "netlink":
                 self.guard("netlink", kernel.on_netlink, self)
@@ -242,10 +250,20 @@ class Agent:
                 self.guard("doorbell", addrlists.on_doorbell, self.doorbell, self.groups)
             elif key.data == "wakeup":
                 self._on_wakeup()
+            elif key.data == "udev":
+                udev = True  # after the link events of this turn: the rename came first
             elif self.control is not None:
                 self.guard("control", self.control.on_ready, key)
+        if udev:
+            self.guard("udev", self._on_udev)
         self._run_timers()
         self.guard("publish", self.publish)  # after the switch and its effects
+
+    def _on_udev(self) -> None:
+        """udev wrote database entries: the held lowers it has named are registered."""
+        assert self.lowers is not None
+        for held in self.udev.on_ready(self.now_ms()):
+            self.guard("udev", self.lowers.released, held, self.clock.monotonic_ns())
 
     def guard(self, where: str, fn: Callable[..., Any], *args: Any, group: str = "") -> bool:
         """Run one unit of work; an exception is logged, counted, and the loop goes on."""
@@ -306,6 +324,7 @@ class Agent:
             self.pins.close()
         if self.doorbell is not None:
             self.doorbell.close()
+        self.udev.close()
         if self.wiring is not None:
             self.wiring.close()
         if self.dp is not None:
@@ -326,6 +345,9 @@ class Agent:
             due.append(self.netlink_retry_ms)
         if self.life.watchdog_due_ms is not None:
             due.append(self.life.watchdog_due_ms)
+        udev_due = self.udev.next_due_ms()
+        if udev_due is not None:
+            due.append(udev_due)
         if not due:
             return None  # event driven: nothing to do until the kernel says something
         return max(0.0, (min(due) - self.now_ms()) / 1000)
@@ -341,6 +363,9 @@ class Agent:
         if self.reconcile_due_ms is not None and self.reconcile_due_ms <= t:
             self.reconcile()
         self.life.tick(t)
+        if self.lowers is not None:
+            for held in self.udev.due(t):  # udev did not name it in time: taken as it is
+                self.guard("udev", self.lowers.released, held, self.clock.monotonic_ns())
         for grp in list(self.groups.values()):
             if grp.deadline_ms is not None and grp.deadline_ms <= t:
                 ok = self.guard(

@@ -17,6 +17,7 @@ from bpfailover.agent import uppers
 from bpfailover.agent.addrlists import sync_mc
 from bpfailover.agent.ports import Clock, SpeedReader
 from bpfailover.agent.switch import Switcher
+from bpfailover.agent.udevwait import Held, UdevWait
 from bpfailover.datapath.attach import Wiring
 from bpfailover.datapath.layout import ROLE_SLOTS
 from bpfailover.datapath.maps import Datapath, DatapathError
@@ -24,7 +25,7 @@ from bpfailover.effects import vlans
 from bpfailover.effects.ethtool import driver_of
 from bpfailover.events import netlink
 from bpfailover.model.groups import Group, Lower
-from bpfailover.model.lowers import lower_role
+from bpfailover.model.lowers import UPPER_KINDS, lower_role
 from bpfailover.ops.eventlog import event
 from bpfailover.policy import Role
 
@@ -41,6 +42,7 @@ class Lowers:
         addrs: dict[int, set[tuple[int, str]]],
         clock: Clock,
         speed: SpeedReader,
+        udev: UdevWait,
     ) -> None:
         self.groups = groups
         self.dp = dp
@@ -49,9 +51,12 @@ class Lowers:
         self.addrs = addrs
         self.clock = clock
         self.speed = speed  # (Mb/s, duplex) by name, None where unknown
+        self.udev = udev  # new lowers wait until udev has named them
 
     # -- link events ------------------------------------------------------------------------
     def on_link(self, link: netlink.Link, t_ns: int) -> None:
+        if link.deleted:
+            self.udev.forget(link.ifindex)
         for grp in self.groups.values():
             lower = grp.lower_by_ifindex(link.ifindex)
             if lower is not None:
@@ -74,12 +79,49 @@ class Lowers:
             if link.link == grp.master and link.ifindex != grp.peer:
                 uppers.on_upper(grp, link, self.wiring)
                 return
-            if not link.deleted and self.maybe_register(grp, link):
-                self.switch.decide(grp, t_ns, f"registered {link.ifname}")
-                sync_mc(grp)
-                uppers.sync_vlans(grp, self.wiring)
-                self._open_plugged(grp, link)
+            if link.deleted:
+                continue
+            if self._held(grp, link, t_ns):
                 return
+            if self.maybe_register(grp, link):
+                self._registered(grp, link, t_ns)
+                return
+
+    def _registered(self, grp: Group, link: netlink.Link, t_ns: int) -> None:
+        """A lower registered while we run: traffic decided, its lists synced, opened."""
+        self.switch.decide(grp, t_ns, f"registered {link.ifname}")
+        sync_mc(grp)
+        uppers.sync_vlans(grp, self.wiring)
+        self._open_plugged(grp, link)
+
+    def _candidate(self, grp: Group, link: netlink.Link) -> bool:
+        """Could become one of grp's lowers, whatever its name turns out to be."""
+        return (
+            link.mac == grp.mac
+            and link.kind not in UPPER_KINDS
+            and link.ifindex not in (grp.master, grp.peer)
+            and vlans.parse_name(link.ifname) is None
+        )
+
+    def _held(self, grp: Group, link: netlink.Link, t_ns: int) -> bool:
+        """True while a new lower waits for udev (udevwait.py); nothing is done with it
+        meanwhile, not even matching its name, which is still the kernel's."""
+        if not self._candidate(grp, link):
+            held = self.udev.held.get(link.ifindex)
+            if held is not None and held.group == grp.name:
+                self.udev.forget(link.ifindex)  # (its MAC changed while it waited)
+            return False
+        return self.udev.holds(grp.name, link, t_ns // 1_000_000)
+
+    def released(self, held: Held, t_ns: int) -> None:
+        """udev has named a held lower (or its time is up): registered as if it had just
+        appeared, under the name it now has."""
+        grp = self.groups.get(held.group)
+        link = held.link
+        if grp is None or grp.lower_by_ifindex(link.ifindex) is not None:
+            return  # its group went (reload), or it registered meanwhile
+        if self._candidate(grp, link) and self.maybe_register(grp, link):
+            self._registered(grp, link, t_ns)
 
     def reconcile_group(self, grp: Group, links: dict[int, netlink.Link], t_ns: int) -> None:
         """Bring one group in line with a full dump of the links."""
@@ -94,7 +136,8 @@ class Lowers:
                 self._restore_mac(grp, master.mac)
         for link in links.values():
             if grp.lower_by_ifindex(link.ifindex) is None:
-                self.maybe_register(grp, link)
+                if not self._held(grp, link, t_ns):
+                    self.maybe_register(grp, link)
             else:
                 self.update(grp, link)
         self.switch.decide(grp, t_ns, "reconcile")

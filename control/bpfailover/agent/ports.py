@@ -8,6 +8,7 @@ in-process with fakes (tests/test_agent_unit.py) or with traced ones (bench/trac
 - links: the kernel's link and address state, dumped and as events (`Netlink`);
 - clock: monotonic and wall time (`SystemClock`);
 - speed: a lower's link speed (Mb/s) and duplex (`ethtool.link_speed`; `reselect: better`).
+- udev: udev's database and its watch (`events.udev.UdevDb`; new lowers wait for its name).
 """
 
 from __future__ import annotations

@@ -1,0 +1,159 @@
+"""Has udev taken a new netdev in yet?  Its database entry says so, an inotify watch says when.
+
+A NIC that appears (a re-plugged VF) carries the kernel's name (`eth0`) until udev renames
+it (`enp2s0`).  Opened before that, it keeps `eth0`: kernels before 6.2 refuse to rename a
+netdev that is up (EBUSY), and udev before systemd 253 does not even try.  So a new lower is
+left alone until udev has processed it, as systemd-networkd (`link_check_initialized`) and
+NetworkManager (udev's "initialized") wait for it: udev writes the entry
+`/run/udev/data/n<ifindex>` (a temporary file renamed into place) after its rules ran and
+the device was renamed (systemd 252, Debian 12).  Later systemd versions also write it
+before the rename, marked `E:ID_RENAMING=1` / `E:ID_PROCESSING=1` until udev is done, and
+networkd waits for those marks to go: so does failoverd.
+
+Where udev does not run (`/run/udev/control` absent: the lab, most containers) or runs for
+another network namespace (its database describes that namespace's ifindexes), nothing
+waits.  The watch is armed only while a netdev is being waited for: at idle it costs no
+wake-up.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import struct
+from pathlib import Path
+
+RUN_UDEV = Path("/run/udev")
+# TEST-ONLY: BPFAILOVER_TEST_UDEV_DIR=DIR makes DIR/control and DIR/data stand in for udev's
+# (the namespace check is skipped: the lab's agent runs in a namespace of its own).
+TEST_ENV = "BPFAILOVER_TEST_UDEV_DIR"
+
+IN_CREATE = 0x100
+IN_MOVED_TO = 0x80
+IN_Q_OVERFLOW = 0x4000
+IN_NONBLOCK = 0o4000
+IN_CLOEXEC = 0o2000000
+_EVENT = struct.Struct("iIII")  # wd, mask, cookie, len
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def entry_name(ifindex: int) -> str:
+    """udev's database entry of a netdev: `n<ifindex>`."""
+    return f"n{ifindex}"
+
+
+def ifindex_of(name: str) -> int | None:
+    """The ifindex a database entry name is for (`n12` -> 12), None for any other entry."""
+    if name.startswith("n") and name[1:].isdigit():
+        return int(name[1:])
+    return None
+
+
+BUSY_MARKS = ("E:ID_RENAMING=1", "E:ID_PROCESSING=1")  # newer udev: not done with it yet
+
+
+def settled(entry: str) -> bool:
+    """Whether a database entry's text says udev is done with the device: no mark of a
+    rename or of rules still being processed (newer systemd; 252 writes neither)."""
+    lines = entry.splitlines()
+    return not any(mark in lines for mark in BUSY_MARKS)
+
+
+def serves(control_exists: bool, own_netns: str | None, init_netns: str | None) -> bool:
+    """Whether udev handles this namespace's netdevs: it runs (its control socket exists)
+    and we are in the namespace it runs in, PID 1's.  When PID 1's namespace cannot be read
+    (a hardened unit: no ptrace access to PID 1), it is taken to be ours."""
+    if not control_exists:
+        return False
+    return init_netns is None or own_netns is None or own_netns == init_netns
+
+
+def _netns(pid: str) -> str | None:
+    try:
+        return os.readlink(f"/proc/{pid}/ns/net")
+    except OSError:
+        return None
+
+
+class UdevDb:
+    """udev's view of the netdevs, from its run directory (`/run/udev`)."""
+
+    def __init__(self, root: Path = RUN_UDEV, check_netns: bool = True) -> None:
+        self.control = root / "control"
+        self.data = root / "data"
+        # our namespace is fixed for the agent's life (--netns enters it before this)
+        self.same_netns = not check_netns or serves(True, _netns("self"), _netns("1"))
+        self.fd = -1
+        self.wd = -1
+
+    @classmethod
+    def from_env(cls) -> UdevDb:
+        test_dir = os.environ.get(TEST_ENV)
+        if test_dir:
+            return cls(Path(test_dir), check_netns=False)
+        return cls()
+
+    def running(self) -> bool:
+        """udev handles our netdevs now (one stat, asked when a new lower appears)."""
+        return self.same_netns and os.path.lexists(self.control)
+
+    def initialized(self, ifindex: int) -> bool:
+        """udev has processed the netdev (its database entry exists and is settled)."""
+        try:
+            return settled((self.data / entry_name(ifindex)).read_text(errors="replace"))
+        except FileNotFoundError:
+            return False
+        except OSError:
+            return True  # unreadable (not ours to read): do not wait on what we cannot see
+
+    # -- the watch (a selector's: readable when an entry was written) --------------------
+    def fileno(self) -> int:
+        if self.fd < 0:
+            self.fd = _libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
+            if self.fd < 0:
+                raise OSError(ctypes.get_errno(), "inotify_init1")
+        return self.fd
+
+    def arm(self) -> None:
+        """Watch the database directory for entries written (new files, renames into it)."""
+        if self.wd >= 0:
+            return
+        wd = _libc.inotify_add_watch(
+            self.fileno(), str(self.data).encode(), IN_MOVED_TO | IN_CREATE
+        )
+        if wd < 0:
+            raise OSError(ctypes.get_errno(), f"inotify_add_watch {self.data}")
+        self.wd = wd
+
+    def disarm(self) -> None:
+        """Nothing waited for: no watch, no wake-ups."""
+        if self.wd >= 0:
+            _libc.inotify_rm_watch(self.fd, self.wd)
+            self.wd = -1
+
+    def read(self) -> set[int] | None:
+        """Drain the watch: the ifindexes whose entries were written, None when the queue
+        overflowed (any entry may have been written)."""
+        out: set[int] | None = set()
+        while True:
+            try:
+                buf = os.read(self.fd, 65536)
+            except BlockingIOError:
+                return out
+            off = 0
+            while off + _EVENT.size <= len(buf):
+                _wd, mask, _cookie, length = _EVENT.unpack_from(buf, off)
+                raw = buf[off + _EVENT.size : off + _EVENT.size + length]
+                off += _EVENT.size + length
+                if mask & IN_Q_OVERFLOW:
+                    out = None
+                    continue
+                ifindex = ifindex_of(raw.rstrip(b"\0").decode(errors="replace"))
+                if ifindex is not None and out is not None:
+                    out.add(ifindex)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = self.wd = -1
