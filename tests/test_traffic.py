@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import errno
 import itertools
 import json
 import os
 import socket
+import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -132,6 +135,76 @@ def test_endpoints_stop_when_coordinator_goes_away() -> None:
         assert time.monotonic() - t < 5
     finally:
         h.kill()
+
+
+def test_stop_line_ends_sending_at_once_and_receiving_a_linger_later() -> None:
+    """`STOP` on the control channel: a stream as long as something else takes; everything
+    sent up to then is received (the receiver drains its socket after the linger)."""
+    port = free_port()
+    rx = traffic.open_socket("127.0.0.2", port)
+    tx = traffic.open_socket("127.0.0.1", port)
+    r_fd, w_fd = os.pipe()
+    control = os.fdopen(r_fd, "r")
+    result: list[traffic.Paced] = []
+    t0 = time.monotonic_ns()
+    th = threading.Thread(
+        target=lambda: result.append(
+            traffic.paced(tx, ("127.0.0.2", port), 7, 200, 60.0, 0.2, 64, t0, control)
+        )
+    )
+    th.start()
+    try:
+        while not result and time.monotonic_ns() - t0 < 0.3e9:
+            time.sleep(0.05)
+        os.write(w_fd, b"STOP\n")
+        th.join(timeout=20)
+        assert not th.is_alive()
+        p = result[0]
+        assert 0 < p.sent < 200 * 60 and p.errors == 0 and p.error_runs == []
+        got = 0
+        while True:
+            try:
+                rx.recv(128)
+            except BlockingIOError:
+                break
+            got += 1
+        assert got == p.sent
+    finally:
+        os.close(w_fd)
+        control.close()
+        th.join(timeout=20)
+        rx.close()
+        tx.close()
+
+
+class _Refusing(socket.socket):
+    """A UDP socket whose stack refuses seq 100..149 with EAGAIN (a full send buffer)."""
+
+    calls = 0
+
+    def sendto(self, data: Any, addr: Any) -> int:  # type: ignore[override]
+        n, _Refusing.calls = _Refusing.calls, _Refusing.calls + 1
+        if 100 <= n < 150:
+            raise BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")
+        return int(super().sendto(data, addr))
+
+
+def test_a_late_sender_says_how_late_and_where_its_sends_were_refused() -> None:
+    port = free_port()
+    sink = traffic.open_socket("127.0.0.2", port)
+    tx = _Refusing(socket.AF_INET, socket.SOCK_DGRAM)
+    tx.bind(("127.0.0.1", port))
+    tx.setblocking(False)
+    _Refusing.calls = 0
+    try:
+        t0 = time.monotonic_ns() - 500 * MS  # it starts half a second behind its schedule
+        p = traffic.paced(tx, ("127.0.0.2", port), 7, 1000, 0.6, 0.05, 64, t0)
+    finally:
+        tx.close()
+        sink.close()
+    assert p.sent == 600 and p.errors == 50 and p.errnos == {"EAGAIN": 50}
+    assert p.error_runs == [[100, 149]]
+    assert p.behind_max_ms >= 500 and len(p.error_runs_at_s) == 1
 
 
 def test_bad_namespace_is_a_one_line_error() -> None:

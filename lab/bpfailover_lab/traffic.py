@@ -229,6 +229,12 @@ class Paced:
     rseq: array
     rt: array
     sent_t: array
+    # how far the sender fell behind its schedule (ms): a starved sender, not the network
+    behind_max_ms: float = 0.0
+    # the first HOLES_KEPT runs of sequence numbers the local stack refused, [first, last],
+    # and when each run began (seconds from t0: late sends show as a time past seq / rate)
+    error_runs: list[list[int]] = field(default_factory=list)
+    error_runs_at_s: list[float] = field(default_factory=list)
 
 
 def paced(
@@ -247,7 +253,9 @@ def paced(
     """The endpoint loop: send `rate_pps` from t0 for `duration_s` to `dest` (None: receive
     only), stamping every arrival of our stream id, until linger ends; bounded by
     duration + HARD_EXTRA_S whatever happens.  Stops early when `control_in` reaches EOF
-    (the coordinator is gone)."""
+    (the coordinator is gone).  A `STOP` line on `control_in` ends the sending there and
+    then, and the receiving `linger_s` later (a stream as long as something else takes).
+    What is queued on the socket at the end is still received."""
     total = int(round(rate_pps * duration_s)) if dest is not None else 0
     end_ns = t0 + int((duration_s + linger_s) * 1e9)
     hard_ns = time.monotonic_ns() + int((duration_s + HARD_EXTRA_S) * 1e9)
@@ -256,6 +264,9 @@ def paced(
     rseq, rt, sent_t = array("Q"), array("Q"), array("Q")
     seq = errors = 0
     errnos: dict[str, int] = {}
+    behind_ns = 0
+    error_runs: list[list[int]] = []
+    error_at: list[float] = []
     period_ns = 1e9 / rate_pps if rate_pps > 0 else 0.0
     watch: list[Any] = [sock] if control_in is None else [sock, control_in]
     pack, unpack, mono = HEADER.pack_into, HEADER.unpack_from, time.monotonic_ns
@@ -277,6 +288,7 @@ def paced(
                     rt.append(mono())
         # Send what is due by elapsed time, so the mean rate is exact whatever the jitter.
         if seq < total:
+            behind_ns = max(behind_ns, now - t0 - int(seq * period_ns))
             burst_end = min(total, int((now - t0) / period_ns) + 1, seq + max_burst)
             while seq < burst_end:
                 t = mono()
@@ -289,17 +301,39 @@ def paced(
                     errors += 1
                     name = errno.errorcode.get(e.errno or 0, str(e.errno))
                     errnos[name] = errnos.get(name, 0) + 1
+                    if error_runs and error_runs[-1][1] == seq - 1:
+                        error_runs[-1][1] = seq
+                    elif len(error_runs) < HOLES_KEPT:
+                        error_runs.append([seq, seq])
+                        error_at.append(round((t - t0) / 1e9, 3))
                 seq += 1
             next_ns = t0 + int(seq * period_ns) if seq < total else end_ns
         else:
             next_ns = end_ns
         wait = max(0.0, min(next_ns, end_ns, hard_ns) - mono()) / 1e9
         r, _, _ = select.select(watch, [], [], wait)
-        if control_in is not None and control_in in r and not control_in.readline():
-            # Coordinator gone (stdin EOF): stop now rather than run on unobserved.
-            watch = [sock]
-            hard_ns = 0
-    return Paced(seq, errors, errnos, rseq, rt, sent_t)
+        if control_in is not None and control_in in r:
+            line = control_in.readline()
+            if not line:
+                # Coordinator gone (stdin EOF): stop now rather than run on unobserved.
+                watch = [sock]
+                hard_ns = 0
+            elif line.startswith("STOP"):
+                total = min(total, seq)
+                end_ns = min(end_ns, mono() + int(linger_s * 1e9))
+    # What arrived while this process was not running (a starved guest) is not lost.
+    while True:
+        try:
+            n = recv(rbuf)
+        except OSError:
+            break
+        if n >= HEADER.size:
+            magic, sid, q, _ = unpack(rbuf)
+            if magic == MAGIC and sid == stream_id:
+                rseq.append(q)
+                rt.append(mono())
+    behind_ms = round(behind_ns / 1e6, 1)
+    return Paced(seq, errors, errnos, rseq, rt, sent_t, behind_ms, error_runs, error_at)
 
 
 def endpoint(
@@ -324,7 +358,15 @@ def endpoint(
     p = paced(sock, dest, stream_id, rate_pps, duration_s, linger_s, size, t0, control_in)
     sock.close()
     rx = analyze(zip(p.rseq, p.rt, strict=True), t0)
-    result = {"sent": p.sent, "send_errors": p.errors, "send_errnos": p.errnos, "rx": asdict(rx)}
+    result = {
+        "sent": p.sent,
+        "send_errors": p.errors,
+        "send_errnos": p.errnos,
+        "send_error_runs": p.error_runs,
+        "send_error_runs_at_s": p.error_runs_at_s,
+        "behind_max_ms": p.behind_max_ms,
+        "rx": asdict(rx),
+    }
     print(json.dumps(result), file=out, flush=True)
     return 0
 
