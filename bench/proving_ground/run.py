@@ -33,13 +33,17 @@ from bench.proving_ground.vm import (
     VMError,
 )
 from bpfailover import netns
-from bpfailover.host.qga import SocketAgent
 from bpfailover_lab.traffic import DirectionStats
 
 GUEST_PY = f"{GUEST_VENV}/bin/python3"
 AGENT_SOCK = "/run/bpfailover/control.sock"
 GROUP = "fo0"
 TCP_PORT = 9100
+# How long each UDP endpoint keeps receiving after its last send.  The peer's is longer: a
+# starved guest sender runs behind its schedule (its `behind_max_ms`), and what it sends
+# late must not count as lost because the peer stopped listening first.
+GUEST_LINGER_S = 0.5
+PEER_LINGER_S = 3.0
 END_WINDOW = 20  # the last N guest frames decide which lower carried traffic at the end
 
 
@@ -55,6 +59,8 @@ class Settings:
     prefix: str = os.environ.get("BPFAILOVER_PG_PREFIX", "pg")
     workdir: Path = Path(f"/tmp/bpfailover-{os.environ.get('BPFAILOVER_PG_PREFIX', 'pg')}")
     log: Callable[[str], None] = print
+    # BPFAILOVER_PG_SAMPLE=1: the guest samples its stack during every step (_Sampler)
+    sample: bool = os.environ.get("BPFAILOVER_PG_SAMPLE") == "1"
 
 
 @dataclass
@@ -94,7 +100,6 @@ class Mode:
         self.name, self.s, self.net = name, s, net
         self.vm = VM(img, net, name, s.workdir / name)
         self.agent_h: int | None = None
-        self.fm_tool_s: float | None = None  # slowest failover-migrate run so far
         self.timings: dict[str, float] = {}
         self.group = GROUP  # the failover device (the cloud variant: the standby's old name)
         self.datapath_check: str | None = None  # failoverd's per-packet lower check: on / why off
@@ -211,10 +216,13 @@ class Mode:
 
 
 class Streams:
-    """UDP both ways + TCP guest->peer, started together; collect() returns the raw results."""
+    """UDP both ways + TCP guest->peer, started together; collect() returns the raw results.
 
-    def __init__(self, m: Mode, duration: float) -> None:
-        self.m, self.duration = m, duration
+    `stoppable`: the streams run until stop() (at most `duration`): as long as the step's
+    own work takes, however long that is under TCG."""
+
+    def __init__(self, m: Mode, duration: float, stoppable: bool = False) -> None:
+        self.m, self.duration, self.stoppable = m, duration, stoppable
         s = m.s
         self.sid = random.getrandbits(32)
         common = [
@@ -228,8 +236,6 @@ class Streams:
             str(duration),
             "--size",
             "64",
-            "--linger",
-            "0.5",
         ]
         self.limit = duration + 30.0
         peer = m.net.peer
@@ -266,6 +272,8 @@ class Streams:
             "--to",
             PEER_V4,
             *common,
+            "--linger",
+            str(GUEST_LINGER_S),
         ]
         self.udp_guest = g.req("spawn", argv=argv)["h"]
         self.tcp_cli = g.req(
@@ -286,6 +294,7 @@ class Streams:
                 str(duration),
                 "--limit",
                 str(self.limit),
+                *(["--stop-on-stdin"] if stoppable else []),
             ],
         )["h"]
         for h, want in ((self.udp_guest, "READY"), (self.tcp_cli, "CONNECTED")):
@@ -311,6 +320,8 @@ class Streams:
                     "--to",
                     GUEST_V4,
                     *common,
+                    "--linger",
+                    str(PEER_LINGER_S),
                 ],
             ),
             stdin=subprocess.PIPE,
@@ -323,6 +334,17 @@ class Streams:
         g.req("send", h=self.udp_guest, go=True)
         self.t0 = time.monotonic()
         self.udp_peer.stdin.write(f"GO {time.monotonic_ns()}\n")
+        self.udp_peer.stdin.flush()
+        self.stopped_at: float | None = None
+
+    def stop(self) -> None:
+        """End the stoppable streams now: the guest's senders first (its endpoint may be
+        behind: what it sends up to its STOP, the peer still receives for its linger)."""
+        assert self.stoppable and self.udp_peer.stdin is not None
+        self.stopped_at = self.rel(time.monotonic())
+        for h in (self.udp_guest, self.tcp_cli):
+            self.m.g.req("send", h=h, data="STOP\n")
+        self.udp_peer.stdin.write("STOP\n")
         self.udp_peer.stdin.flush()
 
     @staticmethod
@@ -391,8 +413,8 @@ STEP_DURATION = {"baseline": 2.0, "carrier": 3.0, "unplug": 4.5, "planned": 6.0,
 # to the restore, whose link-up takes up to ~2.5 s under TCG, and a margin.
 FLAP_WAIT_UNTIL = 5.0
 STEP_DURATION["flap"] = FLAP_WAIT_UNTIL + 1.3 + 2.5 + 1.2
-# The refusals: the tool's own time (no qemu-ga: its 5 s timeout); host-migrate: see
-# _host_migrate_duration.
+# The refusals: the tool's own time (no qemu-ga: its 5 s timeout); host-migrate: as long as
+# the tool takes (HM_STREAM_MAX_S).
 STEP_DURATION |= {
     "refuse-no-qga": 12.0,
     "refuse-no-failoverd": 12.0,
@@ -508,10 +530,14 @@ def _step_migration(m: Mode, st: Streams, marks: dict[str, float]) -> None:
 # ---- host-orchestrated migration: failover-migrate (docs/host-migration.md) -----------------
 
 # failoverctl under TCG starts in 2-6 s per guest-exec (a loaded host); the sequence runs
-# 6-7 of them.
+# three of them (status; set-primary standby --wait; set-primary --auto --wait).
 FM_EXEC_TIMEOUT = 60.0
 FM_AGENT_TIMEOUT = 5.0  # how long the tool waits for a qemu-ga that does not answer
 FAILOVERCTL = f"{GUEST_VENV}/bin/failoverctl"  # the tool itself finds it on qemu-ga's PATH
+# host-migrate's streams run as long as the tool takes (Streams.stop), at most this long,
+# and HM_TAIL_S longer: where the traffic ends up (the end-state check) after the tool.
+HM_STREAM_MAX_S = 300.0
+HM_TAIL_S = 3.0
 
 
 def failover_migrate(m: Mode, *extra: str) -> tuple[int, dict[str, Any]]:
@@ -546,42 +572,28 @@ def vf_attached(m: Mode) -> bool:
     return any(k.get("name") == "pri0" for k in kids)
 
 
-def _host_migrate_duration(m: Mode) -> float:
-    """Long enough for the whole tool run under the stream (TCG on a shared host varies a
-    lot): 1.5x the slowest run of this boot + 10 s; before the first, from one failoverctl
-    run through qemu-ga now: the tool makes 6-7 of them, 2-3x slower beside the stream's
-    endpoints, and waits for the VF's link-up (a short stream fails the end-state check)."""
-    if m.fm_tool_s is not None:
-        return round(1.5 * m.fm_tool_s + 10.0, 1)
-    agent = SocketAgent(str(m.vm.workdir / "qga.sock"))
-    t = time.monotonic()
-    try:
-        agent.run([FAILOVERCTL, "status", "--json", m.group], FM_EXEC_TIMEOUT)
-    finally:
-        agent.close()
-    one = time.monotonic() - t
-    m.s.log(f"[{m.name}] one failoverctl run through qemu-ga: {one:.1f}s")
-    return round(min(240.0, max(40.0, 35.0 * one + 20.0)), 1)
-
-
 def _step_host_migrate(m: Mode, st: Streams, marks: dict[str, float]) -> None:
-    """The seed's migration with failover-migrate driving the guest through qemu-ga."""
+    """The seed's migration with failover-migrate driving the guest through qemu-ga.  A
+    failed tool run is this trial's result (exit code in the marks), not the run's end."""
     st.at(0.5)
     t0 = st.rel(time.monotonic())
     marks["fault"] = t0
     code, res = failover_migrate(
         m, "--exec-timeout", str(FM_EXEC_TIMEOUT), "--pause", "0.3", "--return-timeout", "120"
     )
+    marks["tool_s"] = round(st.rel(time.monotonic()) - t0, 3)
     m.vm.plugged = vf_attached(m)
     if m.vm.plugged:
         m.vm.probes += 1
-    if code != 0:
-        raise VMError(f"failover-migrate exit {code}: {res.get('stderr', '')[-300:]}")
     for k, v in res.get("marks", {}).items():
         marks[f"fm_{k}"] = round(t0 + v, 3)
-    marks["restore"] = marks["fm_migrated"]  # just before its device_add
-    marks["tool_s"] = round(st.rel(time.monotonic()) - t0, 3)
-    m.fm_tool_s = max(m.fm_tool_s or 0.0, marks["tool_s"])
+    if "fm_migrated" in marks:
+        marks["restore"] = marks["fm_migrated"]  # just before its device_add
+    if code != 0:
+        marks["fm_exit"] = float(code)
+        m.s.log(f"[{m.name}] failover-migrate exit {code}: {res.get('stderr', '')[-300:]}")
+    st.at(st.rel(time.monotonic()) + HM_TAIL_S)
+    st.stop()
 
 
 def _refusal(m: Mode, marks: dict[str, float], expect: int) -> None:
@@ -681,12 +693,43 @@ def _settle(m: Mode, step: str) -> None:
     time.sleep(0.3)
 
 
+class _Sampler:
+    """BPFAILOVER_PG_SAMPLE=1: where the guest's UDP sender's skbs are, every 0.1 s during
+    a step (bench/proving_ground/stacksample.py: the socket's charged bytes, per netdev TX
+    and BQL in flight, softnet drops; the qdiscs when the socket is deep).  It costs the
+    guest some CPU: a diagnostic, not for measured runs.  Saved as
+    WORKDIR/sample-MODE-STEP-TRIAL.jsonl, the first line giving the guest's monotonic time
+    at the stream start."""
+
+    def __init__(self, m: Mode) -> None:
+        self.m = m
+        self.host0 = time.monotonic()
+        self.guest0 = m.g.req("time")["mono_ns"] / 1e9
+        argv = [GUEST_PY, f"{GUEST_REPO}/bench/proving_ground/stacksample.py"]
+        argv += ["--port", str(UDP_PORT), "--interval", "0.1"]
+        m.g.req("write", path="/run/pg-sample.jsonl", data="")
+        self.h = m.g.req("spawn", argv=argv, log="/run/pg-sample.jsonl")["h"]
+
+    def save(self, st: Streams, name: str) -> None:
+        with contextlib.suppress(VMError):
+            self.m.g.req("kill", h=self.h)
+            data = self.m.g.req("read", path="/run/pg-sample.jsonl")["data"]
+            t0 = self.guest0 + getattr(st, "t0", self.host0) - self.host0
+            path = self.m.s.workdir / f"sample-{self.m.name}-{name}.jsonl"
+            path.write_text(json.dumps({"stream_t0_guest": round(t0, 3)}) + "\n" + data)
+            self.m.s.log(f"[{self.m.name}] sampled the guest's stack: {path}")
+
+
 def run_step(m: Mode, watch: TapWatch, step: str, trial: int) -> StepResult:
     res = StepResult(m.name, step, trial)
     _settle(m, step)
     watch.reset()
     fb0 = m.fallback_frames()
-    st = Streams(m, _host_migrate_duration(m) if step == "host-migrate" else STEP_DURATION[step])
+    sampler = _Sampler(m) if m.s.sample else None
+    if step == "host-migrate":
+        st = Streams(m, HM_STREAM_MAX_S, stoppable=True)
+    else:
+        st = Streams(m, STEP_DURATION[step])
     try:
         try:
             STEPS[step](m, st, res.marks)
@@ -695,6 +738,8 @@ def run_step(m: Mode, watch: TapWatch, step: str, trial: int) -> StepResult:
             raise
         ug, up, tc, ts = st.collect()
     finally:
+        if sampler is not None:
+            sampler.save(st, f"{step}-{trial + 1}")
         if step in AFTER_STEP:
             AFTER_STEP[step](m)
     fb1 = m.fallback_frames() if fb0 is not None else None
@@ -719,8 +764,16 @@ def run_step(m: Mode, watch: TapWatch, step: str, trial: int) -> StepResult:
                 + ", ".join(f"{h[0] / m.s.rate_pps:.3f}s+{h[1] - h[0] + 1}" for h in d.holes)
             )
     if out.send_errors:
-        res.notes.append(f"guest send errors {out.send_errnos}")
+        runs = zip(ug.get("send_error_runs", []), ug.get("send_error_runs_at_s", []), strict=True)
+        # seq n is due n / rate s after the start; a late sender refused at a later time
+        at = ", ".join(
+            f"{a / m.s.rate_pps:.3f}s+{b - a + 1} (sent at {t:.3f}s)" for (a, b), t in runs
+        )
+        res.notes.append(f"guest send errors {out.send_errnos}" + (f" at {at}" if at else ""))
         res.marks["send_errors_out"] = float(out.send_errors)  # in lost_out: never left
+    # how far each sender fell behind its schedule: the guest's, a starved vCPU
+    res.marks["guest_behind_ms"] = float(ug.get("behind_max_ms", 0.0))
+    res.marks["peer_behind_ms"] = float(up.get("behind_max_ms", 0.0))
     res.tcp_survived = bool(tc.get("ok"))
     res.tcp_gap_ms = round(ts["max_gap_ms"], 1) if "max_gap_ms" in ts else None
     res.tcp_error = tc.get("error") or ts.get("error")
@@ -860,6 +913,10 @@ def summarize(results: list[StepResult]) -> list[dict[str, Any]]:
                 "tool_s_p50": statistics.median(tool)
                 if (tool := [r.marks["tool_s"] for r in rs if "tool_s" in r.marks])
                 else None,
+                "tool_s_max": max(tool) if tool else None,
+                "tool_failed": sum(1 for r in rs if r.marks.get("fm_exit")),
+                "guest_behind_ms_max": max(r.marks.get("guest_behind_ms", 0.0) for r in rs),
+                "lost_both_ways_zero": sum(1 for r in rs if r.lost == 0),
             }
         )
     return rows

@@ -2,8 +2,10 @@
 
 Stdlib only (it also runs as a plain script inside the guest).  The client connects,
 prints CONNECTED, writes `size`-byte chunks at `rate` per second for `duration` seconds,
-half-closes and waits for the server's byte count.  The stream survived when the count
-matches what was written, within the time limit, with no error on the connection.
+half-closes and waits for the server's byte count (with --stop-on-stdin, a `STOP` line on
+stdin ends the writing early: a stream as long as something else takes).  The stream
+survived when the count matches what was written, within the time limit, with no error on
+the connection.
 Both sides print one JSON line with their result; neither ever runs unbounded.
 """
 
@@ -69,7 +71,15 @@ def server(bind: str, port: int, limit_s: float) -> int:
     return 0
 
 
-def client(to: str, port: int, rate: int, size: int, duration_s: float, limit_s: float) -> int:
+def client(
+    to: str,
+    port: int,
+    rate: int,
+    size: int,
+    duration_s: float,
+    limit_s: float,
+    stop_on_stdin: bool = False,
+) -> int:
     start = time.monotonic()
     hard = start + limit_s
     out: dict[str, object] = {"sent": 0, "acked_bytes": None, "ok": False, "error": None}
@@ -84,6 +94,10 @@ def client(to: str, port: int, rate: int, size: int, duration_s: float, limit_s:
         pending = b""
         n = sent = 0
         while (n < total or pending) and time.monotonic() < hard:
+            if stop_on_stdin and select.select([sys.stdin], [], [], 0)[0]:
+                stop_on_stdin = False  # STOP, or EOF (the coordinator gone): write no more
+                sys.stdin.readline()
+                total = n
             due = min(total, int((time.monotonic() - t0) * rate) + 1)
             while n < due and len(pending) < 1 << 20:
                 pending += chunk
@@ -138,10 +152,13 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--size", type=int, default=1000, help="bytes per write")
     c.add_argument("--duration", type=float, default=5.0)
     c.add_argument("--limit", type=float, default=60.0, help="hard time limit, seconds")
+    c.add_argument(
+        "--stop-on-stdin", action="store_true", help="a line on stdin ends the writing early"
+    )
     a = p.parse_args(argv)
     if a.cmd == "server":
         return server(a.bind, a.port, a.limit)
-    return client(a.to, a.port, a.rate, a.size, a.duration, a.limit)
+    return client(a.to, a.port, a.rate, a.size, a.duration, a.limit, a.stop_on_stdin)
 
 
 if __name__ == "__main__":
