@@ -337,6 +337,77 @@ def test_second_agent_with_other_pins_is_refused(running: tuple[Lab, AgentRun]) 
     assert rep.total_lost == 0, rep.format()
 
 
+def _ingress_labels(lab: Lab, dev: str) -> list[str]:
+    out = netns.run_in(lab.guest, ["tc", "filter", "show", "dev", dev, "ingress"]).stdout
+    return [w for w in out.split() if w.startswith("bpfailover:")]
+
+
+def test_lower_plugged_later_with_another_agents_programs_is_refused(
+    running: tuple[Lab, AgentRun],
+) -> None:
+    """One writer per device, for lowers that come while the agent runs too: a VF plugged
+    later whose hooks already carry another running failoverd's programs (that agent has its
+    own pin dir and lab; its pinned lower_ingress is on the new VF as that agent would have
+    put it) is refused in one line and nothing is changed: not registered, its filter left
+    alone, traffic stays on the standby.  Once that agent is gone, the VF's next event
+    registers it and its hooks are taken over (said so)."""
+    from pyroute2 import IPRoute
+
+    from bpfailover.datapath import bpfsys
+    from bpfailover.datapath.attach import attach_tc
+    from tests.conftest import unique
+
+    lab, agent = running
+    n = lab.names(0)
+    other_lab = Lab(unique("t"))
+    other = AgentRun(other_lab)
+    try:
+        other_lab.up()
+        other.start()
+        lab.unplug_vf(0)
+        agent.wait_active(n.standby)
+        # Plug a VF with another MAC (not a lower yet), put the other agent's program on its
+        # ingress, then give it the group MAC: the event that makes it a candidate lower.
+        lab._hv_port(n.vfport, lab.guest, n.primary)
+        netns.run_in(lab.hv, ["ip", "link", "set", n.vfport, "up"])
+        fd = bpfsys.obj_get(str(other.pin_dir / "prog_lower_ingress"))
+        label = f"bpfailover:lower_ingress:{bpfsys.prog_info(fd).id}"
+        try:
+            with netns.entered(lab.guest), IPRoute() as ipr:
+                assert attach_tc(ipr, ipr.link_lookup(ifname=n.primary)[0], "ingress", fd, label)
+        finally:
+            os.close(fd)
+        netns.run_in(lab.guest, ["ip", "link", "set", n.primary, "address", n.mac, "up"])
+        agent.wait_for(lambda: agent.events("lower_refused"), what="the VF refused")
+        # more events on it (carrier off and on): still refused, still said once
+        lab.set_far_end(0, "primary", False)
+        lab.set_far_end(0, "primary", True)
+        agent.wait_for(lambda: carrier(lab, n.primary), what="the VF's carrier")
+        agent.request({"cmd": "status"})  # the loop served those events before answering
+        refused = agent.events("lower_refused")
+        assert len(refused) == 1, refused
+        assert refused[0]["lower"] == n.primary and refused[0]["role"] == "primary"
+        assert str(other.pin_dir) in str(refused[0]["why"]), refused
+        assert "running failoverd holds" in str(refused[0]["why"])
+        assert _ingress_labels(lab, n.primary) == [label], "the other agent's filter kept"
+        g = agent.group()
+        assert [lw["role"] for lw in g["lowers"]] == ["standby"], g
+        assert g["active_lower"] == n.standby
+        assert not agent.events("hooks_taken_over")
+        # That agent gone (its lock released), the VF's next event makes it ours.
+        other.cleanup()
+        lab.set_far_end(0, "primary", False)
+        lab.set_far_end(0, "primary", True)
+        agent.wait_active(n.primary)
+        taken = agent.events("hooks_taken_over")
+        assert len(taken) == 1 and taken[0]["dev"] == n.primary, taken
+        (now,) = _ingress_labels(lab, n.primary)
+        assert now != label, "our program replaced the orphaned one"
+    finally:
+        other.cleanup()
+        other_lab.down()
+
+
 def test_mtu_follows_the_failover_device(running: tuple[Lab, AgentRun]) -> None:
     lab, agent = running
     n = lab.names(0)

@@ -245,6 +245,7 @@ def make(tmp_path: Path) -> Iterator[Any]:
         policy: str = "{}",
         speeds: dict[str, int] | None = None,
         udev: UdevDb | None = None,
+        lower_hooks: Any = None,
     ) -> Harness:
         (tmp_path / "pins").mkdir(exist_ok=True)
         dp = FakeDatapath(tmp_path / "pins")
@@ -266,6 +267,7 @@ def make(tmp_path: Path) -> Iterator[Any]:
             speed=lambda name: (speed_table.get(name), "full"),
             hooks=lambda _cfg, _links: None,  # no kernel hooks to read
             udev=udev or UdevDb(tmp_path / "no-udev", check_netns=False),  # no udev here
+            lower_hooks=lower_hooks,
         )
         agent.start()
         h = Harness(agent, dp, kernel, clock, wirings, speed_table)
@@ -361,6 +363,41 @@ def test_vf_replugged_with_a_new_ifindex_fills_its_slot_before_the_flip(make: An
     h.send(primary(ifindex=20))  # up with carrier
     assert h.dp.flips()[-1] == (PRIMARY, 20)  # the slot held the new ifindex at the flip
     assert h.agent.groups["fo0"].lowers["primary"].ifindex == 20
+
+
+def test_a_lower_plugged_later_with_another_agents_programs_is_refused_once(
+    make: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One writer per device for lowers that come while the agent runs: a re-plugged VF
+    whose hooks carry another running agent's programs (the hooks check says why) is not
+    registered (slot empty, not opened, no flip), said once over all its events, and taken
+    at its next event once the check lets it (that agent gone)."""
+    other: dict[int, str] = {}  # ifindex -> why (the kernel's hooks, as setup.lower_hooks)
+    seen: list[int] = []
+
+    def hooks(dp: Any, wiring: Any, grp: Any, link: Link) -> str | None:
+        seen.append(link.ifindex)
+        return other.get(link.ifindex)
+
+    h = make(primary(), standby(), lower_hooks=hooks)
+    assert sorted(seen) == [10, 11]  # asked for the lowers found at start-up too
+    h.send(primary(deleted=True))
+    assert h.active == "standby"
+    flips = h.dp.flips()
+    other[20] = "ens10p carries the programs of the datapath in /x, which a running ..."
+    caplog.set_level("INFO", logger="bpfailover.events")
+    h.send(primary(ifindex=20, flags=0))  # re-plugged, admin down
+    h.send(primary(ifindex=20))  # up with carrier
+    h.send(primary(ifindex=20, flags=IFF_UP))  # carrier off again
+    refused = [r.getMessage() for r in caplog.records if '"lower_refused"' in r.getMessage()]
+    assert len(refused) == 1 and "running" in refused[0], refused
+    assert h.dp.lower(1, PRIMARY) == 0 and h.wiring[0].opened == []
+    assert "primary" not in h.agent.groups["fo0"].lowers
+    assert h.dp.flips() == flips and h.active == "standby"
+    del other[20]  # that agent is gone
+    h.send(primary(ifindex=20))
+    assert h.agent.groups["fo0"].lowers["primary"].ifindex == 20
+    assert h.dp.flips()[-1] == (PRIMARY, 20)
 
 
 def test_reselect_better_the_faster_lower_wins(make: Any) -> None:

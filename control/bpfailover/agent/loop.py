@@ -28,7 +28,7 @@ from bpfailover.agent import status as statusmod
 from bpfailover.agent.addrlists import sync_mc
 from bpfailover.agent.fault import Fault
 from bpfailover.agent.lifecycle import Lifecycle
-from bpfailover.agent.lowers import Lowers
+from bpfailover.agent.lowers import LowerHooks, Lowers
 from bpfailover.agent.pins import Pins
 from bpfailover.agent.ports import (
     Clock,
@@ -77,6 +77,7 @@ class Agent:
         decide: Decide = policy.decide,
         hooks: Callable[[configmod.Config, dict[int, Any]], None] = setup.check_hooks,
         udev: UdevDb | None = None,
+        lower_hooks: LowerHooks | None = setup.lower_hooks,
     ) -> None:
         self.cfg = cfg
         self.open_datapath, self.make_wiring = datapath, wiring
@@ -84,6 +85,7 @@ class Agent:
         self.clock: Clock = clock or SystemClock()
         self.speed, self.decide = speed, decide
         self.check_hooks = hooks  # another datapath's programs on our devices: refused
+        self.lower_hooks = lower_hooks  # ... and on a lower as it registers, later too
         self.groups: dict[str, Group] = {}
         self.dp: Datapath | None = None
         self.wiring: Wiring | None = None
@@ -178,7 +180,15 @@ class Agent:
         self.switch = Switcher(dp, wiring, self.addrs, self.clock, self.fault, self.decide)
         self.switch.on_switch = self._on_switch
         self.lowers = Lowers(
-            self.groups, dp, wiring, self.switch, self.addrs, self.clock, self.speed, self.udev
+            self.groups,
+            dp,
+            wiring,
+            self.switch,
+            self.addrs,
+            self.clock,
+            self.speed,
+            self.udev,
+            hooks=self.lower_hooks,
         )
         self.requests = Requests(
             self.groups, dp, wiring, self.switch, self.addrs, self.status, self.clock

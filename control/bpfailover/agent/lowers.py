@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable
 
 from bpfailover.agent import uppers
 from bpfailover.agent.addrlists import sync_mc
@@ -31,6 +32,10 @@ from bpfailover.policy import Role
 
 log = logging.getLogger("bpfailover.agent")
 
+# Why a lower about to register is refused because of what its hooks carry, else None
+# (setup.lower_hooks: another running agent's programs; one writer per device).
+LowerHooks = Callable[[Datapath, Wiring, Group, netlink.Link], str | None]
+
 
 class Lowers:
     def __init__(
@@ -43,6 +48,7 @@ class Lowers:
         clock: Clock,
         speed: SpeedReader,
         udev: UdevWait,
+        hooks: LowerHooks | None = None,
     ) -> None:
         self.groups = groups
         self.dp = dp
@@ -52,6 +58,10 @@ class Lowers:
         self.clock = clock
         self.speed = speed  # (Mb/s, duplex) by name, None where unknown
         self.udev = udev  # new lowers wait until udev has named them
+        self.hooks = hooks
+        # (group, ifindex) -> why: a lower refused for its hooks is said once, not at each
+        # of its events; forgotten when it goes away or registers.
+        self.hooks_refused: dict[tuple[str, int], str] = {}
 
     # -- link events ------------------------------------------------------------------------
     def on_link(self, link: netlink.Link, t_ns: int) -> None:
@@ -80,6 +90,7 @@ class Lowers:
                 uppers.on_upper(grp, link, self.wiring)
                 return
             if link.deleted:
+                self.hooks_refused.pop((grp.name, link.ifindex), None)
                 continue
             if self._held(grp, link, t_ns):
                 return
@@ -230,11 +241,14 @@ class Lowers:
     def maybe_register(self, grp: Group, link: netlink.Link) -> bool:
         role = self._role_for(grp, link)
         if role is None:
+            self.hooks_refused.pop((grp.name, link.ifindex), None)
             return False
         refused = self._refusal(grp, link, role)
         if refused is not None:
             name, why = refused
             event(name, group=grp.name, lower=link.ifname, role=role, why=why)
+            return False
+        if self._hooks_refused(grp, link, role):
             return False
         try:
             self.wiring.register_lower(grp.gid, ROLE_SLOTS[role], link.ifindex, grp.cfg.rx_path)
@@ -255,6 +269,24 @@ class Lowers:
             ifindex=link.ifindex,
             usable=grp.lowers[role].usable,
         )
+        return True
+
+    def _hooks_refused(self, grp: Group, link: netlink.Link, role: Role) -> bool:
+        """One writer per device for lowers that come while we run, as for those found at
+        start-up (setup.check_hooks): a lower whose hooks carry the programs of a datapath
+        another running agent holds is not registered (nothing attached, no map written),
+        said in one line.  It is looked at again at its next event (e.g. once that agent
+        is gone and its programs are ours to take over)."""
+        if self.hooks is None:
+            return False
+        why = self.hooks(self.dp, self.wiring, grp, link)
+        key = (grp.name, link.ifindex)
+        if why is None:
+            self.hooks_refused.pop(key, None)
+            return False
+        if self.hooks_refused.get(key) != why:
+            self.hooks_refused[key] = why
+            event("lower_refused", group=grp.name, lower=link.ifname, role=role, why=why)
         return True
 
     def unregister(self, grp: Group, role: Role, gone: bool = False) -> None:

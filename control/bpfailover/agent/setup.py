@@ -84,19 +84,38 @@ def pinned_prog_ids(pin_dir: str | Path) -> set[int]:
     return ids
 
 
+def live_programs(own_pin_dir: str | Path) -> dict[int, Path]:
+    """Program id -> pin directory, for the datapaths other running agents hold (their
+    single-instance lock is taken); our own pin directory left out."""
+    own = Path(own_pin_dir).absolute()
+    return {pid: d for d in held_pin_dirs() if d != own for pid in pinned_prog_ids(d)}
+
+
+def _served_by(found: list[tuple[str, int | None]], live: dict[int, Path]) -> list[str]:
+    return sorted({str(live[pid]) for _, pid in found if pid is not None and pid in live})
+
+
+def _refusal(dev: str, served: list[str], found: list[tuple[str, int | None]]) -> str:
+    return (
+        f"{dev} carries the programs of the datapath in {', '.join(served)} "
+        f"({', '.join(d for d, _ in found)}), which a running failoverd holds: stop it first "
+        "(one writer per device)"
+    )
+
+
 def check_hooks(cfg: configmod.Config, links: dict[int, netlink.Link]) -> None:
     """One writer per failover device, whatever the pin directory: raise AgentError when a
     group's failover device, its hidden peer or a lower (a netdev with the group's MAC)
     carries the programs of a datapath that a running agent holds (pinned in a pin
     directory whose single-instance lock is taken).  Programs of an earlier run of our own
     pin directory are adopted; those of a datapath no agent holds any more (its agent gone,
-    its pins removed or its bpffs unmounted) are taken over in place, and said so.  Runs
-    before the datapath is loaded: a refusal changes nothing."""
+    its pins removed or its bpffs unmounted) are taken over in place, and said so (for a
+    lower when it registers: lower_hooks).  Runs before the datapath is loaded: a refusal
+    changes nothing.  Lowers that come later are checked as they register (lower_hooks)."""
     from pyroute2 import IPRoute
 
     ours = pinned_prog_ids(cfg.bpffs)
-    held = [d for d in held_pin_dirs() if d != Path(cfg.bpffs).absolute()]
-    live = {pid: d for d in held for pid in pinned_prog_ids(d)}
+    live = live_programs(cfg.bpffs)
     with IPRoute() as ipr:
         for gcfg in cfg.groups:
             mac = gcfg.mac
@@ -107,14 +126,10 @@ def check_hooks(cfg: configmod.Config, links: dict[int, netlink.Link]) -> None:
             devs = [lk for lk in links.values() if lk.ifname in names or (mac and lk.mac == mac)]
             for lk in sorted(devs, key=lambda lk: lk.ifindex):
                 found = foreign_programs(ipr, lk.ifindex, ours, xdp=gcfg.rx_path == "xdp")
-                served = sorted({str(live[pid]) for _, pid in found if pid in live})
+                served = _served_by(found, live)
                 if served:
-                    raise AgentError(
-                        f"group {gcfg.name}: {lk.ifname} carries the programs of the datapath "
-                        f"in {', '.join(served)} ({', '.join(d for d, _ in found)}), which a "
-                        "running failoverd holds: stop it first (one writer per device)"
-                    )
-                if found:
+                    raise AgentError(f"group {gcfg.name}: {_refusal(lk.ifname, served, found)}")
+                if found and lk.ifname in names:
                     event(
                         "hooks_taken_over",
                         group=gcfg.name,
@@ -122,6 +137,28 @@ def check_hooks(cfg: configmod.Config, links: dict[int, netlink.Link]) -> None:
                         programs=[d for d, _ in found],
                         why="no running agent holds their datapath",
                     )
+
+
+def lower_hooks(dp: Datapath, wiring: Wiring, grp: Group, link: netlink.Link) -> str | None:
+    """The same rule for a lower about to be registered (at start-up or plugged later):
+    why it is refused when its hooks carry the programs of a datapath another running
+    agent holds, else None (foreign programs no agent holds are taken over, said so).
+    Nothing is changed here; the caller registers the lower only on None."""
+    ours = {dp.prog_id(pin) for pin in PROGS}
+    found = foreign_programs(wiring.ipr, link.ifindex, ours, xdp=grp.cfg.rx_path == "xdp")
+    if not found:
+        return None  # the usual case: one filter dump, no pin directory read
+    served = _served_by(found, live_programs(dp.pin_dir))
+    if served:
+        return _refusal(link.ifname, served, found)
+    event(
+        "hooks_taken_over",
+        group=grp.name,
+        dev=link.ifname,
+        programs=[d for d, _ in found],
+        why="no running agent holds their datapath",
+    )
+    return None
 
 
 def setup_group(
