@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 APT_PKGS := python3-bpfcc libbpfcc linux-headers-amd64 iproute2 iperf3 ethtool \
             python3-venv python3-yaml kmod procps bpftool iputils-ping systemd \
-            prometheus prometheus-node-exporter buildah debootstrap
+            prometheus prometheus-node-exporter buildah debootstrap systemd-container
 STAMP := $(VENV)/.setup-stamp
 
 .PHONY: setup demo test lint typecheck unit bench bench-quick clean
