@@ -7,6 +7,16 @@
 
 #include "failover.h"
 
+/* bcc decides from /proc/kallsyms whether the kernel has bpf_probe_read_kernel(), and
+ * #defines it to bpf_probe_read() (which TC and XDP programs may not call) when it cannot
+ * see the symbol: what happens without CAP_SYSLOG, e.g. under the shipped unit's
+ * ProtectKernelLogs=yes, and the per-packet lower check was refused.  The helper is older
+ * (5.5) than anything else this datapath needs: call it by its number. */
+#undef bpf_probe_read_kernel
+static long (*fo_probe_read_kernel)(void *dst, __u32 size, const void *unsafe_ptr) =
+	(void *)BPF_FUNC_probe_read_kernel;
+#define bpf_probe_read_kernel fo_probe_read_kernel
+
 static __always_inline void fo_count(__u32 idx, __u64 bytes)
 {
 	struct fo_counter *c = fo_stats.lookup(&idx);

@@ -854,3 +854,23 @@ def test_igmp_and_mld_leaving_ring_the_doorbell_nothing_else_does(rig: Rig) -> N
         assert bell.drain() == 0
     finally:
         bell.close()
+
+
+def test_the_check_compiles_without_cap_syslog(bpffs: Path) -> None:
+    """The shipped unit has no CAP_SYSLOG (ProtectKernelLogs=yes drops it), and /proc/kallsyms
+    then shows no addresses: bcc took bpf_probe_read_kernel() for missing and compiled
+    bpf_probe_read() instead, which TC programs may not call, so the per-packet check was
+    refused under systemd.  The loader with every capability but CAP_SYSLOG: the check on."""
+    import json
+    import sys
+
+    pin_dir = bpffs / unique("bpfailover-test-")
+    argv = ["setpriv", "--bounding-set=-syslog", "--inh-caps=-syslog", "--"]
+    argv += [sys.executable, "-P", "-m", "bpfailover.datapath.loader", str(pin_dir)]
+    try:
+        p = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False, cwd="/")
+        assert p.returncode == 0, p.stderr[-2000:]
+        info = json.loads(p.stdout.strip().splitlines()[-1])
+        assert info["datapath_check"] == "on", info
+    finally:
+        shutil.rmtree(pin_dir, ignore_errors=True)

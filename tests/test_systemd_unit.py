@@ -311,6 +311,9 @@ def test_unit_ready_watchdog_reload_stop_under_systemd(lab: Lab, container: Cont
     print(f"\nType=simple: the check saw {saw.strip()[:90]!r}")
     c.path(f"{T}/gate").touch()
     c.wait_for(lambda: c.events("started"), "the Type=simple agent to finish starting", 90)
+    # Loaded under the unit's capabilities (no CAP_SYSLOG): the per-packet check compiled in.
+    (loaded,) = c.events("datapath_loaded")
+    assert loaded["datapath_check"] == "on", loaded
     # Back to the shipped Type=notify, with a failover device still to be created: the
     # group torn down (the datapath stays pinned: the next start adopts it, no compile).
     c.run(str(VENV_BIN / "failoverctl"), "teardown", n.failover, "--yes")
@@ -340,15 +343,21 @@ def test_unit_ready_watchdog_reload_stop_under_systemd(lab: Lab, container: Cont
     # (b): a switch decided, then the loop stalls before the map write; no more pings.
     lab.set_far_end(0, "primary", False)
     t0 = time.monotonic()
-    c.wait_for(
-        lambda: c.show("failoverd.service", "NRestarts")["NRestarts"] == "1", "a restart", 40
+
+    def restarted() -> dict[str, str] | None:
+        st = c.show("failoverd.service", "ActiveState", "MainPID", "NRestarts")
+        again = st["NRestarts"] != "0" and st["ActiveState"] == "active"  # READY=1 again
+        return st if again else None
+
+    st = c.wait_for(restarted, "a restart, READY again", 40)
+    print(f"stall -> restarted by the watchdog, ready again in {time.monotonic() - t0:.1f} s")
+    assert st["NRestarts"] == "1" and int(st["MainPID"]) != first_pid, st
+    journal = c.wait_for(
+        lambda: (j := "\n".join(c.journal("failoverd.service"))) and "'watchdog'" in j and j,
+        "the watchdog's verdict in the journal",
     )
-    print(f"stall -> restarted by the watchdog in {time.monotonic() - t0:.1f} s")
-    journal = "\n".join(c.journal("failoverd.service"))
-    assert "Watchdog timeout" in journal and "watchdog" in journal.split("Watchdog timeout")[1]
+    assert "Watchdog timeout" in journal and "Failed with result 'watchdog'" in journal
     c.wait_for(lambda: len(c.events("started")) >= started_before + 2, "the restarted agent", 40)
-    st = c.show("failoverd.service", "ActiveState", "MainPID", "NRestarts")
-    assert st["ActiveState"] == "active" and int(st["MainPID"]) != first_pid, st
     stalled = [e for e in c.events("fault_injected") if e.get("point") == "before-flip"]
     assert len(stalled) == 1, stalled
     # The new agent adopted: the same failover device, the map's active lower read back (the
@@ -373,5 +382,5 @@ def test_unit_ready_watchdog_reload_stop_under_systemd(lab: Lab, container: Cont
     st = c.show("failoverd.service", "ActiveState", "Result", "ExecMainCode", "ExecMainStatus")
     assert st["ActiveState"] == "inactive" and st["Result"] == "success", st
     assert st["ExecMainStatus"] == "0", st
-    assert c.events("stopped")
+    c.wait_for(lambda: c.events("stopped"), "`stopped` in the journal")
     assert link_index(lab, n.failover) == master, "the datapath is left forwarding"
