@@ -115,8 +115,9 @@ def host_migrate_notes(report: dict[str, Any]) -> list[str]:
         if r.get("send_errors_out_max"):
             out.append(
                 f"- {r['step']}: of the lost, up to {r['send_errors_out_max']} per trial never "
-                "left the guest (its UDP sender's EAGAIN: the emulated vCPU starved, TX "
-                f"backlog); lost beyond those: {r['lost_beyond_send_errors_max']} max"
+                "left the guest (its UDP sender refused with EAGAIN: the socket's send buffer "
+                "full; when, in the trials' notes); lost beyond those: "
+                f"{r['lost_beyond_send_errors_max']} max"
             )
         if r["step"] == "host-migrate":
             out.append(

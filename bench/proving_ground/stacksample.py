@@ -4,11 +4,13 @@ A UDP socket's send buffer is charged for every skb it sent until the skb is fre
 the NIC driver once the device has taken it (TX completion), or by a drop on the way.  A
 sender refused with EAGAIN means the skbs stayed somewhere: in a qdisc held back by a
 stopped driver queue, in a NIC's TX ring the device emulation did not drain, in a
-backlog.  Every `--interval` seconds this prints one JSON line: the guest's monotonic
-time, the bytes charged to the sockets bound to `--port` (/proc/net/udp tx_queue), per
-netdev the TX packets and drops and BQL's in-flight bytes (e1000e has BQL), softnet's
-drops and squeezes; when a socket holds more than `--deep` bytes, `tc -s qdisc` of every
-device as well (a fork: only then).  Bounded by `--duration`.
+backlog, in a neighbour's queue while its address is resolved.  Every `--interval`
+seconds this prints one JSON line: the guest's monotonic time, the bytes charged to the
+sockets bound to `--port` (/proc/net/udp tx_queue), per netdev the TX packets and drops
+and BQL's in-flight bytes (e1000e has BQL), softnet's drops and squeezes, the IPv4
+neighbours' flags (0x0: incomplete, packets queued); when a socket holds more than
+`--deep` bytes, `tc -s qdisc` of every device as well (a fork: only then).  Bounded by
+`--duration`.
 """
 
 from __future__ import annotations
@@ -56,6 +58,16 @@ def links() -> dict[str, dict[str, int]]:
     return out
 
 
+def arp() -> dict[str, str]:
+    """IPv4 neighbours: address -> flags (0x2 complete, 0x0 incomplete: packets queued)."""
+    out = {}
+    with open("/proc/net/arp") as f:
+        for line in f.readlines()[1:]:
+            cols = line.split()
+            out[cols[0]] = cols[2]
+    return out
+
+
 def softnet() -> tuple[int, int]:
     drop = squeeze = 0
     with open("/proc/net/softnet_stat") as f:
@@ -98,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         txq = udp_tx_queue(a.port)
         row: dict[str, object] = {"t": round(t, 3), "txq": txq, "links": links()}
         row["softnet"] = softnet()
+        row["arp"] = arp()
         if txq and max(txq) > a.deep:
             row["qdisc"] = qdiscs()
         print(json.dumps(row, separators=(",", ":")), flush=True)
