@@ -10,6 +10,11 @@ the device was renamed (systemd 252, Debian 12).  Later systemd versions also wr
 before the rename, marked `E:ID_RENAMING=1` / `E:ID_PROCESSING=1` until udev is done, and
 networkd waits for those marks to go: so does failoverd.
 
+Why the database and not udev's monitor socket (netlink group "udev", what libudev's
+monitor reads): the entry is what "initialized" means to libudev and sd-device themselves,
+its write is one inotify event, and the monitor's wire format (libudev's header) is udev's
+private business.
+
 Where udev does not run (`/run/udev/control` absent: the lab, most containers) or runs for
 another network namespace (its database describes that namespace's ifindexes), nothing
 waits.  The watch is armed only while a netdev is being waited for: at idle it costs no
