@@ -524,18 +524,40 @@ def test_with_udev_a_replugged_vf_waits_for_its_name(
     grp = h.agent.groups["fo0"]
     assert h.wiring[0].opened == [] and "primary" not in grp.lowers  # untouched
     assert h.dp.lower(1, PRIMARY) == 0
-    h.send(Link(20, "enp2s0", 0, MAC, 1500))  # udev renames it: still not processed
+    h.send(Link(20, "eth0", IFF_LOWER_UP, MAC, 1500))  # more news, still the kernel's name
     assert h.wiring[0].opened == [] and "primary" not in grp.lowers
     assert [e["ifindex"] for e in events(caplog, "lower_udev_wait")] == [20]  # said once
-    udev_entry(udev_dir, 20)
-    h.agent.run_once(wait=False)  # the watch wakes the loop
+    h.send(Link(20, "enp2s0", 0, MAC, 1500))  # udev renames it: what it waited for
     assert h.wiring[0].opened == [20]
     assert grp.lowers["primary"].ifindex == 20 and grp.lowers["primary"].name == "enp2s0"
     assert [e["lower"] for e in events(caplog, "lower_registered")] == ["enp2s0"]
-    assert events(caplog, "lower_udev_ready") and not events(caplog, "lower_udev_timeout")
+    (ready,) = events(caplog, "lower_udev_ready")
+    assert ready["by"] == "rename" and not events(caplog, "lower_udev_timeout")
     assert h.agent.udev.held == {} and db.wd == -1  # nothing held: the watch is off
     h.send(primary(ifindex=20))
     assert h.active == "primary"
+
+
+def test_a_name_udev_keeps_waits_for_the_database_entry(
+    make: Any, udev_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No rename (udev's policy keeps the name, or the rename came before we looked): the
+    database entry, written, wakes the loop through the watch."""
+    (udev_dir / "control").touch()
+    db = UdevDb(udev_dir, check_netns=False)
+    h = make(primary(), standby(), udev=db)
+    caplog.set_level(logging.INFO, logger="bpfailover.events")
+    h.send(primary(deleted=True))
+    h.send(Link(20, "enp2s0", 0, MAC, 1500))
+    assert h.wiring[0].opened == [] and 20 in h.agent.udev.held
+    h.agent.run_once(wait=False)  # nothing written: nothing changes
+    assert h.wiring[0].opened == []
+    udev_entry(udev_dir, 20)
+    h.agent.run_once(wait=False)  # the watch wakes the loop
+    assert h.wiring[0].opened == [20]
+    assert h.agent.groups["fo0"].lowers["primary"].name == "enp2s0"
+    assert events(caplog, "lower_udev_ready")[0]["by"] == "database"
+    assert h.agent.udev.held == {} and db.wd == -1
 
 
 def test_the_rename_and_the_entry_in_one_turn_register_the_new_name(

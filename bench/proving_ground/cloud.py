@@ -506,13 +506,19 @@ def run_cloud(img: image.Image, s: Settings, stacks: tuple[str, ...]) -> dict[st
                                 else ""
                             )
                         )
-                if mode == "bpfailover":
-                    m.record_udev_waits()
             except Exception as e:
                 failures.append(f"{tag}: {e}")
                 s.log(f"[{tag}] FAILED: {e}")
             finally:
                 if m.vm.guest is not None:
+                    if mode == "bpfailover":
+                        with contextlib.suppress(Exception):
+                            m.record_udev_waits()
+                    # boots[-1] was copied when the boot was done: what the steps added
+                    if boots and (boots[-1]["stack"], boots[-1]["mode"]) == (stack, mode):
+                        for key in ("replugged_vf", "udev_waits"):
+                            if key in m.boot_report:
+                                boots[-1][key] = m.boot_report[key]
                     with contextlib.suppress(Exception):
                         (m.vm.workdir / "journal.txt").write_text(
                             m.g.sh("journalctl -b --no-pager -o short-monotonic; true", timeout=60)

@@ -1,9 +1,10 @@
 """New lowers held back until udev has named them (events/udev.py says why).
 
 A netdev that carries a group's MAC and appears while udev handles our namespace is not
-registered, opened or matched by name until udev's database has it: its entry being
-written wakes the loop (an inotify watch, armed only while something is held), and a
-timer (HOLD_MS) lets it go anyway where udev does not do its part, said in the log.  Where
+registered, opened or matched by name until udev has renamed it (its RTM_NEWLINK with the
+new name) or its database has it: the entry being written wakes the loop (an inotify
+watch, armed only while something is held), and a timer (HOLD_MS) lets it go anyway where
+udev does not do its part, said in the log.  Where
 udev does not run, nothing is held: the lower is registered in the event that announced it,
 as before.  At idle nothing is held and nothing wakes.
 """
@@ -48,8 +49,14 @@ class UdevWait:
 
     def holds(self, group: str, link: netlink.Link, now_ms: int) -> bool:
         """True when `link`, a new lower of `group`, must be left alone for now.  Asked
-        for every event about it: udev's entry may have been written meanwhile."""
+        for every event about it: udev's entry may have been written meanwhile, or udev
+        may have renamed it (its rename is the one thing a lower opened too early loses:
+        once renamed, it is let go at once, the database entry follows later)."""
         held = self.held.get(link.ifindex)
+        if held is not None and link.ifname != held.link.ifname:
+            held.link = link
+            self.release(link.ifindex, now_ms, "rename")
+            return False
         if held is None:
             if self.udev is None or not self.udev.running():
                 return False  # no udev for our netdevs: no wait (the lab, containers)
@@ -57,7 +64,8 @@ class UdevWait:
         assert self.udev is not None
         if self.udev.initialized(link.ifindex):
             if held is not None:
-                self.release(link.ifindex, now_ms, "udev")
+                held.link = link
+                self.release(link.ifindex, now_ms, "database")
             else:
                 self._disarm_if_idle()
             return False
@@ -86,8 +94,14 @@ class UdevWait:
             return None
         self._disarm_if_idle()
         waited = now_ms - held.since_ms
-        if why == "udev":
-            event("lower_udev_ready", group=held.group, lower=held.link.ifname, waited_ms=waited)
+        if why != "timeout":  # udev's database entry, or its rename
+            event(
+                "lower_udev_ready",
+                group=held.group,
+                lower=held.link.ifname,
+                by=why,
+                waited_ms=waited,
+            )
         else:
             event(
                 "lower_udev_timeout",
@@ -106,7 +120,7 @@ class UdevWait:
         out = []
         for ifindex in list(self.held):
             if (written is None or ifindex in written) and self.udev.initialized(ifindex):
-                held = self.release(ifindex, now_ms, "udev")
+                held = self.release(ifindex, now_ms, "database")
                 if held is not None:
                     out.append(held)
         return out
