@@ -291,6 +291,8 @@ class Dnsmasq:
     def __init__(self, net: Net, workdir: Path) -> None:
         sh(["ip", "addr", "add", f"{HV_V4}/24", "dev", "br0"], net.hv)
         self.log = workdir / "dnsmasq.log"
+        self.log.unlink(missing_ok=True)  # dnsmasq appends: an earlier run's ACKs would count
+        (workdir / "dnsmasq.leases").unlink(missing_ok=True)
         self.proc = subprocess.Popen(
             [
                 "ip",
