@@ -240,9 +240,66 @@ def run(quick: bool, meta: dict[str, Any]) -> dict[str, Any]:
             ],
         )
     )
+    out["paired"] = paired(tests)
+    print_paired(out["paired"])
     common.save("throughput", out, meta)
     plots.throughput(out)
     return out
+
+
+PAIRS = (("fo-tc", "baseline"), ("fo-tc", "fo-direct"), ("fo-tc", "fo-nocheck"))
+
+
+def paired(tests: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, float]]]:
+    """Per-round ratios of two configs measured back to back in the same round (fo-tc vs
+    fo-direct: the transmit paths), as median and range: the spread says how far a single
+    ratio of medians can be trusted on this machine."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for t in tests:
+        metric = t["metric"]
+        for a, b in PAIRS:
+            sa, sb = t["samples"].get(a), t["samples"].get(b)
+            if not sa or not sb:
+                continue
+            r = sorted(x[metric] / y[metric] for x, y in zip(sa, sb, strict=False) if y[metric])
+            if r:
+                out.setdefault(t["name"], {})[f"{a}/{b}"] = {
+                    "median": median(r),
+                    "min": r[0],
+                    "max": r[-1],
+                    "n": len(r),
+                }
+    return out
+
+
+def print_paired(pairs: dict[str, dict[str, dict[str, float]]]) -> None:
+    names = [f"{a}/{b}" for a, b in PAIRS]
+    print("\n== per-round ratios (same round, back to back): median (min-max)")
+    print(
+        table(
+            ["test", *names],
+            [
+                [
+                    test,
+                    *(
+                        f"{v[n]['median']:.3f} ({v[n]['min']:.2f}-{v[n]['max']:.2f})"
+                        if n in v
+                        else "-"
+                        for n in names
+                    ),
+                ]
+                for test, v in pairs.items()
+            ],
+        )
+    )
+
+
+if __name__ == "__main__":  # re-read committed runs: python -m bench.throughput FILE.json ...
+    import sys
+
+    for f in sys.argv[1:]:
+        print(f"\n# {f}")
+        print_paired(paired(json.loads(Path(f).read_text())["results"]["tests"]))
 
 
 @contextlib.contextmanager
