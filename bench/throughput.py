@@ -294,14 +294,6 @@ def print_paired(pairs: dict[str, dict[str, dict[str, float]]]) -> None:
     )
 
 
-if __name__ == "__main__":  # re-read committed runs: python -m bench.throughput FILE.json ...
-    import sys
-
-    for f in sys.argv[1:]:
-        print(f"\n# {f}")
-        print_paired(paired(json.loads(Path(f).read_text())["results"]["tests"]))
-
-
 @contextlib.contextmanager
 def _bpf_stats() -> Iterator[None]:
     """kernel.bpf_stats_enabled on for the block, back to what it was after."""
@@ -353,3 +345,11 @@ def _stop(p: subprocess.Popen[bytes]) -> None:
     if p.poll() is None:
         p.kill()
     p.wait()
+
+
+if __name__ == "__main__":  # re-read committed runs: python -m bench.throughput FILE.json ...
+    import sys
+
+    for f in sys.argv[1:]:
+        print(f"\n# {f}")
+        print_paired(paired(json.loads(Path(f).read_text())["results"]["tests"]))
