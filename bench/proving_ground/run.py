@@ -923,11 +923,11 @@ def summarize(results: list[StepResult]) -> list[dict[str, Any]]:
 
 
 def fmt(v: Any, unit: str = "") -> str:
-    """A report cell: – for none, whole numbers from 10 up, one decimal below."""
+    """A report cell: – for none, whole numbers from 10 up (and 0), one decimal below."""
     if v is None:
         return "–"
     if isinstance(v, float):
-        return f"{v:.0f}{unit}" if v >= 10 else f"{v:.1f}{unit}"
+        return f"{v:.0f}{unit}" if v >= 10 or v == 0 else f"{v:.1f}{unit}"
     return f"{v}{unit}"
 
 
