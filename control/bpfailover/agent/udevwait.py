@@ -4,9 +4,9 @@ A netdev that carries a group's MAC and appears while udev handles our namespace
 registered, opened or matched by name until udev has renamed it (its RTM_NEWLINK with the
 new name) or its database has it: the entry being written wakes the loop (an inotify
 watch, armed only while something is held), and a timer (HOLD_MS) lets it go anyway where
-udev does not do its part, said in the log.  Where
-udev does not run, nothing is held: the lower is registered in the event that announced it,
-as before.  At idle nothing is held and nothing wakes.
+udev does not do its part, said in the log.  Where udev does not run, nothing is held: the
+lower is registered in the event that announced it, as before.  At idle nothing is held and
+nothing wakes.
 """
 
 from __future__ import annotations
@@ -60,7 +60,9 @@ class UdevWait:
         if held is None:
             if self.udev is None or not self.udev.running():
                 return False  # no udev for our netdevs: no wait (the lab, containers)
-            self._arm()  # before looking: an entry written in between still wakes us
+            if self.udev.initialized(link.ifindex):
+                return False  # the usual case (processed before we looked): no watch touched
+            self._arm()  # before looking again: an entry written in between still wakes us
         assert self.udev is not None
         if self.udev.initialized(link.ifindex):
             if held is not None:
