@@ -103,6 +103,16 @@ def _refusal(dev: str, served: list[str], found: list[tuple[str, int | None]]) -
     )
 
 
+def _taken_over(group: str, dev: str, found: list[tuple[str, int | None]]) -> None:
+    event(
+        "hooks_taken_over",
+        group=group,
+        dev=dev,
+        programs=[d for d, _ in found],
+        why="no running agent holds their datapath",
+    )
+
+
 def check_hooks(cfg: configmod.Config, links: dict[int, netlink.Link]) -> None:
     """One writer per failover device, whatever the pin directory: raise AgentError when a
     group's failover device, its hidden peer or a lower (a netdev with the group's MAC)
@@ -130,13 +140,7 @@ def check_hooks(cfg: configmod.Config, links: dict[int, netlink.Link]) -> None:
                 if served:
                     raise AgentError(f"group {gcfg.name}: {_refusal(lk.ifname, served, found)}")
                 if found and lk.ifname in names:
-                    event(
-                        "hooks_taken_over",
-                        group=gcfg.name,
-                        dev=lk.ifname,
-                        programs=[d for d, _ in found],
-                        why="no running agent holds their datapath",
-                    )
+                    _taken_over(gcfg.name, lk.ifname, found)
 
 
 def lower_hooks(dp: Datapath, wiring: Wiring, grp: Group, link: netlink.Link) -> str | None:
@@ -151,13 +155,7 @@ def lower_hooks(dp: Datapath, wiring: Wiring, grp: Group, link: netlink.Link) ->
     served = _served_by(found, live_programs(dp.pin_dir))
     if served:
         return _refusal(link.ifname, served, found)
-    event(
-        "hooks_taken_over",
-        group=grp.name,
-        dev=link.ifname,
-        programs=[d for d, _ in found],
-        why="no running agent holds their datapath",
-    )
+    _taken_over(grp.name, link.ifname, found)
     return None
 
 
