@@ -381,12 +381,16 @@ def test_a_lower_plugged_later_with_another_agents_programs_is_refused_once(
 
     h = make(primary(), standby(), lower_hooks=hooks)
     assert sorted(seen) == [10, 11]  # asked for the lowers found at start-up too
+    mtus: list[tuple[int, int]] = []
+    h.wiring[0].set_mtu = lambda ifindex, mtu: mtus.append((ifindex, mtu))
     h.send(primary(deleted=True))
     assert h.active == "standby"
     flips = h.dp.flips()
     other[20] = "ens10p carries the programs of the datapath in /x, which a running ..."
     caplog.set_level("INFO", logger="bpfailover.events")
-    h.send(primary(ifindex=20, flags=0))  # re-plugged, admin down
+    h.send(Link(20, "ens10p", 0, MAC, 1400))  # re-plugged, admin down, a smaller MTU
+    assert mtus == []  # that agent's device: not even its MTU is raised
+    h.send(primary(ifindex=20, flags=0))  # admin down
     h.send(primary(ifindex=20))  # up with carrier
     h.send(primary(ifindex=20, flags=IFF_UP))  # carrier off again
     refused = [r.getMessage() for r in caplog.records if '"lower_refused"' in r.getMessage()]
@@ -394,8 +398,10 @@ def test_a_lower_plugged_later_with_another_agents_programs_is_refused_once(
     assert h.dp.lower(1, PRIMARY) == 0 and h.wiring[0].opened == []
     assert "primary" not in h.agent.groups["fo0"].lowers
     assert h.dp.flips() == flips and h.active == "standby"
+    assert mtus == []
     del other[20]  # that agent is gone
-    h.send(primary(ifindex=20))
+    h.send(Link(20, "ens10p", UP, MAC, 1400))
+    assert mtus == [(20, 1500)]  # ours now: raised to the failover device's
     assert h.agent.groups["fo0"].lowers["primary"].ifindex == 20
     assert h.dp.flips()[-1] == (PRIMARY, 20)
 

@@ -230,25 +230,20 @@ class Lowers:
             return None  # our own VLAN filter devices (events may lack their kind)
         return lower_role(grp.cfg, grp.mac, link.ifname, link.mac, link.kind, driver_of)
 
-    def _refusal(self, grp: Group, link: netlink.Link, role: Role) -> tuple[str, str] | None:
-        """(event name, why) when this lower cannot take its role now, else None."""
-        if role in grp.lowers:
-            return "lower_ignored", f"{grp.lowers[role].name} is already the {role}"
-        if grp.mtu and link.mtu and link.mtu < grp.mtu and not self._set_mtu(link.ifindex, grp.mtu):
-            return "lower_refused", f"MTU {link.mtu} < {grp.mtu} and cannot be raised"
-        return None
-
     def maybe_register(self, grp: Group, link: netlink.Link) -> bool:
         role = self._role_for(grp, link)
         if role is None:
             self.hooks_refused.pop((grp.name, link.ifindex), None)
             return False
-        refused = self._refusal(grp, link, role)
-        if refused is not None:
-            name, why = refused
-            event(name, group=grp.name, lower=link.ifname, role=role, why=why)
+        if role in grp.lowers:
+            why = f"{grp.lowers[role].name} is already the {role}"
+            event("lower_ignored", group=grp.name, lower=link.ifname, role=role, why=why)
             return False
         if self._hooks_refused(grp, link, role):
+            return False  # before the MTU below: another running agent's device is not ours
+        if grp.mtu and link.mtu and link.mtu < grp.mtu and not self._set_mtu(link.ifindex, grp.mtu):
+            why = f"MTU {link.mtu} < {grp.mtu} and cannot be raised"
+            event("lower_refused", group=grp.name, lower=link.ifname, role=role, why=why)
             return False
         try:
             self.wiring.register_lower(grp.gid, ROLE_SLOTS[role], link.ifindex, grp.cfg.rx_path)
