@@ -205,7 +205,8 @@ def test_hot_plugged_lower_waits_for_udev(
         assert agent.group()["active_lower"] == n.standby
         processed(n.primary)
         agent.wait_active(n.primary)
-        assert agent.events("lower_udev_ready")[-1]["lower"] == n.primary
+        ready = agent.events("lower_udev_ready")[-1]
+        assert (ready["lower"], ready["by"]) == (n.primary, "database"), ready  # the watch
         assert not agent.events("lower_udev_timeout")
     finally:
         agent.cleanup()
