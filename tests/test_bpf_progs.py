@@ -866,6 +866,10 @@ def test_the_check_compiles_without_cap_syslog(bpffs: Path) -> None:
 
     pin_dir = bpffs / unique("bpfailover-test-")
     argv = ["setpriv", "--bounding-set=-syslog", "--inh-caps=-syslog", "--"]
+    # the condition itself: /proc/kallsyms shows that child no address
+    # (it would with kernel.perf_event_paranoid <= 1: then this test could not fail)
+    head = subprocess.run([*argv, "head", "-1", "/proc/kallsyms"], capture_output=True, text=True)
+    assert head.stdout.startswith("0000000000000000 "), head.stdout
     argv += [sys.executable, "-P", "-m", "bpfailover.datapath.loader", str(pin_dir)]
     try:
         p = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False, cwd="/")
