@@ -25,6 +25,7 @@ from bpfailover.events import netlink
 from bpfailover.events.netlink import IFF_LOWER_UP, IFF_UP, Link
 from bpfailover.events.udev import UdevDb
 from bpfailover.model import config as configmod
+from bpfailover.ops import sdnotify
 
 MAC = "02:00:00:00:0a:01"
 UP = IFF_UP | IFF_LOWER_UP
@@ -589,6 +590,42 @@ def test_the_rename_and_the_entry_in_one_turn_register_the_new_name(
     assert [e["lower"] for e in events(caplog, "lower_registered")] == ["enp2s0"]
     assert h.agent.groups["fo0"].lowers["primary"].name == "enp2s0"
     assert h.wiring[0].opened == [20]
+
+
+def test_ready_waits_while_a_lower_found_at_start_is_held_for_udev(
+    make: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """systemd hears READY=1 only with every lower start found in the datapath: a VF udev
+    has not processed yet (its coldplug unfinished) holds READY back until udev names it."""
+    root = tmp_path / "udev-start"
+    (root / "data").mkdir(parents=True)
+    udev_entry(root, 11)  # the standby processed, the VF not yet
+    (root / "control").touch()
+    sent: list[str] = []
+    monkeypatch.setattr(sdnotify, "notify", lambda msg: sent.append(msg) or True)
+
+    def readies() -> int:
+        return sum(m.startswith("READY=1") for m in sent)
+
+    h = make(primary(), standby(), udev=UdevDb(root, check_netns=False))
+    assert 10 in h.agent.udev.held and "primary" not in h.agent.groups["fo0"].lowers
+    h.agent.ready()
+    h.agent.run_once(wait=False)
+    assert readies() == 0  # still held: not ready
+    udev_entry(root, 10)
+    h.agent.run_once(wait=False)
+    assert h.agent.groups["fo0"].lowers["primary"].ifindex == 10
+    assert readies() == 1
+    h.agent.run_once(wait=False)
+    assert readies() == 1  # once
+
+
+def test_ready_at_once_when_nothing_is_held(make: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    sent: list[str] = []
+    monkeypatch.setattr(sdnotify, "notify", lambda msg: sent.append(msg) or True)
+    h = make(primary(), standby())
+    h.agent.ready()
+    assert sum(m.startswith("READY=1") for m in sent) == 1
 
 
 def test_an_entry_marked_renaming_keeps_it_waiting(make: Any, udev_dir: Path) -> None:

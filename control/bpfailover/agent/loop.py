@@ -107,6 +107,8 @@ class Agent:
         self.reconcile_due_ms: int | None = None  # a failed full re-read, tried again
         self.netlink_retry_ms: int | None = None  # a failed re-subscription, tried again
         self.stopping = False
+        # READY=1 waits while a lower found at start is held for udev (at most its timer)
+        self.ready_pending = False
         self.started_at = self.clock.time()
         self.scheduling = "other"  # the event loop's policy, for status
         self.pins: Pins | None = None  # pins removed by hand are put back
@@ -267,6 +269,8 @@ class Agent:
         if udev:
             self.guard("udev", self._on_udev)
         self._run_timers()
+        if self.ready_pending and not self.udev.held:
+            self._ready_now()
         self.guard("publish", self.publish)  # after the switch and its effects
 
     def _on_udev(self) -> None:
@@ -297,7 +301,21 @@ class Agent:
 
     def ready(self) -> None:
         """Tell systemd (Type=notify) we are up: called once start() has every group's
-        failover device created or adopted, reconciled and forwarding."""
+        failover device created or adopted, reconciled and forwarding.  A lower that start
+        found but holds for udev (its coldplug not done: `udevadm settle` timed out) is not
+        in the datapath yet: READY=1 then waits until udev names it or its timer lets it go,
+        so that the network managers never see a failover device with a lower missing."""
+        if self.udev.held:
+            self.ready_pending = True
+            event(
+                "ready_waits_for_udev",
+                lowers=sorted(h.link.ifname for h in self.udev.held.values()),
+            )
+            return
+        self._ready_now()
+
+    def _ready_now(self) -> None:
+        self.ready_pending = False
         self.life.ready(len(self.groups), self.now_ms())
 
     def signal_fd(self) -> int:
