@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from bpfailover.agent.loop import Agent
+from bpfailover.agent.loop import REFUSED_RECHECK_MS, Agent
 from bpfailover.datapath.layout import ROLE_SLOTS
 from bpfailover.events import netlink
 from bpfailover.events.netlink import IFF_LOWER_UP, IFF_UP, Link
@@ -405,6 +405,40 @@ def test_a_lower_plugged_later_with_another_agents_programs_is_refused_once(
     assert mtus == [(20, 1500)]  # ours now: raised to the failover device's
     assert h.agent.groups["fo0"].lowers["primary"].ifindex == 20
     assert h.dp.flips()[-1] == (PRIMARY, 20)
+
+
+def test_a_refused_lower_is_taken_once_that_agent_is_gone_without_an_event(
+    make: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The other agent may just stop: nothing happens to the lower then, no link event.
+    While a lower is refused it is looked at again every REFUSED_RECHECK_MS (silently while
+    still refused), and taken through its own event's path (opened, traffic moved back)."""
+    other: dict[int, str] = {}
+
+    def hooks(dp: Any, wiring: Any, grp: Any, link: Link) -> str | None:
+        return other.get(link.ifindex)
+
+    h = make(primary(), standby(), lower_hooks=hooks)
+    h.send(primary(deleted=True))
+    other[20] = "ens10p carries the programs of the datapath in /x, which a running ..."
+    caplog.set_level("INFO", logger="bpfailover.events")
+    h.send(Link(20, "ens10p", 0, MAC, 1500))  # re-plugged, admin down
+    assert "primary" not in h.agent.groups["fo0"].lowers
+    assert h.agent.refused_due_ms is not None  # a recheck is due
+    h.clock.advance_ms(REFUSED_RECHECK_MS)
+    h.agent.run_once(wait=False)  # still that agent's: still refused, not said again
+    assert "primary" not in h.agent.groups["fo0"].lowers
+    refused = [r.getMessage() for r in caplog.records if '"lower_refused"' in r.getMessage()]
+    assert len(refused) == 1
+    del other[20]  # that agent stopped: no event about the lower
+    h.clock.advance_ms(REFUSED_RECHECK_MS)
+    h.agent.run_once(wait=False)
+    assert h.agent.groups["fo0"].lowers["primary"].ifindex == 20
+    assert h.wiring[0].opened == [20]  # as at its own event: brought up
+    h.send(primary(ifindex=20))  # up with carrier: traffic back on it
+    assert h.dp.flips()[-1] == (PRIMARY, 20)
+    h.agent.run_once(wait=False)
+    assert h.agent.refused_due_ms is None  # nothing refused: no timer left
 
 
 def test_reselect_better_the_faster_lower_wins(make: Any) -> None:

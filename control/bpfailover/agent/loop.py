@@ -61,6 +61,8 @@ from bpfailover.ops.eventlog import event, flush
 
 AgentError = setup.AgentError
 
+REFUSED_RECHECK_MS = 2000
+
 
 class Agent:
     """failoverd.  Its collaborators (ports.py) default to the real ones."""
@@ -105,6 +107,9 @@ class Agent:
         # Errors the loop survived, by where they happened: failover_agent_errors_total.
         self.errors: Counter[str] = Counter()
         self.reconcile_due_ms: int | None = None  # a failed full re-read, tried again
+        # a lower refused for another running agent's programs is looked at again every
+        # REFUSED_RECHECK_MS while it is refused (that agent may stop without any link event)
+        self.refused_due_ms: int | None = None
         self.netlink_retry_ms: int | None = None  # a failed re-subscription, tried again
         self.stopping = False
         # READY=1 waits while a lower found at start is held for udev (at most its timer)
@@ -271,7 +276,21 @@ class Agent:
         self._run_timers()
         if self.ready_pending and not self.udev.held:
             self._ready_now()
+        if self.lowers is not None and self.lowers.hooks_refused and self.refused_due_ms is None:
+            self.refused_due_ms = self.now_ms() + REFUSED_RECHECK_MS
         self.guard("publish", self.publish)  # after the switch and its effects
+
+    def _recheck_refused(self) -> None:
+        """Each refused lower, as it is now, through the path of its own link event: taken
+        if the agent whose programs it carried has gone, still refused (silently) if not."""
+        assert self.lowers is not None
+        links = {link.ifindex: link for link in self.links.dump_links()}
+        for gname, ifindex in list(self.lowers.hooks_refused):
+            link = links.get(ifindex)
+            if link is None or gname not in self.groups:
+                self.lowers.hooks_refused.pop((gname, ifindex), None)
+            else:
+                self.lowers.on_link(link, self.clock.monotonic_ns())
 
     def _on_udev(self) -> None:
         """udev wrote database entries: the held lowers it has named are registered."""
@@ -376,6 +395,8 @@ class Agent:
         udev_due = self.udev.next_due_ms()
         if udev_due is not None:
             due.append(udev_due)
+        if self.refused_due_ms is not None:
+            due.append(self.refused_due_ms)
         if not due:
             return None  # event driven: nothing to do until the kernel says something
         return max(0.0, (min(due) - self.now_ms()) / 1000)
@@ -394,6 +415,9 @@ class Agent:
         if self.lowers is not None:
             for held in self.udev.due(t):  # udev did not name it in time: taken as it is
                 self.guard("udev", self.lowers.released, held, self.clock.monotonic_ns())
+        if self.refused_due_ms is not None and self.refused_due_ms <= t:
+            self.refused_due_ms = None
+            self.guard("lowers", self._recheck_refused)
         for grp in list(self.groups.values()):
             if grp.deadline_ms is not None and grp.deadline_ms <= t:
                 ok = self.guard(

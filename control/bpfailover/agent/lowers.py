@@ -270,8 +270,9 @@ class Lowers:
         """One writer per device for lowers that come while we run, as for those found at
         start-up (setup.check_hooks): a lower whose hooks carry the programs of a datapath
         another running agent holds is not registered (nothing attached, no map written),
-        said in one line.  It is looked at again at its next event (e.g. once that agent
-        is gone and its programs are ours to take over)."""
+        said in one line.  It is looked at again at its next event and, while refused, every
+        REFUSED_RECHECK_MS (loop.py): taken once that agent is gone and its programs are ours
+        to take over."""
         if self.hooks is None:
             return False
         why = self.hooks(self.dp, self.wiring, grp, link)
