@@ -312,6 +312,19 @@ def _keyfile_value(text: str, key: str) -> str | None:
     return m.group(1) if m else None
 
 
+def _networkd_managed(host: Host, ifindex: int) -> tuple[str, str] | None:
+    """(state, .network file) when systemd-networkd manages netdev `ifindex` (its state file
+    under /run/systemd/netif/links says so), None when it does not or there is none."""
+    try:
+        text = (host.run / "systemd" / "netif" / "links" / str(ifindex)).read_text(errors="replace")
+    except OSError:
+        return None
+    state = _keyfile_value(text, "ADMIN_STATE")
+    if state is None or state in ("unmanaged", "linger"):
+        return None
+    return state, _keyfile_value(text, "NETWORK_FILE") or "a .network file"
+
+
 def check_managers(host: Host, lowers: list[Lower]) -> Iterator[Finding]:
     if not host.check_managers:
         return
@@ -331,14 +344,9 @@ def check_managers(host: Host, lowers: list[Lower]) -> Iterator[Finding]:
                 f"deploy/udev/80-bpfailover-lowers.rules) and `nmcli device set {lw.link.name} "
                 "managed no`",
             )
-        nd = host.run / "systemd" / "netif" / "links" / str(lw.link.ifindex)
-        try:
-            text = nd.read_text(errors="replace")
-        except OSError:
-            continue
-        state = _keyfile_value(text, "ADMIN_STATE")
-        if state is not None and state not in ("unmanaged", "linger"):
-            net = _keyfile_value(text, "NETWORK_FILE") or "a .network file"
+        by_networkd = _networkd_managed(host, lw.link.ifindex)
+        if by_networkd is not None:
+            state, net = by_networkd
             yield Finding(
                 "lower-networkd",
                 lw.link.name,
@@ -701,13 +709,9 @@ def check_failover_devices(
                 f"`nmcli device set {peer.name} managed no` and add "
                 "`unmanaged-devices=interface-name:*_fo` to a NetworkManager conf.d file",
             )
-        try:
-            text = (host.run / "systemd/netif/links" / str(peer.ifindex)).read_text()
-        except OSError:
-            continue
-        state = _keyfile_value(text, "ADMIN_STATE")
-        if state is not None and state not in ("unmanaged", "linger"):
-            net = _keyfile_value(text, "NETWORK_FILE") or "a .network file"
+        by_networkd = _networkd_managed(host, peer.ifindex)
+        if by_networkd is not None:
+            state, net = by_networkd
             yield Finding(
                 "peer-managed",
                 peer.name,
