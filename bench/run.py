@@ -21,6 +21,7 @@ from bench import (
     failover,
     metrics_load,
     planned,
+    prog_cost,
     report,
     scale,
     throughput,
@@ -34,6 +35,7 @@ BENCHES = {
     "scale": scale.run,
     "metrics_load": metrics_load.run,
     "datapath_check": datapath_check.bench_run,
+    "prog_cost": prog_cost.bench_run,
 }
 FULL_ONLY = {"metrics_load"}  # not in --quick (only with --only)
 

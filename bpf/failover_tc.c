@@ -60,30 +60,30 @@ int lower_ingress(struct __sk_buff *skb)
  * device, bits 2/3 its START/NOCARRIER state bits (checked against the device's flags). */
 int fo_dp_probe(struct __sk_buff *skb)
 {
-	void *dev = 0, *found;
+	void *dev = 0, *net, *found;
 	unsigned long state = 0;
-	int ifindex = 0, complete = 0, ret = 0;
+	int complete = 0, ret = 0;
 
 	if (bpf_probe_read_kernel(&dev, sizeof(dev), (void *)skb + FO_OFF_SKB_DEV) || !dev)
 		return 0;
-	if (!bpf_probe_read_kernel(&ifindex, sizeof(ifindex), dev + FO_OFF_DEV_IFINDEX) &&
-	    (__u32)ifindex == skb->ifindex)
-		ret |= 1;
-	found = fo_dev_by_index(dev, skb->ifindex, &complete);
-	if (found == dev)
-		ret |= 2;
-	if (!bpf_probe_read_kernel(&state, sizeof(state), dev + FO_OFF_DEV_STATE)) {
-		if (state & (1UL << FO_BIT_LINK_START))
-			ret |= 4;
-		if (state & (1UL << FO_BIT_LINK_NOCARRIER))
-			ret |= 8;
-	}
+	net = fo_dev_net(dev, skb->ifindex);
+	if (!net)
+		return 0;
+	ret |= 1;
+	found = fo_dev_by_index(net, skb->ifindex, &state, &complete);
+	if (found != dev)
+		return ret;
+	ret |= 2;
+	if (state & (1UL << FO_BIT_LINK_START))
+		ret |= 4;
+	if (state & (1UL << FO_BIT_LINK_NOCARRIER))
+		ret |= 8;
 	return ret;
 }
 
 /* The same for XDP's context (xdp_buff->rxq->dev): bit 0 only. */
 int fo_dp_probe_xdp(struct xdp_md *ctx)
 {
-	return fo_xdp_dev(ctx) ? 1 : 0;
+	return fo_xdp_net(ctx) ? 1 : 0;
 }
 #endif

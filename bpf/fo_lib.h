@@ -183,51 +183,107 @@ static __always_inline int fo_dpc_applies(__u32 group)
 	return cfg && !(cfg->flags & FO_F_DP_HOLD);
 }
 
-/* skb->dev, checked: its ifindex must read back as skb->ifindex, else the offsets are not
- * this kernel's and the check turns itself off for good (FO_DPC_MISMATCH). */
-static __always_inline void *fo_skb_dev(struct __sk_buff *skb)
+/* Two fields of one kernel struct in one bpf_probe_read_kernel() when they lie within
+ * FO_WIN_MAX bytes (-D, from datapath/btf.py): a read's cost is mostly the helper's fixed
+ * ~20 ns, not its bytes.  The window starts 8-aligned so that each field keeps its natural
+ * alignment on the stack (the verifier wants aligned stack reads).  Offsets are this
+ * kernel's (-D flags): one read or two is decided at compile time. */
+#define FO_MIN(a, b) ((a) < (b) ? (a) : (b))
+#define FO_MAX(a, b) ((a) > (b) ? (a) : (b))
+#define FO_WIN_LO(a, b) (FO_MIN(a, b) & ~7)
+#define FO_WIN_LEN(a, asz, b, bsz) (FO_MAX((a) + (asz), (b) + (bsz)) - FO_WIN_LO(a, b))
+#define FO_WIN_AT(w, lo, off, type) (*(type *)((char *)(w) + (off) - (lo)))
+
+/* net_device: ifindex and nd_net (the device of a packet) */
+#define FO_DEVW_LO FO_WIN_LO(FO_OFF_DEV_IFINDEX, FO_OFF_DEV_NET)
+#define FO_DEVW_LEN FO_WIN_LEN(FO_OFF_DEV_IFINDEX, 4, FO_OFF_DEV_NET, 8)
+/* net_device: ifindex and state (a lower found in the bucket walk) */
+#define FO_LOWW_LO FO_WIN_LO(FO_OFF_DEV_IFINDEX, FO_OFF_DEV_STATE)
+#define FO_LOWW_LEN FO_WIN_LEN(FO_OFF_DEV_IFINDEX, 4, FO_OFF_DEV_STATE, 8)
+
+static __always_inline int fo_read_ifindex_net(void *dev, int *ifindex, void **net)
 {
-	void *dev = 0;
+#if FO_DEVW_LEN <= FO_WIN_MAX
+	__u64 w[(FO_DEVW_LEN + 7) / 8];
+
+	if (bpf_probe_read_kernel(w, sizeof(w), dev + FO_DEVW_LO))
+		return -1;
+	*ifindex = FO_WIN_AT(w, FO_DEVW_LO, FO_OFF_DEV_IFINDEX, int);
+	*net = FO_WIN_AT(w, FO_DEVW_LO, FO_OFF_DEV_NET, void *);
+	return 0;
+#else
+	if (bpf_probe_read_kernel(ifindex, sizeof(*ifindex), dev + FO_OFF_DEV_IFINDEX))
+		return -1;
+	return bpf_probe_read_kernel(net, sizeof(*net), dev + FO_OFF_DEV_NET) ? -1 : 0;
+#endif
+}
+
+static __always_inline int fo_read_ifindex_state(void *dev, int *ifindex, unsigned long *state)
+{
+#if FO_LOWW_LEN <= FO_WIN_MAX
+	__u64 w[(FO_LOWW_LEN + 7) / 8];
+
+	if (bpf_probe_read_kernel(w, sizeof(w), dev + FO_LOWW_LO))
+		return -1;
+	*ifindex = FO_WIN_AT(w, FO_LOWW_LO, FO_OFF_DEV_IFINDEX, int);
+	*state = FO_WIN_AT(w, FO_LOWW_LO, FO_OFF_DEV_STATE, unsigned long);
+	return 0;
+#else
+	if (bpf_probe_read_kernel(ifindex, sizeof(*ifindex), dev + FO_OFF_DEV_IFINDEX))
+		return -1;
+	return bpf_probe_read_kernel(state, sizeof(*state), dev + FO_OFF_DEV_STATE) ? -1 : 0;
+#endif
+}
+
+/* The netns of netdev `dev` whose ifindex must be `want`, else the offsets are not this
+ * kernel's and the check turns itself off for good (FO_DPC_MISMATCH). */
+static __always_inline void *fo_dev_net(void *dev, __u32 want)
+{
+	void *net = 0;
 	int ifindex = 0;
 
-	if (bpf_probe_read_kernel(&dev, sizeof(dev), (void *)skb + FO_OFF_SKB_DEV) || !dev)
+	if (!dev || fo_read_ifindex_net(dev, &ifindex, &net))
 		return 0;
-	if (bpf_probe_read_kernel(&ifindex, sizeof(ifindex), dev + FO_OFF_DEV_IFINDEX) ||
-	    (__u32)ifindex != skb->ifindex) {
+	if ((__u32)ifindex != want) {
 		fo_dpc_set(FO_DPC_MISMATCH);
 		return 0;
 	}
-	return dev;
+	return net;
 }
 
-/* The receiving netdev of an XDP context (xdp_buff->rxq->dev), checked the same way. */
-static __always_inline void *fo_xdp_dev(struct xdp_md *ctx)
+/* The netns of skb->dev (the packet's device is alive while the program runs). */
+static __always_inline void *fo_skb_net(struct __sk_buff *skb)
+{
+	void *dev = 0;
+
+	if (bpf_probe_read_kernel(&dev, sizeof(dev), (void *)skb + FO_OFF_SKB_DEV))
+		return 0;
+	return fo_dev_net(dev, skb->ifindex);
+}
+
+/* The same for the receiving netdev of an XDP context (xdp_buff->rxq->dev). */
+static __always_inline void *fo_xdp_net(struct xdp_md *ctx)
 {
 	void *rxq = 0, *dev = 0;
-	int ifindex = 0;
 
 	if (bpf_probe_read_kernel(&rxq, sizeof(rxq), (void *)ctx + FO_OFF_XDP_RXQ) || !rxq)
 		return 0;
-	if (bpf_probe_read_kernel(&dev, sizeof(dev), rxq + FO_OFF_RXQ_DEV) || !dev)
+	if (bpf_probe_read_kernel(&dev, sizeof(dev), rxq + FO_OFF_RXQ_DEV))
 		return 0;
-	if (bpf_probe_read_kernel(&ifindex, sizeof(ifindex), dev + FO_OFF_DEV_IFINDEX) ||
-	    (__u32)ifindex != ctx->ingress_ifindex) {
-		fo_dpc_set(FO_DPC_MISMATCH);
-		return 0;
-	}
-	return dev;
+	return fo_dev_net(dev, ctx->ingress_ifindex);
 }
 
-/* The netdev `ifindex` in the netns of netdev `dev`; *complete says the bucket was walked
+/* The netdev `ifindex` in netns `net` and its state; *complete says the bucket was walked
  * to its end (a miss then means there is no such device). */
-static __always_inline void *fo_dev_by_index(void *dev, __u32 ifindex, int *complete)
+static __always_inline void *fo_dev_by_index(void *net, __u32 ifindex, unsigned long *state,
+					     int *complete)
 {
-	void *net = 0, *head = 0, *node = 0, *cand;
+	void *head = 0, *node = 0, *cand;
 	__u32 bucket = ifindex & ((1U << FO_NETDEV_HASHBITS) - 1);
 	int idx, i;
 
 	*complete = 0;
-	if (bpf_probe_read_kernel(&net, sizeof(net), dev + FO_OFF_DEV_NET) || !net)
+	if (!net)
 		return 0;
 	if (bpf_probe_read_kernel(&head, sizeof(head), net + FO_OFF_NET_INDEX_HEAD) || !head)
 		return 0;
@@ -240,7 +296,7 @@ static __always_inline void *fo_dev_by_index(void *dev, __u32 ifindex, int *comp
 			return 0;
 		}
 		cand = node - FO_OFF_DEV_INDEX_HLIST;
-		if (bpf_probe_read_kernel(&idx, sizeof(idx), cand + FO_OFF_DEV_IFINDEX))
+		if (fo_read_ifindex_state(cand, &idx, state))
 			return 0;
 		if ((__u32)idx == ifindex) {
 			*complete = 1;
@@ -252,28 +308,24 @@ static __always_inline void *fo_dev_by_index(void *dev, __u32 ifindex, int *comp
 	return 0;
 }
 
-static __always_inline int fo_link(void *dev, __u32 ifindex)
+static __always_inline int fo_link(void *net, __u32 ifindex)
 {
 	unsigned long state = 0;
 	int complete = 0;
-	void *lower;
 
 	if (!ifindex)
 		return FO_LINK_GONE;
-	lower = fo_dev_by_index(dev, ifindex, &complete);
-	if (!lower)
+	if (!fo_dev_by_index(net, ifindex, &state, &complete))
 		return complete ? FO_LINK_GONE : FO_LINK_UNKNOWN;
-	if (bpf_probe_read_kernel(&state, sizeof(state), lower + FO_OFF_DEV_STATE))
-		return FO_LINK_UNKNOWN;
 	if (!(state & (1UL << FO_BIT_LINK_START)) || (state & (1UL << FO_BIT_LINK_NOCARRIER)))
 		return FO_LINK_DEAD;
 	return FO_LINK_UP;
 }
 #else
 static __always_inline int fo_dpc_applies(__u32 group) { return 0; }
-static __always_inline void *fo_skb_dev(struct __sk_buff *skb) { return 0; }
-static __always_inline void *fo_xdp_dev(struct xdp_md *ctx) { return 0; }
-static __always_inline int fo_link(void *dev, __u32 ifindex) { return FO_LINK_UNKNOWN; }
+static __always_inline void *fo_skb_net(struct __sk_buff *skb) { return 0; }
+static __always_inline void *fo_xdp_net(struct xdp_md *ctx) { return 0; }
+static __always_inline int fo_link(void *net, __u32 ifindex) { return FO_LINK_UNKNOWN; }
 #endif /* FO_DP_CHECK */
 
 static __always_inline void fo_count_fallback(__u32 group, __u32 from_slot, __u32 dir,
@@ -335,7 +387,7 @@ static __always_inline void fo_tx_action(struct __sk_buff *skb, struct fo_action
 	__u32 ifindex = skb->ifindex;
 	struct fo_dev *dev = fo_dev.lookup(&ifindex);
 	__u32 group, slot, target, other, oif;
-	void *kdev;
+	void *net;
 	int st;
 
 	a->act = FO_ACT_PASS;
@@ -347,12 +399,12 @@ static __always_inline void fo_tx_action(struct __sk_buff *skb, struct fo_action
 		fo_ring(group);
 	target = fo_tx_target(group, &slot);
 	if (slot != FO_SLOT_NONE && fo_dpc_applies(group)) {
-		kdev = fo_skb_dev(skb);
-		st = kdev ? fo_link(kdev, target) : FO_LINK_UNKNOWN;
+		net = fo_skb_net(skb);
+		st = net ? fo_link(net, target) : FO_LINK_UNKNOWN;
 		if (st == FO_LINK_DEAD || st == FO_LINK_GONE) {
 			other = FO_SLOT_STANDBY + FO_SLOT_PRIMARY - slot;
 			oif = fo_slot_lower(group, other);
-			if (oif && fo_link(kdev, oif) == FO_LINK_UP) {
+			if (oif && fo_link(net, oif) == FO_LINK_UP) {
 				a->fallback_from = slot;
 				a->act = FO_ACT_TX;
 				a->slot = other;
@@ -375,8 +427,8 @@ static __always_inline void fo_tx_action(struct __sk_buff *skb, struct fo_action
 
 /* Under inactive_rx drop: is the group's active lower dead, so that the frame from the
  * other one is delivered (net_failover takes it once the standby is all there is)?
- * `kdev` is the receiving netdev (0 where it cannot be read: XDP). */
-static __always_inline int fo_rx_active_dead(struct fo_rx *rx, void *kdev)
+ * `net` is the receiving netdev's netns. */
+static __always_inline int fo_rx_active_dead(struct fo_rx *rx, void *net)
 {
 	__u32 slot;
 	int st;
@@ -384,7 +436,7 @@ static __always_inline int fo_rx_active_dead(struct fo_rx *rx, void *kdev)
 	fo_tx_target(rx->group, &slot);
 	if (slot == FO_SLOT_NONE || slot == rx->slot)
 		return 0;
-	st = fo_link(kdev, fo_slot_lower(rx->group, slot));
+	st = fo_link(net, fo_slot_lower(rx->group, slot));
 	return st == FO_LINK_DEAD || st == FO_LINK_GONE;
 }
 
@@ -393,8 +445,7 @@ static __always_inline void fo_rx_action(__u32 hook, __u32 ifindex, void *data, 
 					 struct __sk_buff *skb, struct xdp_md *xdp, __u64 len,
 					 struct fo_action *a)
 {
-	void *kdev;
-
+	void *net;
 	struct fo_rx rx = {};
 	__u32 src_hi, src_lo;
 
@@ -405,8 +456,8 @@ static __always_inline void fo_rx_action(__u32 hook, __u32 ifindex, void *data, 
 		break;
 	case FO_RX_DROP:
 		if (fo_dpc_applies(rx.group)) {
-			kdev = skb ? fo_skb_dev(skb) : fo_xdp_dev(xdp);
-			if (kdev && fo_rx_active_dead(&rx, kdev)) {
+			net = skb ? fo_skb_net(skb) : fo_xdp_net(xdp);
+			if (net && fo_rx_active_dead(&rx, net)) {
 				fo_tx_target(rx.group, &a->fallback_from);
 				break;
 			}

@@ -178,6 +178,9 @@ class NetdevLayout:
     bit_start: int  # __LINK_STATE_START
     bit_nocarrier: int  # __LINK_STATE_NOCARRIER
     hash_bits: int = NETDEV_HASHBITS
+    # Two fields at most this many bytes apart are fetched with one probe read (tests set 0
+    # to compile the one-read-per-field code as well).
+    read_window: int = 128
 
     def cflags(self) -> list[str]:
         names = {
@@ -192,6 +195,7 @@ class NetdevLayout:
             "FO_BIT_LINK_START": self.bit_start,
             "FO_BIT_LINK_NOCARRIER": self.bit_nocarrier,
             "FO_NETDEV_HASHBITS": self.hash_bits,
+            "FO_WIN_MAX": self.read_window,
         }
         return ["-DFO_DP_CHECK=1"] + [f"-D{k}={int(v)}" for k, v in names.items()]
 
@@ -237,7 +241,7 @@ def netdev_layout(btf: Btf) -> NetdevLayout:
         bit_nocarrier=btf.enum_value("__LINK_STATE_NOCARRIER"),
     )
     for name, value in layout.__dict__.items():
-        if name not in ("bit_start", "bit_nocarrier", "hash_bits"):
+        if name not in ("bit_start", "bit_nocarrier", "hash_bits", "read_window"):
             _check(0 <= value < 65536, f"{name} offset out of range")
     _check(0 <= layout.bit_start < 64 and 0 <= layout.bit_nocarrier < 64, "state bits >= 64")
     return layout
