@@ -36,7 +36,7 @@ def _cpu(t: dict[str, Any]) -> str:
         return ""
     return " / ".join(
         f"{c['baseline'] / c[k]:.2f}" if c.get(k) else "–"
-        for k in ("fo-tc", "fo-xdp", "fo-direct", "fo-nocheck")
+        for k in ("fo-tc", "fo-xdp", "fo-veth", "fo-nocheck")
     )
 
 
@@ -73,11 +73,11 @@ def sections() -> tuple[list[str], dict[str, Any]]:
                     m["baseline"] / scale,
                     m["fo-tc"] / scale,
                     m["fo-xdp"] / scale,
-                    m.get("fo-direct", 0) / scale,
+                    m.get("fo-veth", 0) / scale,
                     m.get("fo-nocheck", 0) / scale,
                     t["ratio"]["fo-tc"],
                     t["ratio"]["fo-xdp"],
-                    t["ratio"].get("fo-direct"),
+                    t["ratio"].get("fo-veth"),
                     t["ratio"].get("fo-nocheck"),
                     f"≥ {t['target']:.2f} ({_ok(t['ratio']['fo-tc'], t['target'])} tc)",
                     _cpu(t),
@@ -88,9 +88,10 @@ def sections() -> tuple[list[str], dict[str, Any]]:
             "Baseline: the same lab with the guest address on the primary itself (no "
             "failover device, no BPF). tx = guest sends (failover egress program), rx = "
             "guest receives (`iperf3 -R`, lower receive hook). UDP: 18-byte payloads "
-            "(64-byte frames), unlimited rate, delivered packets/s. fo-direct: `tx_path: "
-            "direct` (the transmit path that bypasses the failover device's counters and "
-            "taps). fo-nocheck: fo-tc with the datapath's per-packet lower check off. "
+            "(64-byte frames), unlimited rate, delivered packets/s. fo-tc: failoverd as "
+            "shipped (`rx_path: tc`, `tx_path: direct`); fo-veth: `tx_path: veth` (the "
+            "transmit path the failover device's counters, taps and qdisc see). "
+            "fo-nocheck: fo-tc with the datapath's per-packet lower check off. "
             "cpu: the sender's system CPU per packet (baseline / config), which "
             "holds on a busy machine where pps does not.\n\n"
             + _md(
@@ -100,14 +101,14 @@ def sections() -> tuple[list[str], dict[str, Any]]:
                     "baseline",
                     "fo-tc",
                     "fo-xdp",
-                    "fo-direct",
+                    "fo-veth",
                     "fo-nocheck",
                     "tc ratio",
                     "xdp ratio",
-                    "direct ratio",
+                    "veth ratio",
                     "nocheck ratio",
                     "target",
-                    "cpu tc / xdp / direct / nocheck",
+                    "cpu tc / xdp / veth / nocheck",
                 ],
                 rows,
             )

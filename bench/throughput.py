@@ -4,12 +4,13 @@ Three labs are up at once and measured interleaved (round-robin, order rotated e
 median of the rounds), so a noisy neighbour hits every configuration alike:
   baseline  the guest address straight on the primary (Lab.address_lower_directly),
             standby admin down: the plain veth path, no BPF at all;
-  fo-tc     failoverd, receive path TC (lower ingress -> bpf_redirect to the failover dev);
-  fo-xdp    failoverd, receive path XDP (lower XDP -> devmap -> failover dev's hidden peer);
-  fo-direct failoverd, receive path TC, tx_path direct (clsact egress of the failover
-            device redirects: not counted, not tapped; the transmit path before issue 13).
+  fo-tc     failoverd as shipped: receive path TC (lower ingress -> bpf_redirect through
+            the failover device's hidden peer), tx_path direct (its clsact egress redirects);
+  fo-xdp    as fo-tc with receive path XDP (lower XDP -> devmap -> the hidden peer);
+  fo-veth   as fo-tc with tx_path veth (the device transmits into its hidden peer, whose
+            ingress redirects: counted on the device, tapped, shaped by its qdisc);
   fo-nocheck  as fo-tc with the datapath's per-packet lower check off (fo_meta), to show
-            what that check costs apart from the transmit path.
+            what that check costs.
 Tests, each both ways (tx = guest sends, through the failover egress; rx = guest receives,
 iperf3 -R, through the lower's receive hook): iperf3 TCP 1 and 4 streams, and UDP with
 18-byte payloads (64-byte frames) unlimited rate, counting delivered packets/s.
@@ -40,12 +41,12 @@ TESTS = [
     ("tcp4", ["-P", "4"]),
     ("udp64", ["-u", "-b", "0", "-l", "18"]),
 ]
-CONFIGS = ["baseline", "fo-tc", "fo-xdp", "fo-direct", "fo-nocheck"]
-AGENT = {  # group settings of each failoverd config
-    "fo-tc": {"rx_path": "tc"},
-    "fo-xdp": {"rx_path": "xdp"},
-    "fo-direct": {"rx_path": "tc", "tx_path": "direct"},
-    "fo-nocheck": {"rx_path": "tc"},
+CONFIGS = ["baseline", "fo-tc", "fo-xdp", "fo-veth", "fo-nocheck"]
+AGENT = {  # group settings of each failoverd config, spelled out (defaults may change)
+    "fo-tc": {"rx_path": "tc", "tx_path": "direct"},
+    "fo-xdp": {"rx_path": "xdp", "tx_path": "direct"},
+    "fo-veth": {"rx_path": "tc", "tx_path": "veth"},
+    "fo-nocheck": {"rx_path": "tc", "tx_path": "direct"},
 }
 PROG_PINS = ("prog_fo_egress", "prog_lower_ingress", "prog_xdp_lower_rx")
 
@@ -103,7 +104,7 @@ def run(quick: bool, meta: dict[str, Any]) -> dict[str, Any]:
     with contextlib.ExitStack() as stack:
         labs: dict[str, Any] = {}
         agents: dict[str, Any] = {}
-        for cfg, tag in zip(CONFIGS, ("tpb", "tpt", "tpx", "tpd", "tpn"), strict=True):
+        for cfg, tag in zip(CONFIGS, ("tpb", "tpt", "tpx", "tpv", "tpn"), strict=True):
             lr = stack.enter_context(lab_run(tag))
             labs[cfg] = lr.lab
             if cfg == "baseline":
@@ -181,11 +182,11 @@ def run(quick: bool, meta: dict[str, Any]) -> dict[str, Any]:
                     unit(med["baseline"]),
                     unit(med["fo-tc"]),
                     unit(med["fo-xdp"]),
-                    unit(med["fo-direct"]),
+                    unit(med["fo-veth"]),
                     unit(med["fo-nocheck"]),
                     ratio["fo-tc"],
                     ratio["fo-xdp"],
-                    ratio["fo-direct"],
+                    ratio["fo-veth"],
                     ratio["fo-nocheck"],
                     f">= {target:.2f}",
                 ]
@@ -207,11 +208,11 @@ def run(quick: bool, meta: dict[str, Any]) -> dict[str, Any]:
                 "baseline",
                 "fo-tc",
                 "fo-xdp",
-                "fo-direct",
+                "fo-veth",
                 "fo-nocheck",
                 "tc ratio",
                 "xdp ratio",
-                "direct ratio",
+                "veth ratio",
                 "nocheck ratio",
                 "target",
             ],
@@ -247,12 +248,12 @@ def run(quick: bool, meta: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-PAIRS = (("fo-tc", "baseline"), ("fo-tc", "fo-direct"), ("fo-tc", "fo-nocheck"))
+PAIRS = (("fo-tc", "baseline"), ("fo-veth", "fo-tc"), ("fo-tc", "fo-nocheck"))
 
 
 def paired(tests: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, float]]]:
-    """Per-round ratios of two configs measured back to back in the same round (fo-tc vs
-    fo-direct: the transmit paths), as median and range: the spread says how far a single
+    """Per-round ratios of two configs measured back to back in the same round (fo-veth vs
+    fo-tc: the transmit paths), as median and range: the spread says how far a single
     ratio of medians can be trusted on this machine."""
     out: dict[str, dict[str, dict[str, float]]] = {}
     for t in tests:

@@ -94,6 +94,29 @@ def test_healthy_host_has_no_findings(tmp_path: Path) -> None:
     assert doctor.run_checks(healthy_host(tmp_path), CFG, None, links()) == []
 
 
+@pytest.mark.parametrize(
+    ("tx_path", "qdisc", "found"),
+    [("direct", "pfifo", True), ("direct", "noqueue", False), ("veth", "pfifo", False)],
+)
+def test_a_root_qdisc_bypassed_by_direct_transmit(
+    tmp_path: Path, tx_path: str, qdisc: str, found: bool
+) -> None:
+    """A root qdisc on the failover device shapes nothing with tx_path direct (the default):
+    said, with where to put it instead; veth's own noqueue, and tx_path veth, are fine."""
+    cfg = config.parse_config(
+        f"groups: [{{name: ens10, standby: ens10nsby, tx_path: {tx_path}}}]\n"
+        "bpffs: /sys/fs/bpf/bpfailover-doctor-test\n"
+    )
+    lk = links()
+    lk[4].root_qdisc = qdisc
+    got = doctor.run_checks(healthy_host(tmp_path), cfg, None, lk)
+    if not found:
+        assert got == []
+        return
+    assert checks(got) == [("qdisc-bypassed", "ens10")]
+    assert "pfifo" in got[0].problem and "tx_path: veth" in got[0].fix
+
+
 def test_each_finding_with_its_fix(tmp_path: Path) -> None:
     host = healthy_host(tmp_path)
     lk = links(addrs=[("198.18.0.9/24", "global")], master=6)

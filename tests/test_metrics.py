@@ -222,9 +222,10 @@ def test_switches_counted_once_with_durations_and_drops(lab: Lab) -> None:
             s, "failover_datapath_drops_total", device=dev, hook="tc_egress", reason="no_lower"
         )
         # The failover device has no carrier now: with tx_path veth the kernel drops what the
-        # stack sends before the datapath sees it (the device's own tx_dropped); what still
-        # reaches the datapath without a lower is no_lower.  (Few frames get out at all:
-        # while the neighbour entry resolves, the stack queues and drops them itself.)
+        # stack sends before the datapath sees it (the device's own tx_dropped); with direct
+        # (the default), and whatever still reaches the datapath without a lower, no_lower.
+        # (Few frames get out at all: while the neighbour entry resolves, the stack queues
+        # and drops them itself.)
         assert kd + (d1 - d0) >= 1, (kd, d1 - d0)
         assert one(s, "failover_switches_total", device=dev, reason="no_lower") == 1
         # only what the tc receive path with `inactive_rx: deliver` can count

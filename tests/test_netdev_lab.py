@@ -19,6 +19,7 @@ from bpfailover_lab import traffic
 from bpfailover_lab.agent_run import AgentRun
 from bpfailover_lab.topology import Lab
 from tests.labutil import bring_up, link_stats, ping
+from tests.opsutil import ctl
 
 pytestmark = pytest.mark.root
 
@@ -46,26 +47,36 @@ def _lowers(lab: Lab) -> tuple[str, str]:
 
 
 # -- counters ----------------------------------------------------------------------------------
-@pytest.mark.parametrize("rx_path", ["tc", "xdp"])
+@pytest.mark.parametrize(
+    ("rx_path", "tx_path"), [("tc", "veth"), ("xdp", "veth"), ("tc", "direct")]
+)
 def test_failover_counters_match_the_lowers_both_ways(
-    lab: Lab, agent_factory: list[AgentRun], rx_path: str
+    lab: Lab, agent_factory: list[AgentRun], rx_path: str, tx_path: str
 ) -> None:
-    """ip -s link / /proc/net/dev of the failover device: its tx is what went out through the
-    lowers, its rx what came in through them, within the traffic sent (tx_path veth)."""
-    _up(lab, agent_factory, rx_path=rx_path, tx_path="veth")
+    """ip -s link / /proc/net/dev of the failover device: its rx is what came in through the
+    lowers, within the traffic sent; its tx what went out through them with tx_path veth,
+    and 0 with direct (the default), where the datapath's per-lower transmit counters
+    (failover_lower_transmit_*, `failoverctl status`) are what to read: docs/operators.md."""
+    run = _up(lab, agent_factory, rx_path=rx_path, tx_path=tx_path)
     n = lab.names(0)
     devs = (n.failover, n.primary, n.standby)
     before = {d: link_stats(lab.guest, d) for d in devs}
+    dp_tx0 = sum(lw["tx_packets"] for lw in run.group()["lowers"])
     rep = traffic.run_stream(lab.guest, n.guest_v4, lab.peer, n.peer_v4, 2000, 1.5)
     after = {d: link_stats(lab.guest, d) for d in devs}
+    dp_tx = sum(lw["tx_packets"] for lw in run.group()["lowers"]) - dp_tx0
     d = {dev: {k: after[dev][k] - before[dev][k] for k in ("tx", "rx")} for dev in devs}
     assert rep.b_to_a is not None and rep.total_lost == 0, rep.format()
     sent_tx, sent_rx = rep.a_to_b.sent, rep.b_to_a.sent
     slack = 10  # ARP/ND and GARP around the stream
     lowers_tx = d[n.primary]["tx"] + d[n.standby]["tx"]
     lowers_rx = d[n.primary]["rx"] + d[n.standby]["rx"]
-    assert sent_tx <= d[n.failover]["tx"] <= sent_tx + slack, d
-    assert abs(d[n.failover]["tx"] - lowers_tx) <= slack, d
+    if tx_path == "veth":
+        assert sent_tx <= d[n.failover]["tx"] <= sent_tx + slack, d
+        assert abs(d[n.failover]["tx"] - lowers_tx) <= slack, d
+    else:
+        assert d[n.failover]["tx"] == 0, d
+    assert sent_tx <= dp_tx <= sent_tx + slack and abs(dp_tx - lowers_tx) <= slack, (dp_tx, d)
     assert sent_rx <= d[n.failover]["rx"] <= sent_rx + slack, d
     assert abs(d[n.failover]["rx"] - lowers_rx) <= slack, d
 
@@ -119,8 +130,8 @@ def _tap_counts(lab: Lab, dev: str, count: int) -> tuple[int, int]:
 def test_tcpdump_on_the_failover_device(
     lab: Lab, agent_factory: list[AgentRun], tx_path: str, tx_seen: bool
 ) -> None:
-    """Receive is always visible on the failover device; transmit with tx_path veth (the
-    default), not with direct (its egress hook redirects before the taps)."""
+    """Receive is always visible on the failover device; transmit with tx_path veth, not
+    with direct (the default: its egress hook redirects before the taps)."""
     _up(lab, agent_factory, tx_path=tx_path)
     out, inc = _tap_counts(lab, lab.names(0).failover, 50)
     assert inc == 50
@@ -139,13 +150,17 @@ def test_root_qdisc_on_the_failover_device(
     lab: Lab, agent_factory: list[AgentRun], tx_path: str, queued: bool
 ) -> None:
     """A root qdisc on the failover device sees what it transmits with tx_path veth; with
-    direct the clsact egress redirect runs before it and it is bypassed."""
-    _up(lab, agent_factory, tx_path=tx_path)
+    direct the clsact egress redirect runs before it and it is bypassed, which
+    `failoverctl doctor` says."""
+    run = _up(lab, agent_factory, tx_path=tx_path)
     n = lab.names(0)
     netns.run_in(lab.guest, ["tc", "qdisc", "add", "dev", n.failover, "root", "pfifo"])
     assert ping(lab.guest, n.peer_v4, count=10)
     sent = _qdisc_sent(lab, n.failover)
     assert (sent >= 10) if queued else (sent == 0), sent
+    p = ctl("--config", str(run.config_path), "doctor", "--netns", lab.guest, "--json")
+    found = {(f["check"], f["subject"]) for f in json.loads(p.stdout)}
+    assert (("qdisc-bypassed", n.failover) in found) == (not queued), found
 
 
 # -- MAC ---------------------------------------------------------------------------------------

@@ -109,10 +109,10 @@ def one_filter_each(lab: Lab) -> None:
     for dev in (n.primary, n.standby):
         if lab.link(lab.guest, dev) is not None:
             assert our_filters(lab, dev) == 1, f"{dev}: duplicate or missing filter"
-    # fo_egress: on the hidden peer's ingress (tx_path veth, the default), none on the
-    # device's own egress (that is where tx_path direct puts it)
-    assert our_filters(lab, peer_name(n.failover), "ingress") == 1
-    assert our_filters(lab, n.failover, "egress") == 0
+    # fo_egress: on the device's own egress (tx_path direct, the default), none on the
+    # hidden peer's ingress (that is where tx_path veth puts it)
+    assert our_filters(lab, n.failover, "egress") == 1
+    assert our_filters(lab, peer_name(n.failover), "ingress") == 0
 
 
 def tx_total(g: dict[str, Any]) -> int:

@@ -292,7 +292,7 @@ class Wiring:
         inactive_rx_drop: bool = False,
         rx_path: str = "tc",
         mtu: int | None = None,
-        tx_path: str = "veth",
+        tx_path: str = "direct",
         dp_hold: bool = False,
     ) -> int:
         """Create/adopt the failover device and its group; returns the group id.  `dp_hold`:
@@ -323,10 +323,11 @@ class Wiring:
         self.dp.update_group(g, flags=flags | (self.L.FO_F_DP_HOLD if hold else 0))
 
     def attach_tx(self, master: int, peer: int, tx_path: str) -> bool:
-        """fo_egress where the failover device's transmit passes: its hidden peer's clsact
-        ingress (`veth`: the device transmits for real, so veth counts it, packet taps see
-        it and a root qdisc on it works) or its own clsact egress (`direct`: redirected
-        before all of that, one backlog trip less).  The other hook is cleared after."""
+        """fo_egress where the failover device's transmit passes: its own clsact egress
+        (`direct`: redirected before veth counts it, taps or a qdisc see it) or its hidden peer's
+        clsact ingress (`veth`: the device transmits for real, so veth counts it, packet
+        taps see it and a root qdisc on it works, for one backlog trip more).  The other
+        hook is cleared after (the new one first: no frame goes out unredirected)."""
         pin = "prog_fo_egress"
         fd, label = self.dp.prog_fd(pin), self._label(pin)
         if tx_path == "direct":

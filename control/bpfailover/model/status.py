@@ -146,7 +146,7 @@ class GroupStatus:
     drops: Mapping[str, int] | None = _f(
         "frames dropped by the datapath, by `hook/reason`", counter=True, default=None
     )
-    tx_path: str = _f("transmit hook (config `tx_path`)", where="socket", default="veth")
+    tx_path: str = _f("transmit hook (config `tx_path`)", where="socket", default="direct")
     speed_mbps: int | None = _f(
         "the active lower's link speed (what net_failover's ethtool shows; `ethtool` on this "
         "veth device says 10000); null: no active lower or unknown",

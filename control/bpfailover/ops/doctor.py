@@ -53,6 +53,7 @@ NEIGH_KNOBS = (
     "sys/net/ipv6/conf/all/ndisc_evict_nocarrier",
 )
 SNIPPETS = "deploy/ in the bpfailover sources (or /usr/share/doc/bpfailover/deploy)"
+TC_H_ROOT = 0xFFFFFFFF  # a qdisc's parent when it is the root one
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,7 @@ class LinkInfo:
     kind: str | None = None
     master: int | None = None
     addrs: list[tuple[str, str]] = field(default_factory=list)  # (address/prefix, scope)
+    root_qdisc: str | None = None  # the kind of its root qdisc ("noqueue": veth's own)
 
 
 @dataclass
@@ -120,6 +122,10 @@ def dump_links(ns: str | None) -> dict[int, LinkInfo]:
                 kind,
                 msg.get_attr("IFLA_MASTER"),
             )
+        for q in ipr.get_qdiscs():
+            link = out.get(q["index"])
+            if link is not None and q["parent"] == TC_H_ROOT:
+                link.root_qdisc = q.get_attr("TCA_KIND")
         scopes = {0: "global", 200: "site", 253: "link", 254: "host"}
         for a in ipr.get_addr():
             link = out.get(a["index"])
@@ -722,6 +728,28 @@ def check_failover_devices(
             )
 
 
+def check_bypassed_qdisc(
+    cfg: configmod.Config | None, links: dict[int, LinkInfo]
+) -> Iterator[Finding]:
+    """A root qdisc on a failover device with tx_path direct: its transmit never reaches it
+    (the datapath redirects at clsact egress, before the qdisc and the taps)."""
+    if cfg is None:
+        return
+    names = {lk.name: lk for lk in links.values()}
+    for g in cfg.groups:
+        dev = names.get(g.name)
+        if g.tx_path != "direct" or dev is None or dev.root_qdisc in (None, "noqueue"):
+            continue
+        yield Finding(
+            "qdisc-bypassed",
+            g.name,
+            f"root qdisc {dev.root_qdisc} on failover device {g.name} never sees its transmit: "
+            "with tx_path direct the datapath redirects at clsact egress, before any qdisc",
+            f"put the qdisc on the lowers (`tc qdisc add dev LOWER root ...`), or set "
+            f"`tx_path: veth` for group {g.name} (one backlog trip more per packet)",
+        )
+
+
 def check_netplan_mac_match(
     host: Host, cfg: configmod.Config | None, links: dict[int, LinkInfo]
 ) -> Iterator[Finding]:
@@ -821,6 +849,7 @@ def run_checks(
         check_cloud_init(host, lowers),
         check_failover_devices(host, cfg, links),
         check_netplan_mac_match(host, cfg, links),
+        check_bypassed_qdisc(cfg, links),
     )
     for found in checks:
         findings.extend(found)
