@@ -23,24 +23,16 @@ wake-up.
 
 from __future__ import annotations
 
-import ctypes
 import os
-import struct
 from pathlib import Path
+
+from bpfailover.events import inotify
+from bpfailover.events.inotify import IN_CREATE, IN_MOVED_TO, IN_Q_OVERFLOW
 
 RUN_UDEV = Path("/run/udev")
 # TEST-ONLY: BPFAILOVER_TEST_UDEV_DIR=DIR makes DIR/control and DIR/data stand in for udev's
 # (the namespace check is skipped: the lab's agent runs in a namespace of its own).
 TEST_ENV = "BPFAILOVER_TEST_UDEV_DIR"
-
-IN_CREATE = 0x100
-IN_MOVED_TO = 0x80
-IN_Q_OVERFLOW = 0x4000
-IN_NONBLOCK = 0o4000
-IN_CLOEXEC = 0o2000000
-_EVENT = struct.Struct("iIII")  # wd, mask, cookie, len
-
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def entry_name(ifindex: int) -> str:
@@ -115,48 +107,31 @@ class UdevDb:
     # -- the watch (a selector's: readable when an entry was written) --------------------
     def fileno(self) -> int:
         if self.fd < 0:
-            self.fd = _libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
-            if self.fd < 0:
-                raise OSError(ctypes.get_errno(), "inotify_init1")
+            self.fd = inotify.init()
         return self.fd
 
     def arm(self) -> None:
         """Watch the database directory for entries written (new files, renames into it)."""
         if self.wd >= 0:
             return
-        wd = _libc.inotify_add_watch(
-            self.fileno(), str(self.data).encode(), IN_MOVED_TO | IN_CREATE
-        )
-        if wd < 0:
-            raise OSError(ctypes.get_errno(), f"inotify_add_watch {self.data}")
-        self.wd = wd
+        self.wd = inotify.add_watch(self.fileno(), self.data, IN_MOVED_TO | IN_CREATE)
 
     def disarm(self) -> None:
         """Nothing waited for: no watch, no wake-ups."""
         if self.wd >= 0:
-            _libc.inotify_rm_watch(self.fd, self.wd)
+            inotify.rm_watch(self.fd, self.wd)
             self.wd = -1
 
     def read(self) -> set[int] | None:
         """Drain the watch: the ifindexes whose entries were written, None when the queue
         overflowed (any entry may have been written)."""
         out: set[int] | None = set()
-        while True:
-            try:
-                buf = os.read(self.fd, 65536)
-            except BlockingIOError:
-                return out
-            off = 0
-            while off + _EVENT.size <= len(buf):
-                _wd, mask, _cookie, length = _EVENT.unpack_from(buf, off)
-                raw = buf[off + _EVENT.size : off + _EVENT.size + length]
-                off += _EVENT.size + length
-                if mask & IN_Q_OVERFLOW:
-                    out = None
-                    continue
-                ifindex = ifindex_of(raw.rstrip(b"\0").decode(errors="replace"))
-                if ifindex is not None and out is not None:
-                    out.add(ifindex)
+        for mask, name in inotify.drain(self.fd):
+            if mask & IN_Q_OVERFLOW:
+                out = None
+            elif (ifindex := ifindex_of(name)) is not None and out is not None:
+                out.add(ifindex)
+        return out
 
     def close(self) -> None:
         if self.fd >= 0:
