@@ -25,7 +25,7 @@ from bpfailover.events import netlink
 from bpfailover.events.netlink import IFF_LOWER_UP, IFF_UP, Link
 from bpfailover.events.udev import UdevDb
 from bpfailover.model import config as configmod
-from bpfailover.ops import sdnotify
+from bpfailover.ops import cli, sdnotify
 
 MAC = "02:00:00:00:0a:01"
 UP = IFF_UP | IFF_LOWER_UP
@@ -568,8 +568,12 @@ def test_with_udev_a_replugged_vf_waits_for_its_name(
     h.send(Link(20, "eth0", IFF_LOWER_UP, MAC, 1500))  # more news, still the kernel's name
     assert h.wiring[0].opened == [] and "primary" not in grp.lowers
     assert [e["ifindex"] for e in events(caplog, "lower_udev_wait")] == [20]  # said once
+    (st,) = h.agent.publish().groups  # what failoverctl status shows meanwhile
+    assert st.waiting_for_udev == ("eth0",) and [lw.role for lw in st.lowers] == ["standby"]
+    assert "  waiting for udev to name it (not a lower yet): eth0" in cli.format_group(st)
     h.send(Link(20, "enp2s0", 0, MAC, 1500))  # udev renames it: what it waited for
     assert h.wiring[0].opened == [20]
+    assert h.agent.publish().groups[0].waiting_for_udev == ()
     assert grp.lowers["primary"].ifindex == 20 and grp.lowers["primary"].name == "enp2s0"
     assert [e["lower"] for e in events(caplog, "lower_registered")] == ["enp2s0"]
     (ready,) = events(caplog, "lower_udev_ready")

@@ -271,6 +271,7 @@ def test_status_table_and_json(lab: Lab) -> None:
             "speed_mbps",
             "mac_restored",
             "vlans",
+            "waiting_for_udev",
             "datapath_fallback",
             "degraded",
         }

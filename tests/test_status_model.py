@@ -62,6 +62,7 @@ def test_socket_json_keeps_its_keys() -> None:
         "speed_mbps",
         "mac_restored",
         "vlans",
+        "waiting_for_udev",
         "datapath_fallback",
     ]
     assert out["datapath_check"] == "on"

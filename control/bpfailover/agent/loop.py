@@ -238,8 +238,11 @@ class Agent:
     # -- the loop -------------------------------------------------------------------------
     def publish(self) -> AgentStatus:
         """A new snapshot of what the agent knows now, swapped in for the readers."""
+        held: dict[str, list[str]] = {}
+        for h in self.udev.held.values():
+            held.setdefault(h.group, []).append(h.link.ifname)
         self.snapshot = statusmod.snapshot(
-            self.groups.values(), self.started_at, self.scheduling, self.errors
+            self.groups.values(), self.started_at, self.scheduling, self.errors, held
         )
         return self.snapshot
 

@@ -4,7 +4,7 @@ types and their JSON; datapath/counters.py adds the counters when a request asks
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from types import MappingProxyType
 
 from bpfailover.model.groups import Group
@@ -16,7 +16,7 @@ from bpfailover.model.status import (
 )
 
 
-def group_status(grp: Group) -> GroupStatus:
+def group_status(grp: Group, waiting_for_udev: Sequence[str] = ()) -> GroupStatus:
     sw = grp.last_switch
     return GroupStatus(
         name=grp.name,
@@ -35,6 +35,7 @@ def group_status(grp: Group) -> GroupStatus:
         speed_mbps=grp.lowers[grp.active].speed_mbps if grp.active in grp.lowers else None,
         mac_restored=grp.mac_restored,
         vlans=tuple(sorted({v[1] for v in grp.vlans.values()})),
+        waiting_for_udev=tuple(sorted(waiting_for_udev)),
         lowers=tuple(
             LowerStatus(
                 name=lw.name,
@@ -68,12 +69,15 @@ def snapshot(
     started_at: float,
     scheduling: str,
     errors: Mapping[str, int] | None = None,
+    waiting_for_udev: Mapping[str, Sequence[str]] | None = None,
 ) -> AgentStatus:
-    """Built in the agent thread, which alone changes the groups and the error counts."""
+    """Built in the agent thread, which alone changes the groups and the error counts.
+    waiting_for_udev: group name -> the new lowers held for udev (agent/udevwait.py)."""
+    held = waiting_for_udev or {}
     return AgentStatus(
         pid=os.getpid(),
         started_at=started_at,
         scheduling=scheduling,
-        groups=tuple(group_status(g) for g in groups),
+        groups=tuple(group_status(g, held.get(g.name, ())) for g in groups),
         errors=MappingProxyType(dict(errors or {})),
     )

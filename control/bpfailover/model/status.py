@@ -158,6 +158,12 @@ class GroupStatus:
     vlans: tuple[int, ...] = _f(
         "VLAN ids on the failover device, each programmed into both lowers' filters", default=()
     )
+    waiting_for_udev: tuple[str, ...] = _f(
+        "netdevs with the group's MAC that appeared and are left alone until udev has named "
+        "them (at most 5 s each; the kernel's name, e.g. `eth0`); empty where udev does not "
+        "run for the agent's namespace",
+        default=(),
+    )
     datapath_fallback: tuple[Fallback, ...] | None = _f(
         "frames the datapath moved off a dead active lower on its own, by direction of the move",
         counter=True,

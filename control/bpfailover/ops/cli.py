@@ -169,6 +169,10 @@ def format_group(g: GroupStatus) -> list[str]:
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     for r in rows:
         out.append("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    if g.waiting_for_udev:
+        out.append(
+            "  waiting for udev to name it (not a lower yet): " + ", ".join(g.waiting_for_udev)
+        )
     sw = g.last_switch
     if sw is not None:
         out.append(
