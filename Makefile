@@ -3,7 +3,7 @@
 SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
-APT_PKGS := python3-bpfcc libbpfcc linux-headers-amd64 iproute2 iperf3 ethtool \
+APT_PKGS := python3-bpfcc libbpfcc linux-headers-amd64 iproute2 iperf3 ethtool curl \
             python3-venv python3-yaml kmod procps bpftool iputils-ping systemd \
             prometheus prometheus-node-exporter buildah debootstrap systemd-container
 STAMP := $(VENV)/.setup-stamp
