@@ -710,9 +710,13 @@ class _Sampler:
         m.g.req("write", path="/run/pg-sample.jsonl", data="")
         self.h = m.g.req("spawn", argv=argv, log="/run/pg-sample.jsonl")["h"]
 
-    def save(self, st: Streams, name: str) -> None:
+    def stop(self) -> None:
         with contextlib.suppress(VMError):
             self.m.g.req("kill", h=self.h)
+
+    def save(self, st: Streams, name: str) -> None:
+        self.stop()
+        with contextlib.suppress(VMError):
             data = self.m.g.req("read", path="/run/pg-sample.jsonl")["data"]
             t0 = self.guest0 + getattr(st, "t0", self.host0) - self.host0
             path = self.m.s.workdir / f"sample-{self.m.name}-{name}.jsonl"
@@ -726,10 +730,15 @@ def run_step(m: Mode, watch: TapWatch, step: str, trial: int) -> StepResult:
     watch.reset()
     fb0 = m.fallback_frames()
     sampler = _Sampler(m) if m.s.sample else None
-    if step == "host-migrate":
-        st = Streams(m, HM_STREAM_MAX_S, stoppable=True)
-    else:
-        st = Streams(m, STEP_DURATION[step])
+    try:
+        if step == "host-migrate":
+            st = Streams(m, HM_STREAM_MAX_S, stoppable=True)
+        else:
+            st = Streams(m, STEP_DURATION[step])
+    except BaseException:
+        if sampler is not None:
+            sampler.stop()  # nothing to save: the streams never started
+        raise
     try:
         try:
             STEPS[step](m, st, res.marks)
