@@ -46,6 +46,11 @@
 /* The agent alone moves this group's traffic (downdelay_ms > 0: the operator asked to
  * wait): the datapath does not fall back on its own. */
 #define FO_F_DP_HOLD 2
+/* Bits 8-9: the slot whose peers were last told of it (GARP/NA).  Only the agent reads
+ * them: one that adopts a datapath whose active slot was never told (its agent died
+ * between the flip and the notification) tells the peers; any other restart sends nothing. */
+#define FO_F_TOLD_SHIFT 8
+#define FO_F_TOLD_MASK (3 << FO_F_TOLD_SHIFT)
 
 /* fo_meta indexes. */
 #define FO_META_ABI 0

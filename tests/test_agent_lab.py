@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -523,5 +524,50 @@ def test_lowers_found_down_at_start_are_opened(lab: Lab) -> None:
         assert opened == {n.standby, n.primary}
         for dev in (n.standby, n.primary):
             assert lab.link(lab.guest, dev)["flags"] & 1  # type: ignore[index]  # IFF_UP
+    finally:
+        agent.cleanup()
+
+
+@pytest.mark.parametrize(
+    ("reselect", "active"),
+    [(r, a) for r in ("always", "better", "failure") for a in ("primary", "standby")],
+)
+def test_no_kind_of_restart_moves_traffic_or_tells_the_peers(
+    lab: Lab, reselect: str, active: str
+) -> None:
+    """SIGKILL, SIGTERM and SIGABRT (systemd's watchdog signal) each followed by a start:
+    the new agent adopts the active lower the datapath holds, whichever it is and whatever
+    `reselect` says, without a switch, a map write or a GARP/NA.  The standby is active
+    while the primary is usable again: under `always` because the primary waits a long
+    updelay (a VF inside its updelay at the restart), under `better` (same speed) and
+    `failure` because a usable active lower stays."""
+    updelay = 600_000 if reselect == "always" else 0
+    agent = labutil.bring_up(lab, policy={"reselect": reselect, "updelay_ms": updelay})
+    try:
+        n = lab.names(0)
+        if active == "standby":
+            lab.set_far_end(0, "primary", False)
+            agent.wait_active(n.standby)
+            lab.set_far_end(0, "primary", True)
+            agent.wait_for(
+                lambda: all(lw["usable"] for lw in agent.group()["lowers"]),
+                what="the primary usable again",
+            )
+        want = n.primary if active == "primary" else n.standby
+        assert agent.group()["active_lower"] == want
+        for sig in (signal.SIGKILL, signal.SIGTERM, signal.SIGABRT):
+            seen = {e: len(agent.events(e)) for e in ("switch", "notify", "renotify", "group")}
+            agent.stop(sig)
+            agent.start()
+            agent.wait_for(
+                lambda seen=seen: len(agent.events("group")) > seen["group"],
+                what="the group adopted",
+            )
+            assert agent.group()["active_lower"] == want, signal.Signals(sig).name
+            adopted = agent.events("group")[-1]["adopted_active"]
+            assert adopted == active, (signal.Signals(sig).name, adopted)
+            for e in ("switch", "notify", "renotify"):
+                assert len(agent.events(e)) == seen[e], (signal.Signals(sig).name, e, agent.tail())
+        assert ping(lab.guest, n.peer_v4)
     finally:
         agent.cleanup()

@@ -21,6 +21,7 @@ import pytest
 
 from bpfailover.agent.loop import REFUSED_RECHECK_MS, Agent
 from bpfailover.datapath.layout import ROLE_SLOTS
+from bpfailover.effects import notify
 from bpfailover.events import netlink
 from bpfailover.events.netlink import IFF_LOWER_UP, IFF_UP, Link
 from bpfailover.events.udev import UdevDb
@@ -37,6 +38,8 @@ class GroupRec:
     master_ifindex: int = 0
     peer_ifindex: int = 0
     override_slot: int = 0
+    name: str = ""
+    told: int = 0  # the real one keeps it in flags' bits
 
 
 class FakeDatapath:
@@ -64,6 +67,16 @@ class FakeDatapath:
         for k, v in fields.items():
             if hasattr(self.recs[g], k):
                 setattr(self.recs[g], k, v)
+
+    def groups(self) -> dict[str, int]:
+        return {rec.name: g for g, rec in self.recs.items()}
+
+    def told(self, g: int) -> int:
+        return self.recs[g].told
+
+    def set_told(self, g: int, slot: int) -> None:
+        self.writes.append(("set_told", g, slot))
+        self.recs[g].told = slot
 
     def active(self, g: int) -> int:
         return self.active_slot.get(g, 0)
@@ -147,16 +160,19 @@ class FakeWiring:
     def setup_group(
         self, name: str, mac: str, drop: bool = False, rx_path: str = "tc", **kw: Any
     ) -> int:
-        g = len(self.dp.recs) + 1
+        g = self.dp.groups().get(name) or len(self.dp.recs) + 1  # an earlier run's: adopted
         master, peer = 1_000_100 + g, 1_000_200 + g  # no such ifindex on the host
-        self.dp.recs[g] = GroupRec(master, peer)
+        if g not in self.dp.recs:
+            self.dp.recs[g] = GroupRec(master, peer, name=name)
         mtu = kw.get("mtu") or 1500
         self.kernel.links[master] = Link(master, name, UP, mac, mtu, peer, "veth")
         self.kernel.links[peer] = Link(peer, f"{name[:12]}_fo", 0, "", mtu, master, "veth")
         return g
 
     def register_lower(self, g: int, slot: int, ifindex: int, rx_path: str = "tc") -> None:
-        self.dp.set_lower(g, slot, ifindex)
+        # as the real one: only a flip fills the active slot; an adopted slot is not rewritten
+        if self.dp.active(g) != slot and self.dp.lower(g, slot) != ifindex:
+            self.dp.set_lower(g, slot, ifindex)
 
     def unregister_lower(self, g: int, slot: int, ifindex: int, gone: bool = False) -> None:
         if self.dp.lower(g, slot) == ifindex:
@@ -203,6 +219,15 @@ class Harness:
     clock: FakeClock
     wiring: list[FakeWiring]
     speeds: dict[str, int]
+    new_agent: Any = None  # () -> a started Agent on the same datapath, kernel and clock
+
+    def restart(self) -> list[tuple[Any, ...]]:
+        """The agent stops (or dies: nothing of it survives but the maps) and a new one
+        adopts the datapath; returns the maps written by the new one's start-up."""
+        self.agent.close()
+        n = len(self.dp.writes)
+        self.agent = self.new_agent()
+        return self.dp.writes[n:]
 
     def send(self, link: Link) -> None:
         """The kernel says something; the agent serves it (one loop turn, no waiting)."""
@@ -229,10 +254,10 @@ def standby(flags: int = UP) -> Link:
     return Link(11, "ens10s", flags, MAC, 1500)
 
 
-def config(tmp_path: Path, policy: str = "{}") -> configmod.Config:
+def config(tmp_path: Path, policy: str = "{}", garp_count: int = 0) -> configmod.Config:
     return configmod.parse_config(
         f"groups: [{{name: fo0, standby: ens10s, mac: '{MAC}', policy: {policy},"
-        " notify: {garp_count: 0}}]\n"
+        f" notify: {{garp_count: {garp_count}}}}}]\n"
         f"bpffs: {tmp_path / 'pins'}\ncontrol: {{socket: {tmp_path / 'c.sock'}}}\n"
     )
 
@@ -247,6 +272,7 @@ def make(tmp_path: Path) -> Iterator[Any]:
         speeds: dict[str, int] | None = None,
         udev: UdevDb | None = None,
         lower_hooks: Any = None,
+        garp_count: int = 0,
     ) -> Harness:
         (tmp_path / "pins").mkdir(exist_ok=True)
         dp = FakeDatapath(tmp_path / "pins")
@@ -259,19 +285,22 @@ def make(tmp_path: Path) -> Iterator[Any]:
             wirings.append(FakeWiring(d, kernel))
             return wirings[-1]
 
-        agent = Agent(
-            config(tmp_path, policy),
-            datapath=lambda _pin_dir: dp,  # type: ignore[arg-type,return-value]
-            wiring=wiring,  # type: ignore[arg-type]
-            links=kernel,
-            clock=clock,
-            speed=lambda name: (speed_table.get(name), "full"),
-            hooks=lambda _cfg, _links: None,  # no kernel hooks to read
-            udev=udev or UdevDb(tmp_path / "no-udev", check_netns=False),  # no udev here
-            lower_hooks=lower_hooks,
-        )
-        agent.start()
-        h = Harness(agent, dp, kernel, clock, wirings, speed_table)
+        def new_agent() -> Agent:
+            agent = Agent(
+                config(tmp_path, policy, garp_count),
+                datapath=lambda _pin_dir: dp,  # type: ignore[arg-type,return-value]
+                wiring=wiring,  # type: ignore[arg-type]
+                links=kernel,
+                clock=clock,
+                speed=lambda name: (speed_table.get(name), "full"),
+                hooks=lambda _cfg, _links: None,  # no kernel hooks to read
+                udev=udev or UdevDb(tmp_path / "no-udev", check_netns=False),  # no udev here
+                lower_hooks=lower_hooks,
+            )
+            agent.start()
+            return agent
+
+        h = Harness(new_agent(), dp, kernel, clock, wirings, speed_table, new_agent)
         made.append(h)
         return h
 
@@ -729,3 +758,112 @@ def test_other_netdevs_are_never_held(make: Any, udev_dir: Path) -> None:
     h.send(Link(30, "eth1", 0, "02:00:00:00:0b:01", 1500))
     h.send(Link(31, "ens10p.7", 0, MAC, 1500, kind="vlan", link=10))
     assert h.agent.udev.held == {}
+
+
+# -- a restart adopts what the datapath does and moves no traffic ---------------------------
+def _no_traffic_moved(writes: list[tuple[Any, ...]]) -> None:
+    moved = [w for w in writes if w[0] in ("flip", "set_lower", "set_told")]
+    assert moved == [], f"the restart wrote {moved}"
+
+
+def _standby_active(h: Harness, reselect: str) -> None:
+    """The standby carries traffic while the primary is usable again: under `always` only
+    while the primary waits its updelay, under failure/better because it stays."""
+    h.send(primary(flags=IFF_UP))  # carrier off: to the standby
+    h.send(primary())  # back
+    assert h.active == "standby", reselect
+
+
+@pytest.mark.parametrize("reselect", ["always", "better", "failure"])
+@pytest.mark.parametrize("active", ["primary", "standby"])
+def test_a_restart_moves_no_traffic_and_tells_nobody(
+    make: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    reselect: str,
+    active: str,
+) -> None:
+    sent: list[str] = []
+    monkeypatch.setattr(notify, "send", lambda dev, frames: sent.append(dev) or len(frames))
+    updelay = 60_000 if reselect == "always" else 0
+    h = make(
+        primary(),
+        standby(),
+        garp_count=1,
+        policy=f"{{reselect: {reselect}, updelay_ms: {updelay}}}",
+    )
+    if active == "standby":
+        _standby_active(h, reselect)
+    assert h.active == active
+    n_sent, n_switch = len(sent), len(events(caplog, "switch"))
+    h.clock.advance_ms(1000)
+    writes = h.restart()
+    _no_traffic_moved(writes)
+    assert h.active == active and h.carrier()
+    assert sent[n_sent:] == [], "peers told again"
+    assert len(events(caplog, "switch")) == n_switch
+    assert events(caplog, "renotify") == []
+    if reselect == "always" and active == "standby":
+        # the VF inside its updelay at the restart waits a full updelay from there
+        h.tick(updelay - 1)
+        assert h.active == "standby"
+        h.tick(1)
+        assert h.active == "primary" and h.dp.flips()[-1] == (PRIMARY, 10)
+
+
+def test_a_restart_keeps_the_override(make: Any) -> None:
+    h = make(primary(), standby())
+    assert h.agent.handle_request({"cmd": "set-primary", "group": "fo0", "lower": "ens10s"})["ok"]
+    assert h.active == "standby"
+    _no_traffic_moved(h.restart())
+    assert h.active == "standby" and h.agent.groups["fo0"].override == "standby"
+    h.send(standby(flags=IFF_UP))  # the override's lower fails: to the primary
+    assert h.active == "primary"
+    h.send(standby())  # ... and back when it returns: the override still holds
+    assert h.active == "standby"
+
+
+def test_a_switch_whose_peers_were_never_told_is_told_after_the_restart(
+    make: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sent: list[str] = []
+    monkeypatch.setattr(notify, "send", lambda dev, frames: sent.append(dev) or len(frames))
+    h = make(primary(), standby(), garp_count=1)
+    assert sent == ["ens10p"]
+
+    def dies(dev: str, frames: Any) -> int:
+        raise OSError("the agent died before its GARP went out")
+
+    monkeypatch.setattr(notify, "send", dies)
+    h.send(primary(flags=IFF_UP))  # to the standby: flipped, peers not told
+    assert h.active == "standby"
+    monkeypatch.setattr(notify, "send", lambda dev, frames: sent.append(dev) or len(frames))
+    writes = h.restart()
+    assert sent == ["ens10p", "ens10s"], "the restart told the peers of the standby"
+    assert [w for w in writes if w[0] == "flip"] == []
+    assert ("set_told", 1, STANDBY) in writes
+    sent.clear()
+    h.restart()
+    assert sent == [], "told once: the next restart says nothing"
+
+
+@pytest.mark.parametrize("updelay", [0, 5000])
+def test_a_vf_replugged_while_no_agent_ran_takes_no_traffic_before_the_decision(
+    make: Any, updelay: int
+) -> None:
+    h = make(primary(), standby(), policy=f"{{updelay_ms: {updelay}}}")
+    assert h.active == "primary" and h.dp.lower(1, PRIMARY) == 10
+    h.agent.close()
+    h.kernel.links.pop(10)  # unplugged and plugged back while no agent ran
+    h.kernel.links[20] = primary(ifindex=20)
+    n = len(h.dp.writes)
+    h.agent = h.new_agent()
+    writes = h.dp.writes[n:]
+    # the new ifindex lands in the primary slot only once that slot is no longer active
+    # (traffic went to the standby first, as a running agent's unplug would have done)
+    first_fill = writes.index(("set_lower", 1, PRIMARY, 20))
+    assert ("flip", 1, STANDBY, 11) in writes[:first_fill], writes
+    if updelay:
+        assert h.active == "standby", "the new VF waits its updelay"
+        h.tick(updelay)
+    assert h.active == "primary" and h.dp.flips()[-1] == (PRIMARY, 20)

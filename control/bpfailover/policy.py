@@ -145,6 +145,42 @@ def _speed(lower: LowerState | None) -> int:
     return (lower.speed_mbps or 0) if lower is not None else 0
 
 
+def resume(
+    active: Role | None,
+    override: Role | None,
+    lowers: Mapping[Role, LowerState],
+    cfg: PolicyConfig,
+    now_ms: int,
+) -> GroupPolicyState:
+    """The state an agent starts from when it adopts a running datapath, so that its first
+    decide() moves traffic only where the previous agent's would have.  `active`: the lower
+    the datapath sends through (None: none, or its device was replaced while no agent ran);
+    `override`: the operator's, as pinned; `lowers`: what is registered now.
+
+    The active lower counts as up (a loss is then debounced with downdelay, as it would
+    have been).  Another lower usable now is taken as one whose carrier just came up: how
+    long it has been up is not known, so it waits a full updelay before it can take over (a
+    VF inside its updelay at the restart keeps waiting).  With reselect failure or better a
+    usable active lower stays, whatever the other does."""
+    roles: dict[Role, RoleState] = {}
+    for role in ROLES:
+        lower = lowers.get(role)
+        if role == active and lower is not None and lower.present:
+            roles[role] = RoleState(True)
+        elif usable(lower) and cfg.updelay_ms > 0:
+            roles[role] = RoleState(False, now_ms + cfg.updelay_ms)
+        else:
+            roles[role] = RoleState(usable(lower))
+    return GroupPolicyState(
+        primary=roles["primary"],
+        standby=roles["standby"],
+        active=active,
+        override=override,
+        override_pending=override is not None and override != active,
+        started=True,  # a switch from here has a reason of its own, never "initial"
+    )
+
+
 def decide(
     prev: GroupPolicyState,
     lowers: Mapping[Role, LowerState],

@@ -18,7 +18,7 @@ from bpfailover.datapath.maps import Datapath, DatapathError, held_pin_dirs
 from bpfailover.effects.ethtool import driver_of
 from bpfailover.events import netlink
 from bpfailover.model import config as configmod
-from bpfailover.model.groups import Group
+from bpfailover.model.groups import Adopted, Group
 from bpfailover.ops.eventlog import event
 
 
@@ -170,6 +170,7 @@ def setup_group(
         if standby is None:
             raise _no_standby(gcfg)
         mac = links[standby].mac
+    existed = gcfg.name in dp.groups()  # an earlier run's datapath: adopted, not created
     try:
         gid = wiring.setup_group(
             gcfg.name,
@@ -196,7 +197,11 @@ def setup_group(
         grp.mac_restored += 1
         event("mac_restored", group=gcfg.name, found=found, mac=mac, when="start")
     grp.override = SLOT_NAMES.get(rec.override_slot)  # type: ignore[assignment]
-    grp.active = SLOT_NAMES.get(dp.active(gid))  # type: ignore[assignment]
+    slot = dp.active(gid)
+    grp.active = SLOT_NAMES.get(slot)  # type: ignore[assignment]
+    if existed:
+        grp.adopted = Adopted(grp.active, dp.lower(gid, slot) if slot else 0)
+    grp.told = SLOT_NAMES.get(dp.told(gid))  # type: ignore[assignment]
     event(
         "group",
         group=gcfg.name,

@@ -17,7 +17,7 @@ from bpfailover.datapath.attach import Wiring
 from bpfailover.datapath.layout import ROLE_SLOTS
 from bpfailover.datapath.maps import Datapath
 from bpfailover.effects import notify
-from bpfailover.model.groups import Group, Switch
+from bpfailover.model.groups import Adopted, Group, Switch
 from bpfailover.ops.eventlog import event
 
 # policy.decide's signature: the bench passes a traced one
@@ -59,6 +59,36 @@ class Switcher:
     def decide(self, grp: Group, t_event_ns: int, cause: str) -> None:
         """Ask the policy; switch if it says so; then the failover device's carrier."""
         lowers = {role: lw.state() for role, lw in grp.lowers.items()}
+        if grp.adopted is not None:
+            replaced = self._resume(grp, grp.adopted, lowers)
+            grp.adopted = None
+            if replaced is not None:
+                # re-plugged while no agent ran: decided as a running agent would have seen
+                # it, the old device gone first, then the new one registered
+                gone = {r: s for r, s in lowers.items() if r != replaced}
+                self._decide(grp, gone, t_event_ns, f"replaced {grp.lowers[replaced].name}")
+                if grp.active != replaced:
+                    self._fill(grp, replaced)  # no longer active: the new device's slot
+        self._decide(grp, lowers, t_event_ns, cause)
+
+    def _resume(
+        self, grp: Group, adopted: Adopted, lowers: dict[policy.Role, policy.LowerState]
+    ) -> policy.Role | None:
+        """The policy state of an adopted datapath (policy.resume); the active lower's role
+        when its slot holds a device that is no longer there but another of that role is."""
+        role = adopted.active
+        lower = grp.lowers.get(role) if role is not None else None
+        replaced = role if lower is not None and lower.ifindex != adopted.ifindex else None
+        grp.pstate = policy.resume(role, grp.override, lowers, grp.pcfg, self.now_ms())
+        return replaced
+
+    def _decide(
+        self,
+        grp: Group,
+        lowers: dict[policy.Role, policy.LowerState],
+        t_event_ns: int,
+        cause: str,
+    ) -> None:
         d = self.policy_decide(grp.pstate, lowers, grp.override, grp.pcfg, self.now_ms())
         grp.pstate = d.state
         grp.deadline_ms = d.next_deadline_ms
@@ -71,12 +101,16 @@ class Switcher:
             grp.carrier = d.carrier
             event("carrier", group=grp.name, on=d.carrier)
 
+    def _fill(self, grp: Group, role: policy.Role) -> None:
+        """The role's slot holds its registered lower (re-plugged: a new ifindex)."""
+        ifindex = grp.lowers[role].ifindex
+        if self.dp.lower(grp.gid, ROLE_SLOTS[role]) != ifindex:
+            self.dp.set_lower(grp.gid, ROLE_SLOTS[role], ifindex)
+
     def _flip(self, grp: Group, active: policy.Role | None) -> None:
         slot = ROLE_SLOTS[active] if active else 0
         if active is not None:
-            ifindex = grp.lowers[active].ifindex
-            if self.dp.lower(grp.gid, slot) != ifindex:  # (re)plugged: fill its slot first
-                self.dp.set_lower(grp.gid, slot, ifindex)
+            self._fill(grp, active)  # (re)plugged: its slot filled before the flip
         if self.fault is not None:
             self.fault.fire("before-flip")  # TEST-ONLY: decided, map not written
         self.dp.flip(grp.gid, slot)  # the switch itself: everything else comes after
@@ -115,10 +149,10 @@ class Switcher:
             self.notify_peers(grp, self.now_ms())
 
     def renotify(self, grp: Group) -> None:
-        """Adopted an active lower without switching: the run that switched to it may have
-        died before its GARP/NA went out (peers still send to the old port), so tell them
-        again.  Harmless when they already knew."""
-        if grp.active is None or grp.cfg.notify.garp_count <= 0:
+        """Adopted an active lower without switching: if the run that switched to it died
+        before its GARP/NA went out (peers still send to the old port, the pins say so),
+        tell them.  A restart whose peers were told sends nothing."""
+        if grp.active is None or grp.cfg.notify.garp_count <= 0 or grp.told == grp.active:
             return
         event("renotify", group=grp.name, via=grp.lowers[grp.active].name, why="adopted")
         grp.notify_due = [(self.now_ms(), grp.active, grp.cfg.notify.garp_count)]
@@ -140,6 +174,9 @@ class Switcher:
             try:
                 n = notify.send(lower.name, notify.frames_for(grp.mac, addrs))
                 event("notify", group=grp.name, via=lower.name, frames=n)
+                if grp.told != role:  # pinned: a restart then knows the peers were told
+                    self.dp.set_told(grp.gid, ROLE_SLOTS[role])
+                    grp.told = role
             except OSError as e:
                 event("notify_error", group=grp.name, via=lower.name, error=str(e))
             if left > 1:

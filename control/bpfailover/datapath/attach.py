@@ -304,6 +304,7 @@ class Wiring:
         keep_neighbours_without_carrier(name)
         flags = self.L.FO_F_INACTIVE_RX_DROP if inactive_rx_drop else 0
         flags |= self.L.FO_F_DP_HOLD if dp_hold else 0
+        flags |= self.dp.group(g).flags & self.L.FO_F_TOLD_MASK  # the agent's, kept
         self.dp.update_group(
             g, master_ifindex=master, peer_ifindex=peer, flags=flags, mac=mac
         )  # (override_slot is kept: it survives restarts)
@@ -339,11 +340,14 @@ class Wiring:
         return wrote
 
     def register_lower(self, g: int, slot: int, ifindex: int, rx_path: str = "tc") -> None:
-        """Make ifindex the group's lower in `slot` (never the active slot's ifindex
-        while it is active: the caller flips away first)."""
+        """Make ifindex the group's lower in `slot`.  The active slot is left as it is: only
+        a flip makes a device the one traffic goes to (the Switcher fills the slot first).
+        A running agent flips away before a lower goes, so this matters at start-up, when
+        a lower re-plugged while no agent ran registers into the slot the pins left active."""
         disable_ipv6(self.ipr.get_links(ifindex)[0].get_attr("IFLA_IFNAME"))
         self.dp.set_dev(ifindex, g, slot)
-        self.dp.set_lower(g, slot, ifindex)
+        if self.dp.active(g) != slot and self.dp.lower(g, slot) != ifindex:
+            self.dp.set_lower(g, slot, ifindex)
         pin = "prog_lower_ingress"
         attach_tc(self.ipr, ifindex, "ingress", self.dp.prog_fd(pin), self._label(pin))
         if rx_path == "xdp":

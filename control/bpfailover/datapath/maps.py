@@ -222,6 +222,14 @@ class Datapath:
                 setattr(rec, key, int(value))
         bpfsys.map_update(self.fds["fo_group"], _u32(g), bytes(rec))
 
+    def told(self, g: int) -> int:
+        """The slot whose peers were last told of it (GARP/NA), 0: none."""
+        return (self.group(g).flags & self.L.FO_F_TOLD_MASK) >> self.L.FO_F_TOLD_SHIFT
+
+    def set_told(self, g: int, slot: int) -> None:
+        flags = self.group(g).flags & ~self.L.FO_F_TOLD_MASK
+        self.update_group(g, flags=flags | (slot << self.L.FO_F_TOLD_SHIFT))
+
     def groups(self) -> dict[str, int]:
         """name -> group id of every group in use."""
         out = {}

@@ -32,6 +32,16 @@ class Lower:
 
 
 @dataclass(frozen=True)
+class Adopted:
+    """What a running datapath was doing when this agent adopted it: the active lower and
+    the ifindex its slot holds.  The agent's first decision starts from it (policy.resume)
+    instead of from nothing, so a restart moves no traffic of its own."""
+
+    active: Role | None
+    ifindex: int
+
+
+@dataclass(frozen=True)
 class Switch:
     wall_time: float
     from_role: Role | None
@@ -54,6 +64,8 @@ class Group:
     lowers: dict[Role, Lower] = field(default_factory=dict)
     override: Role | None = None
     active: Role | None = None  # what the datapath map holds
+    adopted: Adopted | None = None  # set at start-up from the pins; the first decide() uses it
+    told: Role | None = None  # the lower whose peers were last told of it (pinned)
     carrier: bool | None = None
     mtu: int = 0
     deadline_ms: int | None = None
