@@ -17,9 +17,11 @@ from bpfailover.policy import (
     GroupPolicyState,
     LowerState,
     PolicyConfig,
+    Reselect,
     Role,
     RoleState,
     decide,
+    resume,
     usable,
 )
 
@@ -373,3 +375,40 @@ def test_random_sequences_keep_invariants(
             due = decide(d.state, lowers, override, cfg, d.next_deadline_ms)
             assert due.next_deadline_ms is None or due.next_deadline_ms > d.next_deadline_ms
         state = d.state
+
+
+# -- resume: the state an agent starts from when it adopts a running datapath --------------
+@pytest.mark.parametrize("reselect", ["always", "better", "failure"])
+@pytest.mark.parametrize("active", ["primary", "standby"])
+def test_resume_keeps_a_usable_active_lower(reselect: Reselect, active: Role) -> None:
+    cfg = PolicyConfig(reselect, updelay_ms=500)
+    lowers = lowers_of(primary=UP, standby=UP)
+    s = resume(active, None, lowers, cfg, 1000)
+    d = decide(s, lowers, None, cfg, 1000)
+    assert (d.active, d.switched) == (active, False)
+    if active == "standby":  # the other one waits a full updelay from the restart
+        d = decide(d.state, lowers, None, cfg, 1499)
+        assert d.active == "standby"
+        d = decide(d.state, lowers, None, cfg, 1500)
+        want = "primary" if reselect == "always" else "standby"
+        assert d.active == want and d.reason == ("primary_up" if d.switched else "")
+
+
+def test_resume_a_lost_active_lower_is_a_switch_with_its_reason() -> None:
+    cfg = PolicyConfig()
+    down = LowerState(present=True, admin_up=True, carrier=False)
+    s = resume("primary", None, lowers_of(primary=down, standby=UP), cfg, 0)
+    d = decide(s, lowers_of(primary=down, standby=UP), None, cfg, 0)
+    assert (d.active, d.reason) == ("standby", "primary_down")
+    s = resume(None, None, lowers_of(standby=UP), cfg, 0)  # nothing was active
+    d = decide(s, lowers_of(standby=UP), None, cfg, 0)
+    assert (d.active, d.reason) == ("standby", "standby_up")
+
+
+def test_resume_keeps_an_override_that_still_waits_for_its_lower() -> None:
+    cfg = PolicyConfig("failure", updelay_ms=100)
+    lowers = lowers_of(primary=UP, standby=UP)
+    s = resume("primary", "standby", lowers, cfg, 0)
+    assert s.override_pending
+    d = decide(s, lowers, "standby", cfg, 100)  # after its updelay, despite `failure`
+    assert (d.active, d.reason) == ("standby", "override")
