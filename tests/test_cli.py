@@ -38,6 +38,29 @@ def test_degraded_reasons() -> None:
     ]
 
 
+def test_redundancy_lost_only_after_the_grace() -> None:
+    g = replace(group("standby", False, True), single_since=1000.0, redundancy_grace_s=300)
+    assert cli.degraded_reasons(g) == []  # an unplanned failover: traffic flows
+    assert cli.redundancy_reasons(g, now=1299.0) == []  # a migration's unplug stays below
+    why = cli.redundancy_reasons(g, now=1300.0)
+    assert len(why) == 1 and "only one usable lower" in why[0] and "primary not usable" in why[0]
+    assert cli.redundancy_reasons(group("primary", True, True), now=1e12) == []
+
+
+def test_check_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
+    now = time.time()
+    lost = replace(group("standby", False, True), single_since=now - 400, redundancy_grace_s=300)
+    fine = replace(group("primary", True, True), name="ens20")
+    dead = replace(group(None, False, False), name="ens30", single_since=now - 400)
+    assert cli.check(agent(fine), None) == cli.EXIT_OK
+    assert cli.check(agent(fine, lost), None) == cli.EXIT_NOT_REDUNDANT == 6
+    assert "ens10: redundancy lost: only one usable lower" in capsys.readouterr().err
+    assert cli.check(agent(fine, lost), "ens20") == cli.EXIT_OK  # only the group asked for
+    assert cli.check(agent(lost, dead), None) == cli.EXIT_DEGRADED  # 4 wins over 6
+    assert cli.check(agent(), None) == cli.EXIT_DEGRADED  # no group: nothing is failed over
+    assert "runs no failover group" in capsys.readouterr().err
+
+
 def test_socket_path_resolution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = tmp_path / "c.yaml"
     cfg.write_text(
@@ -273,6 +296,8 @@ def test_status_table_and_json(lab: Lab) -> None:
             "vlans",
             "waiting_for_udev",
             "datapath_fallback",
+            "single_since",
+            "redundancy_grace_s",
             "degraded",
         }
         assert (g["group"], g["device"], g["mac"]) == (n.failover, n.failover, n.mac)
@@ -374,6 +399,26 @@ def test_status_check_degraded(lab: Lab) -> None:
         p = ctl("status", "--check", "--json", socket=run.socket)
         assert p.returncode == 4 and "override" in p.stderr
         assert json.loads(p.stdout)["groups"][0]["degraded"]
+
+
+@pytest.mark.root
+def test_status_check_redundancy_lost_and_no_group(lab: Lab) -> None:
+    """The standby left down after a migration (here: the grace set to 0 s) shows as exit 6
+    and in the metric; after the last group is torn down --check is not healthy either."""
+    with agent_in_lab(lab, redundancy_grace_s=0) as run:
+        n = lab.names(0)
+        assert ctl("status", "--check", socket=run.socket).returncode == 0
+        lab.set_far_end(0, "standby", False)
+        run.wait_for(lambda: not status_json(run)["groups"][0]["lowers"][1]["usable"])
+        p = ctl("status", "--check", socket=run.socket)
+        assert p.returncode == 6, (p.stdout, p.stderr)
+        assert "redundancy lost: only one usable lower" in p.stderr and "standby" in p.stderr
+        assert "REDUNDANCY LOST" in p.stdout
+        lab.set_far_end(0, "standby", True)
+        run.wait_for(lambda: ctl("status", "--check", socket=run.socket).returncode == 0)
+        assert ctl("teardown", n.failover, "--yes", socket=run.socket).returncode == 0
+        p = ctl("status", "--check", socket=run.socket)
+        assert p.returncode == 4 and "runs no failover group" in p.stderr
 
 
 @pytest.mark.root

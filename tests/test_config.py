@@ -293,7 +293,7 @@ def test_config_reference_is_generated_from_the_model() -> None:
             assert not line.rstrip().endswith("|  |"), f"no description: {line}"
     keys = {ln.split("`")[1] for ln in p.stdout.splitlines() if ln.startswith("| `")}
     assert {"groups[].policy.updelay_ms", "log.level", "control.group", "bpffs"} <= keys
-    assert len(keys) == 28
+    assert len(keys) == 29
 
 
 def test_minimal_config_defaults() -> None:

@@ -51,6 +51,7 @@ ALL_NAMES = {
     "failover_datapath_attached",
     "failover_lower_speed_mbps",
     "failover_mac_restored_total",
+    "failover_redundancy_lost",
 }
 
 

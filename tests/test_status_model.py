@@ -64,6 +64,8 @@ def test_socket_json_keeps_its_keys() -> None:
         "vlans",
         "waiting_for_udev",
         "datapath_fallback",
+        "single_since",
+        "redundancy_grace_s",
     ]
     assert out["datapath_check"] == "on"
     assert g["datapath_fallback"] == [

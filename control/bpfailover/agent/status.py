@@ -36,6 +36,8 @@ def group_status(grp: Group, waiting_for_udev: Sequence[str] = ()) -> GroupStatu
         mac_restored=grp.mac_restored,
         vlans=tuple(sorted({v[1] for v in grp.vlans.values()})),
         waiting_for_udev=tuple(sorted(waiting_for_udev)),
+        single_since=grp.single_since,
+        redundancy_grace_s=grp.cfg.redundancy_grace_s,
         lowers=tuple(
             LowerStatus(
                 name=lw.name,

@@ -100,6 +100,10 @@ class Switcher:
             self.wiring.set_carrier(grp.peer, d.carrier)
             grp.carrier = d.carrier
             event("carrier", group=grp.name, on=d.carrier)
+        redundant = sum(lw.usable for lw in grp.lowers.values()) == 2
+        if redundant == (grp.single_since is not None):
+            grp.single_since = None if redundant else self.clock.time()
+            event("redundancy", group=grp.name, redundant=redundant)
 
     def _fill(self, grp: Group, role: policy.Role) -> None:
         """The role's slot holds its registered lower (re-plugged: a new ifindex)."""

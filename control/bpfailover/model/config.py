@@ -278,6 +278,14 @@ class Group(_Model):
         "PACKET_ADD_MEMBERSHIP); IP joins, macvlans and VLANs on top are synced at once by "
         "events.  0: only on events",
     )
+    redundancy_grace_s: Annotated[int, AfterValidator(_in_range(0, 86400))] = Field(
+        default=300,
+        description="seconds a group may run with fewer than two usable lowers before "
+        "its redundancy counts as lost (`failoverctl status --check` exits 6, the metric "
+        "`failover_redundancy_lost` is 1): long enough for a migration's VF unplug, short "
+        "enough that a standby left down, or a VF never plugged back, is seen before the "
+        "next unplug cuts the guest off",
+    )
 
     @property
     def standby_name(self) -> str | None:

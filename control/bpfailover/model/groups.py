@@ -66,6 +66,8 @@ class Group:
     active: Role | None = None  # what the datapath map holds
     adopted: Adopted | None = None  # set at start-up from the pins; the first decide() uses it
     told: Role | None = None  # the lower whose peers were last told of it (pinned)
+    # wall time since when fewer than two lowers have been usable (None: both are)
+    single_since: float | None = None
     carrier: bool | None = None
     mtu: int = 0
     deadline_ms: int | None = None

@@ -170,8 +170,24 @@ class GroupStatus:
         default=None,
     )
 
+    single_since: float | None = _f(
+        "wall time since when fewer than two lowers have been usable, seconds since the "
+        "epoch (null: both are)",
+        default=None,
+    )
+    redundancy_grace_s: int = _f(
+        "seconds with fewer than two usable lowers before redundancy counts as lost "
+        "(config `redundancy_grace_s`)",
+        default=300,
+    )
+
     def lower(self, role: str | None) -> LowerStatus | None:
         return next((lw for lw in self.lowers if lw.role == role), None)
+
+    def redundancy_lost(self, now: float) -> bool:
+        """Fewer than two usable lowers for longer than the grace: the next failure of the
+        one left cuts the guest off."""
+        return self.single_since is not None and now - self.single_since >= self.redundancy_grace_s
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -7,7 +7,8 @@
     failoverctl doctor [--netns NAME]
 
 Exit codes (docs/operators.md): 0 ok, 1 failed (the agent refused: its reason on stderr),
-2 usage, 3 agent unreachable, 4 degraded (`status --check`), 5 timed out (`set-primary --wait`).
+2 usage, 3 agent unreachable, 4 degraded (`status --check`), 5 timed out (`set-primary --wait`),
+6 redundancy lost (`status --check`: traffic flows, but through the one usable lower left).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
 EXIT_DEGRADED = 4
 EXIT_TIMEOUT = 5
+EXIT_NOT_REDUNDANT = 6
 
 DEFAULT_SOCKET = "/run/bpfailover/control.sock"
 
@@ -121,6 +123,20 @@ def degraded_reasons(group: GroupStatus) -> list[str]:
     return []
 
 
+def redundancy_reasons(group: GroupStatus, now: float) -> list[str]:
+    """Why `status --check` says a group's redundancy is lost (empty: it has it, or lost it
+    for less than its grace, as during a migration's VF unplug)."""
+    if not group.redundancy_lost(now):
+        return []
+    assert group.single_since is not None
+    gone = [r for r in ("primary", "standby") if not (lw := group.lower(r)) or not lw.usable]
+    since = _ago(group.single_since)
+    return [
+        f"only one usable lower since {since} ({' and '.join(gone)} not usable): the next "
+        "failure cuts the guest off"
+    ]
+
+
 def status_document(st: AgentStatus, only: str | None = None) -> dict[str, Any]:
     """The stable `status --json` document (docs/status-schema.md)."""
     return st.document(degraded_reasons, only)
@@ -143,7 +159,14 @@ def _ago(t: float | None) -> str:
 
 def format_group(g: GroupStatus) -> list[str]:
     degraded = degraded_reasons(g)
-    state = "DEGRADED: " + "; ".join(degraded) if degraded else "ok"
+    lost = redundancy_reasons(g, time.time())
+    state = (
+        "DEGRADED: " + "; ".join(degraded)
+        if degraded
+        else "REDUNDANCY LOST: " + "; ".join(lost)
+        if lost
+        else "ok"
+    )
     out = [
         f"{g.name}: active {g.active_lower or 'none'} ({g.active or '-'}), "
         f"override {g.override or 'auto'}, carrier {'on' if g.carrier else 'off'}, "
@@ -217,8 +240,9 @@ class Status:
         p.add_argument(
             "--check",
             action="store_true",
-            help="exit 4 if a group is degraded (no usable lower, or on the "
-            "standby while the primary is usable)",
+            help="exit 4 if a group is degraded (no usable lower, or on the standby while "
+            "the primary is usable) or there is no group; else 6 if a group has had only one "
+            "usable lower for longer than its redundancy_grace_s (default 300)",
         )
 
     @staticmethod
@@ -232,17 +256,28 @@ class Status:
         else:
             print(format_table(st, args.group))
         if args.check:
-            bad = [
-                (g.name, r)
-                for g in sorted(st.groups, key=lambda g: g.name)
-                if args.group in (None, g.name)
-                for r in degraded_reasons(g)
-            ]
-            for name, reason in bad:
-                print(f"failoverctl: {name}: degraded: {reason}", file=sys.stderr)
-            if bad:
-                return EXIT_DEGRADED
+            return check(st, args.group)
         return EXIT_OK
+
+
+def check(st: AgentStatus, only: str | None) -> int:
+    """`status --check`: 4 degraded (traffic dropped, or the standby carries it while the
+    primary is usable; no group at all), else 6 when a group's redundancy is lost, else 0."""
+    groups = [g for g in sorted(st.groups, key=lambda g: g.name) if only in (None, g.name)]
+    if not groups:
+        print("failoverctl: degraded: failoverd runs no failover group", file=sys.stderr)
+        return EXIT_DEGRADED
+    now = time.time()
+    code = EXIT_OK
+    for g in groups:
+        for reason in degraded_reasons(g):
+            print(f"failoverctl: {g.name}: degraded: {reason}", file=sys.stderr)
+            code = EXIT_DEGRADED
+    for g in groups:
+        for reason in redundancy_reasons(g, now):
+            print(f"failoverctl: {g.name}: redundancy lost: {reason}", file=sys.stderr)
+            code = code or EXIT_NOT_REDUNDANT
+    return code
 
 
 class SetPrimary:

@@ -242,6 +242,13 @@ class FailoverCollector(Collector):
             labels=["state"],
         )
         check.add_metric([dp.datapath_check()], 1)
+        lost = GaugeMetricFamily(
+            "failover_redundancy_lost",
+            "1 once fewer than two lowers have been usable for longer than the group's "
+            "redundancy_grace_s: traffic flows, but the next failure cuts the guest off",
+            labels=["device"],
+        )
+        now = time.time()
         attach_state = _attachments(groups, _our_prog_ids(self.agent))
         for g in groups:
             gid = g.gid
@@ -265,6 +272,7 @@ class FailoverCollector(Collector):
                     ctr[(d, k)].add_metric([g.name, lw.name], n)
             active.add_metric([g.name, "none", "none"], 0 if found else 1)
             mac_restored.add_metric([g.name], g.mac_restored)
+            lost.add_metric([g.name], 1 if g.redundancy_lost(now) else 0)
             # every reason from 0: increase() then sees the first switch of each kind
             counts: dict[str, int] = {**dict.fromkeys(SWITCH_REASONS, 0), **g.switches}
             for reason, n in sorted(counts.items()):
@@ -283,7 +291,7 @@ class FailoverCollector(Collector):
             for hook, ok in attach_state.get(g.name, {}).items():
                 attached.add_metric([g.name, hook], 1 if ok else 0)
         yield from (active, up, switches, last, dur, *ctr.values(), drops, fallback, check)
-        yield from (attached, speed, mac_restored)
+        yield from (attached, speed, mac_restored, lost)
 
 
 def _initial_latencies(agent: StatusSource) -> Iterable[tuple[str, float]]:
