@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -571,3 +573,115 @@ def test_no_kind_of_restart_moves_traffic_or_tells_the_peers(
         assert ping(lab.guest, n.peer_v4)
     finally:
         agent.cleanup()
+def _ip_batch(ns: str, lines: list[str]) -> None:
+    proc = subprocess.run(
+        ["ip", "-n", ns, "-batch", "-"],
+        input="\n".join(lines) + "\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-500:]
+
+
+def _wait(pred: Any, what: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_overflow_with_older_state_queued_ends_in_the_kernels_state(
+    lab: Lab, pin_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An in-process agent whose event socket has a tiny receive buffer (handed in, not
+    read from the environment), its loop paused: both lowers lose carrier (queued), a
+    veth flaps 200 times (the buffer fills, the kernel drops the rest: ENOBUFS), then both
+    lowers get carrier back (dropped).  Resumed, the agent's view and the datapath map are
+    the kernel's (both up, traffic on the primary), not the stale queue's (both down)."""
+    from bpfailover.agent.loop import Agent
+    from bpfailover.agent.ports import Netlink
+    from bpfailover.events.udev import UdevDb
+    from bpfailover.model import config as configmod
+
+    caplog.set_level(logging.INFO, logger="bpfailover.events")
+    lab.up()
+    n = lab.names(0)
+    cfg = configmod.parse_config(
+        json.dumps(
+            {
+                "groups": [{"name": n.failover, "standby": n.standby}],
+                "bpffs": str(pin_dir),
+                "control": {"socket": str(tmp_path / "c.sock")},
+            }
+        )
+    )
+    no_udev = UdevDb(tmp_path / "no-udev", check_netns=False)
+    agent = Agent(cfg, links=Netlink(rcvbuf=4096), udev=no_udev)
+
+    def turns(k: int = 10) -> None:
+        with netns.entered(lab.guest):
+            for _ in range(k):
+                agent.run_once(wait=False)
+
+    def lower_up(dev: str, up: bool) -> bool:
+        info = lab.link(lab.guest, dev)
+        return info is not None and bool(info["flags"] & IFF_LOWER_UP) == up
+
+    try:
+        with netns.entered(lab.guest):
+            agent.start()
+        turns()
+        grp = agent.groups[n.failover]
+        assert grp.active == "primary"
+        first = agent.events
+        overflows = len([e for e in _events(caplog) if e.get("event") == "netlink_overflow"])
+        # the loop paused from here: nothing is read
+        _ip_batch(lab.hv, [f"link set {lab.far_end(0, 'primary')} down"])
+        _ip_batch(lab.hv, [f"link set {lab.far_end(0, 'standby')} down"])
+        _wait(lambda: lower_up(n.primary, False) and lower_up(n.standby, False), "carrier off")
+        flaps = ["link add ofl0 type veth peer name ofl1", "link set ofl1 up"]
+        flaps += ["link set ofl0 up", "link set ofl0 down"] * 200
+        _ip_batch(lab.guest, flaps)
+        _ip_batch(lab.hv, [f"link set {lab.far_end(0, r)} up" for r in ("primary", "standby")])
+        _wait(lambda: lower_up(n.primary, True) and lower_up(n.standby, True), "carrier on")
+        turns()  # resumed: enough turns to read whatever was left queued
+        assert len([e for e in _events(caplog) if e.get("event") == "netlink_overflow"]) > overflows
+        kernel = {
+            role: lab.link(lab.guest, dev)
+            for role, dev in (("primary", n.primary), ("standby", n.standby))
+        }
+        for role, info in kernel.items():
+            assert info is not None
+            lw = grp.lowers[role]  # type: ignore[index]
+            assert (lw.ifindex, lw.carrier) == (info["ifindex"], True), role
+        assert agent.dp is not None
+        slot = agent.dp.L.FO_SLOT_PRIMARY
+        assert grp.active == "primary"
+        assert agent.dp.active(grp.gid) == slot
+        assert agent.dp.lower(grp.gid, slot) == kernel["primary"]["ifindex"]  # type: ignore[index]
+        assert agent.events is not first  # a fresh socket, the queue gone with the old one
+        # the fresh socket is the one the loop serves: the next event is acted on
+        lab.set_far_end(0, "primary", False)
+        _wait(lambda: lower_up(n.primary, False), "primary carrier off")
+        deadline = time.monotonic() + 20
+        while grp.active != "standby" and time.monotonic() < deadline:
+            turns(1)
+            time.sleep(0.05)
+        assert grp.active == "standby"
+        assert agent.dp.active(grp.gid) == agent.dp.L.FO_SLOT_STANDBY
+    finally:
+        agent.close()
+
+
+def _events(caplog: pytest.LogCaptureFixture) -> list[dict[str, Any]]:
+    out = []
+    for rec in caplog.records:
+        try:
+            ev = json.loads(rec.getMessage())
+        except ValueError:
+            continue
+        if isinstance(ev, dict):
+            out.append(ev)
+    return out

@@ -273,10 +273,11 @@ def make(tmp_path: Path) -> Iterator[Any]:
         udev: UdevDb | None = None,
         lower_hooks: Any = None,
         garp_count: int = 0,
+        kernel_type: type[FakeKernel] | None = None,
     ) -> Harness:
         (tmp_path / "pins").mkdir(exist_ok=True)
         dp = FakeDatapath(tmp_path / "pins")
-        kernel = FakeKernel(*links)
+        kernel = (kernel_type or FakeKernel)(*links)
         clock = FakeClock()
         wirings: list[FakeWiring] = []
         speed_table = dict(speeds or {})
@@ -867,3 +868,131 @@ def test_a_vf_replugged_while_no_agent_ran_takes_no_traffic_before_the_decision(
         assert h.active == "standby", "the new VF waits its updelay"
         h.tick(updelay)
     assert h.active == "primary" and h.dp.flips()[-1] == (PRIMARY, 20)
+class QueuedSocket:
+    """One subscribed socket of OverflowKernel: its own queue; on overflow, as the kernel
+    does, ENOBUFS first (the newest events dropped) and the older events still queued."""
+
+    def __init__(self) -> None:
+        self.rx, self.tx = socket.socketpair()
+        self.rx.setblocking(False)
+        self.queue: list[netlink.Event] = []
+        self.overflowed = self.closed = False
+
+    def fileno(self) -> int:
+        return self.rx.fileno()
+
+    def read(self) -> list[netlink.Event]:
+        if self.overflowed:
+            self.overflowed = False
+            raise netlink.Overflow()  # the socket stays readable: its queue is still there
+        with contextlib.suppress(BlockingIOError):
+            self.rx.recv(4096)
+        out, self.queue = self.queue, []
+        return out
+
+    def close(self) -> None:
+        self.closed = True
+        self.rx.close()
+        self.tx.close()
+
+
+class OverflowKernel(FakeKernel):
+    """A socket per subscription; the kernel can change a link or an address without
+    queuing the event (dropped: the socket overflowed)."""
+
+    def __init__(self, *links: Link) -> None:
+        super().__init__(*links)
+        self.socks: list[QueuedSocket] = []
+        self.addrs: set[netlink.Addr] = set()
+
+    def subscribe(self) -> QueuedSocket:  # type: ignore[override]
+        self.socks.append(QueuedSocket())
+        return self.socks[-1]
+
+    def dump_addrs(self) -> list[netlink.Addr]:
+        return sorted(self.addrs, key=lambda a: a.address)
+
+    def change(self, ev: netlink.Event, dropped: bool = False) -> None:
+        if isinstance(ev, netlink.Addr):
+            (self.addrs.discard if ev.deleted else self.addrs.add)(replace(ev, deleted=False))
+        elif ev.deleted:
+            self.links.pop(ev.ifindex, None)
+        else:
+            self.links[ev.ifindex] = ev
+        for sock in self.socks:
+            if sock.closed:
+                continue
+            if dropped:
+                sock.overflowed = True
+            else:
+                sock.queue.append(ev)
+            sock.tx.send(b"!")
+
+    def send(self, link: Link) -> None:
+        self.change(link)
+
+    def shutdown(self) -> None:
+        for sock in self.socks:
+            if not sock.closed:
+                sock.close()
+        super().shutdown()
+
+
+def test_after_an_overflow_the_older_queued_events_are_never_applied(
+    make: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """ENOBUFS with older events queued behind it: the agent ends with the kernel's state
+    (both lowers up, the address gone), not the stale queue's (both down, the address)."""
+    caplog.set_level(logging.INFO, logger="bpfailover.events")
+    h = make(primary(), standby(), kernel_type=OverflowKernel)
+    k = h.kernel
+    assert isinstance(k, OverflowKernel)
+    first = k.socks[-1]
+    addr = netlink.Addr(10, socket.AF_INET, "198.18.0.7", 24)
+    k.change(primary(flags=IFF_UP))  # queued while the agent is busy elsewhere
+    k.change(standby(flags=IFF_UP))
+    k.change(addr)
+    k.change(primary(), dropped=True)  # the buffer is full: the newest are lost
+    k.change(standby(), dropped=True)
+    k.change(replace(addr, deleted=True), dropped=True)
+    flips_before = len(h.dp.flips())
+    for _ in range(3):  # enough turns for a queue left behind to be read
+        h.agent.run_once(wait=False)
+    assert events(caplog, "netlink_overflow")
+    assert h.dp.flips()[flips_before:] == []  # neither the stale "both down" nor a way back
+    assert h.active == "primary" and h.dp.active(1) == PRIMARY and h.carrier()
+    grp = h.agent.groups["fo0"]
+    assert all(lw.carrier and lw.admin_up for lw in grp.lowers.values())
+    assert h.agent.addrs.get(10, set()) == set()
+    # the old socket and its queue are gone; the fresh one is the one served
+    assert first.closed and len(k.socks) == 2 and h.agent.events is k.socks[1]
+    h.send(primary(flags=IFF_UP))
+    assert h.dp.flips()[-1] == (STANDBY, 11) and h.active == "standby"
+
+
+def test_a_dump_interrupted_on_every_try_is_read_again_later(
+    make: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """After an overflow the dump keeps being interrupted (NLM_F_DUMP_INTR each try): the
+    agent logs it, keeps the fresh socket, and reads everything again shortly."""
+    caplog.set_level(logging.INFO, logger="bpfailover.events")
+    h = make(primary(), standby(), kernel_type=OverflowKernel)
+    k = h.kernel
+    assert isinstance(k, OverflowKernel)
+    k.change(primary(flags=IFF_UP), dropped=True)
+    real_dump, busy = k.dump_links, [True]
+
+    def dump_links() -> list[Link]:
+        if busy[0]:
+            raise netlink.DumpInterrupted(11, "rtnetlink dump interrupted by changes")
+        return real_dump()
+
+    k.dump_links = dump_links  # type: ignore[method-assign]
+    h.agent.run_once(wait=False)
+    err = events(caplog, "agent_error")[-1]
+    assert err["where"] == "reconcile" and "interrupted" in err["error"]
+    assert h.agent.reconcile_due_ms is not None and h.active == "primary"
+    busy[0] = False
+    h.tick(1000)
+    assert h.active == "standby" and h.dp.flips()[-1] == (STANDBY, 11)
+    assert h.agent.reconcile_due_ms is None

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import socket
 import struct
+from typing import Any
+
+import pytest
 
 from bpfailover.events import netlink
 
@@ -12,12 +16,16 @@ def _rta(t: int, payload: bytes) -> bytes:
     return struct.pack("=HH", n, t) + payload + b"\0" * ((-n) % 4)
 
 
-def _newlink(ifindex: int, name: str, linkinfo: bytes) -> bytes:
+def _newlink(ifindex: int, name: str, linkinfo: bytes, flags: int = 0) -> bytes:
     body = struct.pack("=BxHiII", 0, 1, ifindex, 0x1, 0)
     body += _rta(netlink.IFLA_IFNAME, name.encode() + b"\0")
     body += _rta(netlink.IFLA_LINK, struct.pack("=i", 7))
     body += _rta(netlink.IFLA_LINKINFO, linkinfo)
-    return struct.pack("=IHHII", 16 + len(body), netlink.RTM_NEWLINK, 0, 0, 0) + body
+    return struct.pack("=IHHII", 16 + len(body), netlink.RTM_NEWLINK, flags, 0, 0) + body
+
+
+def _done(flags: int = 0) -> bytes:
+    return struct.pack("=IHHIIi", 20, netlink.NLMSG_DONE, flags, 0, 0, 0)
 
 
 def test_vlan_id_and_protocol_of_a_vlan_link() -> None:
@@ -34,3 +42,72 @@ def test_no_vlan_for_other_kinds_or_without_data() -> None:
     (bare,), _ = netlink.parse(_newlink(9, "v0", _rta(netlink.IFLA_INFO_KIND, b"vlan\0")))
     assert isinstance(mv, netlink.Link) and isinstance(bare, netlink.Link)
     assert (mv.kind, mv.vlan, bare.vlan) == ("macvlan", None, None)
+
+
+class FakeDumpSocket:
+    """A netlink socket that answers each dump request with the next scripted reply."""
+
+    def __init__(self, replies: list[list[bytes]], requests: list[bytes]) -> None:
+        self.replies, self.requests = replies, requests
+        self.pending: list[bytes] = []
+
+    def __enter__(self) -> FakeDumpSocket:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        pass
+
+    def bind(self, _addr: Any) -> None:
+        pass
+
+    def send(self, data: bytes) -> None:
+        self.requests.append(data)
+        self.pending = list(self.replies.pop(0))
+
+    def recv(self, _n: int) -> bytes:
+        return self.pending.pop(0)
+
+
+class _SocketModule:
+    """The socket module as netlink.py sees it, with netlink sockets from a script."""
+
+    def __init__(self, replies: list[list[bytes]], requests: list[bytes]) -> None:
+        self.replies, self.requests = replies, requests
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(socket, name)
+
+    def socket(self, *_args: Any) -> FakeDumpSocket:
+        return FakeDumpSocket(self.replies, self.requests)
+
+
+def _script(monkeypatch: pytest.MonkeyPatch, replies: list[list[bytes]]) -> list[bytes]:
+    requests: list[bytes] = []
+    monkeypatch.setattr(netlink, "socket", _SocketModule(replies, requests))
+    return requests
+
+
+def test_a_dump_marked_interrupted_is_taken_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    kind = _rta(netlink.IFLA_INFO_KIND, b"veth\0")
+    intr = netlink.NLM_F_DUMP_INTR
+    replies = [
+        # the table changed while it was dumped: the kernel flags a message (here the last)
+        [_newlink(9, "stale", kind), _newlink(10, "gone", kind) + _done(intr)],
+        [_newlink(9, "fresh", kind) + _done()],
+    ]
+    requests = _script(monkeypatch, replies)
+    links = netlink.dump_links()
+    assert [(lk.ifindex, lk.ifname) for lk in links] == [(9, "fresh")]
+    assert len(requests) == 2 and not replies
+
+
+def test_a_dump_interrupted_every_time_fails_after_bounded_tries(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    kind = _rta(netlink.IFLA_INFO_KIND, b"veth\0")
+    flagged = _newlink(9, "v", kind, netlink.NLM_F_DUMP_INTR) + _done()
+    replies = [[flagged]] * (netlink.DUMP_TRIES + 1)
+    requests = _script(monkeypatch, replies)
+    with pytest.raises(netlink.DumpInterrupted, match="interrupted"):
+        netlink.dump_links()
+    assert len(requests) == netlink.DUMP_TRIES

@@ -26,8 +26,11 @@ def on_netlink(agent: Agent) -> None:
     try:
         batch = agent.events.read()
     except netlink.Overflow:
-        event("netlink_overflow", action="re-dump and reconcile")
-        reconcile(agent)
+        # The kernel dropped the newest events and kept older ones queued behind the error:
+        # applied after the dump they would undo it, so they go with their socket.
+        event("netlink_overflow", action="new socket, re-dump and reconcile")
+        if resubscribe(agent):
+            reconcile(agent)
         return
     except OSError as e:  # the socket itself failed: a new one, then a full re-read
         reconnect(agent, e)
@@ -55,6 +58,14 @@ def on_netlink(agent: Agent) -> None:
 
 def reconnect(agent: Agent, err: OSError) -> None:
     """The socket itself failed: a new one, subscribed before the dump, then a full re-read."""
+    if resubscribe(agent):
+        event("netlink_reconnected", error=str(err), action="re-dump and reconcile")
+        reconcile(agent)
+
+
+def resubscribe(agent: Agent) -> bool:
+    """The event socket closed with whatever it still holds, a new one subscribed (before
+    the dump that must follow, as at start).  False: none for now, tried again soon."""
     old = agent.events
     with contextlib.suppress(KeyError, ValueError):
         agent.sel.unregister(old)  # type: ignore[arg-type]
@@ -63,20 +74,19 @@ def reconnect(agent: Agent, err: OSError) -> None:
     agent.events = None
     agent.netlink_retry_ms = None
     try:
-        agent.events = agent.links.subscribe()  # subscribe before the dump, as at start
+        agent.events = agent.links.subscribe()
     except OSError as e:  # (ENOBUFS, EMFILE...): deaf for now, so try again soon
         agent.error("netlink", e)
         agent.netlink_retry_ms = agent.now_ms() + 500
-        return
+        return False
     agent.sel.register(agent.events, selectors.EVENT_READ, "netlink")
-    event("netlink_reconnected", error=str(err), action="re-dump and reconcile")
-    reconcile(agent)
+    return True
 
 
 def reconcile(agent: Agent) -> None:
     """Full re-read of links and addresses; never trust a missed event.  If the dump
-    itself fails (devices vanishing under a link storm), it is tried again shortly; a
-    group that fails does not stop the others."""
+    itself fails (devices vanishing under a link storm, a dump interrupted by changes on
+    every try), it is tried again shortly; a group that fails does not stop the others."""
     assert agent.lowers is not None
     agent.reconcile_due_ms = None
     try:

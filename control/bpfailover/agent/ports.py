@@ -48,8 +48,11 @@ _RCVBUF = int(os.environ.get("BPFAILOVER_TEST_NETLINK_RCVBUF") or 0) or None
 class Netlink:
     """The kernel's rtnetlink: the event socket and the dumps."""
 
+    def __init__(self, rcvbuf: int | None = None) -> None:
+        self.rcvbuf = rcvbuf or _RCVBUF  # TEST-ONLY: a small buffer forces ENOBUFS
+
     def subscribe(self) -> EventSource:
-        return netlink.EventSocket(mcast=_MCAST_EVENTS, rcvbuf=_RCVBUF)
+        return netlink.EventSocket(mcast=_MCAST_EVENTS, rcvbuf=self.rcvbuf)
 
     def dump_links(self) -> list[netlink.Link]:
         return netlink.dump_links()

@@ -23,6 +23,7 @@ RTM_NEWADDR, RTM_DELADDR, RTM_GETADDR = 20, 21, 22
 RTM_NEWMULTICAST, RTM_DELMULTICAST = 56, 57
 NLMSG_ERROR, NLMSG_DONE = 2, 3
 NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
+NLM_F_DUMP_INTR = 0x10  # the table changed while the kernel was dumping it
 
 RTNLGRP_LINK = 1
 RTNLGRP_IPV4_IFADDR = 5
@@ -47,6 +48,13 @@ _RTA = struct.Struct("=HH")
 
 class Overflow(Exception):
     """The kernel dropped events (ENOBUFS): state must be re-read with a dump."""
+
+
+class DumpInterrupted(OSError):
+    """Every try of a dump was marked NLM_F_DUMP_INTR: no consistent picture yet."""
+
+
+DUMP_TRIES = 3  # an interrupted dump is taken again at once, this many times in all
 
 
 @dataclass(frozen=True)
@@ -147,13 +155,20 @@ def parse_addr(buf: bytes, off: int, end: int, msg_type: int) -> Addr | None:
 
 def parse(buf: bytes) -> tuple[list[Event], bool]:
     """Events of one datagram, and whether a dump finished in it (NLMSG_DONE)."""
+    events, done, _intr = parse_dump(buf)
+    return events, done
+
+
+def parse_dump(buf: bytes) -> tuple[list[Event], bool, bool]:
+    """parse(), and whether a message of it carries NLM_F_DUMP_INTR."""
     events: list[Event] = []
-    done = False
+    done = intr = False
     off = 0
     while off + _NLMSG.size <= len(buf):
-        length, mtype, _flags, _seq, _pid = _NLMSG.unpack_from(buf, off)
+        length, mtype, flags, _seq, _pid = _NLMSG.unpack_from(buf, off)
         if length < _NLMSG.size:
             break
+        intr = intr or bool(flags & NLM_F_DUMP_INTR)
         body, end = off + _NLMSG.size, off + length
         if mtype in (RTM_NEWLINK, RTM_DELLINK):
             events.append(parse_link(buf, body, end, mtype))
@@ -171,7 +186,7 @@ def parse(buf: bytes) -> tuple[list[Event], bool]:
                 raise OSError(-err, f"rtnetlink: {os.strerror(-err)}")
             done = True
         off += (length + 3) & ~3
-    return events, done
+    return events, done, intr
 
 
 class EventSocket:
@@ -226,11 +241,15 @@ class EventSocket:
         self.sock.close()
 
 
-def _dump(msg_type: int, family: int = socket.AF_UNSPEC) -> list[Event]:
-    with socket.socket(
-        socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_ROUTE
-    ) as s:
-        s.bind((0, 0))
+def _dump_socket() -> socket.socket:
+    s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_ROUTE)
+    s.bind((0, 0))
+    return s
+
+
+def _dump_once(msg_type: int, family: int) -> tuple[list[Event], bool]:
+    """One dump read to its end; and whether the kernel marked it interrupted."""
+    with _dump_socket() as s:
         if msg_type == RTM_GETLINK:
             payload = _IFINFO.pack(family, 0, 0, 0, 0)
         else:
@@ -238,11 +257,24 @@ def _dump(msg_type: int, family: int = socket.AF_UNSPEC) -> list[Event]:
         hdr = _NLMSG.pack(_NLMSG.size + len(payload), msg_type, NLM_F_REQUEST | NLM_F_DUMP, 1, 0)
         s.send(hdr + payload)
         out: list[Event] = []
+        interrupted = False
         while True:
-            events, done = parse(s.recv(1 << 16))
+            events, done, intr = parse_dump(s.recv(1 << 16))
             out.extend(events)
+            interrupted = interrupted or intr
             if done:
-                return out
+                return out, interrupted
+
+
+def _dump(msg_type: int, family: int = socket.AF_UNSPEC) -> list[Event]:
+    """The kernel's table, consistent: a dump the table changed under is taken again."""
+    for _ in range(DUMP_TRIES):
+        out, interrupted = _dump_once(msg_type, family)
+        if not interrupted:
+            return out
+    raise DumpInterrupted(
+        errno.EAGAIN, f"rtnetlink dump interrupted by changes {DUMP_TRIES} times in a row"
+    )
 
 
 def dump_links() -> list[Link]:
