@@ -382,10 +382,11 @@ def recorded_pin_dir(path: Path) -> str:
 _TAKE_TRIES = 100
 
 
-def take_lock(path: Path, create: bool = False) -> int | None:
+def take_lock(path: Path, create: bool = False, probe: bool = False) -> int | None:
     """An fd holding the exclusive flock of the lock file at path, or None while another
-    holds it (probed without waiting).  create: make the file if missing (the agent's);
-    without it a missing file raises FileNotFoundError (nobody holds it).
+    holds it (never waits).  create: make the file if missing (the agent's); without it a
+    missing file raises FileNotFoundError (nobody holds it).  probe: a shared flock, only
+    to learn whether someone holds it (two probes never see each other).
     A holder removes its lock file before it lets go (release_lock), so a flock taken on a
     file that is no longer the one at path guards nothing: open again and take that one."""
     for _ in range(_TAKE_TRIES):
@@ -394,7 +395,7 @@ def take_lock(path: Path, create: bool = False) -> int | None:
         else:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, (fcntl.LOCK_SH if probe else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
             return None
@@ -429,7 +430,7 @@ def lock_held(pin_dir: Path, lock_dir: Path = LOCK_DIR) -> bool:
     without waiting).  No lock file: nobody holds it; one we may not open (not root): not
     known, said as not held."""
     try:
-        fd = take_lock(lock_path(pin_dir, lock_dir))
+        fd = take_lock(lock_path(pin_dir, lock_dir), probe=True)
     except OSError:
         return False
     if fd is None:
@@ -461,7 +462,7 @@ def held_pin_dirs(lock_dir: Path = LOCK_DIR, besides: Path | None = None) -> lis
         if path == skip:
             continue
         try:
-            fd = take_lock(path)
+            fd = take_lock(path, probe=True)
         except (OSError, DatapathError):
             continue
         if fd is not None:
