@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -339,6 +340,73 @@ def test_second_agent_with_other_pins_is_refused(running: tuple[Lab, AgentRun]) 
         rep = h.wait()
     assert link_stats(lab.guest, n.standby)["tx"] >= before + 1800, "traffic on the standby"
     assert rep.total_lost == 0, rep.format()
+
+
+def test_second_agent_on_same_pins_through_a_bind_mount_is_refused(
+    running: tuple[Lab, AgentRun], tmp_path: Path
+) -> None:
+    """One writer per pin directory by identity, not by path: a second failoverd (for
+    another lab's group, so no device of the first one is in its way) whose config names
+    the first agent's pin directory through a bind mount of the bpffs (in a mount namespace
+    of its own, as a container sees `/host/bpffs`) is refused at start in one line naming
+    the first agent's pin directory and lock, and changes nothing: the shared maps are as
+    they were, nothing is created in its netns, and the first agent still switches."""
+    import yaml
+
+    from bpfailover.datapath.maps import Datapath, lock_path
+    from tests.conftest import unique
+
+    lab, agent = running
+    n = lab.names(0)
+
+    def maps_now() -> tuple[object, ...]:
+        with Datapath.open(agent.pin_dir, load=False, read_only=True) as dp:
+            groups = dp.groups()
+            return groups, dp.devs(), {g: bytes(dp.group(g)) for g in groups.values()}
+
+    before = maps_now()
+    other_lab = Lab(unique("t"))
+    second = AgentRun(other_lab)
+    mnt = tmp_path / "bpffs"  # the bind mount lives and dies with the second agent's process
+    mnt.mkdir()
+    second.config_path.write_text(
+        yaml.safe_dump({**second.config, "bpffs": str(mnt / agent.pin_dir.name)})
+    )
+    argv = [
+        *("unshare", "--mount", "--propagation", "private", "--", "sh", "-c"),
+        'mount --bind /sys/fs/bpf "$0" && exec "$@"',
+        str(mnt),
+        *AgentRun.command(other_lab.guest, second.config_path),
+    ]
+    proc: subprocess.Popen[str] | None = None
+    try:
+        other_lab.up()
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            _, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _, err = proc.communicate()
+        after = maps_now()
+        assert proc.returncode == 1, f"the second failoverd ran beside the first: {err[-800:]}"
+        lines = err.strip().splitlines()
+        assert len(lines) == 1, err
+        assert f"another agent holds {agent.pin_dir}, which is {mnt}/" in lines[0], lines[0]
+        assert str(lock_path(agent.pin_dir)) in lines[0], lines[0]
+        assert after == before, "the first agent's maps were written"
+        assert not os.path.exists(second.socket)
+        assert other_lab.link(other_lab.guest, other_lab.names(0).failover) is None
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        second.cleanup()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(second.socket)
+        other_lab.down()
+    assert agent.status()["pid"] == agent.proc.pid  # type: ignore[union-attr]
+    assert agent.request({"cmd": "set-primary", "group": n.failover, "lower": n.standby})["ok"]
+    agent.wait_active(n.standby)
 
 
 def _ingress_labels(lab: Lab, dev: str) -> list[str]:

@@ -180,3 +180,67 @@ def test_pins_trusted_only_from_root_and_locked_under_run(
     with pytest.raises(DatapathError) as e:
         Datapath.open(pin_dir, load=False)
     assert "fo_dev" in str(e.value) and "tear it down" in str(e.value)
+
+
+@pytest.mark.root
+def test_pin_lock_file_removed_with_its_holder_and_never_held_twice(
+    pin_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Agents one after another on the same pin directory: the lock file goes with its
+    holder (none piles up under /run), and when it is removed while the next one has opened
+    it but not yet locked it, that one locks the new file, so a third is still refused:
+    never two holders."""
+    import fcntl
+    import shutil
+    import types
+
+    from bpfailover.datapath import maps
+
+    lock_dir = tmp_path / "run"
+    Datapath.open(pin_dir).close()  # loaded once; the rest adopt it
+    a = Datapath.open(pin_dir, load=False)
+    a.lock(lock_dir)
+    path = maps.lock_path(pin_dir, lock_dir)
+    assert path.exists()
+    a.close()
+    assert list(lock_dir.iterdir()) == [], "the lock file goes at a clean stop"
+
+    a = Datapath.open(pin_dir, load=False)
+    a.lock(lock_dir)
+    b = Datapath.open(pin_dir, load=False)
+    c = Datapath.open(pin_dir, load=False)
+    try:
+
+        def flock(fd: int, op: int) -> None:
+            # b has opened the lock file and is about to lock it: a removes its file and
+            # lets go right now (the order a stopping holder uses)
+            if stall.armed:
+                stall.armed = False
+                path.unlink()
+                a.close()
+            fcntl.flock(fd, op)
+
+        stall = types.SimpleNamespace(
+            armed=True,
+            flock=flock,
+            LOCK_EX=fcntl.LOCK_EX,
+            LOCK_SH=fcntl.LOCK_SH,
+            LOCK_NB=fcntl.LOCK_NB,
+        )
+        monkeypatch.setattr(maps, "fcntl", stall)
+        b.lock(lock_dir)  # a is gone: b holds the pin directory
+        assert not stall.armed
+        with pytest.raises(DatapathError) as e:
+            c.lock(lock_dir)
+        assert "another agent holds" in str(e.value), "b and c would both hold it"
+        assert [p.name for p in lock_dir.iterdir()] == [path.name]
+        # The pin directory removed by hand and put back (a new inode): still b's.
+        ino = pin_dir.stat().st_ino
+        shutil.rmtree(pin_dir)
+        assert b.repin() and pin_dir.stat().st_ino != ino
+        with pytest.raises(DatapathError, match="another agent holds"):
+            c.lock(lock_dir)
+    finally:
+        for dp in (a, b, c):
+            dp.close()
+    assert list(lock_dir.iterdir()) == []

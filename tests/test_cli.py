@@ -467,11 +467,15 @@ def test_socket_from_config_and_env(lab: Lab) -> None:
 def test_orphaned_pins_reported_by_doctor_and_removed_without_an_agent(lab: Lab) -> None:
     """`failoverctl teardown --pins DIR` removes a datapath whose agent is gone: refused
     while an agent holds DIR, refused without --yes while the device has carrier and
-    addresses (nothing changes), then filters, the veth pair and the pins go; doctor lists
-    the orphan (with that command) until then."""
+    addresses (nothing changes), then filters, the veth pair and the pins go, and the pin
+    directory's lock file with them (also one a killed agent left); doctor lists the orphan
+    (with that command) until then."""
+    from bpfailover.datapath.maps import lock_path, open_lock
+
     with agent_in_lab(lab) as run:
         n = lab.names(0)
         pins = run.pin_dir
+        lock = lock_path(pins)
         teardown = ("teardown", "--pins", str(pins), "--netns", lab.guest)
         p = ctl(*teardown, "--all", "--yes")
         assert p.returncode == 1 and p.stdout == "", p.stderr
@@ -484,7 +488,9 @@ def test_orphaned_pins_reported_by_doctor_and_removed_without_an_agent(lab: Lab)
             return [f for f in found if (f["check"], f["subject"]) == ("orphaned-pins", str(pins))]
 
         assert orphans() == []  # held by its agent
+        assert lock.exists(), "the refused teardown left the agent's lock file alone"
         assert run.stop() == 0  # the datapath stays pinned and forwarding
+        assert not lock.exists(), "the lock file goes with a stopped agent"
         found = orphans()
         assert len(found) == 1, found
         assert f"failoverctl teardown --pins {pins} --all --netns {lab.guest}" in found[0]["fix"]
@@ -505,7 +511,9 @@ def test_orphaned_pins_reported_by_doctor_and_removed_without_an_agent(lab: Lab)
         )
         assert ctl(*teardown).returncode == 2  # neither GROUP nor --all
         assert lab.link(lab.guest, n.failover) is not None and pins.exists()
+        assert not lock.exists(), "refused teardowns leave no lock file"
 
+        os.close(open_lock(lock))  # as an agent killed with SIGKILL leaves it
         p = ctl(*teardown, "--all", "--yes")
         assert (p.returncode, p.stdout) == (
             0,
@@ -515,7 +523,7 @@ def test_orphaned_pins_reported_by_doctor_and_removed_without_an_agent(lab: Lab)
         ), p.stderr
         assert lab.link(lab.guest, n.failover) is None
         assert lab.link(lab.guest, f"{n.failover}_fo") is None
-        assert not pins.exists()
+        assert not pins.exists() and not lock.exists()
         for dev in (n.primary, n.standby):
             tc = netns.run_in(lab.guest, ["tc", "filter", "show", "dev", dev, "ingress"]).stdout
             assert "bpfailover:" not in tc, tc

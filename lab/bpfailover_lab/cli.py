@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import fcntl
-import os
 import shutil
 import sys
 from collections.abc import Sequence
@@ -14,7 +12,7 @@ from typing import NoReturn
 from pyroute2 import IPRoute
 
 from bpfailover import netns
-from bpfailover.datapath.maps import lock_path
+from bpfailover.datapath.maps import remove_lock
 from bpfailover.model.config import lab_config
 from bpfailover_lab import traffic
 from bpfailover_lab.demo import demo
@@ -120,21 +118,10 @@ def remove_lab_agent_pins(prefix: str) -> None:
     pins = Path(lab_config(prefix).bpffs)
     if not pins.is_dir():
         return
-    lock = lock_path(pins)
-    try:
-        fd = os.open(lock, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except FileNotFoundError:
-        fd = -1  # never locked: no agent ever ran on these pins
-    if fd >= 0:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise LabError(
-                f"failoverd --lab --prefix {prefix} still runs (it holds {pins}): stop it first"
-            ) from None
-        finally:
-            os.close(fd)
-        lock.unlink(missing_ok=True)
+    if not remove_lock(pins):
+        raise LabError(
+            f"failoverd --lab --prefix {prefix} still runs (it holds {pins}): stop it first"
+        )
     shutil.rmtree(pins, ignore_errors=True)
 
 

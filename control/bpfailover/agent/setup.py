@@ -86,9 +86,9 @@ def pinned_prog_ids(pin_dir: str | Path) -> set[int]:
 
 def live_programs(own_pin_dir: str | Path) -> dict[int, Path]:
     """Program id -> pin directory, for the datapaths other running agents hold (their
-    single-instance lock is taken); our own pin directory left out."""
-    own = Path(own_pin_dir).absolute()
-    return {pid: d for d in held_pin_dirs() if d != own for pid in pinned_prog_ids(d)}
+    single-instance lock is taken); our own pin directory left out by identity (the same
+    bpffs directory through another mount is ours too)."""
+    return {pid: d for d in held_pin_dirs(besides=Path(own_pin_dir)) for pid in pinned_prog_ids(d)}
 
 
 def _served_by(found: list[tuple[str, int | None]], live: dict[int, Path]) -> list[str]:

@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import stat
 import struct
@@ -58,6 +59,7 @@ class Datapath:
         self.L = layout.load()
         self._ncpus = bpfsys.possible_cpus()
         self._lock_fd: int | None = None
+        self._lock_path: Path | None = None
         self._s_dev = self.L.structs["fo_dev"]
         self._s_group = self.L.structs["fo_group"]
         self._s_counter = self.L.structs["fo_counter"]
@@ -132,20 +134,22 @@ class Datapath:
 
     def lock(self, lock_dir: Path = LOCK_DIR) -> None:
         """Become the single writer of this pin directory: an exclusive flock on a root-only
-        file under /run (not on the pin directory, which others may open and flock)."""
+        file under /run (not on the pin directory, which others may open and flock), named
+        by the directory's identity (pin_identity), not by the path it was given."""
         path = lock_path(self.pin_dir, lock_dir)
-        fd = open_lock(path)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
+        fd = take_lock(path, create=True)
+        if fd is None:
+            theirs = recorded_pin_dir(path)
+            held = str(self.pin_dir)
+            if theirs and theirs != str(self.pin_dir.absolute()):
+                held = f"{theirs}, which is {self.pin_dir} here"  # another mount of it
             raise DatapathError(
-                f"another agent holds {self.pin_dir} (lock {path}; only one failoverd per "
-                "pin directory)"
-            ) from None
+                f"another agent holds {held} (lock {path}; only one failoverd per pin "
+                "directory, whatever the path)"
+            )
         os.ftruncate(fd, 0)  # who holds it: read by held_pin_dirs() (another agent's check)
         os.pwrite(fd, str(self.pin_dir.absolute()).encode(), 0)
-        self._lock_fd = fd
+        self._lock_fd, self._lock_path = fd, path
 
     def repin(self) -> list[str]:
         """Pin again, from our own fds, whatever was removed from the pin directory by hand
@@ -155,7 +159,7 @@ class Datapath:
                 check_bpffs(self.pin_dir)
             except LoadError as e:
                 raise DatapathError(str(e)) from None
-            self.pin_dir.mkdir(mode=0o700)  # the lock is under /run: it still holds
+            self.pin_dir.mkdir(mode=0o700)  # the lock (by path in the bpffs) still holds
         done = []
         for name, fd in self.fds.items():
             path = self.pin_dir / name
@@ -168,9 +172,9 @@ class Datapath:
         for fd in self.fds.values():
             os.close(fd)
         self.fds = {}
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        if self._lock_fd is not None and self._lock_path is not None:
+            release_lock(self._lock_fd, self._lock_path)
+            self._lock_fd = self._lock_path = None
 
     def __enter__(self) -> Datapath:
         return self
@@ -333,29 +337,148 @@ class Datapath:
         return struct.unpack("=I", raw)[0] if raw else 0
 
 
+def _unescape(field: str) -> str:
+    """A /proc/self/mountinfo path field: space, tab, newline and backslash are octal."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def pin_identity(pin_dir: Path) -> str:
+    """Which directory pin_dir is, the same through every mount of its filesystem: the
+    filesystem's device number and the directory's path inside that filesystem (the mount's
+    root within it, then the path under the mount point).  `/sys/fs/bpf/x` and
+    `/host/bpffs/x` (a bind mount of the same bpffs, as a container sees it) are one
+    directory; two bpffs instances are two.  Not the directory's own inode: it does not
+    exist before the first start, and a pin directory removed by hand is re-created (repin)
+    with a new one while its agent still holds the lock, which must keep a second agent out."""
+    real = os.path.realpath(pin_dir)  # symlinks resolved as far as the path exists
+    best: tuple[str, str, str] | None = None  # (major:minor, root in the fs, mount point)
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+            for line in f:
+                fields = line.split()
+                dev, root, mnt = fields[2], _unescape(fields[3]), _unescape(fields[4])
+                under = real == mnt or real.startswith(mnt.rstrip("/") + "/")
+                # the longest mount point wins; among equal ones the last (it is on top)
+                if under and (best is None or len(mnt) >= len(best[2])):
+                    best = (dev, root, mnt)
+    except (OSError, IndexError):
+        best = None
+    if best is None:  # no /proc: the path is all we know
+        return f"path:{real}"
+    dev, root, mnt = best
+    inside = os.path.normpath(os.path.join(root, os.path.relpath(real, mnt)))
+    return f"{dev}:{inside}"
+
+
 def lock_path(pin_dir: Path, lock_dir: Path = LOCK_DIR) -> Path:
-    digest = hashlib.sha256(str(Path(pin_dir).absolute()).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(pin_identity(Path(pin_dir)).encode()).hexdigest()[:16]
     return lock_dir / f"pins-{digest}.lock"
 
 
-def held_pin_dirs(lock_dir: Path = LOCK_DIR) -> list[Path]:
+def recorded_pin_dir(path: Path) -> str:
+    """The pin directory the lock file at path names (as its holder spelled it), or ""."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return ""
+    try:
+        return os.pread(fd, 4096, 0).decode(errors="replace").strip()
+    finally:
+        os.close(fd)
+
+
+_TAKE_TRIES = 100
+
+
+def take_lock(path: Path, create: bool = False, probe: bool = False) -> int | None:
+    """An fd holding the exclusive flock of the lock file at path, or None while another
+    holds it (never waits).  create: make the file if missing (the agent's); without it a
+    missing file raises FileNotFoundError (nobody holds it).  probe: a shared flock, only
+    to learn whether someone holds it (two probes never see each other).
+    A holder removes its lock file before it lets go (release_lock), so a flock taken on a
+    file that is no longer the one at path guards nothing: open again and take that one."""
+    for _ in range(_TAKE_TRIES):
+        if create:
+            fd = open_lock(path)
+        else:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_SH if probe else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        if _is_at(fd, path):
+            return fd
+        os.close(fd)  # removed (and maybe re-created) between our open and our flock
+    raise DatapathError(f"lock {path}: removed and re-created {_TAKE_TRIES} times while taken")
+
+
+def _is_at(fd: int, path: Path) -> bool:
+    """fd is the file at path (not one since removed or replaced)."""
+    try:
+        st = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    fst = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (fst.st_dev, fst.st_ino)
+
+
+def release_lock(fd: int, path: Path) -> None:
+    """Let go of a lock taken with take_lock, removing its file first while still holding
+    it (take_lock's re-check makes that safe), so lock files do not pile up under /run."""
+    try:
+        if _is_at(fd, path):
+            path.unlink(missing_ok=True)
+    finally:
+        os.close(fd)
+
+
+def lock_held(pin_dir: Path, lock_dir: Path = LOCK_DIR) -> bool:
+    """A running agent (or a teardown) holds pin_dir's single-instance lock (probed
+    without waiting).  No lock file: nobody holds it; one we may not open (not root): not
+    known, said as not held."""
+    try:
+        fd = take_lock(lock_path(pin_dir, lock_dir), probe=True)
+    except OSError:
+        return False
+    if fd is None:
+        return True
+    os.close(fd)  # closing drops the probe's lock
+    return False
+
+
+def remove_lock(pin_dir: Path, lock_dir: Path = LOCK_DIR) -> bool:
+    """Remove pin_dir's lock file unless someone holds it; False (nothing done) if held."""
+    path = lock_path(pin_dir, lock_dir)
+    try:
+        fd = take_lock(path)
+    except FileNotFoundError:
+        return True
+    if fd is None:
+        return False
+    release_lock(fd, path)
+    return True
+
+
+def held_pin_dirs(lock_dir: Path = LOCK_DIR, besides: Path | None = None) -> list[Path]:
     """The pin directories a running agent holds right now: each lock file under lock_dir
-    that is flocked (probed without waiting), read for the pin directory it names."""
+    that is flocked (probed without waiting), read for the pin directory it names.
+    besides: a pin directory left out, by identity (whatever path its holder gave)."""
+    skip = lock_path(besides, lock_dir) if besides is not None else None
     out = []
     for path in sorted(lock_dir.glob("pins-*.lock")):
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError:
+        if path == skip:
             continue
         try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            continue  # nobody holds it (closing drops the probe's lock)
-        except BlockingIOError:
-            name = os.pread(fd, 4096, 0).decode(errors="replace")
-            if name:
-                out.append(Path(name))
-        finally:
-            os.close(fd)
+            fd = take_lock(path, probe=True)
+        except (OSError, DatapathError):
+            continue
+        if fd is not None:
+            os.close(fd)  # nobody holds it (closing drops the probe's lock)
+            continue
+        name = recorded_pin_dir(path)
+        if name:
+            out.append(Path(name))
     return out
 
 

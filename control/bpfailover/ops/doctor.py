@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import errno
-import fcntl
 import json
 import os
 import re
@@ -550,20 +549,10 @@ def check_agents(
     pins = Path(pin_dir)
     if not pins.is_dir():
         return
-    from bpfailover.datapath.maps import lock_path  # the lock is under /run, not the pins
+    from bpfailover.datapath.maps import lock_held, lock_path  # under /run, not the pins
 
     lock = str(lock_path(pins))
-    try:
-        fd = os.open(lock, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError:
-        return
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        locked = False
-    except BlockingIOError:
-        locked = True
-    finally:
-        os.close(fd)  # closing drops a lock we took
+    locked = lock_held(pins)
     if locked and sock is not None and not denied:  # denied: said by [control-socket]
         try:
             api.request(sock, {"cmd": "status"}, timeout=2.0)

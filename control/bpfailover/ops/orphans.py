@@ -8,7 +8,6 @@ single-instance lock first, and holds it until it is done."""
 from __future__ import annotations
 
 import errno
-import fcntl
 import os
 from contextlib import suppress
 from dataclasses import dataclass, field
@@ -16,24 +15,14 @@ from pathlib import Path
 from typing import Any
 
 from bpfailover.datapath.loader import PROGS
-from bpfailover.datapath.maps import Datapath, DatapathError, lock_path, remove_pins
+from bpfailover.datapath.maps import Datapath, DatapathError, lock_held, remove_pins
 
 DATAPATH_MARK = "fo_meta"  # a directory holding this pin is a bpfailover datapath
 
 
 def held(pin_dir: Path) -> bool:
     """A running agent holds pin_dir's single-instance lock (probed without waiting)."""
-    try:
-        fd = os.open(lock_path(pin_dir), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError:
-        return False  # no lock file: no agent ever locked it since boot
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return False
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)  # closing drops a lock we took
+    return lock_held(pin_dir)
 
 
 def find(bpffs: Path) -> list[Path]:
@@ -171,5 +160,6 @@ def teardown(pin_dir: Path, groups: list[str] | None, yes: bool) -> tuple[list[R
                 )
         pins_gone = not dp.groups()
         if pins_gone:
-            remove_pins(pin_dir)  # the lock (under /run) is still ours until dp closes
+            remove_pins(pin_dir)  # the lock (under /run) is ours until dp closes, and
+            # its file goes then (release_lock): none piles up
     return removed, pins_gone
