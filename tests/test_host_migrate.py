@@ -806,36 +806,79 @@ def test_qemu_ga_blocklist_blocks_everything_but_what_failover_migrate_needs(
     assert out.stdout.strip().split(",") == others[:3]
 
 
-def test_libvirt_wrapper_runs_failover_migrate_with_virsh_migrate(tmp_path: Path) -> None:
+def _wrapper(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
     fake = tmp_path / "fm"
     fake.write_text(f"#!{sys.executable}\nimport json, sys\nprint(json.dumps(sys.argv[1:]))\n")
     fake.chmod(0o755)
     wrapper = str(DEPLOY / "libvirt" / "failover-migrate-libvirt")
     env = {**os.environ, "FAILOVER_MIGRATE": str(fake)}
-    p = subprocess.run(
-        [wrapper, "web1", "qemu+ssh://hv2/system", "a.xml", "b.xml", "--", "--group", "fo0"],
-        capture_output=True,
-        text=True,
-        env=env,
-        check=True,
+    return subprocess.run([wrapper, *args], capture_output=True, text=True, env=env, check=False)
+
+
+def test_libvirt_wrapper_runs_failover_migrate_with_virsh_migrate(tmp_path: Path) -> None:
+    p = _wrapper(
+        tmp_path, "web1", "qemu+ssh://hv2/system", "a.xml", "b.xml", "--", "--group", "fo0"
     )
     argv = json.loads(p.stdout)
     assert argv == [
-        "--libvirt",
-        "web1",
-        "--hostdev-xml",
-        "a.xml",
-        "--dest-hostdev-xml",
-        "b.xml",
-        "--dest-connect",
-        "qemu+ssh://hv2/system",
-        "--migrate-cmd",
-        "virsh migrate --live --verbose web1 qemu+ssh://hv2/system",
+        "--libvirt=web1",
+        "--hostdev-xml=a.xml",
+        "--dest-hostdev-xml=b.xml",
+        "--dest-connect=qemu+ssh://hv2/system",
+        "--migrate-arg=virsh",
+        "--migrate-arg=migrate",
+        "--migrate-arg=--live",
+        "--migrate-arg=--verbose",
+        "--migrate-arg=--domain",
+        "--migrate-arg=web1",
+        "--migrate-arg=--desturi",
+        "--migrate-arg=qemu+ssh://hv2/system",
         "--group",
         "fo0",
     ]
-    p = subprocess.run([wrapper, "web1"], capture_output=True, text=True, env=env, check=False)
+    p = _wrapper(tmp_path, "web1")
     assert p.returncode == 2 and "DOMAIN DEST_URI VF_XML" in p.stderr
+
+
+@pytest.mark.parametrize("domain", ["it's", "web 1", '"$(touch x)"; web'])
+def test_libvirt_wrapper_passes_the_domain_to_virsh_word_for_word(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, domain: str
+) -> None:
+    """No shell lexer between the wrapper and `virsh migrate`: a domain with a quote, a
+    space or shell syntax reaches virsh as one argument, unchanged."""
+    dest = "qemu+ssh://hv2/system"
+    argv = json.loads(_wrapper(tmp_path, domain, dest, "a.xml").stdout)
+    args = migrate.parser().parse_args(argv)
+    assert args.libvirt == domain and args.dest_connect == dest
+    seen = tmp_path / "virsh-argv"
+    virsh = tmp_path / "bin" / "virsh"
+    virsh.parent.mkdir()
+    virsh.write_text(
+        f"#!{sys.executable}\nimport json, sys\n"
+        f"open({str(seen)!r}, 'w').write(json.dumps(sys.argv[1:]))\n"
+    )
+    virsh.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{virsh.parent}:{os.environ['PATH']}")
+    monkeypatch.chdir(tmp_path)
+    migrate.migrate_step(migrate.migrate_argv(args.migrate_cmd, args.migrate_arg), 0)()
+    assert json.loads(seen.read_text()) == [
+        "migrate",
+        "--live",
+        "--verbose",
+        "--domain",
+        domain,
+        "--desturi",
+        dest,
+    ]
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_domain_virsh_would_take_for_an_option_is_refused(capsys: Any, tmp_path: Path) -> None:
+    xml = tmp_path / "vf.xml"
+    xml.write_text(HOSTDEV)
+    assert migrate.main(["--libvirt=-web", "--hostdev-xml", str(xml)]) == migrate.EXIT_USAGE
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "'-web'" in err[0], err
 
 
 def test_failoverctl_without_a_config_does_not_import_pydantic(tmp_path: Path) -> None:
