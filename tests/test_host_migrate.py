@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from bpfailover.host import migrate
-from bpfailover.host.qga import SocketAgent, VirshAgent
+from bpfailover.host.qga import AgentError, MalformedReply, SocketAgent, VirshAgent
 from bpfailover.host.vf import VirshVf, parse_device
 
 DEVICE = "e1000e,netdev=hpri,mac=52:54:00:00:12:53,id=pri0,bus=rp2"
@@ -779,6 +779,37 @@ def test_virsh_backends(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
     assert not by_mac.attached()
     agent = VirshAgent("dom", "qemu+ssh://dst/system", virsh=str(virsh))
     assert agent.execute("guest-ping", 5) == {"echo": "guest-ping", "uri": "qemu+ssh://dst/system"}
+
+
+HOSTILE_VIRSH = {
+    # the guest's reply, as virsh prints it: 100 MiB, nested too deeply, an error without text
+    "flood": (
+        "import sys\nfor _ in range(1600): sys.stdout.write('x' * 65536)\n",
+        "AgentError",
+        "more than",
+    ),
+    "deep": (
+        "print('{\"return\": ' + '[' * 100000 + ']' * 100000 + '}')\n",
+        "MalformedReply",
+        "nested",
+    ),
+    "error-string": ("print('{\"error\": 5}')\n", "MalformedReply", "without a text"),
+    "no-reply": ("print('{}')\n", "MalformedReply", "no reply"),
+    "hang": ("import time\ntime.sleep(60)\n", "AgentError", "still running"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_VIRSH))
+def test_virsh_agent_bounds_and_checks_what_virsh_prints(tmp_path: Path, case: str) -> None:
+    """Through libvirt too: the reply is capped, the run has a deadline, its data checked."""
+    body, error, words = HOSTILE_VIRSH[case]
+    virsh = tmp_path / "virsh"
+    virsh.write_text(f"#!{sys.executable}\n{body}")
+    virsh.chmod(0o755)
+    agent = VirshAgent("dom", virsh=str(virsh))
+    with pytest.raises((AgentError, MalformedReply)) as e:
+        agent.execute("guest-ping", 1)
+    assert type(e.value).__name__ == error and words in str(e.value), e.value
 
 
 # ---- deploy/: the qemu-ga block-list and the libvirt wrapper -----------------------------------
