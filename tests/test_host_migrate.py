@@ -498,7 +498,9 @@ def _run_tool(g: FakeGuest, *extra: str, limit: float = 60.0) -> tuple[int, floa
     argv += ["--qga", str(g.qga_path), "--device", DEVICE, *extra]  # type: ignore[attr-defined]
     t0 = time.monotonic()
     p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    while True:  # wait4: this child's own rusage, not the maximum over every child so far
+    # wait4: this child's own rusage, not the maximum over every child so far; its maxrss
+    # counts the test process's pages forked with it: an upper bound on the tool's own
+    while True:
         pid, status, ru = os.wait4(p.pid, os.WNOHANG)
         if pid:
             break
