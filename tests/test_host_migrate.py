@@ -8,13 +8,15 @@ leave the VF attached: no device_del sent.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,7 @@ from typing import Any
 import pytest
 
 from bpfailover.host import migrate
-from bpfailover.host.qga import SocketAgent, VirshAgent
+from bpfailover.host.qga import AgentError, MalformedReply, SocketAgent, VirshAgent
 from bpfailover.host.vf import VirshVf, parse_device
 
 DEVICE = "e1000e,netdev=hpri,mac=52:54:00:00:12:53,id=pri0,bus=rp2"
@@ -46,6 +48,10 @@ class FakeGuest:
     active: str = "primary"
     ctl_calls: list[list[str]] = field(default_factory=list)
     qmp_calls: list[str] = field(default_factory=list)
+    # a hostile guest: qemu-ga's reply to a command replaced (raw bytes, or a function that
+    # writes to the channel itself), failoverctl's (exit, out, err) replaced (None: as usual)
+    raw: dict[str, bytes | Callable[[socket.socket], None]] = field(default_factory=dict)
+    ctl_hook: Callable[[list[str]], tuple[int, str, str] | None] | None = None
 
     def pri_usable(self) -> bool:
         return self.vf_attached and self.vf_usable_after_plug
@@ -96,6 +102,8 @@ class FakeGuest:
 
     def failoverctl(self, argv: list[str]) -> tuple[int, str, str]:
         self.ctl_calls.append(argv)
+        if self.ctl_hook is not None and (res := self.ctl_hook(argv)) is not None:
+            return res
         if not self.failoverd_running:
             return 3, "", "failoverctl: agent unreachable: No such file or directory"
         if argv[0] == "status":
@@ -166,6 +174,13 @@ def guest(tmp_path: Path) -> Iterator[FakeGuest]:
                 if not g.qga_answers:
                     continue
                 cmd, args = req["execute"], req.get("arguments", {})
+                raw = g.raw.get(cmd)
+                if callable(raw):
+                    raw(conn)
+                    return
+                if raw is not None:
+                    conn.sendall(raw)
+                    continue
                 with lock:
                     if cmd == "guest-sync-delimited":
                         conn.sendall(b"\xff" + json.dumps({"return": args["id"]}).encode() + b"\n")
@@ -456,6 +471,245 @@ def test_socket_agent_skips_a_stale_reply_before_the_sync(tmp_path: Path) -> Non
         path.unlink(missing_ok=True)
 
 
+# ---- a hostile guest: floods, malformed replies, control characters ---------------------------
+
+MiB = 1 << 20
+
+
+def _flood(newlines: bool) -> Callable[[socket.socket], None]:
+    """Instead of an answer: `{}` lines for 30 s, or 100 MiB without a newline."""
+
+    def send(conn: socket.socket) -> None:
+        chunk = b"{}\n" * 20000 if newlines else b"x" * 65536
+        end, sent = time.monotonic() + 30, 0
+        with conn, contextlib.suppress(OSError):  # the tool hangs up: the flood ends
+            if not newlines:
+                conn.sendall(b'{"return": "')
+            while time.monotonic() < end and (newlines or sent < 100 * MiB):
+                conn.sendall(chunk)
+                sent += len(chunk)
+
+    return send
+
+
+def _run_tool(g: FakeGuest, *extra: str, limit: float = 60.0) -> tuple[int, float, int, str]:
+    """failover-migrate as its own process: (exit, seconds, max RSS in bytes, stderr)."""
+    argv = [sys.executable, "-m", "bpfailover.host.migrate", "--qmp", str(g.qmp_path)]  # type: ignore[attr-defined]
+    argv += ["--qga", str(g.qga_path), "--device", DEVICE, *extra]  # type: ignore[attr-defined]
+    t0 = time.monotonic()
+    p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # wait4: this child's own rusage, not the maximum over every child so far; its maxrss
+    # counts the test process's pages forked with it: an upper bound on the tool's own
+    while True:
+        pid, status, ru = os.wait4(p.pid, os.WNOHANG)
+        if pid:
+            break
+        if time.monotonic() - t0 > limit:
+            p.kill()
+            pid, status, ru = os.wait4(p.pid, 0)
+            break
+        time.sleep(0.02)
+    took = time.monotonic() - t0
+    p.returncode = os.waitstatus_to_exitcode(status)
+    assert p.stderr is not None
+    err = p.stderr.read().decode(errors="replace")
+    p.stderr.close()
+    return p.returncode, took, ru.ru_maxrss * 1024, err
+
+
+@pytest.mark.parametrize("newlines", [True, False], ids=["lines", "no-newline"])
+@pytest.mark.parametrize("command", ["guest-ping", "guest-exec-status"])
+def test_a_flooding_guest_is_refused_by_the_deadline_and_the_reply_cap(
+    guest: FakeGuest, command: str, newlines: bool
+) -> None:
+    """Every call has one deadline, however busy the guest keeps the channel, and a reply
+    has a size cap: exit 3 within --exec-timeout (+ the start-up), memory bounded."""
+    guest.raw[command] = _flood(newlines)
+    code, took, rss, err = _run_tool(
+        guest, "--exec-timeout", "2", "--agent-timeout", "1", "--pause", "0"
+    )
+    print(f"{command} {'lines' if newlines else 'no-newline'}: {took:.2f}s, {rss / MiB:.1f} MiB")
+    assert code == migrate.EXIT_NO_GUEST_AGENT, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "nothing detached" in lines[0], err
+    assert took < 2 + 3, f"{took:.1f}s"
+    assert rss < 100 * MiB, f"{rss / MiB:.0f} MiB"
+    assert "device_del" not in guest.qmp_calls and guest.vf_attached
+
+
+DEEP = b"[" * 100000 + b"]" * 100000
+MALFORMED_AGENT = {
+    "return-list": ("guest-exec", b'{"return": []}\n'),
+    "pid-string": ("guest-exec", b'{"return": {"pid": "7"}}\n'),
+    "deep": ("guest-ping", b'{"return": ' + DEEP + b"}\n"),
+    "not-object": ("guest-ping", b'"pong"\n'),
+    "not-json": ("guest-ping", b"pong\n"),
+    "error-string": ("guest-ping", b'{"error": "boom"}\n'),
+    "bad-base64": (
+        "guest-exec-status",
+        b'{"return": {"exited": true, "exitcode": 0, "out-data": "!!not base64"}}\n',
+    ),
+    "exitcode-string": ("guest-exec-status", b'{"return": {"exited": true, "exitcode": "0"}}\n'),
+    "exited-string": ("guest-exec-status", b'{"return": {"exited": "yes"}}\n'),
+    "out-data-number": (
+        "guest-exec-status",
+        b'{"return": {"exited": true, "exitcode": 0, "out-data": 12}}\n',
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED_AGENT))
+def test_a_malformed_agent_reply_is_a_refusal(guest: FakeGuest, capsys: Any, case: str) -> None:
+    command, raw = MALFORMED_AGENT[case]
+    guest.raw[command] = raw
+    _refused(guest, capsys, migrate.EXIT_BAD_REPLY, "malformed reply")
+
+
+LOWER = '{"name": "eth0", "role": "standby", "usable": true, "active": false}'
+MALFORMED_STATUS = {
+    "not-json": "Traceback (most recent call last):",
+    "deep": '{"groups": ' + "[" * 100000 + "]" * 100000 + "}",
+    "groups-string": '{"groups": "fo0"}',
+    "group-number": '{"groups": [{"group": 5}]}',
+    "group-not-object": '{"groups": [["fo0"]]}',
+    "override-option": '{"groups": [{"group": "fo0", "override": "--help"}]}',
+    "lowers-object": '{"groups": [{"group": "fo0", "lowers": {}}]}',
+    "lower-usable-string": '{"groups": [{"group": "fo0", "lowers": ['
+    + LOWER.replace("true", '"yes"')
+    + "]}]}",
+    "lower-role": '{"groups": [{"group": "fo0", "lowers": ['
+    + LOWER.replace("standby", "x")
+    + "]}]}",
+    "empty-groups-for-a-name": '{"groups": []}',
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED_STATUS))
+def test_a_malformed_status_document_is_a_refusal(guest: FakeGuest, capsys: Any, case: str) -> None:
+    text = MALFORMED_STATUS[case]
+    guest.ctl_hook = lambda argv: (0, text, "") if argv[0] == "status" else None
+    extra = ("--group", "fo0") if case == "empty-groups-for-a-name" else ()
+    _refused(guest, capsys, migrate.EXIT_BAD_REPLY, "status --json", *extra)
+
+
+def test_a_malformed_switch_reply_is_refused_and_the_override_undone(
+    guest: FakeGuest, capsys: Any
+) -> None:
+    def hook(argv: list[str]) -> tuple[int, str, str] | None:
+        if argv[:3] == ["set-primary", "fo0", "standby"] and "--wait" in argv:
+            guest.failoverctl(argv[:3])  # it did switch, then answered garbage
+            return 0, '{"groups": [{"group": "fo0", "active": 7}]}', ""
+        return None
+
+    guest.ctl_hook = hook
+    assert run(guest) == migrate.EXIT_BAD_REPLY
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nothing detached" in err[0], err
+    assert "device_del" not in guest.qmp_calls
+    assert guest.ctl_calls[-1] == ["set-primary", "fo0", "--auto"] and guest.active == "primary"
+
+
+def test_a_malformed_reply_after_the_detach_is_a_failure_not_a_refusal(
+    guest: FakeGuest, capsys: Any
+) -> None:
+    """Too late to refuse: exit 1 (failed after the detach), the guest on its standby."""
+    guest.ctl_hook = lambda argv: (0, "[[[", "") if "--auto" in argv else None
+    assert run(guest) == migrate.EXIT_FAILED
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "status --json" in err[-1] and "refused" not in err[-1], err
+    assert [c for c in guest.qmp_calls if c.startswith("device")] == ["device_del", "device_add"]
+
+
+CONTROL = "\x1b]0;owned\x07\x1b[2J\u202e\x9b31m\nFAKE LINE"
+
+
+def _clean(err: str) -> None:
+    for c in ("\x1b", "\x07", "\u202e", "\x9b"):
+        assert c not in err
+    assert not [x for x in err.splitlines() if x.startswith("FAKE")], err
+
+
+def test_guest_strings_are_printed_escaped(guest: FakeGuest, capsys: Any) -> None:
+    """A group name with terminal control sequences and a newline: every line the tool
+    prints shows them escaped, the run itself is not disturbed."""
+    guest.groups = ("fo0" + CONTROL,)
+    assert run(guest, "--json") == 0
+    out = capsys.readouterr()
+    _clean(out.err)
+    assert all(x.startswith("failover-migrate: ") for x in out.err.splitlines())
+    assert "\\x1b]0;owned" in out.err
+    _clean(out.out)
+    assert json.loads(out.out)["group"] == "fo0" + CONTROL
+
+
+def test_guest_error_text_is_printed_escaped(guest: FakeGuest, capsys: Any) -> None:
+    guest.ctl_hook = lambda argv: (
+        (3, "", "failoverctl: " + CONTROL) if argv[0] == "status" else None
+    )
+    assert run(guest) == migrate.EXIT_NO_FAILOVERD
+    err = capsys.readouterr().err
+    _clean(err)
+    assert len(err.strip().splitlines()) == 1
+
+
+# ---- the migration command ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--migrate-cmd", "virsh migrate --live it's qemu+ssh://hv2/system"],
+        ["--migrate-cmd", ""],
+        ["--migrate-cmd", "/nonexistent/migrate now"],
+        ["--migrate-arg=/nonexistent/migrate"],
+        ["--migrate-cmd", "true", "--migrate-arg=true"],
+    ],
+    ids=["unbalanced-quote", "empty", "not-found", "arg-not-found", "both"],
+)
+def test_a_migration_command_that_cannot_run_is_refused_first(
+    guest: FakeGuest, capsys: Any, extra: list[str]
+) -> None:
+    assert run(guest, *extra) == migrate.EXIT_USAGE
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("failover-migrate: "), err
+    assert not guest.qmp_calls and not guest.ctl_calls
+
+
+def test_a_migration_command_that_fails_to_start_reattaches_on_the_source(
+    guest: FakeGuest, capsys: Any, tmp_path: Path
+) -> None:
+    broken = tmp_path / "migrate"
+    broken.write_text("#!/nonexistent/interpreter\n")
+    broken.chmod(0o755)
+    assert run(guest, "--migrate-arg", str(broken)) == migrate.EXIT_MIGRATION_FAILED
+    assert [c for c in guest.qmp_calls if c.startswith("device")] == ["device_del", "device_add"]
+    assert guest.vf_attached and guest.active == "primary"
+    assert "re-attached on the source" in capsys.readouterr().err
+
+
+def test_a_hanging_migration_command_is_stopped_and_the_vf_reattached(
+    guest: FakeGuest, capsys: Any, tmp_path: Path
+) -> None:
+    """The command and what it started (its process group) are stopped after
+    --migrate-timeout; the VF goes back on the source."""
+    pidfile = tmp_path / "pid"
+    hang = tmp_path / "migrate"
+    hang.write_text(f"#!/bin/sh\nsleep 120 &\necho $! > {pidfile}\nwait\n")
+    hang.chmod(0o755)
+    code = run(guest, "--migrate-arg", str(hang), "--migrate-timeout", "1")
+    assert code == migrate.EXIT_MIGRATION_FAILED
+    assert "still running after 1s" in capsys.readouterr().err
+    assert [c for c in guest.qmp_calls if c.startswith("device")] == ["device_del", "device_add"]
+    assert guest.vf_attached and guest.active == "primary"
+    stat = Path(f"/proc/{int(pidfile.read_text())}/stat")
+    for _ in range(100):  # the orphaned sleep: killed, reaped by init soon after
+        if not stat.exists() or stat.read_text().split(") ")[1][0] == "Z":
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail("the migration command's child is still running")
+
+
 # ---- libvirt backends, against a fake virsh ----------------------------------------------------
 
 HOSTDEV = """<interface type='hostdev' managed='yes'>
@@ -529,6 +783,37 @@ def test_virsh_backends(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
     assert agent.execute("guest-ping", 5) == {"echo": "guest-ping", "uri": "qemu+ssh://dst/system"}
 
 
+HOSTILE_VIRSH = {
+    # the guest's reply, as virsh prints it: 100 MiB, nested too deeply, an error without text
+    "flood": (
+        "import sys\nfor _ in range(1600): sys.stdout.write('x' * 65536)\n",
+        "AgentError",
+        "more than",
+    ),
+    "deep": (
+        "print('{\"return\": ' + '[' * 100000 + ']' * 100000 + '}')\n",
+        "MalformedReply",
+        "nested",
+    ),
+    "error-string": ("print('{\"error\": 5}')\n", "MalformedReply", "without a text"),
+    "no-reply": ("print('{}')\n", "MalformedReply", "no reply"),
+    "hang": ("import time\ntime.sleep(60)\n", "AgentError", "still running"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_VIRSH))
+def test_virsh_agent_bounds_and_checks_what_virsh_prints(tmp_path: Path, case: str) -> None:
+    """Through libvirt too: the reply is capped, the run has a deadline, its data checked."""
+    body, error, words = HOSTILE_VIRSH[case]
+    virsh = tmp_path / "virsh"
+    virsh.write_text(f"#!{sys.executable}\n{body}")
+    virsh.chmod(0o755)
+    agent = VirshAgent("dom", virsh=str(virsh))
+    with pytest.raises((AgentError, MalformedReply)) as e:
+        agent.execute("guest-ping", 1)
+    assert type(e.value).__name__ == error and words in str(e.value), e.value
+
+
 # ---- deploy/: the qemu-ga block-list and the libvirt wrapper -----------------------------------
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
@@ -554,36 +839,79 @@ def test_qemu_ga_blocklist_blocks_everything_but_what_failover_migrate_needs(
     assert out.stdout.strip().split(",") == others[:3]
 
 
-def test_libvirt_wrapper_runs_failover_migrate_with_virsh_migrate(tmp_path: Path) -> None:
+def _wrapper(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
     fake = tmp_path / "fm"
     fake.write_text(f"#!{sys.executable}\nimport json, sys\nprint(json.dumps(sys.argv[1:]))\n")
     fake.chmod(0o755)
     wrapper = str(DEPLOY / "libvirt" / "failover-migrate-libvirt")
     env = {**os.environ, "FAILOVER_MIGRATE": str(fake)}
-    p = subprocess.run(
-        [wrapper, "web1", "qemu+ssh://hv2/system", "a.xml", "b.xml", "--", "--group", "fo0"],
-        capture_output=True,
-        text=True,
-        env=env,
-        check=True,
+    return subprocess.run([wrapper, *args], capture_output=True, text=True, env=env, check=False)
+
+
+def test_libvirt_wrapper_runs_failover_migrate_with_virsh_migrate(tmp_path: Path) -> None:
+    p = _wrapper(
+        tmp_path, "web1", "qemu+ssh://hv2/system", "a.xml", "b.xml", "--", "--group", "fo0"
     )
     argv = json.loads(p.stdout)
     assert argv == [
-        "--libvirt",
-        "web1",
-        "--hostdev-xml",
-        "a.xml",
-        "--dest-hostdev-xml",
-        "b.xml",
-        "--dest-connect",
-        "qemu+ssh://hv2/system",
-        "--migrate-cmd",
-        "virsh migrate --live --verbose web1 qemu+ssh://hv2/system",
+        "--libvirt=web1",
+        "--hostdev-xml=a.xml",
+        "--dest-hostdev-xml=b.xml",
+        "--dest-connect=qemu+ssh://hv2/system",
+        "--migrate-arg=virsh",
+        "--migrate-arg=migrate",
+        "--migrate-arg=--live",
+        "--migrate-arg=--verbose",
+        "--migrate-arg=--domain",
+        "--migrate-arg=web1",
+        "--migrate-arg=--desturi",
+        "--migrate-arg=qemu+ssh://hv2/system",
         "--group",
         "fo0",
     ]
-    p = subprocess.run([wrapper, "web1"], capture_output=True, text=True, env=env, check=False)
+    p = _wrapper(tmp_path, "web1")
     assert p.returncode == 2 and "DOMAIN DEST_URI VF_XML" in p.stderr
+
+
+@pytest.mark.parametrize("domain", ["it's", "web 1", '"$(touch x)"; web'])
+def test_libvirt_wrapper_passes_the_domain_to_virsh_word_for_word(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, domain: str
+) -> None:
+    """No shell lexer between the wrapper and `virsh migrate`: a domain with a quote, a
+    space or shell syntax reaches virsh as one argument, unchanged."""
+    dest = "qemu+ssh://hv2/system"
+    argv = json.loads(_wrapper(tmp_path, domain, dest, "a.xml").stdout)
+    args = migrate.parser().parse_args(argv)
+    assert args.libvirt == domain and args.dest_connect == dest
+    seen = tmp_path / "virsh-argv"
+    virsh = tmp_path / "bin" / "virsh"
+    virsh.parent.mkdir()
+    virsh.write_text(
+        f"#!{sys.executable}\nimport json, sys\n"
+        f"open({str(seen)!r}, 'w').write(json.dumps(sys.argv[1:]))\n"
+    )
+    virsh.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{virsh.parent}:{os.environ['PATH']}")
+    monkeypatch.chdir(tmp_path)
+    migrate.migrate_step(migrate.migrate_argv(args.migrate_cmd, args.migrate_arg), 0)()
+    assert json.loads(seen.read_text()) == [
+        "migrate",
+        "--live",
+        "--verbose",
+        "--domain",
+        domain,
+        "--desturi",
+        dest,
+    ]
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_domain_virsh_would_take_for_an_option_is_refused(capsys: Any, tmp_path: Path) -> None:
+    xml = tmp_path / "vf.xml"
+    xml.write_text(HOSTDEV)
+    assert migrate.main(["--libvirt=-web", "--hostdev-xml", str(xml)]) == migrate.EXIT_USAGE
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "'-web'" in err[0], err
 
 
 def test_failoverctl_without_a_config_does_not_import_pydantic(tmp_path: Path) -> None:

@@ -14,21 +14,35 @@ The sequence (docs/host-migration.md):
 Nothing is detached unless the guest is on its standby.  Refusals before that, each one
 line on stderr and its own exit code: the guest agent absent or not answering (3),
 failoverd not running in the guest (4), the standby not usable (5), a timeout waiting for
-the switch (6, the override undone), the VF not attached (7).
+the switch (6, the override undone), the VF not attached (7), a malformed reply from the
+guest (9).  The guest is not trusted: every call to it has one deadline, every reply a size
+cap, its data is checked before use, and its strings are printed escaped.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import shlex
+import shutil
+import signal
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
-from bpfailover.host.qga import Agent, AgentError, ExecError, SocketAgent, VirshAgent
+from bpfailover.host.qga import (
+    Agent,
+    AgentError,
+    ExecError,
+    MalformedReply,
+    SocketAgent,
+    VirshAgent,
+    show,
+)
 from bpfailover.host.vf import QmpVf, Vf, VfError, VirshVf, parse_device
 
 EXIT_OK = 0
@@ -40,9 +54,27 @@ EXIT_STANDBY_UNUSABLE = 5
 EXIT_SWITCH_TIMEOUT = 6
 EXIT_VF_NOT_ATTACHED = 7  # also: the detach itself failed (the guest is put back)
 EXIT_MIGRATION_FAILED = 8  # the VF was re-attached on the source and the guest put back
+EXIT_BAD_REPLY = 9  # the guest agent or failoverctl answered malformed data
+# Refusals: nothing detached.  The same causes after the detach are EXIT_FAILED.
+REFUSALS = frozenset({EXIT_USAGE, EXIT_NO_GUEST_AGENT, EXIT_NO_FAILOVERD, EXIT_BAD_REPLY})
+REFUSALS |= {EXIT_STANDBY_UNUSABLE, EXIT_SWITCH_TIMEOUT}
+MESSAGE_LIMIT = 2000  # characters of one message line (guest text can be long)
 
 # failoverctl's own exit codes (docs/operators.md)
 CTL_FAILED, CTL_USAGE, CTL_UNREACHABLE, CTL_TIMEOUT = 1, 2, 3, 5
+
+
+def escape(text: str, limit: int = MESSAGE_LIMIT) -> str:
+    """One printable line: control characters (terminal escape sequences, newlines, bidi
+    overrides) from the guest are shown as \\x.. escapes, never sent to the terminal."""
+    out = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text[:limit])
+    if len(text) > limit:
+        out += f"... ({len(text) - limit} more characters)"
+    return out
+
+
+def say(message: str) -> None:
+    print(f"failover-migrate: {escape(message)}", file=sys.stderr)
 
 
 class Stop(Exception):
@@ -70,6 +102,8 @@ class Guest:
             raise Stop(f"failoverctl is not usable in the guest: {e}", EXIT_NO_FAILOVERD) from None
         except AgentError as e:
             raise Stop(f"guest agent: {e}", EXIT_NO_GUEST_AGENT) from None
+        except MalformedReply as e:
+            raise Stop(f"guest agent: malformed reply: {e}", EXIT_BAD_REPLY) from None
         return r.exitcode, r.out, r.err.strip()
 
     def group(self, name: str | None) -> dict[str, Any]:
@@ -84,6 +118,8 @@ class Guest:
         if name is None and len(groups) != 1:
             names = ", ".join(g["group"] for g in groups) or "none"
             raise Stop(f"the guest has groups {names}: choose one with --group", EXIT_USAGE)
+        if not groups or (name is not None and groups[0]["group"] != name):
+            raise Stop(f"failoverctl status --json: not group {name}", EXIT_BAD_REPLY)
         g: dict[str, Any] = groups[0]
         return g
 
@@ -108,19 +144,49 @@ class Guest:
             self.waits = False
             return None
         self.waits = True
-        try:
-            g = _groups(out)[0] if out.strip() else None
-        except (Stop, IndexError):
-            g = None
-        return code, g, err
+        groups = _groups(out) if out.strip() else []
+        return code, (groups[0] if groups else None), err
+
+
+ROLES = ("primary", "standby", None)
+LOWER_FLAGS = ("usable", "active", "admin_up", "carrier")
 
 
 def _groups(out: str) -> list[dict[str, Any]]:
+    """The groups of a `status --json` document (docs/status-schema.md), every field this
+    tool reads checked for its type: the document comes from the guest."""
     try:
-        groups: list[dict[str, Any]] = json.loads(out)["groups"]
-    except (ValueError, KeyError, TypeError):
-        raise Stop(f"failoverctl status --json: not a status: {out[:80]!r}", 1) from None
+        doc = json.loads(out)
+    except (ValueError, RecursionError):
+        doc = None
+    groups = doc.get("groups") if isinstance(doc, dict) else None
+    if not isinstance(groups, list):
+        raise Stop(f"failoverctl status --json: not a status: {show(out)}", EXIT_BAD_REPLY)
+    for g in groups:
+        bad = _bad_group(g)
+        if bad:
+            raise Stop(f"failoverctl status --json: {bad}", EXIT_BAD_REPLY)
     return groups
+
+
+def _bad_group(g: Any) -> str | None:
+    if not isinstance(g, dict) or not isinstance(g.get("group"), str):
+        return f"a group without a name: {show(g)}"
+    for key in ("active", "override"):
+        if g.get(key) not in ROLES:
+            return f"group {g['group']}: {key} {show(g.get(key))}"
+    lowers = g.get("lowers", [])
+    if not isinstance(lowers, list):
+        return f"group {g['group']}: lowers {show(lowers)}"
+    for lw in lowers:
+        if not isinstance(lw, dict) or not isinstance(lw.get("name"), str):
+            return f"group {g['group']}: a lower without a name: {show(lw)}"
+        if lw.get("role") not in ROLES[:2]:
+            return f"group {g['group']}: lower {lw['name']}: role {show(lw.get('role'))}"
+        for key in LOWER_FLAGS:
+            if not isinstance(lw.get(key, False), bool):
+                return f"group {g['group']}: lower {lw['name']}: {key} {show(lw.get(key))}"
+    return None
 
 
 def lower(g: dict[str, Any], role: str) -> dict[str, Any] | None:
@@ -153,7 +219,7 @@ class Migration:
         return_timeout: float = 90.0,
         poll: float = 0.2,
         after_migration: Callable[[], Guest] | None = None,
-        log: Callable[[str], None] = lambda m: print(f"failover-migrate: {m}", file=sys.stderr),
+        log: Callable[[str], None] = say,
     ) -> None:
         self.guest, self.vf, self.group, self.migrate = guest, vf, group, migrate
         self.switch_timeout, self.detach_timeout = switch_timeout, detach_timeout
@@ -188,6 +254,8 @@ class Migration:
                 f"guest agent not answering ({e}); is qemu-ga running in the guest?",
                 EXIT_NO_GUEST_AGENT,
             ) from None
+        except MalformedReply as e:
+            raise Stop(f"guest agent: malformed reply: {e}", EXIT_BAD_REPLY) from None
         self.mark("agent_ok")
         g = self.guest.group(self.group)
         self.group = name = str(g["group"])
@@ -205,7 +273,14 @@ class Migration:
             raise Stop(f"{self.vf.name}: {e}", EXIT_VF_NOT_ATTACHED) from None
         self.mark("checked")
         # -- 2: the guest moves to the standby -----------------------------------------------
-        if not self._to_standby(name):
+        try:
+            on_standby = self._to_standby(name)
+        except Stop as e:
+            if e.code in (EXIT_NO_GUEST_AGENT, EXIT_BAD_REPLY):  # it may have switched
+                with contextlib.suppress(Stop):
+                    self.guest.set_primary(name, prior)
+            raise
+        if not on_standby:
             self.guest.set_primary(name, prior)  # undo: the VF stays and carries traffic again
             raise Stop(
                 f"{name}: the guest did not report the standby active within "
@@ -317,16 +392,69 @@ class Migration:
             return False
 
 
-def migrate_step(cmd: str | None, pause: float) -> Callable[[], None]:
+def migrate_argv(cmd: str | None, args: list[str] | None) -> list[str] | None:
+    """The migration command as an argv, checked before anything is detached: --migrate-cmd
+    split like a shell would (no shell runs it), or --migrate-arg taken word for word."""
+    if cmd is not None and args:
+        raise Stop("give --migrate-cmd or --migrate-arg, not both", EXIT_USAGE)
+    if cmd is not None:
+        try:
+            argv = shlex.split(cmd)
+        except ValueError as e:
+            raise Stop(f"--migrate-cmd {cmd!r}: {e} (or give --migrate-arg)", EXIT_USAGE) from None
+        if not argv:
+            raise Stop("--migrate-cmd is empty", EXIT_USAGE)
+    elif args:
+        argv = list(args)
+    else:
+        return None
+    if shutil.which(argv[0]) is None:
+        raise Stop(f"migration command {argv[0]!r}: not found or not executable", EXIT_USAGE)
+    return argv
+
+
+def migrate_step(
+    argv: list[str] | None, pause: float, timeout: float = 3600.0, grace: float = 5.0
+) -> Callable[[], None]:
+    """Run the migration (or pause); any failure is EXIT_MIGRATION_FAILED, which re-attaches
+    the VF on the source.  Past `timeout` the command (its whole process group) gets
+    SIGTERM, then SIGKILL after `grace` seconds."""
+
     def run() -> None:
-        if not cmd:
+        if not argv:
             time.sleep(pause)
             return
-        p = subprocess.run(shlex.split(cmd), check=False)
-        if p.returncode != 0:
-            raise Stop(f"--migrate-cmd exited {p.returncode}", EXIT_MIGRATION_FAILED)
+        try:
+            p = subprocess.Popen(argv, start_new_session=True)
+        except OSError as e:
+            msg = f"migration command {argv[0]}: {e.strerror or e}"
+            raise Stop(msg, EXIT_MIGRATION_FAILED) from None
+        try:
+            code = p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            _stop_group(p, grace)
+            raise Stop(
+                f"migration command still running after {timeout:g}s: stopped",
+                EXIT_MIGRATION_FAILED,
+            ) from None
+        except BaseException:
+            _stop_group(p, grace)
+            raise
+        if code != 0:
+            raise Stop(f"migration command exited {code}", EXIT_MIGRATION_FAILED)
 
     return run
+
+
+def _stop_group(p: subprocess.Popen[bytes], grace: float) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.pid, sig)
+        try:
+            p.wait(grace)
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 class _Parser(argparse.ArgumentParser):
@@ -341,9 +469,10 @@ def parser() -> argparse.ArgumentParser:
         prog="failover-migrate",
         description=__doc__.split("\n\n")[0].strip() if __doc__ else None,
         epilog="Exit codes: 0 done, 1 failed after the detach (the guest stays on the standby), "
-        "2 usage, 3 guest agent absent/not answering, 4 failoverd not running in the guest, "
-        "5 standby not usable, 6 switch timeout, 7 VF not attached or detach failed, "
-        "8 migration failed (VF back on the source). 3-7: nothing was detached.",
+        "2 usage, 3 guest agent absent/not answering/flooding, 4 failoverd not running in the "
+        "guest, 5 standby not usable, 6 switch timeout, 7 VF not attached or detach failed, "
+        "8 migration failed (VF back on the source), 9 malformed reply from the guest. "
+        "2-7 and 9: nothing was detached.",
     )
     q = ap.add_argument_group("plain QEMU")
     q.add_argument("--qmp", metavar="SOCK", help="QMP unix socket")
@@ -363,7 +492,24 @@ def parser() -> argparse.ArgumentParser:
         default="failoverctl",
         help="failoverctl in the guest (a path, or found on qemu-ga's PATH)",
     )
-    ap.add_argument("--migrate-cmd", help="run on the host between detach and attach")
+    ap.add_argument(
+        "--migrate-cmd",
+        help="run on the host between detach and attach (split into words like a shell "
+        "would, no shell runs it)",
+    )
+    ap.add_argument(
+        "--migrate-arg",
+        action="append",
+        metavar="WORD",
+        help="instead of --migrate-cmd: the command one word at a time, taken as it is "
+        "(--migrate-arg=virsh --migrate-arg=migrate ...)",
+    )
+    ap.add_argument(
+        "--migrate-timeout",
+        type=float,
+        default=3600.0,
+        help="seconds before the migration command is stopped (the VF goes back on the source)",
+    )
     ap.add_argument(
         "--pause", type=float, default=0.3, help="without --migrate-cmd: seconds to wait"
     )
@@ -382,6 +528,9 @@ def parser() -> argparse.ArgumentParser:
 
 def build(args: argparse.Namespace) -> Migration:
     vf: Vf
+    migration = migrate_argv(args.migrate_cmd, args.migrate_arg)
+    if args.libvirt is not None and (not args.libvirt or args.libvirt.startswith("-")):
+        raise Stop(f"--libvirt {args.libvirt!r}: not a domain name virsh takes", EXIT_USAGE)
     if args.libvirt:
         if args.qmp or args.qga or args.device or not args.hostdev_xml:
             raise Stop("--libvirt takes --hostdev-xml (and not --qmp/--qga/--device)", EXIT_USAGE)
@@ -420,7 +569,7 @@ def build(args: argparse.Namespace) -> Migration:
         Guest(agent, args.failoverctl, args.exec_timeout, args.agent_timeout),
         vf,
         args.group,
-        migrate_step(args.migrate_cmd, args.pause),
+        migrate_step(migration, args.pause, args.migrate_timeout),
         switch_timeout=args.switch_timeout,
         detach_timeout=args.detach_timeout,
         return_timeout=args.return_timeout,
@@ -439,16 +588,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         result, code, message = {}, e.code, str(e)
         if mig is not None and not mig.detach_sent:
             message = f"refused: {message} (nothing detached)"
+        elif mig is not None and code in REFUSALS:  # too late to refuse: the VF was detached
+            code = EXIT_FAILED
     except KeyboardInterrupt:
         return 130
     finally:
         if mig is not None:
             mig.vf.close()
             mig.guest.agent.close()
-    print(f"failover-migrate: {message}", file=sys.stderr)
+    say(message)
     if args.json:
         marks = mig.marks if mig is not None else {}
-        print(json.dumps({"exit": code, "message": message, "marks": marks, **result}))
+        doc = {"exit": code, "message": escape(message), "marks": marks, **result}
+        print(json.dumps(doc).replace("\x7f", "\\u007f"))
     return code
 
 
