@@ -299,6 +299,28 @@ def test_permission_denied_on_the_socket_is_said_as_such(
 
 
 @pytest.mark.root
+def test_cloud_init_is_checked_in_the_hosts_own_netns_only(
+    tmp_path: Path, scratch_netns: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """cloud-init configures the host's netns: a lab's lowers elsewhere are not its, whether
+    or not the machine doctor runs on has cloud-init (a fake /etc here has it)."""
+    etc = tmp_path / "etc"
+    (etc / "cloud").mkdir(parents=True)
+    (etc / "cloud" / "cloud.cfg").write_text("{}\n")
+    lowers = doctor.find_lowers(CFG, links(), None)
+    assert lowers
+
+    def cloud(ns: str | None) -> list[str]:
+        host = replace(doctor.host_for(ns), etc=etc, usr_lib=tmp_path / "usr", var_log=tmp_path)
+        return [f.check for f in doctor.check_cloud_init(host, lowers)]
+
+    assert cloud(scratch_netns) == []
+    assert cloud(None) == ["cloud-init-duplicate-mac"]
+    monkeypatch.setattr(doctor.netns, "path_of", lambda _ns: "/proc/self/ns/net")
+    assert cloud("the-hosts-own") == ["cloud-init-duplicate-mac"]  # named, but the host's
+
+
+@pytest.mark.root
 @pytest.mark.parametrize("m", MOUNTS, ids=str)
 def test_doctor_as_non_root_says_permission_denied(m: Mounts) -> None:
     """Each thing doctor may not read as nobody is a finding with the way to get it, on a

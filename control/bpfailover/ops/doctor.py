@@ -137,11 +137,24 @@ def _read(path: Path) -> str:
 
 
 def is_init_netns(ns: str, proc: Path = Path("/proc")) -> bool:
-    """The named netns is the host's own (pid 1's); False when that cannot be read."""
+    """The named netns is the host's own: pid 1's, or where that is hidden (a container
+    without CAP_SYS_PTRACE) the one doctor runs in; False when neither can be read."""
     try:
-        return f"net:[{os.stat(netns.path_of(ns)).st_ino}]" == os.readlink(proc / "1/ns/net")
+        ino = os.stat(netns.path_of(ns)).st_ino
     except OSError:
         return False
+    for pid in ("1", "self"):
+        try:
+            return f"net:[{ino}]" == os.readlink(proc / pid / "ns" / "net")
+        except OSError:
+            continue
+    return False
+
+
+def host_for(ns: str | None) -> Host:
+    """The host as doctor inspects it for `--netns ns`: the host's own state files (NM,
+    networkd, /sys/class/net, cloud-init) only when that is the host's own netns."""
+    return Host(netns=ns, check_managers=ns is None or is_init_netns(ns))
 
 
 # -- gathering -------------------------------------------------------------------------------
@@ -969,7 +982,7 @@ def main_for_cli(args: argparse.Namespace, cli_socket: str | None) -> int:
                 )
             )
     sock = cli_socket or (cfg.control.socket if cfg else "/run/bpfailover/control.sock")
-    host = Host(netns=netns_name_, check_managers=netns_name_ is None or is_init_netns(netns_name_))
+    host = host_for(netns_name_)
     if cfg is not None:
         host.bpffs = Path(cfg.bpffs).parent  # where this config's pins live
     findings = pre + run_checks(host, cfg, sock)
