@@ -68,9 +68,7 @@ def _mount(libc: ctypes.CDLL, src: str, target: str, fstype: str, data: str) -> 
 
 def _fake_pin(path: Path) -> None:
     """A real pinned object (bpffs holds nothing else): a one-entry array map."""
-    attr = (ctypes.c_char * 128).from_buffer_copy(
-        bpfsys.struct.pack("=IIII", BPF_MAP_TYPE_ARRAY, 4, 4, 1).ljust(128, b"\0")
-    )
+    attr = bpfsys._attr("=IIII", BPF_MAP_TYPE_ARRAY, 4, 4, 1)
     fd = bpfsys._sys_bpf(BPF_MAP_CREATE, attr, "map create")
     try:
         bpfsys.obj_pin(fd, str(path))
