@@ -29,12 +29,39 @@ def unique(prefix: str) -> str:
     return f"{prefix}{uuid.uuid4().hex[:6]}"
 
 
+def bpffs_root() -> Path:
+    """/sys/fs/bpf, mounted as `make setup` mounts it (mode=700) when nothing is mounted
+    there: every test that needs bpffs gets it this one way, whichever test comes first."""
+    from bpfailover_lab.agent_run import BPFFS, ensure_bpffs
+
+    ensure_bpffs()
+    return BPFFS
+
+
+def mount_bpffs(where: Path) -> None:
+    """A bpffs of the test's own at `where`, mounted as `make setup` mounts one."""
+    subprocess.run(["mount", "-t", "bpf", "-o", "mode=700", "bpf", str(where)], check=True)
+
+
+def realtime_refused() -> str | None:
+    """Why root may not take SCHED_FIFO on this machine (None: it may), tried in a child:
+    a container without CAP_SYS_NICE, or a cgroup with no real-time budget."""
+    import sys
+
+    probe = "import os; os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))"
+    p = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=False)
+    if p.returncode == 0:
+        return None
+    err = (p.stderr.strip().splitlines() or ["?"])[-1]
+    return (
+        f"root may not take SCHED_FIFO here ({err}): no CAP_SYS_NICE (a container) or no "
+        "real-time budget in this cgroup (cpu.rt_runtime_us)"
+    )
+
+
 @pytest.fixture
 def bpffs() -> Path:
-    root = Path("/sys/fs/bpf")
-    if subprocess.run(["mountpoint", "-q", str(root)], check=False).returncode != 0:
-        subprocess.run(["mount", "-t", "bpf", "-o", "mode=700", "bpf", str(root)], check=True)
-    return root
+    return bpffs_root()
 
 
 @pytest.fixture

@@ -30,6 +30,7 @@ class Tally:
     leaks: int | None = None  # None until the leak check ran
     leak_detail: list[str] = field(default_factory=list)
     prefixes: set[str] = field(default_factory=set)  # lab/agent names this suite used
+    prog_ids: set[int] = field(default_factory=set)  # programs this suite's agents pinned
     ran: bool = False
 
     def fault(self, lost: int = 0) -> None:
@@ -55,6 +56,9 @@ TALLY = Tally()
 
 
 # -- leaks ------------------------------------------------------------------------------------
+# Only what this suite made counts: its prefixes' namespaces and pins, and the programs its
+# agents pinned.  Another run's agents or containers on the same machine load programs with
+# the same names at any time; they are not this suite's leaks.
 def bpf_progs() -> dict[int, dict[str, Any]]:
     """Our programs (by name) currently loaded anywhere: id -> bpftool's record."""
     out = subprocess.run(
@@ -67,13 +71,35 @@ def bpf_progs() -> dict[int, dict[str, Any]]:
     return {p["id"]: p for p in progs if p.get("name") in OUR_PROGS}
 
 
-def _mine(path: str, prefixes: set[str]) -> bool:
-    return any(f"/bpfailover-{p}" in path for p in prefixes)
+def note_progs(agent: AgentRun) -> None:
+    """Remember the programs in an agent's pin directory (ids are not reused soon)."""
+    from bpfailover.agent.setup import pinned_prog_ids
+
+    TALLY.prog_ids |= pinned_prog_ids(agent.pin_dir)
 
 
-def leaks(before_progs: set[int], prefixes: set[str]) -> list[str]:
+@contextmanager
+def noting_progs() -> Iterator[None]:
+    """Every AgentRun.start() in the block notes its agent's programs, even when the agent
+    dies right after pinning them (a fault point)."""
+    start = AgentRun.start
+
+    def noted(self: AgentRun, *args: Any, **kwargs: Any) -> AgentRun:
+        try:
+            return start(self, *args, **kwargs)
+        finally:
+            note_progs(self)
+
+    AgentRun.start = noted  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        AgentRun.start = start  # type: ignore[method-assign]
+
+
+def leaks(prog_ids: set[int], prefixes: set[str]) -> list[str]:
     """What this suite left behind: namespaces, pins, tc filters and XDP in namespaces left
-    over, and BPF programs loaded since `before_progs` that nobody else pinned."""
+    over, and the programs its agents pinned (`prog_ids`) still loaded."""
     found: list[str] = []
     names = subprocess.run(
         ["ip", "netns", "list"], capture_output=True, text=True, check=False
@@ -88,20 +114,16 @@ def leaks(before_progs: set[int], prefixes: set[str]) -> list[str]:
     for p in prefixes:
         found += [f"pins {d}" for d in glob.glob(str(BPFFS / f"bpfailover-{p}*"))]
     for pid, rec in bpf_progs().items():
-        if pid in before_progs:
-            continue
-        pinned = rec.get("pinned") or []
-        if pinned and not any(_mine(x, prefixes) for x in pinned):
-            continue  # someone else's (another engineer's run), pinned in their directory
-        found.append(f"bpf prog {pid} {rec.get('name')} pinned={pinned}")
+        if pid in prog_ids:
+            found.append(f"bpf prog {pid} {rec.get('name')} pinned={rec.get('pinned') or []}")
     return found
 
 
-def settle_leaks(before_progs: set[int], prefixes: set[str], timeout: float = 20.0) -> list[str]:
+def settle_leaks(prog_ids: set[int], prefixes: set[str], timeout: float = 20.0) -> list[str]:
     """Programs are freed after an RCU grace period once their netns is gone: wait for it."""
     deadline = time.monotonic() + timeout
     while True:
-        found = leaks(before_progs, prefixes)
+        found = leaks(prog_ids, prefixes)
         if not found or time.monotonic() > deadline:
             return found
         time.sleep(0.5)

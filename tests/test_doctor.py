@@ -5,7 +5,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import socket
 import subprocess
 import time
 from dataclasses import replace
@@ -17,7 +16,9 @@ from bpfailover.model import config
 from bpfailover.ops import cli, doctor
 from bpfailover.ops.doctor import Host, LinkInfo
 from bpfailover_lab.topology import Lab
-from tests.opsutil import agent_in_lab, as_nobody, ctl
+from tests import nonroot
+from tests.nonroot import Mounts
+from tests.opsutil import agent_in_lab, ctl
 from tests.statusutil import agent
 
 MAC = "52:54:00:00:12:53"
@@ -25,6 +26,12 @@ CFG = config.parse_config(
     "groups: [{name: ens10, standby: ens10nsby}]\nbpffs: /sys/fs/bpf/bpfailover-doctor-test\n"
 )
 ALL_CAPS = "000001ffffffffff"
+MOUNTS = [
+    Mounts(bpffs, run_dir, sock, agent)
+    for bpffs in (0o700, 0o755)
+    for run_dir in (0o700, 0o755)
+    for sock, agent in ((0o600, False), (0o600, True), (0o666, True))
+]
 
 
 def links(**extra: object) -> dict[int, LinkInfo]:
@@ -292,32 +299,56 @@ def test_permission_denied_on_the_socket_is_said_as_such(
 
 
 @pytest.mark.root
-def test_doctor_as_non_root_says_permission_denied() -> None:
-    import tempfile
+def test_cloud_init_is_checked_in_the_hosts_own_netns_only(
+    tmp_path: Path, scratch_netns: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """cloud-init configures the host's netns: a lab's lowers elsewhere are not its, whether
+    or not the machine doctor runs on has cloud-init (a fake /etc here has it)."""
+    etc = tmp_path / "etc"
+    (etc / "cloud").mkdir(parents=True)
+    (etc / "cloud" / "cloud.cfg").write_text("{}\n")
+    lowers = doctor.find_lowers(CFG, links(), None)
+    assert lowers
 
+    def cloud(ns: str | None) -> list[str]:
+        host = replace(doctor.host_for(ns), etc=etc, usr_lib=tmp_path / "usr", var_log=tmp_path)
+        return [f.check for f in doctor.check_cloud_init(host, lowers)]
+
+    assert cloud(scratch_netns) == []
+    assert cloud(None) == ["cloud-init-duplicate-mac"]
+    monkeypatch.setattr(doctor.netns, "path_of", lambda _ns: "/proc/self/ns/net")
+    assert cloud("the-hosts-own") == ["cloud-init-duplicate-mac"]  # named, but the host's
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("m", MOUNTS, ids=str)
+def test_doctor_as_non_root_says_permission_denied(m: Mounts) -> None:
+    """Each thing doctor may not read as nobody is a finding with the way to get it, on a
+    bpffs mounted as `make setup` does (mode 700) and otherwise; never a traceback."""
     import pyroute2  # noqa: F401 - imported before the child drops root (it may not read it)
 
-    with tempfile.TemporaryDirectory(dir="/tmp") as tmp:  # traversable by nobody
-        _doctor_as_non_root(Path(tmp))
+    from bpfailover.ops import orphans  # noqa: F401
 
-
-def _doctor_as_non_root(tmp_path: Path) -> None:
-    sock = tmp_path / "ctl.sock"
-    cfg = tmp_path / "config.yaml"
-    cfg.write_text(f"groups: [{{name: ens10, standby: ens10nsby}}]\ncontrol: {{socket: {sock}}}\n")
-    cfg.chmod(0o644)
-    tmp_path.chmod(0o755)
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as srv:
-        srv.bind(str(sock))
-        srv.listen(1)
-        sock.chmod(0o600)
-        code, out = as_nobody(cli.main, ["--config", str(cfg), "doctor"])
-    assert code == 4, out
-    assert (
+    code, out = nonroot.run_as_nobody(cli.main, ["--config", str(nonroot.CONFIG), "doctor"], m)
+    assert code == 4 and "Traceback" not in out, out
+    sock = nonroot.SOCKET
+    socket_denied = (
         f"[control-socket] {sock}: permission denied: the running agent's lowers and state were"
         " not checked\n    fix: run as root or as a member of the config's control.group\n"
-    ) in out
+    )
+    assert (socket_denied in out) == (m.agent or m.run_dir == 0o700), out
     assert "none answers" not in out
+    pins_denied = [ln for ln in out.splitlines() if ln.startswith("[second-agent] /")]
+    assert len(pins_denied) == (m.agent or m.bpffs == 0o700), out
+    if pins_denied:
+        what = f"whether an agent holds {'these pins' if m.bpffs == 0o700 else nonroot.PINS}"
+        assert f"permission denied: {what} was not checked" in pins_denied[0]
+    orphans_denied = "permission denied: whether a datapath there is orphaned was not checked"
+    assert (orphans_denied in out) == (m.agent or m.bpffs == 0o700), out
+    lines = out.splitlines()
+    for i, ln in enumerate(lines):  # every such finding says how to get what it lacks
+        if "permission denied" in ln:
+            assert lines[i + 1].startswith("    fix: run as root"), out
 
 
 @pytest.mark.root

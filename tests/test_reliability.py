@@ -44,12 +44,13 @@ from bpfailover.model.config import peer_name
 from bpfailover_lab import traffic
 from bpfailover_lab.agent_run import AgentRun, HarnessError
 from bpfailover_lab.topology import Lab
-from tests.conftest import unique
+from tests.conftest import mount_bpffs, unique
 from tests.faultutil import (
     TALLY,
-    bpf_progs,
     expected_active,
     fault_env,
+    leaks,
+    noting_progs,
     our_filters,
     settle_leaks,
     vm_rss_kb,
@@ -63,11 +64,11 @@ IFF_LOWER_UP = 0x10000
 # -- fixtures ---------------------------------------------------------------------------------
 @pytest.fixture(scope="module", autouse=True)
 def leak_check() -> Iterator[None]:
-    before = set(bpf_progs())
-    yield
+    with noting_progs():
+        yield
     if not TALLY.prefixes:
         return
-    found = settle_leaks(before, TALLY.prefixes)
+    found = settle_leaks(TALLY.prog_ids, TALLY.prefixes)
     TALLY.leaks, TALLY.leak_detail = len(found), found
     assert not found, f"left behind: {found}"
 
@@ -77,6 +78,38 @@ def lab_prefix() -> str:
     prefix = unique("rl")
     TALLY.prefixes.add(prefix)
     return prefix
+
+
+def _someone_elses_prog(name: str) -> int:
+    """A program named like ours that this suite did not make (another agent on the
+    machine, a container's): `r0 = 0; exit`, held by its fd only, pinned nowhere."""
+    import ctypes
+    import struct
+
+    from bpfailover.datapath import bpfsys
+
+    insns = ctypes.create_string_buffer(
+        struct.pack("<BBhi", 0xB7, 0, 0, 0) + struct.pack("<BBhi", 0x95, 0, 0, 0)
+    )
+    lic = ctypes.create_string_buffer(b"GPL")
+    attr = bpfsys._attr(
+        "=IIQQIIQII", 3, 2, ctypes.addressof(insns), ctypes.addressof(lic), 0, 0, 0, 0, 0
+    )
+    ctypes.memmove(ctypes.addressof(attr) + 48, name.encode(), len(name))
+    return bpfsys._sys_bpf(5, attr, "prog load")  # BPF_PROG_LOAD, BPF_PROG_TYPE_SCHED_CLS
+
+
+@pytest.mark.root
+def test_the_leak_check_counts_this_suites_own_programs_only() -> None:
+    from bpfailover.datapath import bpfsys
+
+    fd = _someone_elses_prog("fo_egress")
+    try:
+        prog = bpfsys.prog_info(fd).id
+        assert leaks(set(), {unique("rl")}) == []
+        assert leaks({prog}, {unique("rl")}) == [f"bpf prog {prog} fo_egress pinned=[]"]
+    finally:
+        os.close(fd)
 
 
 def converged(
@@ -582,7 +615,7 @@ def test_bpffs_unmounted_under_the_agent(lab: Lab) -> None:
     empty bpffs loads a fresh datapath and takes the devices over in place (filters
     replaced, not duplicated; counters start again at zero)."""
     mnt = Path(tempfile.mkdtemp(prefix="bpfailover-rl-bpffs-"))
-    subprocess.run(["mount", "-t", "bpf", "bpf", str(mnt)], check=True)
+    mount_bpffs(mnt)
     lab.up()
     agent = AgentRun(lab)
     agent.pin_dir = mnt / "bpfailover"
@@ -601,7 +634,7 @@ def test_bpffs_unmounted_under_the_agent(lab: Lab) -> None:
         assert not agent.pin_dir.exists()
         lab.set_far_end(0, "primary", False)  # the agent still writes its (detached) maps
         assert converged(agent, lab, check_map=False)["active_lower"] == n.standby
-        subprocess.run(["mount", "-t", "bpf", "bpf", str(mnt)], check=True)
+        mount_bpffs(mnt)
         with stream(lab) as h:
             time.sleep(0.3)
             agent.restart()

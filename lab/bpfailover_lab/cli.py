@@ -139,6 +139,11 @@ def traffic_failures(report: traffic.StreamReport, max_loss_pct: float) -> list[
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if os.geteuid() != 0:  # every command creates, enters or removes network namespaces
+        print(
+            f"failover-lab: {args.cmd} needs root (network namespaces, the bpffs)", file=sys.stderr
+        )
+        return 1
     try:
         if args.cmd == "up":
             lab = Lab(args.prefix, args.groups)
@@ -176,6 +181,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("failover-lab: interrupted", file=sys.stderr)
         return 130
+    except PermissionError as e:  # root without the capabilities (a container): say which
+        what = f"{e.filename}: " if e.filename else ""
+        print(
+            f"failover-lab: {what}permission denied (needs root with CAP_SYS_ADMIN, CAP_NET_ADMIN)",
+            file=sys.stderr,
+        )
+        return 1
     except Exception as e:  # every runtime failure: one line, exit 1
         print(f"failover-lab: {_err(e)}", file=sys.stderr)
         return 1

@@ -435,10 +435,12 @@ def release_lock(fd: int, path: Path) -> None:
 
 def lock_held(pin_dir: Path, lock_dir: Path = LOCK_DIR) -> bool:
     """A running agent (or a teardown) holds pin_dir's single-instance lock (probed
-    without waiting).  No lock file: nobody holds it; one we may not open (not root): not
-    known, said as not held."""
+    without waiting).  No lock file: nobody holds it.  One we may not open (not root):
+    PermissionError, since we cannot tell (callers say what they did not check)."""
     try:
         fd = take_lock(lock_path(pin_dir, lock_dir), probe=True)
+    except PermissionError:
+        raise
     except OSError:
         return False
     if fd is None:

@@ -639,6 +639,10 @@ def load_config(path: str | Path) -> Config:
         raise ConfigError(source, "no such file") from None
     except UnicodeDecodeError as e:
         raise ConfigError(source, f"not UTF-8 text (byte {e.start})") from None
+    except PermissionError as e:
+        raise ConfigError(
+            source, f"cannot read: {e.strerror or e} (run as root, or make it readable)"
+        ) from None
     except OSError as e:
         raise ConfigError(source, f"cannot read: {e.strerror or e}") from None
     return parse_config(text, source)

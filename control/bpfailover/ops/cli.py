@@ -64,7 +64,11 @@ def socket_path(cli_socket: str | None, cli_config: str | None, lab: str | None 
 
     path = paths.config_path(cli_config)
     explicit = bool(cli_config or os.environ.get(paths.CONFIG_ENV))
-    if explicit or path.exists():
+    try:
+        present = path.exists()
+    except PermissionError:  # a directory on the way we may not search: it may be there
+        present = True
+    if explicit or present:
         from bpfailover.model import config as configmod  # pydantic: only with a config
 
         try:
@@ -525,6 +529,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:  # `failoverctl status | head`
         return EXIT_OK
+    except PermissionError as e:  # whatever a path's mode: one line, not a traceback
+        print(f"failoverctl: {denied_message(e)}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+def denied_message(e: OSError) -> str:
+    what = f"{e.filename}: " if e.filename else ""
+    return f"{what}permission denied ({PERMISSION_HINT})"
 
 
 if __name__ == "__main__":

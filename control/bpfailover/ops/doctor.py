@@ -39,6 +39,7 @@ AGENT_MODULES = {"bpfailover.agent", "bpfailover.agent.__main__", "bpfailover.ag
 _PYTHON = re.compile(r"^python[0-9.]*$")
 _PY_OPTS_WITH_VALUE = {"-W", "-X", "-Q"}
 PERMISSION_FIX = "run as root or as a member of the config's control.group"
+ROOT_FIX = "run as root"
 CAPS = {
     "CAP_NET_ADMIN": 12,
     "CAP_NET_RAW": 13,
@@ -89,7 +90,8 @@ class Host:
     release: str = field(default_factory=lambda: os.uname().release)
     euid: int = field(default_factory=os.geteuid)
     netns: str | None = None
-    check_managers: bool = True  # NM/networkd state files describe the host netns only
+    # NM/networkd state files and cloud-init describe the host's own netns only
+    check_managers: bool = True
     sys: Path = Path("/sys")  # /sys/class/net describes the host netns only (check_managers)
     var_log: Path = Path("/var/log")
     usr_lib: Path = Path("/usr/lib")
@@ -101,6 +103,57 @@ class Lower:
     group: str
     role: str
     link: LinkInfo
+
+
+def _exists(path: Path) -> bool:
+    """Path.exists() that says False where we may not look (it raises EACCES)."""
+    try:
+        return path.exists()
+    except OSError:
+        return False
+
+
+def _present(path: Path) -> bool:
+    """It exists, or we may not look (then it may well: say what we could not read)."""
+    try:
+        return path.exists()
+    except PermissionError:
+        return True
+
+
+def _is_dir(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except OSError:
+        return False
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except OSError:
+        return ""
+
+
+def is_init_netns(ns: str, proc: Path = Path("/proc")) -> bool:
+    """The named netns is the host's own: pid 1's, or where that is hidden (a container
+    without CAP_SYS_PTRACE) the one doctor runs in; False when neither can be read."""
+    try:
+        ino = os.stat(netns.path_of(ns)).st_ino
+    except OSError:
+        return False
+    for pid in ("1", "self"):
+        try:
+            return f"net:[{ino}]" == os.readlink(proc / pid / "ns" / "net")
+        except OSError:
+            continue
+    return False
+
+
+def host_for(ns: str | None) -> Host:
+    """The host as doctor inspects it for `--netns ns`: the host's own state files (NM,
+    networkd, /sys/class/net, cloud-init) only when that is the host's own netns."""
+    return Host(netns=ns, check_managers=ns is None or is_init_netns(ns))
 
 
 # -- gathering -------------------------------------------------------------------------------
@@ -399,7 +452,7 @@ def check_bpffs(host: Host, pin_dir: str) -> Iterator[Finding]:
 
 def check_headers(host: Host) -> Iterator[Finding]:
     build = host.modules / host.release / "build" / "include"
-    if build.is_dir() or os.environ.get("BCC_KERNEL_SOURCE"):
+    if _is_dir(build) or os.environ.get("BCC_KERNEL_SOURCE"):
         return
     if kheaders._debian_pair(host.src_dir) is not None:
         return
@@ -418,7 +471,7 @@ def check_datapath_check(host: Host, status: AgentStatus | None) -> Iterator[Fin
     this kernel has the BTF it needs."""
     state = status.datapath_check if status is not None else None
     if state is None:
-        if host.btf.exists():
+        if _exists(host.btf):
             return
         problem = f"no kernel BTF at {host.btf}: the datapath cannot check lowers per packet"
     elif state == "on":
@@ -487,7 +540,7 @@ def check_realtime(host: Host, cfg: configmod.Config | None) -> Iterator[Finding
 
 
 def check_neighbour_knobs(host: Host) -> Iterator[Finding]:
-    missing = [k.split("/")[-1] for k in NEIGH_KNOBS if not (host.proc / k).exists()]
+    missing = [k.split("/")[-1] for k in NEIGH_KNOBS if not _exists(host.proc / k)]
     if missing:
         yield Finding(
             "kernel-neighbours",
@@ -532,11 +585,22 @@ def check_agents(
     host: Host, pin_dir: str, sock: str | None, denied: bool = False
 ) -> Iterator[Finding]:
     mine = os.getpid()
-    agents = []
+    ours = _netns_id(host, None)
+    agents, unknown = [], []
     for pid, argv in _procs(host):
-        if pid == mine or not is_agent(argv, _exe(host, pid)) or not _same_netns(host, pid):
+        if pid == mine or not is_agent(argv, _exe(host, pid)):
             continue
-        agents.append((pid, " ".join(argv)))
+        theirs = _netns_id(host, pid)
+        if ours is not None and theirs is None:
+            unknown.append(str(pid))  # another user's process, as non-root: we cannot tell
+        elif ours is None or theirs == ours:
+            agents.append((pid, " ".join(argv)))
+    if unknown:
+        yield _not_checked(
+            "second-agent",
+            f"pid {', '.join(unknown)}",
+            "which network namespace these failoverd processes run in",
+        )
     if len(agents) > 1:
         listed = "; ".join(f"{p}: {c[:80]}" for p, c in agents)
         yield Finding(
@@ -547,12 +611,20 @@ def check_agents(
             "run exactly one (systemctl status failoverd; kill the stray one by its pid)",
         )
     pins = Path(pin_dir)
-    if not pins.is_dir():
+    try:
+        if not pins.is_dir():
+            return
+    except PermissionError:
+        yield _not_checked("second-agent", pin_dir, "whether an agent holds these pins")
         return
     from bpfailover.datapath.maps import lock_held, lock_path  # under /run, not the pins
 
     lock = str(lock_path(pins))
-    locked = lock_held(pins)
+    try:
+        locked = lock_held(pins)
+    except PermissionError:
+        yield _not_checked("second-agent", lock, f"whether an agent holds {pin_dir}")
+        return
     if locked and sock is not None and not denied:  # denied: said by [control-socket]
         try:
             api.request(sock, {"cmd": "status"}, timeout=2.0)
@@ -566,12 +638,22 @@ def check_agents(
             )
 
 
+def _not_checked(check: str, path: str, what: str) -> Finding:
+    """A check we may not do as this user: what was not read, and how to get it."""
+    return Finding(check, path, f"permission denied: {what} was not checked", ROOT_FIX)
+
+
 def check_orphaned_pins(host: Host, netns_hint: str | None) -> Iterator[Finding]:
     """bpfailover datapaths under the bpffs that no running agent holds: their programs
     may still be attached and forwarding, with nobody to fail over."""
     from bpfailover.ops import orphans
 
-    for d in orphans.find(host.bpffs):
+    denied: list[Path] = []
+    found = orphans.find(host.bpffs, denied)
+    if denied:
+        paths = ", ".join(str(p) for p in denied)
+        yield _not_checked("orphaned-pins", paths, "whether a datapath there is orphaned")
+    for d in found:
         ns = f" --netns {netns_hint}" if netns_hint else " [--netns NAME]"
         yield Finding(
             "orphaned-pins",
@@ -621,16 +703,17 @@ def check_kernel_failover(host: Host, links: dict[int, LinkInfo]) -> Iterator[Fi
 
 
 def check_cloud_init(host: Host, lowers: list[Lower]) -> Iterator[Finding]:
-    """cloud-init installed and enabled for the lowers' duplicate MAC without the shim."""
-    if not lowers or not (host.etc / "cloud" / "cloud.cfg").exists():
+    """cloud-init installed and enabled for the lowers' duplicate MAC without the shim.
+    cloud-init configures the host's own netns only: lowers in another one are not its."""
+    if not host.check_managers or not lowers or not _exists(host.etc / "cloud" / "cloud.cfg"):
         return
-    if (host.etc / "cloud" / "cloud-init.disabled").exists():
+    if _exists(host.etc / "cloud" / "cloud-init.disabled"):
         return
     shim = host.usr_lib / CLOUD_INIT_SHIM
     missing = []
     for unit in CLOUD_INIT_UNITS:
         d = host.etc / "systemd" / "system" / f"{unit}.service.d"
-        texts = [p.read_text(errors="replace") for p in sorted(d.glob("*.conf"))]
+        texts = [_read(p) for p in sorted(d.glob("*.conf"))]
         if not any(str(shim.parent) in t and "PYTHONPATH" in t for t in texts):
             missing.append(unit)
     try:
@@ -638,7 +721,7 @@ def check_cloud_init(host: Host, lowers: list[Lower]) -> Iterator[Finding]:
     except OSError:
         log = ""
     dup = re.search(r"duplicate mac found![^\n]*", log)
-    if missing or not shim.exists() or dup:
+    if missing or not _exists(shim) or dup:
         names = ", ".join(sorted({lw.link.name for lw in lowers}))
         seen = f"; its log says: {dup.group(0)}" if dup else ""
         yield Finding(
@@ -679,7 +762,7 @@ def check_failover_devices(
     if not host.check_managers or cfg is None:
         return
     names = {lk.name: lk for lk in links.values()}
-    nm_running = (host.run / "NetworkManager").is_dir()
+    nm_running = _is_dir(host.run / "NetworkManager")
     for g in cfg.groups:
         dev = names.get(g.name)
         if dev is not None and nm_running and _udev_prop(host, dev.ifindex, "NM_UNMANAGED") == "1":
@@ -791,19 +874,21 @@ def run_checks(
         try:
             reply = api.request(sock, {"cmd": "status"}, timeout=2.0)
             status = AgentStatus.from_json(reply.get("status")) if reply.get("ok") else None
+            # the agent's own refusal (SO_PEERCRED): a socket file anyone may open
+            denied = not reply.get("ok") and "permission denied" in str(reply.get("error"))
         except api.AgentUnreachable as e:
             denied = e.errno in (errno.EACCES, errno.EPERM)
-            if denied:
-                findings.append(
-                    Finding(
-                        "control-socket",
-                        sock,
-                        "permission denied: the running agent's lowers and state were not checked",
-                        PERMISSION_FIX,
-                    )
-                )
         except (api.ReplyError, StatusFormatError):
             status = None  # then the lowers are found by the config
+        if denied:
+            findings.append(
+                Finding(
+                    "control-socket",
+                    sock,
+                    "permission denied: the running agent's lowers and state were not checked",
+                    PERMISSION_FIX,
+                )
+            )
     if links is None:
         try:
             links = dump_links(host.netns)
@@ -873,7 +958,7 @@ def main_for_cli(args: argparse.Namespace, cli_socket: str | None) -> int:
         try:
             cfg = configmod.load_config(path)
         except configmod.ConfigError as e:
-            if args.config or os.environ.get(configmod.CONFIG_ENV) or path.exists():
+            if args.config or os.environ.get(configmod.CONFIG_ENV) or _present(path):
                 for line in str(e).splitlines():
                     print(f"failoverctl: {line}", file=sys.stderr)
                 return 2
@@ -887,7 +972,7 @@ def main_for_cli(args: argparse.Namespace, cli_socket: str | None) -> int:
                 )
             )
     sock = cli_socket or (cfg.control.socket if cfg else "/run/bpfailover/control.sock")
-    host = Host(netns=netns_name_, check_managers=netns_name_ is None)
+    host = host_for(netns_name_)
     if cfg is not None:
         host.bpffs = Path(cfg.bpffs).parent  # where this config's pins live
     findings = pre + run_checks(host, cfg, sock)

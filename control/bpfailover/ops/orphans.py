@@ -22,21 +22,31 @@ DATAPATH_MARK = "fo_meta"  # a directory holding this pin is a bpfailover datapa
 
 def held(pin_dir: Path) -> bool:
     """A running agent holds pin_dir's single-instance lock (probed without waiting)."""
-    return lock_held(pin_dir)
+    return lock_held(pin_dir)  # PermissionError: we cannot tell, never call it unheld
 
 
-def find(bpffs: Path) -> list[Path]:
+def find(bpffs: Path, denied: list[Path] | None = None) -> list[Path]:
     """bpfailover pin directories directly under the bpffs mount `bpffs` that no running
-    agent holds (orphaned).  A directory we may not read is not reported."""
+    agent holds (orphaned).  A directory or lock we may not read is not reported as one:
+    it goes to `denied`, so the caller can say what it did not check."""
     try:
         entries = sorted(bpffs.iterdir())
+    except PermissionError:
+        if denied is not None:
+            denied.append(bpffs)
+        return []
     except OSError:
         return []
     out = []
     for d in entries:
-        with suppress(OSError):
+        try:
             if d.is_dir() and not d.is_symlink() and (d / DATAPATH_MARK).exists() and not held(d):
                 out.append(d)
+        except PermissionError:
+            if denied is not None:
+                denied.append(d)
+        except OSError:
+            continue
     return out
 
 
