@@ -411,8 +411,9 @@ static __always_inline void fo_tx_action(struct __sk_buff *skb, struct fo_action
 				a->ifindex = oif;
 				return;
 			}
-			if (st == FO_LINK_DEAD)
-				target = 0;	/* neither lower can carry it */
+			/* Neither lower can carry it: a gone lower's stale ifindex
+			 * is no target either (the redirect would be lost unseen). */
+			target = 0;
 		}
 	}
 	if (!target) {

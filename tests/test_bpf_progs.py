@@ -270,6 +270,42 @@ CASES: list[Case] = [
         lowers=(("standby", GONE_IFINDEX),),
         links=(("pr0", "down"),),
     ),
+    *(
+        Case(
+            f"active primary gone, standby {what}: no_lower (nothing sent to a gone ifindex)",
+            "egress",
+            "fo0",
+            V4,
+            TC_ACT_SHOT,
+            None,
+            drop(0, "tc_egress", "no_lower"),
+            lowers=(("primary", GONE_IFINDEX),),
+            links=(("sb0", state),),
+        )
+        for state, what in DEAD
+    ),
+    Case(
+        "active primary gone, standby unregistered: no_lower",
+        "egress",
+        "fo0",
+        V4,
+        TC_ACT_SHOT,
+        None,
+        drop(0, "tc_egress", "no_lower"),
+        lowers=(("primary", GONE_IFINDEX), ("standby", 0)),
+    ),
+    Case(
+        "active standby gone, primary dead: no_lower",
+        "egress",
+        "fo0",
+        V6,
+        TC_ACT_SHOT,
+        None,
+        drop(0, "tc_egress", "no_lower"),
+        active=("standby", "primary"),
+        lowers=(("standby", GONE_IFINDEX),),
+        links=(("pr0", "nocarrier"),),
+    ),
     Case(
         "agent says no lower, standby up: the datapath does not override it",
         "egress",
