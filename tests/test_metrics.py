@@ -83,7 +83,10 @@ def test_every_drop_reason_is_explained_in_docs_and_dashboard() -> None:
     L = layout.load()
     assert set(DROP_REASONS) == set(L.drop_reasons)  # a new reason in failover.h needs words
     combos = {
-        c for rx in ("tc", "xdp") for ir in ("deliver", "drop") for c in possible_drops(rx, ir)
+        c
+        for rx in ("tc", "xdp")
+        for ir in ("deliver", "drop_standby", "drop_inactive")
+        for c in possible_drops(rx, ir)
     }
     assert {h for h, _ in combos} == set(L.hooks) and {r for _, r in combos} == set(L.drop_reasons)
     root = Path(__file__).resolve().parents[1]
