@@ -58,7 +58,7 @@ def test_only_possible_drop_combinations() -> None:
     from bpfailover.datapath.counters import possible_drops
 
     assert possible_drops("tc", "deliver") == [("tc_egress", "no_lower"), ("tc_ingress", "loop")]
-    assert possible_drops("tc", "drop") == [
+    assert possible_drops("tc", "drop_standby") == [
         ("tc_egress", "no_lower"),
         ("tc_ingress", "inactive_rx"),
         ("tc_ingress", "loop"),
@@ -68,7 +68,7 @@ def test_only_possible_drop_combinations() -> None:
         ("tc_ingress", "loop"),
         ("xdp", "loop"),
     ]
-    every = possible_drops("xdp", "drop")
+    every = possible_drops("xdp", "drop_inactive")
     assert ("tc_egress", "inactive_rx") not in every and ("tc_egress", "loop") not in every
     assert len(every) == 5
 
