@@ -908,7 +908,7 @@ def test_wrong_offsets_are_caught_at_load_and_per_packet(rig: Rig) -> None:
 
 def test_without_kernel_btf_the_datapath_loads_without_the_check(rig: Rig) -> None:
     """No BTF: the check is off (and says so), everything else works as before: a dead
-    active lower is still sent to, as the agent said."""
+    active lower is still sent to, as the agent said; the inactive_rx rules apply."""
     pin_dir = Path("/sys/fs/bpf") / unique("bpfailover-test-")
     L = rig.dp.L
     try:
@@ -930,6 +930,17 @@ def test_without_kernel_btf_the_datapath_loads_without_the_check(rig: Rig) -> No
             assert res.retval == TC_ACT_REDIRECT
             assert dp.last_redirect() == rig.ifx["pr0"]
             assert dp.stats(g, L.FO_SLOT_PRIMARY, L.FO_DIR_TX) == Counter(1, len(V4))
+            # the receive rules need no check: drop_standby, the primary without carrier
+            # (registered), the standby active
+            dp.update_group(g, inactive_rx=L.FO_IRX_DROP_STANDBY)
+            dp.flip(g, L.FO_SLOT_STANDBY)
+            prog = dp.prog_fd("prog_lower_ingress")
+            with netns.entered(rig.ns):
+                from_sb = bpfsys.prog_test_run(prog, RX_V4, skb_ctx(rig.ifx["sb0"])).retval
+                from_pr = bpfsys.prog_test_run(prog, RX_V4, skb_ctx(rig.ifx["pr0"])).retval
+            assert (from_sb, from_pr) == (TC_ACT_SHOT, TC_ACT_REDIRECT)
+            drops = dp.drops(g, L.FO_HOOK_TC_INGRESS, L.FO_DROP_INACTIVE_RX)
+            assert drops == Counter(1, len(RX_V4))
         finally:
             dp.close()
     finally:
