@@ -12,7 +12,7 @@
 
 /* Bumped whenever a layout below changes: a pinned datapath with another ABI
  * is not adopted (a restart would read it wrongly). */
-#define FO_ABI_VERSION 4
+#define FO_ABI_VERSION 5
 
 #define FO_MAX_GROUPS 64
 #define FO_MAX_DEVS 1024
@@ -41,8 +41,14 @@
 #define FO_DROP_LOOP 2
 #define FO_NDROPS 3
 
+/* fo_group.inactive_rx: which received frames are dropped (reason inactive_rx), config
+ * `inactive_rx` by these names.  A primary is registered while its slot holds an ifindex
+ * (the agent clears it on unregister) that the per-packet lower check does not find gone. */
+#define FO_IRX_DELIVER 0	/* none */
+#define FO_IRX_DROP_STANDBY 1	/* net_failover: the standby's, while a primary is registered */
+#define FO_IRX_DROP_INACTIVE 2	/* bonding: whichever lower is not the active one */
+
 /* fo_group.flags */
-#define FO_F_INACTIVE_RX_DROP 1
 /* The agent alone moves this group's traffic (downdelay_ms > 0: the operator asked to
  * wait): the datapath does not fall back on its own. */
 #define FO_F_DP_HOLD 2
@@ -78,11 +84,12 @@ struct fo_dev {
 };
 
 /* fo_group: per-group configuration, written by the agent at set-up.  The fast
- * path reads master_ifindex and flags; the rest is the agent's own state kept
+ * path reads master_ifindex, flags, inactive_rx and the MAC; the rest is the agent's own state kept
  * here so that a restarted agent adopts it from the pins. */
 struct fo_group {
 	__u32 master_ifindex;
 	__u32 flags;
+	__u32 inactive_rx;	/* FO_IRX_* */
 	__u32 peer_ifindex;
 	__u32 override_slot;
 	char name[16];
@@ -117,8 +124,10 @@ BPF_TABLE("array", __u32, __u32, fo_active, FO_MAX_GROUPS);
 BPF_TABLE("array", __u32, __u32, fo_lower, FO_NLOWERS);
 BPF_TABLE("percpu_array", __u32, struct fo_counter, fo_stats, FO_NSTATS);
 BPF_TABLE("percpu_array", __u32, struct fo_counter, fo_drops, FO_NDROP_SLOTS);
-/* Packets the datapath moved on its own, at FO_STATS_IDX(group, the dead active slot, dir):
- * tx sent through the other lower, rx delivered from it under inactive_rx drop. */
+/* Packets the datapath moved on its own, at FO_STATS_IDX(group, the dead lower's slot, dir):
+ * tx sent through the other lower while the active one is dead, rx delivered from the other
+ * lower although inactive_rx would drop it (drop_inactive: the active lower dead;
+ * drop_standby: the primary gone). */
 BPF_TABLE("percpu_array", __u32, struct fo_counter, fo_fallback, FO_NSTATS);
 /* The agent's doorbell: a group id each time an IGMP/MLD message leaves its failover
  * device (its address lists changed).  Never read, only drained (datapath/doorbell.py). */

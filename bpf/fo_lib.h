@@ -80,13 +80,14 @@ static __always_inline __u32 fo_slot_lower(__u32 group, __u32 slot)
 enum fo_rx_verdict {
 	FO_RX_NOT_OURS = 0,	/* not a registered lower: leave the frame alone */
 	FO_RX_UP,		/* deliver to the failover device */
-	FO_RX_DROP,		/* inactive lower under inactive_rx: drop */
+	FO_RX_DROP,		/* dropped by the group's inactive_rx rule */
 	FO_RX_LOOP,		/* our own frame, flooded back by the switch: drop */
 };
 
 struct fo_rx {
 	__u32 group;
 	__u32 slot;
+	__u32 rule;		/* the group's inactive_rx (FO_IRX_*) */
 	__u32 up_ifindex;	/* where a frame goes up: the hidden peer (or the device) */
 	__u32 up_flags;		/* bpf_redirect() flags for it */
 };
@@ -136,11 +137,17 @@ static __always_inline int fo_rx_decide(__u32 ifindex, __u32 src_hi, __u32 src_l
 	}
 	if (src_hi == cfg->mac_hi && src_lo == cfg->mac_lo)
 		return FO_RX_LOOP;
-	if (cfg->flags & FO_F_INACTIVE_RX_DROP) {
-		/* net_failover/bonding: nothing from the inactive lower, so a
-		 * flooding switch causes no duplicates. */
+	rx->rule = cfg->inactive_rx;
+	if (rx->rule == FO_IRX_DROP_INACTIVE) {
+		/* bonding: nothing from the lower that is not active, so a flooding switch
+		 * causes no duplicates. */
 		active = fo_active.lookup(&group);
 		if (!active || *active != rx->slot)
+			return FO_RX_DROP;
+	} else if (rx->rule == FO_IRX_DROP_STANDBY) {
+		/* net_failover_handle_frame(): the standby's frames only while no primary is
+		 * registered, whichever lower is active; the primary's always. */
+		if (rx->slot == FO_SLOT_STANDBY && fo_slot_lower(group, FO_SLOT_PRIMARY))
 			return FO_RX_DROP;
 	}
 	return FO_RX_UP;
@@ -171,16 +178,13 @@ static __always_inline void fo_dpc_set(__u32 state)
 		*v = state;
 }
 
-static __always_inline int fo_dpc_applies(__u32 group)
+/* The check is compiled in and on. */
+static __always_inline int fo_dpc_on(void)
 {
 	__u32 key = FO_META_DP_CHECK;
 	__u32 *on = fo_meta.lookup(&key);
-	struct fo_group *cfg;
 
-	if (!on || *on != FO_DPC_ON)
-		return 0;
-	cfg = fo_group.lookup(&group);
-	return cfg && !(cfg->flags & FO_F_DP_HOLD);
+	return on && *on == FO_DPC_ON;
 }
 
 /* Two fields of one kernel struct in one bpf_probe_read_kernel() when they lie within
@@ -322,11 +326,25 @@ static __always_inline int fo_link(void *net, __u32 ifindex)
 	return FO_LINK_UP;
 }
 #else
-static __always_inline int fo_dpc_applies(__u32 group) { return 0; }
+static __always_inline int fo_dpc_on(void) { return 0; }
 static __always_inline void *fo_skb_net(struct __sk_buff *skb) { return 0; }
 static __always_inline void *fo_xdp_net(struct xdp_md *ctx) { return 0; }
 static __always_inline int fo_link(void *net, __u32 ifindex) { return FO_LINK_UNKNOWN; }
 #endif /* FO_DP_CHECK */
+
+/* FO_F_DP_HOLD (downdelay_ms > 0): the agent alone moves this group's traffic. */
+static __always_inline int fo_dp_hold(__u32 group)
+{
+	struct fo_group *cfg = fo_group.lookup(&group);
+
+	return !cfg || (cfg->flags & FO_F_DP_HOLD);
+}
+
+/* The datapath may move the group's traffic on its own. */
+static __always_inline int fo_dpc_applies(__u32 group)
+{
+	return fo_dpc_on() && !fo_dp_hold(group);
+}
 
 static __always_inline void fo_count_fallback(__u32 group, __u32 from_slot, __u32 dir,
 					      __u64 bytes)
@@ -388,7 +406,7 @@ static __always_inline void fo_tx_action(struct __sk_buff *skb, struct fo_action
 	struct fo_dev *dev = fo_dev.lookup(&ifindex);
 	__u32 group, slot, target, other, oif;
 	void *net;
-	int st;
+	int st, hold;
 
 	a->act = FO_ACT_PASS;
 	if (!dev || dev->role != FO_ROLE_MASTER || dev->group >= FO_MAX_GROUPS)
@@ -398,12 +416,13 @@ static __always_inline void fo_tx_action(struct __sk_buff *skb, struct fo_action
 	if (fo_is_mc_report(skb))
 		fo_ring(group);
 	target = fo_tx_target(group, &slot);
-	if (slot != FO_SLOT_NONE && fo_dpc_applies(group)) {
+	if (slot != FO_SLOT_NONE && fo_dpc_on()) {
 		net = fo_skb_net(skb);
 		st = net ? fo_link(net, target) : FO_LINK_UNKNOWN;
 		if (st == FO_LINK_DEAD || st == FO_LINK_GONE) {
+			hold = fo_dp_hold(group);
 			other = FO_SLOT_STANDBY + FO_SLOT_PRIMARY - slot;
-			oif = fo_slot_lower(group, other);
+			oif = hold ? 0 : fo_slot_lower(group, other);
 			if (oif && fo_link(net, oif) == FO_LINK_UP) {
 				a->fallback_from = slot;
 				a->act = FO_ACT_TX;
@@ -411,8 +430,11 @@ static __always_inline void fo_tx_action(struct __sk_buff *skb, struct fo_action
 				a->ifindex = oif;
 				return;
 			}
-			if (st == FO_LINK_DEAD)
-				target = 0;	/* neither lower can carry it */
+			/* Neither lower can carry it.  Held, a dead lower is the agent's
+			 * choice and stands; a gone one's stale ifindex is no target
+			 * either way (the redirect would be lost, counted as sent). */
+			if (!hold || st == FO_LINK_GONE)
+				target = 0;
 		}
 	}
 	if (!target) {
@@ -425,19 +447,37 @@ static __always_inline void fo_tx_action(struct __sk_buff *skb, struct fo_action
 	a->ifindex = target;
 }
 
-/* Under inactive_rx drop: is the group's active lower dead, so that the frame from the
- * other one is delivered (net_failover takes it once the standby is all there is)?
- * `net` is the receiving netdev's netns. */
-static __always_inline int fo_rx_active_dead(struct fo_rx *rx, void *net)
+/* A frame the group's inactive_rx rule drops is delivered all the same when the per-packet
+ * check sees what the agent has not acted on yet; returns the slot of the dead lower it
+ * stands in for (fo_fallback), else 0.  drop_inactive: the active lower is dead (the other
+ * one is all there is), unless the group is held.  drop_standby: the primary is gone
+ * (net_failover unregisters an unplugged primary at once; the agent too, whatever
+ * downdelay says), held or not.  A primary present without carrier stays registered. */
+static __always_inline __u32 fo_rx_rescue(struct fo_rx *rx, struct __sk_buff *skb,
+					  struct xdp_md *xdp)
 {
+	void *net;
 	__u32 slot;
 	int st;
 
-	fo_tx_target(rx->group, &slot);
-	if (slot == FO_SLOT_NONE || slot == rx->slot)
+	if (rx->rule == FO_IRX_DROP_STANDBY) {
+		if (!fo_dpc_on())
+			return 0;
+		slot = FO_SLOT_PRIMARY;
+	} else {
+		if (!fo_dpc_applies(rx->group))
+			return 0;
+		fo_tx_target(rx->group, &slot);
+		if (slot == FO_SLOT_NONE || slot == rx->slot)
+			return 0;
+	}
+	net = skb ? fo_skb_net(skb) : fo_xdp_net(xdp);
+	if (!net)
 		return 0;
 	st = fo_link(net, fo_slot_lower(rx->group, slot));
-	return st == FO_LINK_DEAD || st == FO_LINK_GONE;
+	if (st == FO_LINK_GONE || (st == FO_LINK_DEAD && rx->rule != FO_IRX_DROP_STANDBY))
+		return slot;
+	return 0;
 }
 
 /* Receive on lower `ifindex`: from TC (`skb`) or XDP (`xdp`), the other one 0. */
@@ -445,7 +485,6 @@ static __always_inline void fo_rx_action(__u32 hook, __u32 ifindex, void *data, 
 					 struct __sk_buff *skb, struct xdp_md *xdp, __u64 len,
 					 struct fo_action *a)
 {
-	void *net;
 	struct fo_rx rx = {};
 	__u32 src_hi, src_lo;
 
@@ -455,13 +494,9 @@ static __always_inline void fo_rx_action(__u32 hook, __u32 ifindex, void *data, 
 	case FO_RX_UP:
 		break;
 	case FO_RX_DROP:
-		if (fo_dpc_applies(rx.group)) {
-			net = skb ? fo_skb_net(skb) : fo_xdp_net(xdp);
-			if (net && fo_rx_active_dead(&rx, net)) {
-				fo_tx_target(rx.group, &a->fallback_from);
-				break;
-			}
-		}
+		a->fallback_from = fo_rx_rescue(&rx, skb, xdp);
+		if (a->fallback_from)
+			break;
 		fo_count_drop(rx.group, hook, FO_DROP_INACTIVE_RX, len);
 		a->act = FO_ACT_DROP;
 		return;

@@ -114,7 +114,7 @@ class Wired:
 
 @contextmanager
 def wired_lab(
-    lab: Lab, pin_dir: Path, rx_path: str = "tc", inactive_rx_drop: bool = False
+    lab: Lab, pin_dir: Path, rx_path: str = "tc", inactive_rx: str = "deliver"
 ) -> Iterator[Wired]:
     """Lab up + datapath wired by hand in the guest; everything removed on the way out."""
     from pyroute2 import IPRoute
@@ -130,7 +130,7 @@ def wired_lab(
                 w = Wiring(dp, ipr)
                 for i in range(lab.groups):
                     n = lab.names(i)
-                    g = w.setup_group(n.failover, n.mac, inactive_rx_drop, rx_path)
+                    g = w.setup_group(n.failover, n.mac, inactive_rx, rx_path)
                     for role, dev in (("standby", n.standby), ("primary", n.primary)):
                         slot = dp.L.FO_SLOT_STANDBY if role == "standby" else dp.L.FO_SLOT_PRIMARY
                         w.register_lower(g, slot, ipr.link_lookup(ifname=dev)[0], rx_path)

@@ -268,6 +268,40 @@ def test_planned_switch_loses_nothing(running: tuple[Lab, AgentRun]) -> None:
     assert rep.total_lost == 0, rep.format()
 
 
+@pytest.mark.parametrize(
+    ("rule", "vf_frames_up"), [("drop_standby", True), ("drop_inactive", False)]
+)
+def test_vf_frames_after_set_primary_standby_by_inactive_rx_rule(
+    lab: Lab, rule: str, vf_frames_up: bool
+) -> None:
+    """A planned switch sends through the standby while the hypervisor still delivers the
+    guest's MAC to the VF (here br0's fdb entry is pinned to the VF's port): net_failover's
+    rule takes the VF's frames whichever lower is active; bonding's drops them."""
+    agent = labutil.bring_up(lab, inactive_rx=rule)
+    try:
+        n = lab.names(0)
+        assert agent.request({"cmd": "set-primary", "group": n.failover, "lower": "standby"})["ok"]
+        agent.wait_active(n.standby)
+        fdb = ["bridge", "fdb", "replace", n.mac, "dev", n.vfport, "master", "static", "sticky"]
+        netns.run_in(lab.hv, fdb)  # sticky: the guest's GARP through the standby cannot move it
+
+        def counts() -> tuple[int, int]:
+            g = agent.group()
+            (vf,) = [lw for lw in g["lowers"] if lw["role"] == "primary"]
+            return vf["rx_packets"], g["drops"]["tc_ingress/inactive_rx"]
+
+        rx0, drops0 = counts()
+        assert ping(lab.peer, n.guest_v4, count=5) == vf_frames_up
+        rx1, drops1 = counts()
+        assert agent.group()["active_lower"] == n.standby  # the replies went out there
+        if vf_frames_up:
+            assert rx1 - rx0 >= 5 and drops1 == drops0
+        else:
+            assert rx1 == rx0 and drops1 - drops0 >= 5
+    finally:
+        agent.cleanup()
+
+
 def test_sigkill_and_restart_lose_nothing_and_adopt(running: tuple[Lab, AgentRun]) -> None:
     lab, agent = running
     n = lab.names(0)

@@ -158,7 +158,7 @@ class FakeWiring:
         self.mac_restored: dict[str, str] = {}
 
     def setup_group(
-        self, name: str, mac: str, drop: bool = False, rx_path: str = "tc", **kw: Any
+        self, name: str, mac: str, inactive_rx: str = "deliver", rx_path: str = "tc", **kw: Any
     ) -> int:
         g = self.dp.groups().get(name) or len(self.dp.recs) + 1  # an earlier run's: adopted
         master, peer = 1_000_100 + g, 1_000_200 + g  # no such ifindex on the host

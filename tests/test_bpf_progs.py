@@ -69,7 +69,7 @@ class Case:
     counts: dict[Key, int] = field(default_factory=dict)  # key -> packets (bytes = len(frame))
     # map state (defaults: both groups active on primary, deliver mode, no devmap entry)
     active: tuple[str, str] = ("primary", "primary")
-    drop_mode: bool = False  # group 0: inactive_rx drop
+    rx_rule: str = "deliver"  # group 0's inactive_rx: deliver | drop_standby | drop_inactive
     hold: bool = False  # group 0: FO_F_DP_HOLD (downdelay_ms > 0: the agent alone moves)
     override: str = "none"  # group 0's override_slot
     xdp_up: bool = False  # group 0's devmap entry
@@ -98,6 +98,49 @@ def fallback(g: int, from_slot: str, d: str) -> dict[Key, int]:
 FRAMES_TX = (("ipv4", V4), ("ipv6", V6), ("arp", ARP))
 FRAMES_RX = (("ipv4", RX_V4), ("ipv6", RX_V6), ("arp", RX_ARP))
 DEAD = (("down", "admin down"), ("nocarrier", "no carrier"))
+
+RX_RULES = ("deliver", "drop_standby", "drop_inactive")
+
+
+def _rx_rule_case(hook: str, rule: str, dev: str, active: str, registered: bool) -> Case:
+    """One frame from `dev` (pr0 | sb0) under `rule`, every link up: net_failover's
+    drop_standby drops the standby's frames while a primary is registered (its slot holds
+    it), whichever lower is active, never the primary's; bonding's drop_inactive drops
+    whatever does not come from the active lower."""
+    slot = "primary" if dev == "pr0" else "standby"
+    ok = {
+        "deliver": True,
+        "drop_standby": slot == "primary" or not registered,
+        "drop_inactive": slot == active,
+    }[rule]
+    xdp = hook == "xdp"
+    up, shot = (XDP_REDIRECT, XDP_DROP) if xdp else (TC_ACT_REDIRECT, TC_ACT_SHOT)
+    return Case(
+        f"{rule} ({hook}): from the {slot}, active {active}, primary "
+        f"{'registered' if registered else 'unregistered'}: {'up' if ok else 'dropped'}",
+        hook,
+        dev,
+        RX_V4,
+        up if ok else shot,
+        "fo0" if ok else None,
+        rx(0, slot) if ok else drop(0, "xdp" if xdp else "tc_ingress", "inactive_rx"),
+        active=(active, "primary"),
+        rx_rule=rule,
+        xdp_up=xdp,
+        lowers=() if registered else (("primary", 0),),
+    )
+
+
+# Every rule x the lower a frame comes from x the active lower x primary registered or not
+# (an unregistered primary is never active and its frames never reach us: fo_dev forgets it).
+RX_RULE_TABLE = [
+    _rx_rule_case(hook, rule, dev, active, registered)
+    for hook in ("ingress", "xdp")
+    for rule in RX_RULES
+    for registered in (True, False)
+    for dev in (("pr0", "sb0") if registered else ("sb0",))
+    for active in (("primary", "standby", "none") if registered else ("standby", "none"))
+]
 
 CASES: list[Case] = [
     Case(
@@ -270,6 +313,42 @@ CASES: list[Case] = [
         lowers=(("standby", GONE_IFINDEX),),
         links=(("pr0", "down"),),
     ),
+    *(
+        Case(
+            f"active primary gone, standby {what}: no_lower (nothing sent to a gone ifindex)",
+            "egress",
+            "fo0",
+            V4,
+            TC_ACT_SHOT,
+            None,
+            drop(0, "tc_egress", "no_lower"),
+            lowers=(("primary", GONE_IFINDEX),),
+            links=(("sb0", state),),
+        )
+        for state, what in DEAD
+    ),
+    Case(
+        "active primary gone, standby unregistered: no_lower",
+        "egress",
+        "fo0",
+        V4,
+        TC_ACT_SHOT,
+        None,
+        drop(0, "tc_egress", "no_lower"),
+        lowers=(("primary", GONE_IFINDEX), ("standby", 0)),
+    ),
+    Case(
+        "active standby gone, primary dead: no_lower",
+        "egress",
+        "fo0",
+        V6,
+        TC_ACT_SHOT,
+        None,
+        drop(0, "tc_egress", "no_lower"),
+        active=("standby", "primary"),
+        lowers=(("standby", GONE_IFINDEX),),
+        links=(("pr0", "nocarrier"),),
+    ),
     Case(
         "agent says no lower, standby up: the datapath does not override it",
         "egress",
@@ -291,6 +370,17 @@ CASES: list[Case] = [
         tx(0, "primary"),
         hold=True,
         links=(("pr0", "nocarrier"),),
+    ),
+    Case(
+        "downdelay (hold): primary gone, standby up: no_lower, not sent to a gone ifindex",
+        "egress",
+        "fo0",
+        V4,
+        TC_ACT_SHOT,
+        None,
+        drop(0, "tc_egress", "no_lower"),
+        hold=True,
+        lowers=(("primary", GONE_IFINDEX),),
     ),
     Case(
         "override to the standby, standby dead: to the primary, as the policy table does",
@@ -350,58 +440,151 @@ CASES: list[Case] = [
         for name, f in FRAMES_RX
         for slot, dev in (("primary", "pr0"), ("standby", "sb0"))
     ),
+    *RX_RULE_TABLE,
     *(
         Case(
-            f"drop mode, active {act}: from {dev} {'up' if ok else 'dropped'}",
-            "ingress",
-            dev,
-            RX_V4,
-            TC_ACT_REDIRECT if ok else TC_ACT_SHOT,
-            "fo0" if ok else None,
-            rx(0, slot) if ok else drop(0, "tc_ingress", "inactive_rx"),
-            active=(act, "primary"),
-            drop_mode=True,
-        )
-        for act in ("primary", "standby")
-        for dev, slot in (("pr0", "primary"), ("sb0", "standby"))
-        for ok in [act == slot]
-    ),
-    *(
-        Case(
-            f"drop mode, active primary {what}: the standby's frame is delivered",
+            f"drop_inactive, active primary {what}: the standby's frame is delivered",
             "ingress",
             "sb0",
             RX_V4,
             TC_ACT_REDIRECT,
             "fo0",
             {**rx(0, "standby"), **fallback(0, "primary", "rx")},
-            drop_mode=True,
+            rx_rule="drop_inactive",
             links=(("pr0", state),),
         )
         for state, what in DEAD
     ),
     Case(
-        "drop mode, active primary gone: the standby's frame is delivered",
+        "drop_inactive, active primary gone: the standby's frame is delivered",
         "ingress",
         "sb0",
         RX_V6,
         TC_ACT_REDIRECT,
         "fo0",
         {**rx(0, "standby"), **fallback(0, "primary", "rx")},
-        drop_mode=True,
+        rx_rule="drop_inactive",
         lowers=(("primary", GONE_IFINDEX),),
     ),
     Case(
-        "drop mode + downdelay (hold), primary dead: the standby's frame dropped",
+        "drop_inactive + downdelay (hold), primary dead: the standby's frame dropped",
         "ingress",
         "sb0",
         RX_V4,
         TC_ACT_SHOT,
         None,
         drop(0, "tc_ingress", "inactive_rx"),
-        drop_mode=True,
+        rx_rule="drop_inactive",
         hold=True,
         links=(("pr0", "nocarrier"),),
+    ),
+    # -- receive under drop_standby: "registered" is present, whatever its carrier --------
+    *(
+        Case(
+            f"drop_standby, primary {what} (present: registered), active standby: the "
+            "standby's frame dropped",
+            "ingress",
+            "sb0",
+            RX_V4,
+            TC_ACT_SHOT,
+            None,
+            drop(0, "tc_ingress", "inactive_rx"),
+            active=("standby", "primary"),
+            rx_rule="drop_standby",
+            links=(("pr0", state),),
+        )
+        for state, what in DEAD
+    ),
+    Case(
+        "drop_standby, primary without carrier: its own frame still up",
+        "ingress",
+        "pr0",
+        RX_V6,
+        TC_ACT_REDIRECT,
+        "fo0",
+        rx(0, "primary"),
+        active=("standby", "primary"),
+        rx_rule="drop_standby",
+        links=(("pr0", "nocarrier"),),
+    ),
+    *(
+        Case(
+            f"drop_standby, primary gone (agent not told yet), active {act}: the standby's "
+            "frame is delivered",
+            "ingress",
+            "sb0",
+            RX_V4,
+            TC_ACT_REDIRECT,
+            "fo0",
+            {**rx(0, "standby"), **fallback(0, "primary", "rx")},
+            active=(act, "primary"),
+            rx_rule="drop_standby",
+            lowers=(("primary", GONE_IFINDEX),),
+        )
+        for act in ("primary", "standby")
+    ),
+    Case(
+        "drop_standby + downdelay (hold), primary gone: the standby's frame is delivered",
+        "ingress",
+        "sb0",
+        RX_V4,
+        TC_ACT_REDIRECT,
+        "fo0",
+        {**rx(0, "standby"), **fallback(0, "primary", "rx")},
+        active=("standby", "primary"),
+        rx_rule="drop_standby",
+        hold=True,
+        lowers=(("primary", GONE_IFINDEX),),
+    ),
+    Case(
+        "drop_standby, check off, primary gone: the standby's frame dropped (cannot tell)",
+        "ingress",
+        "sb0",
+        RX_V4,
+        TC_ACT_SHOT,
+        None,
+        drop(0, "tc_ingress", "inactive_rx"),
+        active=("standby", "primary"),
+        rx_rule="drop_standby",
+        lowers=(("primary", GONE_IFINDEX),),
+        dp_check=False,
+    ),
+    Case(
+        "xdp drop_standby, primary gone: the standby's frame is delivered",
+        "xdp",
+        "sb0",
+        RX_V4,
+        XDP_REDIRECT,
+        "fo0",
+        {**rx(0, "standby"), **fallback(0, "primary", "rx")},
+        active=("standby", "primary"),
+        rx_rule="drop_standby",
+        xdp_up=True,
+        lowers=(("primary", GONE_IFINDEX),),
+    ),
+    # -- a planned switch (set-primary GROUP standby): the VF still receives what the switch
+    # sends it until the hypervisor moves the MAC --------------------------------------
+    *(
+        Case(
+            f"after set-primary standby, {rule} ({hook}): the VF's frame "
+            f"{'up' if ok else 'dropped'}",
+            hook,
+            "pr0",
+            RX_V4,
+            (XDP_REDIRECT if hook == "xdp" else TC_ACT_REDIRECT)
+            if ok
+            else (XDP_DROP if hook == "xdp" else TC_ACT_SHOT),
+            "fo0" if ok else None,
+            rx(0, "primary")
+            if ok
+            else drop(0, "tc_ingress" if hook == "ingress" else hook, "inactive_rx"),
+            active=("standby", "primary"),
+            override="standby",
+            rx_rule=rule,
+            xdp_up=hook == "xdp",
+        )
+        for rule, ok in (("drop_standby", True), ("drop_inactive", False))
+        for hook in ("ingress", "xdp")
     ),
     *(
         Case(
@@ -442,47 +625,47 @@ CASES: list[Case] = [
         for name, f in FRAMES_RX
     ),
     Case(
-        "xdp drop mode: the inactive standby's frame dropped",
+        "xdp drop_inactive: the inactive standby's frame dropped",
         "xdp",
         "sb0",
         RX_V4,
         XDP_DROP,
         None,
         drop(0, "xdp", "inactive_rx"),
-        drop_mode=True,
+        rx_rule="drop_inactive",
         xdp_up=True,
     ),
     Case(
-        "xdp drop mode: the active primary's frame up",
+        "xdp drop_inactive: the active primary's frame up",
         "xdp",
         "pr0",
         RX_V4,
         XDP_REDIRECT,
         "fo0",
         rx(0, "primary"),
-        drop_mode=True,
+        rx_rule="drop_inactive",
         xdp_up=True,
     ),
     Case(
-        "xdp drop mode, active primary dead: the standby's frame is delivered",
+        "xdp drop_inactive, active primary dead: the standby's frame is delivered",
         "xdp",
         "sb0",
         RX_V4,
         XDP_REDIRECT,
         "fo0",
         {**rx(0, "standby"), **fallback(0, "primary", "rx")},
-        drop_mode=True,
+        rx_rule="drop_inactive",
         xdp_up=True,
         links=(("pr0", "down"),),
     ),
     Case(
-        "xdp drop mode, primary dead, no devmap entry: passed to TC, counts nothing here",
+        "xdp drop_inactive, primary dead, no devmap entry: passed to TC, counts nothing here",
         "xdp",
         "sb0",
         RX_V4,
         XDP_PASS,
         None,
-        drop_mode=True,
+        rx_rule="drop_inactive",
         links=(("pr0", "down"),),
     ),
 ]
@@ -529,8 +712,9 @@ class Rig:
             dp.flip(g, SLOTS[c.active[g]])
         for slot_name, lower in c.lowers:
             dp.set_lower(0, SLOTS[slot_name], lower if isinstance(lower, int) else self.ifx[lower])
-        flags = (L.FO_F_INACTIVE_RX_DROP if c.drop_mode else 0) | (L.FO_F_DP_HOLD if c.hold else 0)
-        dp.update_group(0, flags=flags, override_slot=SLOTS[c.override])
+        flags = L.FO_F_DP_HOLD if c.hold else 0
+        rule = L.names("FO_IRX_").index(c.rx_rule)
+        dp.update_group(0, flags=flags, inactive_rx=rule, override_slot=SLOTS[c.override])
         if c.xdp_up:
             dp.set_xdp_up(0, self.ifx["fo0p"])
         else:
@@ -539,7 +723,7 @@ class Rig:
         bpfsys.map_update(
             dp.fds["fo_meta"], struct.pack("=I", L.FO_META_DP_CHECK), struct.pack("=I", state)
         )
-        dp.update_group(1, flags=0)
+        dp.update_group(1, flags=0, inactive_rx=0)
         self.set_links(dict(c.links))
         bpfsys.map_update(dp.fds["fo_last_redirect"], struct.pack("=I", 0), struct.pack("=I", 0))
 
@@ -721,7 +905,7 @@ def test_wrong_offsets_are_caught_at_load_and_per_packet(rig: Rig) -> None:
 
 def test_without_kernel_btf_the_datapath_loads_without_the_check(rig: Rig) -> None:
     """No BTF: the check is off (and says so), everything else works as before: a dead
-    active lower is still sent to, as the agent said."""
+    active lower is still sent to, as the agent said; the inactive_rx rules apply."""
     pin_dir = Path("/sys/fs/bpf") / unique("bpfailover-test-")
     L = rig.dp.L
     try:
@@ -743,6 +927,17 @@ def test_without_kernel_btf_the_datapath_loads_without_the_check(rig: Rig) -> No
             assert res.retval == TC_ACT_REDIRECT
             assert dp.last_redirect() == rig.ifx["pr0"]
             assert dp.stats(g, L.FO_SLOT_PRIMARY, L.FO_DIR_TX) == Counter(1, len(V4))
+            # the receive rules need no check: drop_standby, the primary without carrier
+            # (registered), the standby active
+            dp.update_group(g, inactive_rx=L.FO_IRX_DROP_STANDBY)
+            dp.flip(g, L.FO_SLOT_STANDBY)
+            prog = dp.prog_fd("prog_lower_ingress")
+            with netns.entered(rig.ns):
+                from_sb = bpfsys.prog_test_run(prog, RX_V4, skb_ctx(rig.ifx["sb0"])).retval
+                from_pr = bpfsys.prog_test_run(prog, RX_V4, skb_ctx(rig.ifx["pr0"])).retval
+            assert (from_sb, from_pr) == (TC_ACT_SHOT, TC_ACT_REDIRECT)
+            drops = dp.drops(g, L.FO_HOOK_TC_INGRESS, L.FO_DROP_INACTIVE_RX)
+            assert drops == Counter(1, len(RX_V4))
         finally:
             dp.close()
     finally:

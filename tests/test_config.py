@@ -17,6 +17,7 @@ from bpfailover.model.config import (
     ConfigError,
     ControlSettings,
     StandbyDriver,
+    changes,
     config_path,
     lab_config,
     lab_netns,
@@ -51,7 +52,8 @@ BROKEN: list[tuple[str, str, str, str]] = [
     ("updelay-float", group(policy="{updelay_ms: 1.5}"), "groups[0].policy.updelay_ms: ", ""),
     ("garp-bool", group(notify="{garp_count: true}"), "groups[0].notify.garp_count: ", ""),
     ("reselect", group(policy="{reselect: sometimes}"), "groups[0].policy.reselect: ", "better"),
-    ("inactive-rx", group(inactive_rx="pass"), "groups[0].inactive_rx: ", "deliver, drop"),
+    ("inactive-rx", group(inactive_rx="pass"), "groups[0].inactive_rx: ", "drop_standby"),
+    ("inactive-rx-int", group(inactive_rx="1"), "groups[0].inactive_rx: ", "drop_inactive"),
     ("rx-path", group(rx_path="dpdk"), "groups[0].rx_path: ", "tc, xdp"),
     ("listen-int", G + "metrics: {listen: 9617}", "metrics.listen: ", "string"),
     ("log-level", G + "log: {level: verbose}", "log.level: ", "warning"),
@@ -338,7 +340,7 @@ scheduling: {realtime_priority: 0}
     assert a.standby == StandbyDriver(driver="virtio_net") and a.standby_name is None
     assert a.mac == "52:54:00:ab:12:53" and b.mac == "52:54:00:00:12:53"
     assert a.primary_name == "ens11" and a.policy.downdelay_ms == 600_000
-    assert (a.inactive_rx, a.rx_path) == ("drop", "xdp")
+    assert (a.inactive_rx, a.rx_path) == ("drop_inactive", "xdp")  # `drop`: its other name
     assert cfg.metrics.address == ("::1", 9100)
     assert cfg.control.group == "netadm"
     assert cfg.scheduling.realtime_priority == 0
@@ -533,6 +535,40 @@ def test_peer_names_are_cut_in_bytes_and_stay_valid() -> None:
     assert peer == "éééééé_fo" and len(peer.encode()) <= 15
     cfg = parse_config("groups: [{name: ééééééé, standby: a}]", "config.yaml")
     assert cfg.groups[0].name == "ééééééé"
+
+
+@pytest.mark.parametrize(
+    ("given", "rule"),
+    [
+        ("deliver", "deliver"),
+        ("drop_standby", "drop_standby"),
+        ("drop_inactive", "drop_inactive"),
+        ("drop", "drop_inactive"),
+    ],
+)
+def test_inactive_rx_rules_and_the_drop_alias(given: str, rule: str) -> None:
+    """net_failover's rule and bonding's each under its own name; `drop` stays bonding's.
+    The alias is resolved on reading, so a reload from `drop` to `drop_inactive` (or back)
+    changes nothing."""
+    old = parse_config(G, "a")
+    new = parse_config(group(inactive_rx=given), "b")
+    assert new.groups[0].inactive_rx == rule
+    assert new.to_dict()["groups"][0]["inactive_rx"] == rule
+    assert (changes(old, new) == []) == (rule == "deliver")
+    same = parse_config(group(inactive_rx=rule), "c")
+    assert changes(new, same) == []
+
+
+def test_inactive_rx_rules_are_the_datapaths() -> None:
+    """Each config rule is a FO_IRX_* of bpf/failover.h by name: the value the datapath
+    gets (Wiring.setup_group) is looked up by it."""
+    from typing import get_args
+
+    from bpfailover.datapath import layout
+    from bpfailover.model.config import Group
+
+    rules = get_args(Group.model_fields["inactive_rx"].annotation)
+    assert set(rules) == set(layout.load().names("FO_IRX_"))
 
 
 def test_max_groups_is_the_datapaths() -> None:

@@ -110,8 +110,8 @@ def test_no_active_lower_drops_and_counts(lab: Lab, pin_dir: Path) -> None:
         assert w.dp.drops(w.groups[0], L.FO_HOOK_TC_EGRESS, L.FO_DROP_NO_LOWER).packets >= 2
 
 
-def test_inactive_rx_drop_mode(lab: Lab, pin_dir: Path) -> None:
-    with wired_lab(lab, pin_dir, inactive_rx_drop=True) as w:
+def test_inactive_rx_drop_inactive(lab: Lab, pin_dir: Path) -> None:
+    with wired_lab(lab, pin_dir, inactive_rx="drop_inactive") as w:
         n = lab.names(0)
         assert ping(lab.peer, n.guest_v4)  # the bridge floods the first ARP to both lowers
         L = w.dp.L

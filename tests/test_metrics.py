@@ -59,7 +59,7 @@ def test_only_possible_drop_combinations() -> None:
     from bpfailover.datapath.counters import possible_drops
 
     assert possible_drops("tc", "deliver") == [("tc_egress", "no_lower"), ("tc_ingress", "loop")]
-    assert possible_drops("tc", "drop") == [
+    assert possible_drops("tc", "drop_standby") == [
         ("tc_egress", "no_lower"),
         ("tc_ingress", "inactive_rx"),
         ("tc_ingress", "loop"),
@@ -69,7 +69,7 @@ def test_only_possible_drop_combinations() -> None:
         ("tc_ingress", "loop"),
         ("xdp", "loop"),
     ]
-    every = possible_drops("xdp", "drop")
+    every = possible_drops("xdp", "drop_inactive")
     assert ("tc_egress", "inactive_rx") not in every and ("tc_egress", "loop") not in every
     assert len(every) == 5
 
@@ -84,7 +84,10 @@ def test_every_drop_reason_is_explained_in_docs_and_dashboard() -> None:
     L = layout.load()
     assert set(DROP_REASONS) == set(L.drop_reasons)  # a new reason in failover.h needs words
     combos = {
-        c for rx in ("tc", "xdp") for ir in ("deliver", "drop") for c in possible_drops(rx, ir)
+        c
+        for rx in ("tc", "xdp")
+        for ir in ("deliver", "drop_standby", "drop_inactive")
+        for c in possible_drops(rx, ir)
     }
     assert {h for h, _ in combos} == set(L.hooks) and {r for _, r in combos} == set(L.drop_reasons)
     root = Path(__file__).resolve().parents[1]

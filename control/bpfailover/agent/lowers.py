@@ -339,7 +339,7 @@ class Lowers:
             gid = self.wiring.setup_group(
                 grp.cfg.name,
                 grp.mac,
-                grp.cfg.inactive_rx == "drop",
+                grp.cfg.inactive_rx,
                 grp.cfg.rx_path,
                 mtu=grp.mtu or None,
                 tx_path=grp.cfg.tx_path,

@@ -175,7 +175,7 @@ def setup_group(
         gid = wiring.setup_group(
             gcfg.name,
             mac,
-            gcfg.inactive_rx == "drop",
+            gcfg.inactive_rx,
             gcfg.rx_path,
             mtu=links[standby].mtu if standby is not None else None,
             tx_path=gcfg.tx_path,

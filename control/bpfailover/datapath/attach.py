@@ -289,24 +289,32 @@ class Wiring:
         self,
         name: str,
         mac: str,
-        inactive_rx_drop: bool = False,
+        inactive_rx: str = "deliver",
         rx_path: str = "tc",
         mtu: int | None = None,
         tx_path: str = "direct",
         dp_hold: bool = False,
     ) -> int:
-        """Create/adopt the failover device and its group; returns the group id.  `dp_hold`:
-        the datapath never moves this group's traffic on its own (downdelay_ms > 0)."""
+        """Create/adopt the failover device and its group; returns the group id.
+        `inactive_rx`: the config's rule, by the datapath's FO_IRX_* name.  `dp_hold`: the
+        datapath never moves this group's traffic on its own (downdelay_ms > 0)."""
+        rules = self.L.names("FO_IRX_")
+        if inactive_rx not in rules:
+            raise DatapathError(f"inactive_rx {inactive_rx!r}: not one of {', '.join(rules)}")
         g = self.dp.alloc_group(name)
         master, peer, restored = create_failover_dev(self.ipr, name, mac, mtu)
         if restored is not None:
             self.mac_restored[name] = restored
         keep_neighbours_without_carrier(name)
-        flags = self.L.FO_F_INACTIVE_RX_DROP if inactive_rx_drop else 0
-        flags |= self.L.FO_F_DP_HOLD if dp_hold else 0
+        flags = self.L.FO_F_DP_HOLD if dp_hold else 0
         flags |= self.dp.group(g).flags & self.L.FO_F_TOLD_MASK  # the agent's, kept
         self.dp.update_group(
-            g, master_ifindex=master, peer_ifindex=peer, flags=flags, mac=mac
+            g,
+            master_ifindex=master,
+            peer_ifindex=peer,
+            flags=flags,
+            inactive_rx=rules.index(inactive_rx),
+            mac=mac,
         )  # (override_slot is kept: it survives restarts)
         self.dp.set_dev(master, g, self.L.FO_ROLE_MASTER)
         self.dp.set_dev(peer, g, self.L.FO_ROLE_MASTER)  # fo_egress sees what it transmits

@@ -15,10 +15,12 @@ from bpfailover.model.status import (
 
 # Where the programs count drops (bpf/failover_tc.c, failover_xdp.c): egress only when no
 # lower is usable; a lower's ingress (TC, and XDP on the xdp receive path) the inactive
-# lower's frames with `inactive_rx: drop` and our own frames flooded back by the switch.
+# lower's frames its `inactive_rx` rule drops and our own frames flooded back by the switch.
 DROP_REASONS = {
     "no_lower": "no usable lower: a frame the guest sent through the failover device dropped",
-    "inactive_rx": "a frame received on the inactive lower, dropped as `inactive_rx: drop` says",
+    "inactive_rx": "a frame received on a lower, dropped as the group's `inactive_rx` rule says "
+    "(`drop_standby`: the standby's while a primary is registered; `drop_inactive`: the lower "
+    "that is not active)",
     "loop": "a frame with the group's own source MAC arriving on a lower: one we sent that the "
     "switch flooded back (normal in small numbers, e.g. broadcasts); never handed to the guest",
 }
@@ -27,7 +29,7 @@ DROP_REASONS = {
 def possible_drops(rx_path: str, inactive_rx: str) -> list[tuple[str, str]]:
     """The (hook, reason) pairs a group's programs can count: only those are reported."""
     ingress = ["tc_ingress", *(["xdp"] if rx_path == "xdp" else [])]
-    reasons = [*(["inactive_rx"] if inactive_rx == "drop" else []), "loop"]
+    reasons = [*(["inactive_rx"] if inactive_rx != "deliver" else []), "loop"]
     return [("tc_egress", "no_lower"), *((h, r) for h in ingress for r in reasons)]
 
 

@@ -20,6 +20,7 @@ import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Discriminator,
     Field,
@@ -162,6 +163,15 @@ def _in_range(lo: int, hi: int) -> Callable[[int], int]:
     return check
 
 
+# `inactive_rx` rules, the datapath's FO_IRX_* by name (tests/test_config.py keeps them equal);
+# `drop`, an older name of drop_inactive, still accepted.
+INACTIVE_RX_ALIASES = {"drop": "drop_inactive"}
+
+
+def _inactive_rx_alias(value: Any) -> Any:
+    return INACTIVE_RX_ALIASES.get(value, value) if isinstance(value, str) else value
+
+
 IfName = Annotated[str, AfterValidator(_ifname)]
 Millis = Annotated[int, AfterValidator(_in_range(0, 600_000))]
 
@@ -251,10 +261,17 @@ class Group(_Model):
     )
     policy: PolicySettings = Field(default=PolicySettings(), description=PolicySettings.__doc__)
     notify: NotifySettings = Field(default=NotifySettings(), description=NotifySettings.__doc__)
-    inactive_rx: Literal["deliver", "drop"] = Field(
+    inactive_rx: Annotated[
+        Literal["deliver", "drop_standby", "drop_inactive"], BeforeValidator(_inactive_rx_alias)
+    ] = Field(
         default="deliver",
-        description="frames arriving on the inactive lower: `deliver` them (nothing is lost "
-        "while the hypervisor moves the MAC) or `drop` them (counted as reason `inactive_rx`)",
+        description="which received frames the failover device does not get (counted as "
+        "drop reason `inactive_rx`): `deliver` (none: frames from either lower go up, so "
+        "nothing is lost while the hypervisor moves the MAC), `drop_standby` (net_failover's "
+        "rule: the standby's frames while a primary is registered, whichever lower is "
+        "active; the primary's never), `drop_inactive` (bonding's rule: the frames of "
+        "whichever lower is not the active one, so after `set-primary GROUP standby` the "
+        "VF's too). `drop` is accepted as another name of `drop_inactive`",
     )
     rx_path: Literal["tc", "xdp"] = Field(
         default="tc",

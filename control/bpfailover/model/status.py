@@ -109,14 +109,21 @@ class LastSwitch:
 
 @dataclass(frozen=True, kw_only=True)
 class Fallback:
-    """What the datapath's per-packet lower check moved on its own while the active lower
-    (`from`) was dead (not running, no carrier, gone), before the agent switched."""
+    """What the datapath's per-packet lower check moved on its own while lower `from` was
+    dead (not running, no carrier, gone), before the agent acted."""
 
-    from_role: Role = _f("role of the dead active lower", key="from")
+    from_role: Role = _f(
+        "role of the dead lower: the active one, or under `inactive_rx: drop_standby` the "
+        "primary (gone)",
+        key="from",
+    )
     to_role: Role = _f("role of the lower the frames went through instead", key="to")
     tx_packets: int = _f("frames sent through `to` instead of `from`", default=0)
     rx_packets: int = _f(
-        "frames from `to` delivered under `inactive_rx: drop` because `from` was dead", default=0
+        "frames from `to` delivered although the `inactive_rx` rule drops them: "
+        "`drop_inactive` while the active `from` was dead, `drop_standby` while the primary "
+        "`from` was gone",
+        default=0,
     )
 
 
@@ -138,7 +145,10 @@ class GroupStatus:
     active_lower: str | None = _f("name of the active lower (null: none)")
     override: Role | None = _f("operator's preferred role (`failoverctl set-primary`); null: auto")
     reselect: Reselect = _f("when traffic returns to the preferred lower (config `reselect`)")
-    inactive_rx: str = _f("what the inactive lower's received frames get (config `inactive_rx`)")
+    inactive_rx: str = _f(
+        "which received frames are dropped (config `inactive_rx`: `deliver`, `drop_standby`, "
+        "`drop_inactive`)"
+    )
     rx_path: str = _f("receive hook (config `rx_path`)", where="socket")
     lowers: tuple[LowerStatus, ...] = _f("registered lowers, by role")
     switches: Mapping[str, int] = _f("switches since the agent started, by reason")
