@@ -164,9 +164,46 @@ def machine_info() -> dict[str, Any]:
         "iperf3": out(["iperf3", "--version"]).splitlines()[0]
         if out(["iperf3", "--version"])
         else "",
-        "git": out(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"]),
+        "git": git_label(),
         "os": out(["sh", "-c", ". /etc/os-release && echo $PRETTY_NAME"]),
     }
+
+
+# What a benchmark measures: a change to any of these not yet committed means HEAD is not
+# the code that ran.
+MEASURED = ("bpf", "control", "lab", "bench")
+
+
+def git_label() -> str:
+    """HEAD's short hash, with `-dirty` when the measured code differs from it (then no
+    commit contains what ran, and the label says so)."""
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            [
+                "git",
+                "-C",
+                str(REPO),
+                "status",
+                "--porcelain",
+                "--untracked-files=no",
+                "--",
+                *MEASURED,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return f"{head}-dirty" if dirty else head
 
 
 def save(name: str, data: dict[str, Any], meta: dict[str, Any]) -> Path:
