@@ -62,7 +62,7 @@ def test_markdown_says_the_check_state_and_the_comparison() -> None:
         "failures": [],
     }
     md = markdown(report)
-    assert "lower check (README): **on**" in md
+    assert "lower check ([design](docs/design.md#per-packet-lower-check)): **on**" in md
     assert "flap 40" in md
     assert "- flap: kernel 0 / 0, bpfailover 2 / 0: **more than the kernel**" in md
 
