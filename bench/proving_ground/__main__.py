@@ -41,7 +41,8 @@ def markdown(report: dict[str, Any]) -> str:
         ]
         lines += [
             "",
-            "bpfailover's per-packet lower check ([design](docs/design.md#per-packet-lower-check)): "
+            "bpfailover's per-packet lower check "
+            "([design](docs/design.md#per-packet-lower-check)): "
             f"**{report.get('datapath_check')}** "
             "in the guest's kernel. Frames it moved off a dead primary on its own, p50 per "
             "step: " + (", ".join(fb) or "–") + ".",
