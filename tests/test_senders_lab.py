@@ -24,6 +24,7 @@ import pytest
 
 from bpfailover import netns
 from bpfailover.datapath import attach, kheaders
+from bpfailover.effects.ethtool import set_gro
 from bpfailover_lab.agent_run import AgentRun
 from bpfailover_lab.topology import Lab
 from tests.labutil import bring_up
@@ -432,8 +433,11 @@ def test_restart_attaches_the_peer_program_an_older_agent_left_out(
         run.stop()
         attach.detach_tc(ipr, peer_ifx, "ingress")  # what an older agent left
         assert not attach.tc_attached(ipr, peer_ifx, "ingress")
+        set_gro(peer, False)
     run.start()
     with netns.entered(lab.guest), IPRoute() as ipr:
         assert attach.tc_attached(ipr, peer_ifx, "ingress"), "the peer's program at restart"
         assert attach.tc_attached(ipr, master_ifx, "egress"), "the egress program kept"
     assert run.group()["tx_path"] == "direct"
+    out = netns.run_in(lab.guest, ["ethtool", "-k", peer]).stdout
+    assert "generic-receive-offload: on" in out, "GRO on the peer (an XDP redirect target)"
