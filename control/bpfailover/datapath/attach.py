@@ -25,6 +25,7 @@ CLSACT_INGRESS = "ffff:fff2"
 CLSACT_EGRESS = "ffff:fff3"
 XDP_FLAGS_SKB_MODE = 1 << 1
 XDP_FLAGS_DRV_MODE = 1 << 2
+IFF_UP = 0x1
 
 
 # -- attaching with rtnetlink ----------------------------------------------------------------
@@ -267,9 +268,39 @@ def create_failover_dev(
     return master, peer_ifx, restored
 
 
+def peer_napi(peer: str) -> None:
+    """GRO on the hidden peer: veth then gives it NAPI, without which the failover
+    device is no XDP redirect target (a user's XDP program on it redirecting out of it
+    loses the frames); with it those frames enter the peer and its clsact ingress sends
+    them to the active lower like any other transmit.  (XDP_TX is not enough: veth wakes
+    the peer's NAPI after XDP_TX only when the peer has an XDP program of its own.)"""
+    try:
+        set_gro(peer, True)
+    except OSError as e:
+        log.warning(
+            "%s",
+            json.dumps(
+                {
+                    "event": "peer_gro_refused",
+                    "dev": peer,
+                    "error": e.strerror,
+                    "effect": "XDP redirects out of the failover device are lost",
+                }
+            ),
+        )
+
+
 def set_carrier(ipr: Any, peer_ifindex: int, on: bool) -> None:
     """The failover device has carrier iff its veth peer is admin up."""
+    link = ipr.get_links(peer_ifindex)[0] if on else None
     ipr.link("set", index=peer_ifindex, state="up" if on else "down")
+    if link is not None and not link["flags"] & IFF_UP:
+        # GRO set while the peer was down gives it NAPI on open, but the failover device
+        # does not become an XDP redirect target: set it again now that it is up.
+        name = str(link.get_attr("IFLA_IFNAME"))
+        with suppress(OSError):
+            set_gro(name, False)
+        peer_napi(name)
 
 
 class Wiring:
@@ -324,6 +355,7 @@ class Wiring:
             set_gro(name, True)
             self.dp.set_xdp_up(g, peer)
         self.attach_tx(master, peer, tx_path)
+        peer_napi(peer_name(name))
         return g
 
     def set_dp_hold(self, g: int, hold: bool) -> None:
@@ -332,18 +364,20 @@ class Wiring:
         self.dp.update_group(g, flags=flags | (self.L.FO_F_DP_HOLD if hold else 0))
 
     def attach_tx(self, master: int, peer: int, tx_path: str) -> bool:
-        """fo_egress where the failover device's transmit passes: its own clsact egress
-        (`direct`: redirected before veth counts it, taps or a qdisc see it) or its hidden peer's
-        clsact ingress (`veth`: the device transmits for real, so veth counts it, packet
-        taps see it and a root qdisc on it works, for one backlog trip more).  The other
-        hook is cleared after (the new one first: no frame goes out unredirected)."""
+        """fo_egress where the failover device's transmit passes: its hidden peer's clsact
+        ingress always, and with `direct` its own clsact egress too.  `direct`: redirected
+        at egress before veth counts it (taps or a qdisc never see it); what skips egress
+        (dev_direct_xmit: PACKET_QDISC_BYPASS, AF_XDP copy mode; netpoll) enters the peer
+        and is redirected there, so every sender reaches a lower and no frame is handled
+        twice.  `veth`: the device transmits for real, so veth counts it, packet taps see it
+        and a root qdisc on it works, for one backlog trip more.  The egress filter goes
+        when `veth` is chosen (after the peer's is on: no frame goes out unredirected)."""
         pin = "prog_fo_egress"
         fd, label = self.dp.prog_fd(pin), self._label(pin)
+        wrote = attach_tc(self.ipr, peer, "ingress", fd, label)
         if tx_path == "direct":
-            wrote = attach_tc(self.ipr, master, "egress", fd, label)
-            detach_tc(self.ipr, peer, "ingress")
+            wrote = attach_tc(self.ipr, master, "egress", fd, label) or wrote
         else:
-            wrote = attach_tc(self.ipr, peer, "ingress", fd, label)
             detach_tc(self.ipr, master, "egress")
         return wrote
 

@@ -316,7 +316,7 @@ def _attachments(
     groups: Iterable[GroupStatus], progs: dict[str, int] | None = None
 ) -> dict[str, dict[str, bool]]:
     """Whether our programs sit where they must: the transmit filter (hook `tc_egress`: on
-    the hidden peer's ingress for tx_path veth, the failover device's egress for direct),
+    the hidden peer's ingress, and for tx_path direct on the failover device's egress too),
     ingress filter (and XDP, on the xdp receive path) on every registered lower.  "Our":
     the agent's own program ids, so another datapath's programs there count as 0."""
     p = progs or {}
@@ -330,11 +330,10 @@ def _attachments(
     try:
         with IPRoute() as ipr:  # our own netlink socket: the agent's is not shared
             for g in groups:
+                peer = ipr.link_lookup(ifname=attach.peer_name(g.name))
+                tx_ok = bool(peer) and attach.tc_attached(ipr, peer[0], "ingress", tx_id)
                 if g.tx_path == "direct":
-                    tx_ok = attach.tc_attached(ipr, g.ifindex, "egress", tx_id)
-                else:
-                    peer = ipr.link_lookup(ifname=attach.peer_name(g.name))
-                    tx_ok = bool(peer) and attach.tc_attached(ipr, peer[0], "ingress", tx_id)
+                    tx_ok = tx_ok and attach.tc_attached(ipr, g.ifindex, "egress", tx_id)
                 st = {"tc_egress": tx_ok}
                 st["tc_ingress"] = all(
                     attach.tc_attached(ipr, lw.ifindex, "ingress", rx_id) for lw in g.lowers
