@@ -18,9 +18,10 @@
 #define FO_MAX_DEVS 1024
 
 /* Slots of a group.  The active lower of a group is one u32 slot number in
- * fo_active: the flip is a single aligned 4-byte store that every CPU sees at
- * once, and a hot-plugged primary gets its new ifindex written into its
- * (inactive) slot before the flip makes it active. */
+ * fo_active: the flip is one map update of that 4-byte element, which the fast
+ * path reads with one load (the old slot or the new, never a mix), and a
+ * hot-plugged primary gets its new ifindex written into its (inactive) slot
+ * before the flip makes it active. */
 #define FO_SLOT_NONE 0
 #define FO_SLOT_STANDBY 1
 #define FO_SLOT_PRIMARY 2

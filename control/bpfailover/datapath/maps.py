@@ -287,7 +287,8 @@ class Datapath:
         return struct.unpack("=I", raw)[0] if raw else 0
 
     def flip(self, g: int, slot: int) -> None:
-        """Make `slot` the group's active lower: one aligned 4-byte store, every CPU at once."""
+        """Make `slot` the group's active lower: one update of a 4-byte array element, which
+        the programs read with one load (every CPU sees the old slot or the new)."""
         bpfsys.map_update(self.fds["fo_active"], _u32(g), _u32(slot))
 
     def active(self, g: int) -> int:
