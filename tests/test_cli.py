@@ -532,3 +532,51 @@ def test_orphaned_pins_reported_by_doctor_and_removed_without_an_agent(lab: Lab)
         # a fresh agent starts on the same names: nothing of the old datapath is in its way
         run.start()
         assert status_json(run)["groups"][0]["active_lower"] == n.primary
+
+
+@pytest.mark.root
+def test_teardown_pins_refuses_a_datapath_another_running_agent_serves(lab: Lab) -> None:
+    """A pin directory is orphaned only if no running agent serves its datapath: agent A is
+    killed (its pins stay), agent B with another pin directory takes the same group over;
+    doctor does not list A's pins, and `teardown --pins A GROUP --yes` refuses in one line
+    naming B's pin directory, leaving B's device, addresses, hooks and traffic alone."""
+    from bpfailover_lab.agent_run import AgentRun
+    from tests.labutil import ping
+
+    hooked = ("primary", "ingress"), ("standby", "ingress"), ("failover", "egress")
+
+    def hooks(n: Any) -> dict[str, str]:
+        return {
+            f"{dev} {d}": netns.run_in(
+                lab.guest, ["tc", "filter", "show", "dev", getattr(n, dev), d]
+            ).stdout
+            for dev, d in hooked
+        }
+
+    with agent_in_lab(lab) as a:
+        n = lab.names(0)
+        p1 = a.pin_dir
+        a.kill()  # SIGKILL: A's pins stay, nobody holds them
+        b = AgentRun(lab, name=f"{lab.prefix}-b")
+        try:
+            b.start()
+            b.wait_active(n.primary)
+            assert b.events("hooks_taken_over"), "B took A's failover device over"
+            before = hooks(n)
+            p = ctl("teardown", "--pins", str(p1), "--netns", lab.guest, n.failover, "--yes")
+            assert (p.returncode, p.stdout) == (1, ""), (p.stdout, p.stderr)
+            lines = p.stderr.splitlines()
+            assert len(lines) == 1 and str(b.pin_dir) in lines[0], p.stderr
+            assert n.failover in lines[0], p.stderr
+            assert lab.link(lab.guest, n.failover) is not None, "B's device kept"
+            assert hooks(n) == before, "B's hooks kept"
+            v4 = netns.run_in(lab.guest, ["ip", "-4", "-o", "addr", "show", "dev", n.failover])
+            assert f"{n.guest_v4}/" in v4.stdout, v4.stdout
+            assert (p1 / "fo_meta").exists(), "A's pins kept (nothing removed)"
+            assert ping(lab.guest, n.peer_v4), "B's traffic flows"
+            assert b.group()["active_lower"] == n.primary
+            found = ctl("--config", str(a.config_path), "doctor", "--netns", lab.guest, "--json")
+            orphaned = [f for f in json.loads(found.stdout) if f["check"] == "orphaned-pins"]
+            assert [f for f in orphaned if f["subject"] == str(p1)] == [], orphaned
+        finally:
+            b.cleanup()

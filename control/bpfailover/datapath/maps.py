@@ -482,6 +482,28 @@ def held_pin_dirs(lock_dir: Path = LOCK_DIR, besides: Path | None = None) -> lis
     return out
 
 
+def pinned_prog_ids(pin_dir: str | Path) -> set[int]:
+    """The ids of the programs pinned in pin_dir (none when it holds no datapath yet)."""
+    ids = set()
+    for pin in PROGS:
+        try:
+            fd = bpfsys.obj_get(str(Path(pin_dir) / pin))
+        except OSError:
+            continue
+        try:
+            ids.add(bpfsys.prog_info(fd).id)
+        finally:
+            os.close(fd)
+    return ids
+
+
+def live_programs(own_pin_dir: str | Path) -> dict[int, Path]:
+    """Program id -> pin directory, for the datapaths other running agents hold (their
+    single-instance lock is taken); our own pin directory left out by identity (the same
+    bpffs directory through another mount is ours too)."""
+    return {pid: d for d in held_pin_dirs(besides=Path(own_pin_dir)) for pid in pinned_prog_ids(d)}
+
+
 def open_lock(path: Path) -> int:
     """The lock file, root's and 0600, in a directory only root may write to."""
     path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)

@@ -418,15 +418,22 @@ class Teardown:
         except OSError as e:
             where = f"netns {args.netns}" if args.netns else str(pin_dir)
             raise CliError(f"{where}: {e.strerror or e}") from None
-        for r in removed:
+        for r in removed:  # what was done, nothing more
             addrs = ", ".join(r.addresses) or "none"
-            lowers = ", ".join(r.lowers) or "none"
-            dev = (
-                f"removed failover device {r.device} (addresses: {addrs}) and its peer {r.peer}"
-                if r.device
-                else "failover device already gone"
+            if r.device:
+                dev = (
+                    f"removed failover device {r.device} (addresses: {addrs}) and its peer {r.peer}"
+                )
+            elif r.error:
+                dev = f"failover device {r.group} NOT removed ({r.error}; its group kept)"
+            else:
+                dev = "failover device already gone"
+            lowers = (
+                f"programs detached from lowers {', '.join(r.lowers)} (left in place)"
+                if r.lowers
+                else "no programs of its on lowers to detach"
             )
-            print(f"{r.group}: {dev}; programs detached from lowers {lowers} (left in place)")
+            print(f"{r.group}: {dev}; {lowers}")
         print(f"{pin_dir}: {'pins removed' if pins_gone else 'pins kept (groups left)'}")
         return EXIT_OK
 

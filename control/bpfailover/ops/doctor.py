@@ -568,10 +568,17 @@ def check_agents(
 
 def check_orphaned_pins(host: Host, netns_hint: str | None) -> Iterator[Finding]:
     """bpfailover datapaths under the bpffs that no running agent holds: their programs
-    may still be attached and forwarding, with nobody to fail over."""
+    may still be attached and forwarding, with nobody to fail over.  One whose failover
+    device another running agent adopted (with pins of its own) is that agent's: not an
+    orphan, judged in the namespace the devices are in."""
     from bpfailover.ops import orphans
 
-    for d in orphans.find(host.bpffs):
+    try:
+        with netns.entered(netns_hint):
+            found = orphans.find(host.bpffs)
+    except OSError:  # cannot enter it: the devices are not checked
+        found = orphans.find(host.bpffs)
+    for d in found:
         ns = f" --netns {netns_hint}" if netns_hint else " [--netns NAME]"
         yield Finding(
             "orphaned-pins",
