@@ -190,10 +190,27 @@ def test_set_primary_auto_wait_waits_for_the_primary_by_name_or_role(tmp_path: P
     fake = FakeAgent(sock, states)
     try:
         code, out, err = _set_primary(sock, "ens10", "--auto", "--wait", "30")
-        assert (code, out, err) == (0, "ens10: override auto, active ens11\n", "")
+        assert (code, out, err) == (0, "ens10: override auto, active ens11 (primary)\n", "")
         assert fake.requests[0]["lower"] is None
         code, out, _ = _set_primary(sock, "ens10", "ens11", "--wait", "30")  # by name
         assert code == 0 and [r["cmd"] for r in fake.requests].count("status") == 3
+    finally:
+        fake.close()
+
+
+def test_set_primary_says_the_same_with_and_without_wait(tmp_path: Path) -> None:
+    sock = tmp_path / "ctl.sock"
+    fake = FakeAgent(sock, [agent(group("standby", override="standby"))])
+    try:
+        plain = _set_primary(sock, "ens10", "standby")
+        waited = _set_primary(sock, "ens10", "standby", "--wait", "30")
+        line = "ens10: override standby, active ens10nsby (standby)\n"
+        assert plain == waited == (0, line, "")
+        as_json = [
+            _set_primary(sock, "ens10", "standby", *w, "--json") for w in ([], ["--wait", "30"])
+        ]
+        assert as_json[0] == as_json[1] and as_json[0][0] == 0
+        assert json.loads(as_json[0][1])["groups"][0]["active_lower"] == "ens10nsby"
     finally:
         fake.close()
 
@@ -332,7 +349,7 @@ def test_set_primary_both_ways_loses_nothing(lab: Lab) -> None:
             time.sleep(0.7)
             p = ctl("set-primary", n.failover, n.standby, socket=run.socket)
             assert p.returncode == 0, p.stderr
-            assert "override standby, active standby" in p.stdout
+            assert f"override standby, active {n.standby} (standby)" in p.stdout
             run.wait_active(n.standby)
             time.sleep(0.8)
             p = ctl("set-primary", n.failover, "--auto", socket=run.socket)

@@ -309,14 +309,8 @@ class SetPrimary:
             raise CliError(
                 f"set-primary: --wait {args.wait:g}: give 0 < SECONDS < 86400", EXIT_USAGE
             )
-        reply = call(sock, {"cmd": "set-primary", "group": args.group, "lower": args.lower})
-        if args.wait is None and not args.json:
-            active = reply.get("active")
-            print(
-                f"{args.group}: override {reply.get('override') or 'auto'}, "
-                f"active {active or 'none'}"
-            )
-            return EXIT_OK
+        call(sock, {"cmd": "set-primary", "group": args.group, "lower": args.lower})
+        # the result is read back from a status either way: one form, with --wait or not
         want = args.lower or "primary"
         deadline = time.monotonic() + (args.wait or 0.0)
         delay = 0.05
@@ -333,9 +327,8 @@ class SetPrimary:
         if args.json:
             print(json.dumps(status_document(st, args.group), indent=2, sort_keys=True))
         else:
-            print(
-                f"{args.group}: override {g.override or 'auto'}, active {g.active_lower or 'none'}"
-            )
+            active = f"{g.active_lower} ({g.active})" if g.active_lower else "none"
+            print(f"{args.group}: override {g.override or 'auto'}, active {active}")
         if args.wait is not None and not done:
             lw = _target(g, want)
             what = f"{want} {lw.name}" if lw is not None and lw.name != want else want
