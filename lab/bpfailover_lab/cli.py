@@ -12,7 +12,7 @@ from typing import NoReturn
 from pyroute2 import IPRoute
 
 from bpfailover import netns
-from bpfailover.datapath.maps import remove_lock
+from bpfailover.datapath.maps import lock_holder, remove_lock
 from bpfailover.model.config import lab_config
 from bpfailover_lab import traffic
 from bpfailover_lab.demo import demo
@@ -119,8 +119,10 @@ def remove_lab_agent_pins(prefix: str) -> None:
     if not pins.is_dir():
         return
     if not remove_lock(pins):
+        pid = lock_holder(pins)
+        who = f"pid {pid}, holding" if pid is not None else "it holds"
         raise LabError(
-            f"failoverd --lab --prefix {prefix} still runs (it holds {pins}): stop it first"
+            f"failoverd --lab --prefix {prefix} still runs ({who} {pins}): stop it first"
         )
     shutil.rmtree(pins, ignore_errors=True)
 
