@@ -584,6 +584,7 @@ def test_teardown_pins_refuses_a_datapath_another_running_agent_serves(lab: Lab)
             assert (p.returncode, p.stdout) == (1, ""), (p.stdout, p.stderr)
             lines = p.stderr.splitlines()
             assert len(lines) == 1 and str(b.pin_dir) in lines[0], p.stderr
+            assert b.proc is not None and f"(pid {b.proc.pid})" in lines[0], p.stderr
             assert n.failover in lines[0], p.stderr
             assert lab.link(lab.guest, n.failover) is not None, "B's device kept"
             assert hooks(n) == before, "B's hooks kept"

@@ -22,6 +22,7 @@ from bpfailover.datapath.maps import (
     DatapathError,
     live_programs,
     lock_held,
+    lock_holder,
     remove_pins,
 )
 
@@ -207,8 +208,10 @@ def teardown(pin_dir: Path, groups: list[str] | None, yes: bool) -> tuple[list[R
                 if master is not None:
                     theirs = _serving(ipr, [rec.master_ifindex, rec.peer_ifindex], live)
                     if theirs is not None:
+                        pid = lock_holder(theirs)
+                        agent = f"failoverd (pid {pid})" if pid is not None else "failoverd"
                         raise TeardownError(
-                            f"{name} is served by the running failoverd that holds {theirs} "
+                            f"{name} is served by the running {agent} that holds {theirs} "
                             f"(its programs are on {name}'s hooks; {pin_dir} is stale): "
                             "refused, nothing changed; remove it through that agent"
                         )
