@@ -198,6 +198,38 @@ def test_set_primary_auto_wait_waits_for_the_primary_by_name_or_role(tmp_path: P
         fake.close()
 
 
+def _options(p: Any) -> Any:
+    """(parser, option) for every option of p and of its subcommands."""
+    import argparse
+
+    for a in p._actions:
+        if isinstance(a, argparse._SubParsersAction):
+            for sub in a.choices.values():
+                yield from _options(sub)
+        elif a.option_strings:
+            yield p, a
+
+
+def test_help_names_every_default() -> None:
+    import argparse
+
+    from bpfailover_lab import cli as labcli
+
+    checked = 0
+    for top in (cli.parser(), labcli._parser()):
+        for p, a in _options(top):
+            if a.default in (None, False, argparse.SUPPRESS):
+                continue
+            text = p.formatter_class(p.prog)._get_help_string(a) or ""
+            assert "default" in text, (p.prog, a.option_strings, text)
+            checked += 1
+    assert checked >= 10
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+        labcli.main(["traffic", "--help"])
+    assert "(default: 1000)" in out.getvalue() and "(default: 2.0)" in out.getvalue()
+
+
 def test_set_primary_says_the_same_with_and_without_wait(tmp_path: Path) -> None:
     sock = tmp_path / "ctl.sock"
     fake = FakeAgent(sock, [agent(group("standby", override="standby"))])

@@ -43,6 +43,21 @@ EXIT_NOT_REDUNDANT = 6
 DEFAULT_SOCKET = "/run/bpfailover/control.sock"
 
 
+class DefaultsHelp(argparse.HelpFormatter):
+    """--help names an option's default: "(default: …)" added to an option whose help
+    does not say it already (none for flags and options without a default)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if (
+            action.option_strings
+            and action.default not in (None, False, argparse.SUPPRESS)
+            and "default" not in text
+        ):
+            text += " (default: %(default)s)"
+        return text
+
+
 class CliError(Exception):
     def __init__(self, message: str, code: int = EXIT_FAILED) -> None:
         super().__init__(message)
@@ -481,7 +496,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = _Parser(prog="failoverctl", description=__doc__.splitlines()[0])
+    ap = _Parser(
+        prog="failoverctl", description=__doc__.splitlines()[0], formatter_class=DefaultsHelp
+    )
     ap.add_argument(
         "--socket", help=f"control socket (default: the config's, else {DEFAULT_SOCKET})"
     )
@@ -501,7 +518,9 @@ def parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
     sub.required = True
     for name, verb in VERBS.items():
-        p = sub.add_parser(name, help=verb.help, description=verb.help)
+        p = sub.add_parser(
+            name, help=verb.help, description=verb.help, formatter_class=DefaultsHelp
+        )
         verb.add_arguments(p)
     return ap
 
