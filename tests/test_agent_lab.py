@@ -641,6 +641,8 @@ def test_no_kind_of_restart_moves_traffic_or_tells_the_peers(
         assert ping(lab.guest, n.peer_v4)
     finally:
         agent.cleanup()
+
+
 def _ip_batch(ns: str, lines: list[str]) -> None:
     proc = subprocess.run(
         ["ip", "-n", ns, "-batch", "-"],

@@ -868,6 +868,8 @@ def test_a_vf_replugged_while_no_agent_ran_takes_no_traffic_before_the_decision(
         assert h.active == "standby", "the new VF waits its updelay"
         h.tick(updelay)
     assert h.active == "primary" and h.dp.flips()[-1] == (PRIMARY, 20)
+
+
 class QueuedSocket:
     """One subscribed socket of OverflowKernel: its own queue; on overflow, as the kernel
     does, ENOBUFS first (the newest events dropped) and the older events still queued."""

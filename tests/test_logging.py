@@ -118,12 +118,16 @@ def test_a_whole_lab_run_log_is_json_events(lab: Lab) -> None:
     finally:
         run.cleanup()
     assert len(lines) > 10
-    events = []
+    events, msgs = [], []
     for line in lines:
         rec = json.loads(line)  # every line: valid JSON
         assert set(rec) >= {"ts", "level", "msg"}, line
         assert isinstance(rec["msg"], dict) and "event" in rec["msg"], line
         events.append(rec["msg"]["event"])
+        msgs.append(rec["msg"])
+    (loaded,) = [m for m in msgs if m["event"] == "datapath_loaded"]
+    assert loaded["datapath_check"] == "on", loaded  # the lab kernel has BTF
+    assert "datapath_check_note" not in loaded, loaded  # a note only when it says why not
     for name in ("datapath_loaded", "started", "switch", "override", "teardown", "stopped"):
         assert name in events, (name, sorted(set(events)))
 
