@@ -20,9 +20,11 @@ from bpfailover.datapath.loader import PROGS
 from bpfailover.datapath.maps import (
     Datapath,
     DatapathError,
+    held_pin_dirs,
     live_programs,
     lock_held,
     lock_holder,
+    pinned_prog_ids,
     remove_pins,
 )
 
@@ -43,12 +45,24 @@ def find(bpffs: Path) -> list[Path]:
     except OSError:
         return []
     out = []
+    live: dict[int, Path] | None = None  # read once: every running agent's programs
     for d in entries:
         with suppress(OSError):
             pins = d.is_dir() and not d.is_symlink() and (d / DATAPATH_MARK).exists()
-            if pins and not held(d) and served_by(d) is None:
-                out.append(d)
+            if pins and not held(d):
+                if live is None:
+                    live = _live()
+                if served_by(d, live) is None:
+                    out.append(d)
     return out
+
+
+def _live() -> dict[int, Path]:
+    """Program id -> pin directory, for every datapath a running agent holds."""
+    try:
+        return {p: d for d in held_pin_dirs() for p in pinned_prog_ids(d)}
+    except (OSError, DatapathError):
+        return {}
 
 
 def _serving(ipr: Any, ifindexes: list[int], live: dict[int, Path]) -> Path | None:
@@ -75,15 +89,17 @@ def _device(ipr: Any, name: str, rec: Any) -> tuple[Any | None, Any | None]:
     return master, peer
 
 
-def served_by(pin_dir: Path) -> Path | None:
+def served_by(pin_dir: Path, live: dict[int, Path] | None = None) -> Path | None:
     """The pin directory of a running agent that serves a failover device pin_dir's groups
     name (in the current network namespace: the device's hooks carry its programs); None
-    when none does, or when that cannot be read (not root)."""
+    when none does, or when that cannot be read (not root).  live: the running agents'
+    programs (live_programs), when already read."""
     from pyroute2 import IPRoute
     from pyroute2.netlink.exceptions import NetlinkError
 
     try:
-        live = live_programs(pin_dir)
+        if live is None:
+            live = live_programs(pin_dir)
         if not live:
             return None
         with Datapath.open(pin_dir, load=False, read_only=True) as dp, IPRoute() as ipr:
