@@ -589,6 +589,7 @@ def test_teardown_pins_refuses_a_datapath_another_running_agent_serves(lab: Lab)
     killed (its pins stay), agent B with another pin directory takes the same group over;
     doctor does not list A's pins, and `teardown --pins A GROUP --yes` refuses in one line
     naming B's pin directory, leaving B's device, addresses, hooks and traffic alone."""
+    from bpfailover.datapath.maps import lock_path
     from bpfailover_lab.agent_run import AgentRun
     from tests.labutil import ping
 
@@ -625,6 +626,7 @@ def test_teardown_pins_refuses_a_datapath_another_running_agent_serves(lab: Lab)
             assert (p1 / "fo_meta").exists(), "A's pins kept (nothing removed)"
             assert ping(lab.guest, n.peer_v4), "B's traffic flows"
             assert b.group()["active_lower"] == n.primary
+            assert not lock_path(p1).exists(), "the refused teardown left no lock file"
             found = ctl("--config", str(a.config_path), "doctor", "--netns", lab.guest, "--json")
             orphaned = [f for f in json.loads(found.stdout) if f["check"] == "orphaned-pins"]
             assert [f for f in orphaned if f["subject"] == str(p1)] == [], orphaned
