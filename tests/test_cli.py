@@ -191,10 +191,59 @@ def test_set_primary_auto_wait_waits_for_the_primary_by_name_or_role(tmp_path: P
     fake = FakeAgent(sock, states)
     try:
         code, out, err = _set_primary(sock, "ens10", "--auto", "--wait", "30")
-        assert (code, out, err) == (0, "ens10: override auto, active ens11\n", "")
+        assert (code, out, err) == (0, "ens10: override auto, active ens11 (primary)\n", "")
         assert fake.requests[0]["lower"] is None
         code, out, _ = _set_primary(sock, "ens10", "ens11", "--wait", "30")  # by name
         assert code == 0 and [r["cmd"] for r in fake.requests].count("status") == 3
+    finally:
+        fake.close()
+
+
+def _options(p: Any) -> Any:
+    """(parser, option) for every option of p and of its subcommands."""
+    import argparse
+
+    for a in p._actions:
+        if isinstance(a, argparse._SubParsersAction):
+            for sub in a.choices.values():
+                yield from _options(sub)
+        elif a.option_strings:
+            yield p, a
+
+
+def test_help_names_every_default() -> None:
+    import argparse
+
+    from bpfailover_lab import cli as labcli
+
+    checked = 0
+    for top in (cli.parser(), labcli._parser()):
+        for p, a in _options(top):
+            if a.default in (None, False, argparse.SUPPRESS):
+                continue
+            text = p.formatter_class(p.prog)._get_help_string(a) or ""
+            assert "default" in text, (p.prog, a.option_strings, text)
+            checked += 1
+    assert checked >= 10
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+        labcli.main(["traffic", "--help"])
+    assert "(default: 1000)" in out.getvalue() and "(default: 2.0)" in out.getvalue()
+
+
+def test_set_primary_says_the_same_with_and_without_wait(tmp_path: Path) -> None:
+    sock = tmp_path / "ctl.sock"
+    fake = FakeAgent(sock, [agent(group("standby", override="standby"))])
+    try:
+        plain = _set_primary(sock, "ens10", "standby")
+        waited = _set_primary(sock, "ens10", "standby", "--wait", "30")
+        line = "ens10: override standby, active ens10nsby (standby)\n"
+        assert plain == waited == (0, line, "")
+        as_json = [
+            _set_primary(sock, "ens10", "standby", *w, "--json") for w in ([], ["--wait", "30"])
+        ]
+        assert as_json[0] == as_json[1] and as_json[0][0] == 0
+        assert json.loads(as_json[0][1])["groups"][0]["active_lower"] == "ens10nsby"
     finally:
         fake.close()
 
@@ -335,7 +384,7 @@ def test_set_primary_both_ways_loses_nothing(lab: Lab) -> None:
             time.sleep(0.7)
             p = ctl("set-primary", n.failover, n.standby, socket=run.socket)
             assert p.returncode == 0, p.stderr
-            assert "override standby, active standby" in p.stdout
+            assert f"override standby, active {n.standby} (standby)" in p.stdout
             run.wait_active(n.standby)
             time.sleep(0.8)
             p = ctl("set-primary", n.failover, "--auto", socket=run.socket)
@@ -535,3 +584,54 @@ def test_orphaned_pins_reported_by_doctor_and_removed_without_an_agent(lab: Lab)
         # a fresh agent starts on the same names: nothing of the old datapath is in its way
         run.start()
         assert status_json(run)["groups"][0]["active_lower"] == n.primary
+
+
+@pytest.mark.root
+def test_teardown_pins_refuses_a_datapath_another_running_agent_serves(lab: Lab) -> None:
+    """A pin directory is orphaned only if no running agent serves its datapath: agent A is
+    killed (its pins stay), agent B with another pin directory takes the same group over;
+    doctor does not list A's pins, and `teardown --pins A GROUP --yes` refuses in one line
+    naming B's pin directory, leaving B's device, addresses, hooks and traffic alone."""
+    from bpfailover.datapath.maps import lock_path
+    from bpfailover_lab.agent_run import AgentRun
+    from tests.labutil import ping
+
+    hooked = ("primary", "ingress"), ("standby", "ingress"), ("failover", "egress")
+
+    def hooks(n: Any) -> dict[str, str]:
+        return {
+            f"{dev} {d}": netns.run_in(
+                lab.guest, ["tc", "filter", "show", "dev", getattr(n, dev), d]
+            ).stdout
+            for dev, d in hooked
+        }
+
+    with agent_in_lab(lab) as a:
+        n = lab.names(0)
+        p1 = a.pin_dir
+        a.kill()  # SIGKILL: A's pins stay, nobody holds them
+        b = AgentRun(lab, name=f"{lab.prefix}-b")
+        try:
+            b.start()
+            b.wait_active(n.primary)
+            assert b.events("hooks_taken_over"), "B took A's failover device over"
+            before = hooks(n)
+            p = ctl("teardown", "--pins", str(p1), "--netns", lab.guest, n.failover, "--yes")
+            assert (p.returncode, p.stdout) == (1, ""), (p.stdout, p.stderr)
+            lines = p.stderr.splitlines()
+            assert len(lines) == 1 and str(b.pin_dir) in lines[0], p.stderr
+            assert b.proc is not None and f"(pid {b.proc.pid})" in lines[0], p.stderr
+            assert n.failover in lines[0], p.stderr
+            assert lab.link(lab.guest, n.failover) is not None, "B's device kept"
+            assert hooks(n) == before, "B's hooks kept"
+            v4 = netns.run_in(lab.guest, ["ip", "-4", "-o", "addr", "show", "dev", n.failover])
+            assert f"{n.guest_v4}/" in v4.stdout, v4.stdout
+            assert (p1 / "fo_meta").exists(), "A's pins kept (nothing removed)"
+            assert ping(lab.guest, n.peer_v4), "B's traffic flows"
+            assert b.group()["active_lower"] == n.primary
+            assert not lock_path(p1).exists(), "the refused teardown left no lock file"
+            found = ctl("--config", str(a.config_path), "doctor", "--netns", lab.guest, "--json")
+            orphaned = [f for f in json.loads(found.stdout) if f["check"] == "orphaned-pins"]
+            assert [f for f in orphaned if f["subject"] == str(p1)] == [], orphaned
+        finally:
+            b.cleanup()

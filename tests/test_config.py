@@ -226,6 +226,31 @@ def test_error_paths_are_exact() -> None:
     assert str(info.value) == "config.yaml: groups[0].policy.flap: unknown key; see docs/config.md"
 
 
+@pytest.mark.parametrize(
+    ("text", "line"),
+    [
+        (
+            G + "metrics: {listen: 9617}\n",
+            'metrics.listen: must be a string (got 9617): give host:port, e.g. "0.0.0.0:9617"',
+        ),
+        (
+            "groups: [{name: ens10, standby: off}]\n",
+            "groups[0].standby: must be a string (got False): YAML reads an unquoted "
+            "yes/no/on/off/true/false as a boolean; quote it",
+        ),
+        (
+            "groups: [{name: ens10, standby: ens10nsby, rx_path: on}]\n",
+            "groups[0].rx_path: must be one of tc, xdp (got True): YAML reads an unquoted "
+            "yes/no/on/off/true/false as a boolean; quote it",
+        ),
+    ],
+)
+def test_yaml_traps_get_a_hint(text: str, line: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, "config.yaml")
+    assert str(info.value) == f"config.yaml: {line}; see docs/config.md"
+
+
 def test_a_misspelt_key_gets_a_suggestion_instead_of_the_missing_one() -> None:
     with pytest.raises(ConfigError) as info:
         parse_config("groups: [{nmae: ens10, standby: s}]", "config.yaml")

@@ -333,8 +333,8 @@ def test_lab_agent_traffic_without_address_fails_and_down_waits_for_the_agent(
         # down refuses while the lab's agent runs, and changes nothing
         assert labmod.main(["down", "--prefix", lab.prefix]) == 1
         assert capsys.readouterr().err == (
-            f"failover-lab: failoverd --lab --prefix {lab.prefix} still runs (it holds"
-            f" {cfg.bpffs}): stop it first\n"
+            f"failover-lab: failoverd --lab --prefix {lab.prefix} still runs (pid {agent.pid},"
+            f" holding {cfg.bpffs}): stop it first\n"
         )
         assert lab.exists() and Path(cfg.bpffs).is_dir()
         agent.terminate()

@@ -60,6 +60,40 @@ def test_fatal_is_an_exit_event_and_returns_the_code(capsys: Any) -> None:
     assert rec["msg"] == {"event": "exit", "code": 1, "error": "needs root"}
 
 
+def test_losing_the_last_lower_and_refusals_are_warnings() -> None:
+    from bpfailover.ops import eventlog
+
+    seen: list[tuple[str, str]] = []
+
+    class Catch(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append((json.loads(record.getMessage())["event"], record.levelname))
+
+    handler, level = Catch(), eventlog.log.level
+    eventlog.log.addHandler(handler)
+    eventlog.log.setLevel(logging.DEBUG)
+    try:
+        eventlog.event("switch", group="ens10", to=None, reason="no_lower")
+        eventlog.event("switch", group="ens10", to="ens11", reason="primary_up")
+        eventlog.event("carrier", group="ens10", on=False)
+        eventlog.event("carrier", group="ens10", on=True)
+        eventlog.event("reload_refused", why="no config file to read again (--lab)")
+        eventlog.event("agent_error", where="timer", error="ValueError: x", count=1)
+        eventlog.event("reloaded", changed=["log.level"])
+    finally:
+        eventlog.log.removeHandler(handler)
+        eventlog.log.setLevel(level)
+    assert seen == [
+        ("switch", "WARNING"),
+        ("switch", "INFO"),
+        ("carrier", "WARNING"),
+        ("carrier", "INFO"),
+        ("reload_refused", "WARNING"),
+        ("agent_error", "WARNING"),
+        ("reloaded", "INFO"),
+    ]
+
+
 @pytest.mark.root
 def test_a_whole_lab_run_log_is_json_events(lab: Lab) -> None:
     """Start, a failover and back, a planned switch, a teardown, a stop (the XDP path, so
@@ -84,12 +118,16 @@ def test_a_whole_lab_run_log_is_json_events(lab: Lab) -> None:
     finally:
         run.cleanup()
     assert len(lines) > 10
-    events = []
+    events, msgs = [], []
     for line in lines:
         rec = json.loads(line)  # every line: valid JSON
         assert set(rec) >= {"ts", "level", "msg"}, line
         assert isinstance(rec["msg"], dict) and "event" in rec["msg"], line
         events.append(rec["msg"]["event"])
+        msgs.append(rec["msg"])
+    (loaded,) = [m for m in msgs if m["event"] == "datapath_loaded"]
+    assert loaded["datapath_check"] == "on", loaded  # the lab kernel has BTF
+    assert "datapath_check_note" not in loaded, loaded  # a note only when it says why not
     for name in ("datapath_loaded", "started", "switch", "override", "teardown", "stopped"):
         assert name in events, (name, sorted(set(events)))
 

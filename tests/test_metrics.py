@@ -32,6 +32,17 @@ def test_histogram_is_cumulative() -> None:
     assert b["+Inf"] == 5 and abs(h.total - 7.00343) < 1e-9
 
 
+def test_every_error_place_is_in_the_docs() -> None:
+    import re
+
+    places = set(metrics.ERROR_PLACES)
+    assert "doorbell" in places
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "operators.md").read_text()
+    para = doc[doc.index("counted in `failover_agent_errors_total{where}`") :].split("\n\n")[0]
+    listed = para.split("{where}`", 1)[1].split("(", 1)[1].split(")", 1)[0]
+    assert set(re.findall(r"`(\w+)`", listed)) == places, para
+
+
 # ---- against a running agent -------------------------------------------------------------------
 
 ALL_NAMES = {
@@ -126,8 +137,9 @@ def test_metrics_names_values_and_kernel_counters(lab: Lab) -> None:
         assert sorted(active.values()) == [0, 0, 1]  # primary, standby, none: exactly one 1
         assert one(s, "failover_lower_active", device=dev, lower=n.primary, role="primary") == 1
         assert one(s, "failover_lower_up", device=dev, lower=n.standby, role="standby") == 1
-        assert one(s, "failover_datapath_attached", device=dev, hook="tc_egress") == 1
-        assert one(s, "failover_datapath_attached", device=dev, hook="tc_ingress") == 1
+        assert one(s, "failover_datapath_attached", device=dev, hook="tc_egress", lower="") == 1
+        ingress = pick(s, "failover_datapath_attached", device=dev, hook="tc_ingress")
+        assert {dict(lb)["lower"]: v for lb, v in ingress.items()} == {n.primary: 1, n.standby: 1}
         assert one(s, "failover_switches_total", device=dev, reason="initial") == 1
         assert one(s, "failover_switches_total", device=dev, reason="primary_down") == 0
 
@@ -344,4 +356,8 @@ def test_attached_means_our_programs_not_another_datapaths(lab: Lab, pin_dir: Pa
             )
         s = scrape(lab)
         assert one(s, "failover_datapath_attached", device=dev, hook="tc_egress") == 0
-        assert one(s, "failover_datapath_attached", device=dev, hook="tc_ingress") == 1
+        for lower in (lab.names(0).primary, lab.names(0).standby):
+            assert (
+                one(s, "failover_datapath_attached", device=dev, hook="tc_ingress", lower=lower)
+                == 1
+            )

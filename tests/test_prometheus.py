@@ -236,7 +236,7 @@ def test_real_prometheus_sees_the_failover(lab: Lab, tmp_path: Path) -> None:
         # The shipped rules load and evaluate; one switch pages nobody.
         groups = api(lab, "/api/v1/rules")["groups"]
         rules = [r for g in groups for r in g["rules"]]
-        assert len(rules) == 6 and all(r["health"] == "ok" for r in rules), rules
+        assert len(rules) == 7 and all(r["health"] == "ok" for r in rules), rules
         firing = [
             a
             for a in api(lab, "/api/v1/alerts")["alerts"]

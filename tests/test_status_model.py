@@ -320,6 +320,7 @@ def test_metrics_read_the_latest_snapshot() -> None:
             FO_DIR_RX=1,
             hooks=("tc_egress", "tc_ingress", "xdp"),
             drop_reasons=("no_lower", "inactive_rx", "loop"),
+            names=lambda prefix: ("off", "on", "refused", "probe_failed", "mismatch"),
         ),
         active=lambda gid: 2,  # the primary's slot
         stats=lambda gid, slot, d: Counter(),
@@ -338,13 +339,18 @@ def test_metrics_read_the_latest_snapshot() -> None:
         }
 
     first = samples()
+    (errors,) = [m for m in col.collect() if m.name == "failover_agent_errors"]
+    listed = errors.documentation.rsplit("by where: ", 1)[1]
+    assert set(listed.split(", ")) == set(metrics.ERROR_PLACES) >= {"doorbell"}, listed
     assert first[("failover_switches_total", ("ens10", "initial"))] == 1
     assert first[("failover_switches_total", ("ens10", "primary_down"))] == 0
     assert first[("failover_switch_duration_seconds_count", ("ens10",))] == 1
     assert first[("failover_lower_up", ("ens10", "ens10nsby", "standby"))] == 1
     key = ("ens10", "primary", "standby", "transmit")
     assert first[("failover_datapath_fallback_packets_total", key)] == 6
-    assert first[("failover_datapath_check", ("on",))] == 1
+    # every state exported, the current one 1: an alert on `{state="on"} == 0` can fire
+    checks = {k[1][0]: v for k, v in first.items() if k[0] == "failover_datapath_check"}
+    assert checks == {"on": 1, "off": 0, "refused": 0, "probe_failed": 0, "mismatch": 0}
     # the agent swaps a new snapshot in: the next scrape shows it, nothing copied before
     src.snapshot = agent(
         dataclasses.replace(

@@ -13,8 +13,9 @@ from typing import NoReturn
 from pyroute2 import IPRoute
 
 from bpfailover import netns
-from bpfailover.datapath.maps import remove_lock
+from bpfailover.datapath.maps import lock_holder, remove_lock
 from bpfailover.model.config import lab_config
+from bpfailover.ops.cli import DefaultsHelp
 from bpfailover_lab import traffic
 from bpfailover_lab.demo import demo
 from bpfailover_lab.topology import MAX_GROUPS, Lab, LabError, _err, group_names
@@ -27,12 +28,16 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> _Parser:
-    p = _Parser(prog="failover-lab", description="net_failover lab in network namespaces")
+    p = _Parser(
+        prog="failover-lab",
+        description="net_failover lab in network namespaces",
+        formatter_class=DefaultsHelp,
+    )
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
 
     def cmd(name: str, help_: str) -> argparse.ArgumentParser:
-        c = sub.add_parser(name, help=help_)
-        c.add_argument("--prefix", default="fo", help="namespace name prefix (default fo)")
+        c = sub.add_parser(name, help=help_, formatter_class=DefaultsHelp)
+        c.add_argument("--prefix", default="fo", help="namespace name prefix")
         return c
 
     c = cmd("up", "create the namespaces, bridge and lowers, then print the next steps")
@@ -41,30 +46,30 @@ def _parser() -> _Parser:
         type=int,
         default=1,
         help=f"failover groups (1..{MAX_GROUPS}): group N has standby ens{{10+10N}}nsby and "
-        "primary ens{11+10N} in PREFIX-guest (default 1)",
+        "primary ens{11+10N} in PREFIX-guest",
     )
     c.add_argument(
         "--standby-link",
         choices=["up", "down"],
         default="up",
-        help="carrier of the standby's far end at start (default up)",
+        help="carrier of the standby's far end at start",
     )
     cmd("down", "remove the lab")
     cmd("show", "print the lab's devices and addresses")
     c = cmd("migrate", "replay the net_failover.rst migration script")
-    c.add_argument("--group", type=int, default=0, help="which group (0-based; default 0)")
+    c.add_argument("--group", type=int, default=0, help="which group (0-based)")
     c.add_argument(
         "--pause",
         type=float,
         default=0.5,
-        help="seconds between the script's steps (default 0.5)",
+        help="seconds between the script's steps",
     )
     c = cmd(
         "traffic",
         "UDP stream between the guest failover address and the peer; exit 1 when more than "
         "--max-loss is lost or a send fails",
     )
-    c.add_argument("--group", type=int, default=0, help="which group (0-based; default 0)")
+    c.add_argument("--group", type=int, default=0, help="which group (0-based)")
     c.add_argument("--rate", type=int, default=1000, help="packets per second per direction")
     c.add_argument("--duration", type=float, default=2.0, help="seconds")
     c.add_argument("--size", type=int, default=64, help="UDP payload bytes")
@@ -75,7 +80,7 @@ def _parser() -> _Parser:
         type=float,
         default=1.0,
         metavar="PERCENT",
-        help="loss per direction above which it exits 1 (default 1)",
+        help="loss per direction above which it exits 1",
     )
     cmd("demo", "bring a lab up, show it, take it down")
     return p
@@ -120,8 +125,10 @@ def remove_lab_agent_pins(prefix: str) -> None:
     if not pins.is_dir():
         return
     if not remove_lock(pins):
+        pid = lock_holder(pins)
+        who = f"pid {pid}, holding" if pid is not None else "it holds"
         raise LabError(
-            f"failoverd --lab --prefix {prefix} still runs (it holds {pins}): stop it first"
+            f"failoverd --lab --prefix {prefix} still runs ({who} {pins}): stop it first"
         )
     shutil.rmtree(pins, ignore_errors=True)
 

@@ -16,12 +16,15 @@ from bpfailover.agent.loop import Agent, AgentError
 from bpfailover.datapath.loader import LoadError
 from bpfailover.datapath.maps import DatapathError
 from bpfailover.model import config as configmod
+from bpfailover.ops.cli import DefaultsHelp
 from bpfailover.ops.eventlog import fatal, setup_logging
 
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
     assert loop.__doc__ is not None
-    ap = argparse.ArgumentParser(prog="failoverd", description=loop.__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(
+        prog="failoverd", description=loop.__doc__.splitlines()[0], formatter_class=DefaultsHelp
+    )
     ap.add_argument(
         "--config", help="YAML config (default: $BPFAILOVER_CONFIG or /etc/bpfailover/config.yaml)"
     )

@@ -6,15 +6,13 @@ failover device's names free (or held by our own veth pair from an earlier run).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from bpfailover import policy
-from bpfailover.datapath import bpfsys
 from bpfailover.datapath.attach import Wiring, foreign_programs, peer_name
 from bpfailover.datapath.layout import SLOT_NAMES
 from bpfailover.datapath.loader import PROGS
-from bpfailover.datapath.maps import Datapath, DatapathError, held_pin_dirs
+from bpfailover.datapath.maps import Datapath, DatapathError, live_programs, pinned_prog_ids
 from bpfailover.effects.ethtool import driver_of
 from bpfailover.events import netlink
 from bpfailover.model import config as configmod
@@ -67,28 +65,6 @@ def check_failover_name(name: str, links: dict[int, netlink.Link]) -> None:
         f"group {name}: netdev {taken} exists and is not a bpfailover failover device "
         f"(veth {name} + {peer}): rename the group or remove {taken}"
     )
-
-
-def pinned_prog_ids(pin_dir: str | Path) -> set[int]:
-    """The ids of the programs pinned in pin_dir (none when it holds no datapath yet)."""
-    ids = set()
-    for pin in PROGS:
-        try:
-            fd = bpfsys.obj_get(str(Path(pin_dir) / pin))
-        except OSError:
-            continue
-        try:
-            ids.add(bpfsys.prog_info(fd).id)
-        finally:
-            os.close(fd)
-    return ids
-
-
-def live_programs(own_pin_dir: str | Path) -> dict[int, Path]:
-    """Program id -> pin directory, for the datapaths other running agents hold (their
-    single-instance lock is taken); our own pin directory left out by identity (the same
-    bpffs directory through another mount is ours too)."""
-    return {pid: d for d in held_pin_dirs(besides=Path(own_pin_dir)) for pid in pinned_prog_ids(d)}
 
 
 def _served_by(found: list[tuple[str, int | None]], live: dict[int, Path]) -> list[str]:

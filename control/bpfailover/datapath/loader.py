@@ -230,13 +230,15 @@ def compile_and_pin(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return {
+    info: dict[str, object] = {
         "pin_dir": str(pin_dir),
         "headers": headers.description,
         "compile_s": compile_s,
         "datapath_check": L.names("FO_DPC_")[dpc],
-        "datapath_check_note": dpc_note,
     }
+    if dpc != L.FO_DPC_ON:  # why it is off; "on" says all there is
+        info["datapath_check_note"] = dpc_note
+    return info
 
 
 def main(argv: list[str] | None = None) -> int:

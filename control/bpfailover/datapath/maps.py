@@ -371,6 +371,9 @@ def pin_identity(pin_dir: Path) -> str:
     return f"{dev}:{inside}"
 
 
+PROC_LOCKS = Path("/proc/locks")
+
+
 def lock_path(pin_dir: Path, lock_dir: Path = LOCK_DIR) -> Path:
     digest = hashlib.sha256(pin_identity(Path(pin_dir)).encode()).hexdigest()[:16]
     return lock_dir / f"pins-{digest}.lock"
@@ -463,6 +466,23 @@ def remove_lock(pin_dir: Path, lock_dir: Path = LOCK_DIR) -> bool:
     return True
 
 
+def lock_holder(pin_dir: Path, lock_dir: Path = LOCK_DIR, locks: Path = PROC_LOCKS) -> int | None:
+    """The pid holding pin_dir's single-instance lock (its flock, as /proc/locks lists
+    it), or None: not held, or not known."""
+    try:
+        st = os.stat(lock_path(pin_dir, lock_dir), follow_symlinks=False)
+        lines = locks.read_text().splitlines()
+    except OSError:
+        return None
+    want = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    for line in lines:
+        f = line.split()
+        # "1: FLOCK  ADVISORY  WRITE 1234 00:1a:5678 0 EOF" (a blocked waiter: "1: -> FLOCK")
+        if len(f) >= 6 and f[1] == "FLOCK" and f[3] == "WRITE" and f[5] == want:
+            return int(f[4]) if f[4].isdigit() else None
+    return None
+
+
 def held_pin_dirs(lock_dir: Path = LOCK_DIR, besides: Path | None = None) -> list[Path]:
     """The pin directories a running agent holds right now: each lock file under lock_dir
     that is flocked (probed without waiting), read for the pin directory it names.
@@ -483,6 +503,28 @@ def held_pin_dirs(lock_dir: Path = LOCK_DIR, besides: Path | None = None) -> lis
         if name:
             out.append(Path(name))
     return out
+
+
+def pinned_prog_ids(pin_dir: str | Path) -> set[int]:
+    """The ids of the programs pinned in pin_dir (none when it holds no datapath yet)."""
+    ids = set()
+    for pin in PROGS:
+        try:
+            fd = bpfsys.obj_get(str(Path(pin_dir) / pin))
+        except OSError:
+            continue
+        try:
+            ids.add(bpfsys.prog_info(fd).id)
+        finally:
+            os.close(fd)
+    return ids
+
+
+def live_programs(own_pin_dir: str | Path) -> dict[int, Path]:
+    """Program id -> pin directory, for the datapaths other running agents hold (their
+    single-instance lock is taken); our own pin directory left out by identity (the same
+    bpffs directory through another mount is ours too)."""
+    return {pid: d for d in held_pin_dirs(besides=Path(own_pin_dir)) for pid in pinned_prog_ids(d)}
 
 
 def open_lock(path: Path) -> int:

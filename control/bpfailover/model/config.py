@@ -543,7 +543,22 @@ def _got(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+def _hint(loc: Loc, kind: str, value: Any) -> str:
+    """YAML's traps, said where they bite: an unquoted yes/no/on/off is a boolean, a bare
+    port a number."""
+    if isinstance(value, bool) and kind in ("string_type", "literal_error"):
+        return ": YAML reads an unquoted yes/no/on/off/true/false as a boolean; quote it"
+    if loc[-1:] == ("listen",) and isinstance(value, int) and not isinstance(value, bool):
+        return f': give host:port, e.g. "0.0.0.0:{value}"'
+    return ""
+
+
 def _describe(err: Any) -> tuple[Loc, str]:
+    loc, message = _describe_plain(err)
+    return loc, message + _hint(loc, err["type"], err.get("input"))
+
+
+def _describe_plain(err: Any) -> tuple[Loc, str]:
     kind = err["type"]
     loc: Loc = tuple(p for p in err["loc"] if p not in _STANDBY_TAGS)
     ctx = err.get("ctx") or {}

@@ -43,6 +43,21 @@ EXIT_NOT_REDUNDANT = 6
 DEFAULT_SOCKET = "/run/bpfailover/control.sock"
 
 
+class DefaultsHelp(argparse.HelpFormatter):
+    """--help names an option's default: "(default: …)" added to an option whose help
+    does not say it already (none for flags and options without a default)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if (
+            action.option_strings
+            and action.default not in (None, False, argparse.SUPPRESS)
+            and "default" not in text
+        ):
+            text += " (default: %(default)s)"
+        return text
+
+
 class CliError(Exception):
     def __init__(self, message: str, code: int = EXIT_FAILED) -> None:
         super().__init__(message)
@@ -313,14 +328,8 @@ class SetPrimary:
             raise CliError(
                 f"set-primary: --wait {args.wait:g}: give 0 < SECONDS < 86400", EXIT_USAGE
             )
-        reply = call(sock, {"cmd": "set-primary", "group": args.group, "lower": args.lower})
-        if args.wait is None and not args.json:
-            active = reply.get("active")
-            print(
-                f"{args.group}: override {reply.get('override') or 'auto'}, "
-                f"active {active or 'none'}"
-            )
-            return EXIT_OK
+        call(sock, {"cmd": "set-primary", "group": args.group, "lower": args.lower})
+        # the result is read back from a status either way: one form, with --wait or not
         want = args.lower or "primary"
         deadline = time.monotonic() + (args.wait or 0.0)
         delay = 0.05
@@ -337,9 +346,8 @@ class SetPrimary:
         if args.json:
             print(json.dumps(status_document(st, args.group), indent=2, sort_keys=True))
         else:
-            print(
-                f"{args.group}: override {g.override or 'auto'}, active {g.active_lower or 'none'}"
-            )
+            active = f"{g.active_lower} ({g.active})" if g.active_lower else "none"
+            print(f"{args.group}: override {g.override or 'auto'}, active {active}")
         if args.wait is not None and not done:
             lw = _target(g, want)
             what = f"{want} {lw.name}" if lw is not None and lw.name != want else want
@@ -422,15 +430,22 @@ class Teardown:
         except OSError as e:
             where = f"netns {args.netns}" if args.netns else str(pin_dir)
             raise CliError(f"{where}: {e.strerror or e}") from None
-        for r in removed:
+        for r in removed:  # what was done, nothing more
             addrs = ", ".join(r.addresses) or "none"
-            lowers = ", ".join(r.lowers) or "none"
-            dev = (
-                f"removed failover device {r.device} (addresses: {addrs}) and its peer {r.peer}"
-                if r.device
-                else "failover device already gone"
+            if r.device:
+                dev = (
+                    f"removed failover device {r.device} (addresses: {addrs}) and its peer {r.peer}"
+                )
+            elif r.error:
+                dev = f"failover device {r.group} NOT removed ({r.error}; its group kept)"
+            else:
+                dev = "failover device already gone"
+            lowers = (
+                f"programs detached from lowers {', '.join(r.lowers)} (left in place)"
+                if r.lowers
+                else "no programs of its on lowers to detach"
             )
-            print(f"{r.group}: {dev}; programs detached from lowers {lowers} (left in place)")
+            print(f"{r.group}: {dev}; {lowers}")
         print(f"{pin_dir}: {'pins removed' if pins_gone else 'pins kept (groups left)'}")
         return EXIT_OK
 
@@ -485,7 +500,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = _Parser(prog="failoverctl", description=__doc__.splitlines()[0])
+    ap = _Parser(
+        prog="failoverctl", description=__doc__.splitlines()[0], formatter_class=DefaultsHelp
+    )
     ap.add_argument(
         "--socket", help=f"control socket (default: the config's, else {DEFAULT_SOCKET})"
     )
@@ -505,7 +522,9 @@ def parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
     sub.required = True
     for name, verb in VERBS.items():
-        p = sub.add_parser(name, help=verb.help, description=verb.help)
+        p = sub.add_parser(
+            name, help=verb.help, description=verb.help, formatter_class=DefaultsHelp
+        )
         verb.add_arguments(p)
     return ap
 

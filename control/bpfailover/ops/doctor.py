@@ -645,11 +645,18 @@ def _not_checked(check: str, path: str, what: str) -> Finding:
 
 def check_orphaned_pins(host: Host, netns_hint: str | None) -> Iterator[Finding]:
     """bpfailover datapaths under the bpffs that no running agent holds: their programs
-    may still be attached and forwarding, with nobody to fail over."""
+    may still be attached and forwarding, with nobody to fail over.  One whose failover
+    device another running agent adopted (with pins of its own) is that agent's: not an
+    orphan, judged in the namespace the devices are in."""
     from bpfailover.ops import orphans
 
     denied: list[Path] = []
-    found = orphans.find(host.bpffs, denied)
+    try:
+        with netns.entered(netns_hint):
+            found = orphans.find(host.bpffs, denied)
+    except OSError:  # cannot enter it: the devices are not checked
+        denied = []
+        found = orphans.find(host.bpffs, denied)
     if denied:
         paths = ", ".join(str(p) for p in denied)
         yield _not_checked("orphaned-pins", paths, "whether a datapath there is orphaned")

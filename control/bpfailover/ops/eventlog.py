@@ -21,9 +21,27 @@ from typing import Any
 log = logging.getLogger("bpfailover.events")
 
 
+# Events an operator should look at, whatever they carry: a refusal, an error survived.
+WARNING_EVENTS = frozenset(
+    {"reload_refused", "lower_refused", "agent_error", "event_error", "notify_error"}
+)
+
+
+def level_of(name: str, fields: dict[str, Any]) -> int:
+    """WARNING for the events in WARNING_EVENTS and for the guest losing its last lower (a
+    switch with reason no_lower, the failover device's carrier off); INFO for the rest."""
+    if name in WARNING_EVENTS:
+        return logging.WARNING
+    if name == "switch" and fields.get("reason") == "no_lower":
+        return logging.WARNING
+    if name == "carrier" and fields.get("on") is False:
+        return logging.WARNING
+    return logging.INFO
+
+
 def event(name: str, **fields: Any) -> None:
-    """One structured log line per event."""
-    log.info("%s", json.dumps({"event": name, **fields}, default=str))
+    """One structured log line per event, at the level level_of() gives it."""
+    log.log(level_of(name, fields), "%s", json.dumps({"event": name, **fields}, default=str))
 
 
 class JsonLines(logging.Formatter):

@@ -167,7 +167,7 @@ class FailoverCollector(Collector):
         errors = CounterMetricFamily(
             "failover_agent_errors",
             "errors the event loop survived (logged as agent_error/event_error), by where: "
-            "event, netlink, timer, notify, reconcile, control, pins, reload",
+            + ", ".join(ERROR_PLACES),
             labels=["where"],
         )
         seen = self.agent.snapshot.errors  # published by the agent thread, read-only here
@@ -215,8 +215,9 @@ class FailoverCollector(Collector):
         )
         attached = GaugeMetricFamily(
             "failover_datapath_attached",
-            "1 if the program of the hook is attached where it must be",
-            labels=["device", "hook"],
+            "1 if the program of the hook is attached where it must be (lower: the lower "
+            "whose hook it is; empty for tc_egress, on the failover device or its peer)",
+            labels=["device", "hook", "lower"],
         )
         speed = GaugeMetricFamily(
             "failover_lower_speed_mbps",
@@ -237,11 +238,14 @@ class FailoverCollector(Collector):
         )
         check = GaugeMetricFamily(
             "failover_datapath_check",
-            "1 for the state of the per-packet lower check (on; off/refused/probe_failed/"
-            "mismatch: failover waits for the agent)",
+            "1 for the state of the per-packet lower check, 0 for the others (on; off/"
+            "refused/probe_failed/mismatch: failover waits for the agent)",
             labels=["state"],
         )
-        check.add_metric([dp.datapath_check()], 1)
+        state = dp.datapath_check()
+        # every state, the current one 1: `{state="on"} == 0` can fire
+        for name in dict.fromkeys((*dp.L.names("FO_DPC_"), state)):
+            check.add_metric([name], 1 if name == state else 0)
         lost = GaugeMetricFamily(
             "failover_redundancy_lost",
             "1 once fewer than two lowers have been usable for longer than the group's "
@@ -288,8 +292,8 @@ class FailoverCollector(Collector):
             for f in dp.fallback_summary(gid):
                 for d, n in (("transmit", f["tx_packets"]), ("receive", f["rx_packets"])):
                     fallback.add_metric([g.name, f["from"], f["to"], d], n)
-            for hook, ok in attach_state.get(g.name, {}).items():
-                attached.add_metric([g.name, hook], 1 if ok else 0)
+            for (hook, lower), ok in attach_state.get(g.name, {}).items():
+                attached.add_metric([g.name, hook, lower], 1 if ok else 0)
         yield from (active, up, switches, last, dur, *ctr.values(), drops, fallback, check)
         yield from (attached, speed, mac_restored, lost)
 
@@ -314,11 +318,12 @@ def _our_prog_ids(agent: Any) -> dict[str, int] | None:
 
 def _attachments(
     groups: Iterable[GroupStatus], progs: dict[str, int] | None = None
-) -> dict[str, dict[str, bool]]:
+) -> dict[str, dict[tuple[str, str], bool]]:
     """Whether our programs sit where they must: the transmit filter (hook `tc_egress`: on
     the hidden peer's ingress, and for tx_path direct on the failover device's egress too),
     ingress filter (and XDP, on the xdp receive path) on every registered lower.  "Our":
-    the agent's own program ids, so another datapath's programs there count as 0."""
+    the agent's own program ids, so another datapath's programs there count as 0.  Keyed
+    by (hook, lower name): "" for the transmit filter, which is on no lower."""
     p = progs or {}
     tx_id, rx_id = p.get("prog_fo_egress"), p.get("prog_lower_ingress")
     xdp_id = p.get("prog_xdp_lower_rx")
@@ -326,7 +331,7 @@ def _attachments(
 
     from bpfailover.datapath import attach
 
-    out: dict[str, dict[str, bool]] = {}
+    out: dict[str, dict[tuple[str, str], bool]] = {}
     try:
         with IPRoute() as ipr:  # our own netlink socket: the agent's is not shared
             for g in groups:
@@ -334,16 +339,14 @@ def _attachments(
                 tx_ok = bool(peer) and attach.tc_attached(ipr, peer[0], "ingress", tx_id)
                 if g.tx_path == "direct":
                     tx_ok = tx_ok and attach.tc_attached(ipr, g.ifindex, "egress", tx_id)
-                st = {"tc_egress": tx_ok}
-                st["tc_ingress"] = all(
-                    attach.tc_attached(ipr, lw.ifindex, "ingress", rx_id) for lw in g.lowers
-                )
-                if g.rx_path == "xdp":
-                    st["xdp"] = all(
-                        (xid := attach.xdp_prog_id(ipr, lw.ifindex)) != 0
-                        and (xdp_id is None or xid == xdp_id)
-                        for lw in g.lowers
+                st = {("tc_egress", ""): tx_ok}
+                for lw in g.lowers:
+                    st["tc_ingress", lw.name] = attach.tc_attached(
+                        ipr, lw.ifindex, "ingress", rx_id
                     )
+                    if g.rx_path == "xdp":
+                        xid = attach.xdp_prog_id(ipr, lw.ifindex)
+                        st["xdp", lw.name] = xid != 0 and (xdp_id is None or xid == xdp_id)
                 out[g.name] = st
     except Exception as e:  # a device gone mid-scrape: report what we have
         log.debug("attachment check: %s", e)
