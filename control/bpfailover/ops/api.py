@@ -69,6 +69,15 @@ class SocketInUse(RuntimeError):
     """The control socket path is taken (a live socket, or not a socket at all)."""
 
 
+def short(value: object, limit: int = 40) -> str:
+    """A client's value for an error line: its repr (one line, quotes escaped), cut short."""
+    try:
+        text = repr(value)
+    except (RecursionError, ValueError):  # deep nesting; an int over Python's digit limit
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def peer_creds(conn: socket.socket) -> tuple[int, int, int]:
     raw = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     pid, uid, gid = struct.unpack("3i", raw)
@@ -262,10 +271,13 @@ class ControlServer:
             return {"ok": False, "error": f"malformed request: not JSON ({e.__class__.__name__})"}
         if not isinstance(req, dict):
             return {"ok": False, "error": "malformed request: not a JSON object"}
-        if not admin and req.get("cmd") not in READ_ONLY:
+        cmd = req.get("cmd")
+        if cmd is not None and not isinstance(cmd, str):  # any JSON value: checked before use
+            return {"ok": False, "error": f"malformed request: cmd is not a string: {short(cmd)}"}
+        if not admin and cmd not in READ_ONLY:
             return {
                 "ok": False,
-                "error": f"permission denied: {str(req.get('cmd'))[:40]!r} changes the agent "
+                "error": f"permission denied: {short(cmd)} changes the agent "
                 "(root or control.admin_group only; the control group may run status)",
             }
         try:
