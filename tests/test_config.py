@@ -62,6 +62,12 @@ BROKEN: list[tuple[str, str, str, str]] = [
     ("bpffs-int", G + "bpffs: 5", "bpffs: ", "string"),
     ("bpffs-relative", G + "bpffs: sys/fs/bpf", "bpffs: ", "absolute"),
     ("socket-relative", G + "control: {socket: ctl.sock}", "control.socket: ", "absolute"),
+    ("bpffs-dotdot", G + "bpffs: /sys/fs/bpf/../../../etc", "bpffs: ", "'..'"),
+    ("bpffs-dot", G + "bpffs: /sys/fs/bpf/./x", "bpffs: ", "normalised"),
+    ("bpffs-slashes", G + "bpffs: //sys/fs/bpf/x", "bpffs: ", "'//'"),
+    ("bpffs-trailing", G + "bpffs: /sys/fs/bpf/x/", "bpffs: ", "trailing '/'"),
+    ("socket-dotdot", G + "control: {socket: /run/../tmp/c.sock}", "control.socket: ", "'..'"),
+    ("socket-slashes", G + "control: {socket: /run//c.sock}", "control.socket: ", "'//'"),
     ("socket-too-long", G + f"control: {{socket: /{'x' * 120}}}", "control.socket: ", "107"),
     ("unix-group", G + "control: {group: 'two words'}", "control.group: ", "group"),
     # unknown keys at several depths

@@ -368,3 +368,41 @@ def test_a_read_only_member_sending_a_list_for_cmd_gets_an_error(lab: Lab) -> No
         assert run.status()["groups"]
         assert not run.events("agent_error")
         assert not any(status_json(run).get("errors", {}).values())
+
+
+def test_socket_directory_must_be_roots_and_not_writable_by_others(tmp_path: Path) -> None:
+    """Whoever can write in the socket's directory can replace the socket: a directory of
+    another user's, open to others, or a symlink is refused, and nothing is created."""
+
+    def handler(req: dict[str, Any]) -> dict[str, Any]:
+        return {"ok": True}
+
+    d = tmp_path / "run"
+    d.mkdir()
+    os.chown(d, NOBODY.pw_uid, NOBODY.pw_gid)
+    with pytest.raises(api.SocketDirError) as e:
+        api.ControlServer(str(d / "c.sock"), handler)
+    assert f"uid {NOBODY.pw_uid}" in str(e.value) and "\n" not in str(e.value)
+    os.chown(d, 0, 0)
+    for mode in (0o777, 0o1777, 0o775):
+        os.chmod(d, mode)
+        with pytest.raises(api.SocketDirError, match=f"mode {mode:04o}"):
+            api.ControlServer(str(d / "c.sock"), handler)
+    assert not list(d.iterdir())
+    link = tmp_path / "link"
+    os.chmod(d, 0o755)
+    link.symlink_to(d)
+    with pytest.raises(api.SocketDirError, match="not a directory"):
+        api.ControlServer(str(link / "c.sock"), handler)
+    assert not list(d.iterdir())
+
+    # Not there: made root's and 0755, whatever the umask.
+    fresh = tmp_path / "a" / "b"
+    old = os.umask(0o077)
+    try:
+        server = api.ControlServer(str(fresh / "c.sock"), handler)
+    finally:
+        os.umask(old)
+    server.close()
+    st = fresh.stat()
+    assert st.st_uid == 0 and oct(st.st_mode & 0o777) == "0o755"

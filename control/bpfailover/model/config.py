@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
+import os
 import re
 import sys
 from collections.abc import Callable, Sequence
@@ -121,6 +122,12 @@ def _mac(value: str) -> str:
 def _abs_path(value: str) -> str:
     if not value.startswith("/") or "\0" in value:
         raise ValueError(f"must be an absolute path (got {value!r})")
+    # the path checked is the path used: no component that resolves elsewhere
+    if os.path.normpath(value) != value or value.startswith("//"):
+        raise ValueError(
+            f"must be a normalised path: no '.' or '..' component, no '//' or trailing '/' "
+            f"(got {value!r})"
+        )
     return value
 
 
