@@ -3,6 +3,7 @@ and what it left behind (tests/test_reliability.py fills it, conftest.py prints 
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -13,6 +14,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from bpfailover import netns, policy
 from bpfailover_lab.agent_run import AgentRun
@@ -158,21 +161,41 @@ def vm_rss_kb(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for {pid}")
 
 
+REPO = Path(__file__).resolve().parents[1]
+TEST_ENTRY = "tests.fault_agent"  # failoverd built with test switches (the real one has none)
+
+
 @contextmanager
-def fault_env(point: str, gate: Path | None = None) -> Iterator[None]:
-    """BPFAILOVER_FAULT for agents started inside the block (the env is read once, at start)."""
-    old = {k: os.environ.get(k) for k in ("BPFAILOVER_FAULT", "BPFAILOVER_FAULT_GATE")}
-    os.environ["BPFAILOVER_FAULT"] = point
-    if gate is not None:
-        os.environ["BPFAILOVER_FAULT_GATE"] = str(gate)
+def agent_switches(**env: str) -> Iterator[None]:
+    """Agents started inside the block run through the tests' own entry point
+    (tests/fault_agent.py) with these switches in its environment."""
+    old_env = {k: os.environ.get(k) for k in env}
+    old_entry = (AgentRun.module, AgentRun.cwd)
+    os.environ.update(env)
+    AgentRun.module, AgentRun.cwd = TEST_ENTRY, REPO
     try:
         yield
     finally:
-        for k, v in old.items():
+        AgentRun.module, AgentRun.cwd = old_entry
+        for k, v in old_env.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def use_test_switches(monkeypatch: pytest.MonkeyPatch, **env: str) -> None:
+    """agent_switches() for the rest of the test."""
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(AgentRun, "module", TEST_ENTRY)
+    monkeypatch.setattr(AgentRun, "cwd", REPO)
+
+
+def fault_env(point: str, gate: Path | None = None) -> contextlib.AbstractContextManager[None]:
+    """The fault hook for agents started inside the block."""
+    gated = {"BPFAILOVER_FAULT_GATE": str(gate)} if gate is not None else {}
+    return agent_switches(BPFAILOVER_FAULT=point, **gated)
 
 
 def our_filters(lab: Lab, dev: str, where: str = "ingress") -> int:

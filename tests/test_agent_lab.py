@@ -20,6 +20,7 @@ from bpfailover_lab import traffic
 from bpfailover_lab.agent_run import AgentRun, HarnessError
 from bpfailover_lab.topology import Lab
 from tests import labutil
+from tests.faultutil import use_test_switches
 from tests.labutil import TcpTicker, link_stats, neigh, ping, start_agent
 
 pytestmark = pytest.mark.root
@@ -185,8 +186,9 @@ def test_hot_plugged_lower_waits_for_udev(
     udev = tmp_path / "udev"
     (udev / "data").mkdir(parents=True)
     (udev / "control").touch()
-    monkeypatch.setenv("BPFAILOVER_TEST_UDEV_DIR", str(udev))
-    monkeypatch.setenv("BPFAILOVER_TEST_UDEV_HOLD_MS", "600000")
+    use_test_switches(
+        monkeypatch, BPFAILOVER_TEST_UDEV_DIR=str(udev), BPFAILOVER_TEST_UDEV_HOLD_MS="600000"
+    )
 
     def processed(dev: str) -> int:
         ifindex: int = lab.link(lab.guest, dev)["ifindex"]  # type: ignore[index]

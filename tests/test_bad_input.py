@@ -45,9 +45,26 @@ def test_pin_dir_not_on_bpffs_is_refused_and_nothing_created(tmp_path: Path) -> 
     pins = tmp_path / "pins"
     with pytest.raises(LoadError) as e:
         Datapath.open(pins)
-    assert "not a bpffs mount" in str(e.value) and "mount -t bpf" in str(e.value)
+    assert "not a bpffs mount" in str(e.value) and "bpf filesystem" in str(e.value)
+    assert "mount -t bpf" not in str(e.value)  # not over a directory that is not bpffs' place
     assert "\n" not in str(e.value)
     assert not pins.exists()
+
+
+@pytest.mark.root
+def test_an_existing_directory_off_bpffs_is_not_adopted_nor_offered_for_removal(
+    tmp_path: Path,
+) -> None:
+    """bpffs naming someone's directory (a typo) gets what is wrong, never `rm -r`."""
+    home = tmp_path / "home"
+    home.mkdir(mode=0o700)
+    (home / "thesis.tex").write_text("years of work")
+    for load in (True, False):
+        with pytest.raises((LoadError, DatapathError)) as e:
+            Datapath.open(home, load=load)
+        msg = str(e.value)
+        assert "not a bpffs mount" in msg and "rm " not in msg and "\n" not in msg, msg
+    assert (home / "thesis.tex").read_text() == "years of work"
 
 
 @pytest.mark.root
@@ -133,12 +150,20 @@ def test_pins_trusted_only_from_root_and_locked_under_run(
     with pytest.raises(DatapathError) as e:
         Datapath.open(pin_dir)
     msg = str(e.value)
-    assert f"owned by uid {nobody.pw_uid}" in msg and "rm -r" in msg and "\n" not in msg
+    assert f"owned by uid {nobody.pw_uid}" in msg and "\n" not in msg
+    assert "rm " not in msg and "not failoverd's" in msg  # never offered for removal
     assert pin_dir.stat().st_uid == nobody.pw_uid and not list(pin_dir.iterdir())
     os.chown(pin_dir, 0, 0)
     os.chmod(pin_dir, 0o777)
     with pytest.raises(DatapathError, match="mode 0777"):
         Datapath.open(pin_dir)
+    os.chmod(pin_dir, 0o700)
+    # Root's, but holding what failoverd never pins: named, not offered for removal.
+    (pin_dir / "other-tool").mkdir()
+    with pytest.raises(DatapathError) as e:
+        Datapath.open(pin_dir)
+    assert "other-tool" in str(e.value) and "rm " not in str(e.value), str(e.value)
+    (pin_dir / "other-tool").rmdir()
     pin_dir.rmdir()
 
     # The loader child runs with -P from /: a bpfailover/ in our cwd is never imported.
@@ -244,3 +269,56 @@ def test_pin_lock_file_removed_with_its_holder_and_never_held_twice(
         for dp in (a, b, c):
             dp.close()
     assert list(lock_dir.iterdir()) == []
+
+
+def test_repin_checks_what_it_pins_into_as_adoption_does(pin_dir: Path, bpffs: Path) -> None:
+    """Pins removed by hand are put back only into a directory that would be adopted:
+    not through a symlink, not into one made or opened up by someone else."""
+    import os
+    import pwd
+    import shutil
+
+    from tests.conftest import unique
+
+    nobody = pwd.getpwnam("nobody")
+    elsewhere = bpffs / unique("bpfailover-elsewhere-")
+    elsewhere.mkdir(mode=0o700)
+    try:
+        with Datapath.open(pin_dir) as dp:
+            # An incomplete datapath of ours: removing it is the fix, and said so.
+            os.unlink(pin_dir / "prog_xdp_lower_rx")
+            with pytest.raises(DatapathError) as e:
+                Datapath.open(pin_dir, load=False)
+            assert f"rm -r {pin_dir}" in str(e.value)
+            assert dp.repin() == ["prog_xdp_lower_rx"]
+
+            shutil.rmtree(pin_dir)
+            os.symlink(elsewhere, pin_dir)  # the pin directory, pointing elsewhere
+            with pytest.raises(DatapathError, match="not a directory"):
+                dp.repin()
+            assert not list(elsewhere.iterdir())  # nothing pinned through the link
+            os.unlink(pin_dir)
+
+            pin_dir.mkdir(mode=0o700)
+            os.chown(pin_dir, nobody.pw_uid, nobody.pw_gid)  # made by someone else
+            with pytest.raises(DatapathError, match=f"owned by uid {nobody.pw_uid}"):
+                dp.repin()
+            os.chown(pin_dir, 0, 0)
+            os.chmod(pin_dir, 0o777)  # opened up to everyone
+            with pytest.raises(DatapathError, match="mode 0777"):
+                dp.repin()
+            assert not list(pin_dir.iterdir())
+            pin_dir.rmdir()
+
+            assert len(dp.repin()) == len(dp.fds)  # gone for good: put back
+            assert stat_mode(pin_dir) == 0o700
+    finally:
+        shutil.rmtree(elsewhere, ignore_errors=True)
+        if pin_dir.is_symlink():
+            pin_dir.unlink()
+
+
+def stat_mode(path: Path) -> int:
+    import stat
+
+    return stat.S_IMODE(path.lstat().st_mode)

@@ -38,6 +38,10 @@ def two_groups(first: str, second: str) -> str:
     return f"groups:\n  - {first}\n  - {second}\n"
 
 
+ALIAS_BOMB = "groups:\n- &a [{name: e, standby: s},x,x,x,x,x,x,x,x]\n" + "".join(
+    f"- &{b} [{','.join([f'*{a}'] * 9)}]\n" for a, b in zip("abcdefgh", "bcdefghi", strict=True)
+)
+
 # (id, YAML text, the path (or line) that must appear, a word of the message)
 BROKEN: list[tuple[str, str, str, str]] = [
     # wrong types
@@ -60,6 +64,12 @@ BROKEN: list[tuple[str, str, str, str]] = [
     ("bpffs-int", G + "bpffs: 5", "bpffs: ", "string"),
     ("bpffs-relative", G + "bpffs: sys/fs/bpf", "bpffs: ", "absolute"),
     ("socket-relative", G + "control: {socket: ctl.sock}", "control.socket: ", "absolute"),
+    ("bpffs-dotdot", G + "bpffs: /sys/fs/bpf/../../../etc", "bpffs: ", "'..'"),
+    ("bpffs-dot", G + "bpffs: /sys/fs/bpf/./x", "bpffs: ", "normalised"),
+    ("bpffs-slashes", G + "bpffs: //sys/fs/bpf/x", "bpffs: ", "'//'"),
+    ("bpffs-trailing", G + "bpffs: /sys/fs/bpf/x/", "bpffs: ", "trailing '/'"),
+    ("socket-dotdot", G + "control: {socket: /run/../tmp/c.sock}", "control.socket: ", "'..'"),
+    ("socket-slashes", G + "control: {socket: /run//c.sock}", "control.socket: ", "'//'"),
     ("socket-too-long", G + f"control: {{socket: /{'x' * 120}}}", "control.socket: ", "107"),
     ("unix-group", G + "control: {group: 'two words'}", "control.group: ", "group"),
     # unknown keys at several depths
@@ -193,7 +203,12 @@ BROKEN: list[tuple[str, str, str, str]] = [
     ("yaml-python-tag", "groups: !!python/object:os.system {}", "line 1", "YAML"),
     ("yaml-bad-date", G + "bpffs: 2001-13-45", "config.yaml: ", "YAML"),
     ("yaml-deep", "[" * 5000 + "]" * 5000, "config.yaml: ", "deep"),
-    ("yaml-self-alias", "groups: &a [*a]", "groups[0]: ", "mapping"),
+    ("yaml-self-alias", "groups: &a [*a]", "line 1", "anchor &a: anchors and aliases"),
+    ("yaml-anchor", G + "bpffs: &p /sys/fs/bpf/x\n", "line 4", "anchor &p: anchors and aliases"),
+    ("yaml-alias", "groups: *g\n", "line 1", "alias *g: anchors and aliases are not allowed"),
+    ("yaml-merge", G + "    policy: {<<: *p}\n", "line 4", "alias *p: anchors and aliases"),
+    # 325 bytes that expand to 9**9 values when built: refused at the first anchor
+    ("yaml-alias-bomb", ALIAS_BOMB, "line 2, column 3", "anchor &a: anchors and aliases"),
 ]
 
 

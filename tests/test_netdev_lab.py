@@ -18,6 +18,7 @@ from bpfailover import netns
 from bpfailover_lab import traffic
 from bpfailover_lab.agent_run import AgentRun
 from bpfailover_lab.topology import Lab
+from tests.faultutil import use_test_switches
 from tests.labutil import bring_up, link_stats, ping
 from tests.opsutil import ctl
 
@@ -225,7 +226,7 @@ def test_socket_join_lands_on_both_lowers(
     where the IGMP report leaving through the datapath rings the agent's doorbell).  No
     periodic re-read here: address_resync_s 0."""
     if not mcast_events:
-        monkeypatch.setenv("BPFAILOVER_TEST_NO_MCAST_EVENTS", "1")
+        use_test_switches(monkeypatch, BPFAILOVER_TEST_NO_MCAST_EVENTS="1")
     run = _up(lab, agent_factory, address_resync_s=0, tx_path="veth")
     n = lab.names(0)
     mac = "01:00:5e:05:06:07"
@@ -251,7 +252,7 @@ def test_ip_maddr_lands_on_both_lowers(
     """`ip maddr add` (SIOCADDMULTI) is announced by no kernel (RTM_NEWMULTICAST is about IP
     groups) and sends nothing: the periodic re-read (address_resync_s) carries it."""
     if not mcast_events:
-        monkeypatch.setenv("BPFAILOVER_TEST_NO_MCAST_EVENTS", "1")
+        use_test_switches(monkeypatch, BPFAILOVER_TEST_NO_MCAST_EVENTS="1")
     run = _up(lab, agent_factory, address_resync_s=1)
     n = lab.names(0)
     mac = "01:80:c2:00:00:0e"  # LLDP: a link-layer-only group, as PTP/LLDP daemons join
@@ -276,7 +277,7 @@ def test_macvlan_on_top_receives_unicast_through_the_vf(
     the agent puts it on both lowers' lists (a VF's MAC filter) and the peer reaches it
     through the VF.  Removed with the macvlan.  No periodic re-read: the macvlan's own link
     events drive it."""
-    monkeypatch.setenv("BPFAILOVER_TEST_NO_MCAST_EVENTS", "1")
+    use_test_switches(monkeypatch, BPFAILOVER_TEST_NO_MCAST_EVENTS="1")
     run = _up(lab, agent_factory, address_resync_s=0)
     n = lab.names(0)
     mv_ip = "198.18.0.77"

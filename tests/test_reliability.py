@@ -47,6 +47,7 @@ from bpfailover_lab.topology import Lab
 from tests.conftest import mount_bpffs, unique
 from tests.faultutil import (
     TALLY,
+    agent_switches,
     expected_active,
     fault_env,
     leaks,
@@ -266,6 +267,39 @@ def test_kill_during_startup_adoption(running: tuple[Lab, AgentRun]) -> None:
     one_filter_each(lab)
     TALLY.fault(rep.total_lost)
     print(f"\nkill during adoption (primary lost while no agent ran): {rep.format()}")
+
+
+@pytest.mark.root
+def test_the_installed_failoverd_honours_no_test_switch(
+    running: tuple[Lab, AgentRun], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The fault hook and the other test switches come only through the tests' own entry
+    point: failoverd itself, with them all in its environment, starts, serves and switches
+    as if they were not there (no fault fired, udev not looked for in a stand-in)."""
+    lab, agent = running
+    n = lab.names(0)
+    udev = tmp_path / "udev"
+    (udev / "data").mkdir(parents=True)
+    (udev / "control").touch()  # would hold every new lower for 10 minutes
+    for k, v in {
+        "BPFAILOVER_FAULT": "adopt:kill",
+        "BPFAILOVER_TEST_UDEV_DIR": str(udev),
+        "BPFAILOVER_TEST_UDEV_HOLD_MS": "600000",
+        "BPFAILOVER_TEST_NETLINK_RCVBUF": "4096",
+    }.items():
+        monkeypatch.setenv(k, v)
+    assert AgentRun.module == "bpfailover.agent"
+    agent.stop()
+    agent.start()  # would die at adoption
+    assert not agent.events("fault_injected")
+    lab.set_far_end(0, "primary", False)
+    agent.wait_active(n.standby)
+    lab.unplug_vf(0)
+    lab.plug_vf(0)  # a new lower: taken at once, not held for the stand-in udev
+    lab.set_far_end(0, "primary", True)
+    agent.wait_active(n.primary)
+    assert not agent.events("lower_udev_wait")
+    one_filter_each(lab)
 
 
 @pytest.mark.root
@@ -930,12 +964,12 @@ def test_netlink_overflow_while_200_devices_vanish(
     lab.unplug_vf(0)  # no primary: every netdev with the group's MAC is a candidate
     agent.wait_active(n.standby)
     agent.stop()
-    os.environ["BPFAILOVER_TEST_NETLINK_RCVBUF"] = "4096"
-    try:
-        with fault_env("netlink-read:stall", gate):
-            agent.start()
-    finally:
-        del os.environ["BPFAILOVER_TEST_NETLINK_RCVBUF"]
+    with agent_switches(
+        BPFAILOVER_TEST_NETLINK_RCVBUF="4096",
+        BPFAILOVER_FAULT="netlink-read:stall",
+        BPFAILOVER_FAULT_GATE=str(gate),
+    ):
+        agent.start()
     pid = agent.status()["pid"]
     count = 200
     batch = []

@@ -288,3 +288,121 @@ def test_socket_path_never_taken_from_a_live_socket_or_a_non_socket(tmp_path: Pa
     with pytest.raises(api.SocketInUse, match="not a socket"):
         api.ControlServer(path, handler)
     assert (tmp_path / "c.sock").read_text() == "a file"
+
+
+# Any JSON value a client may put where a string or a name belongs.
+ODD_VALUES: list[Any] = [
+    [],
+    {},
+    [1, [2, {"x": []}]],
+    {"cmd": "status"},
+    0,
+    -1,
+    1.5,
+    1e308,
+    True,
+    False,
+    None,
+    "",
+    "status\n",
+    "\x00\u2028\"'",
+    "y" * 60_000,
+    [None] * 2_000,
+]
+
+
+def test_any_json_value_for_cmd_or_an_argument_is_one_error_line(tmp_path: Path) -> None:
+    """The agent's own request handler behind a control socket: whatever JSON value stands
+    for the command or an argument, root and a read-only member get ok: false with a short
+    one-line reason; nothing raises (which the loop would count as an agent error)."""
+    from bpfailover.agent.requests import Requests
+    from bpfailover.model import config as configmod
+    from bpfailover.model.groups import Group, Lower
+    from bpfailover.policy import PolicyConfig
+
+    gcfg = configmod.Group(name="ens10", standby="ens10nsby")
+    g = Group(
+        cfg=gcfg, gid=1, mac="52:54:00:00:12:53", master=5, peer=6, carrier=True,
+        pcfg=PolicyConfig.from_settings(gcfg.policy),
+    )  # fmt: skip
+    g.lowers["standby"] = Lower("standby", 4, "ens10nsby", False, False, 1500)  # not usable
+    # no datapath, wiring or switch: a request that got past its checks would fail loudly
+    handler = Requests({"ens10": g}, None, None, None, {5: {(2, "198.18.0.1")}}, dict, None)  # type: ignore[arg-type]
+    server = api.ControlServer(str(tmp_path / "c.sock"), handler.handle)
+    try:
+        for value in ODD_VALUES:
+            reqs: list[dict[str, Any]] = [
+                {"cmd": value},
+                {"cmd": "set-primary", "group": value},
+                {"cmd": "teardown", "group": value},
+            ]
+            if value is not None:  # None: --auto, a valid request
+                reqs.append({"cmd": "set-primary", "group": "ens10", "lower": value})
+            if not isinstance(value, bool):
+                reqs.append({"cmd": "teardown", "group": "ens10", "force": value})
+            for req in reqs:
+                for admin in (True, False):
+                    reply = server.dispatch(json.dumps(req).encode(), admin=admin)
+                    assert reply["ok"] is False, (req, admin, reply)
+                    err = reply["error"]
+                    assert isinstance(err, str) and "\n" not in err and len(err) < 200, err
+                    assert "internal error" not in err, (req, admin, err)
+    finally:
+        server.close()
+
+
+def test_a_read_only_member_sending_a_list_for_cmd_gets_an_error(lab: Lab) -> None:
+    """Served by a running agent: the reply comes, and no error is counted."""
+    with agent_in_lab(lab, address=False) as run:
+        _restart_with_group(run, NOGROUP)
+        gid = grp.getgrnam(NOGROUP).gr_gid
+        for value in ([], {}, [["status"]], 7, None):
+
+            def send(value: Any = value) -> Any:
+                return api.request(run.socket, {"cmd": value}, timeout=5)
+
+            res = as_user(NOBODY.pw_uid, 1, [gid], send)
+            assert "result" in res, res  # a reply, not a timeout
+            assert res["result"]["ok"] is False and "\n" not in res["result"]["error"], res
+        assert raw(run.socket, b'{"cmd": []}\n')["ok"] is False  # root too
+        assert run.status()["groups"]
+        assert not run.events("agent_error")
+        assert not any(status_json(run).get("errors", {}).values())
+
+
+def test_socket_directory_must_be_roots_and_not_writable_by_others(tmp_path: Path) -> None:
+    """Whoever can write in the socket's directory can replace the socket: a directory of
+    another user's, open to others, or a symlink is refused, and nothing is created."""
+
+    def handler(req: dict[str, Any]) -> dict[str, Any]:
+        return {"ok": True}
+
+    d = tmp_path / "run"
+    d.mkdir()
+    os.chown(d, NOBODY.pw_uid, NOBODY.pw_gid)
+    with pytest.raises(api.SocketDirError) as e:
+        api.ControlServer(str(d / "c.sock"), handler)
+    assert f"uid {NOBODY.pw_uid}" in str(e.value) and "\n" not in str(e.value)
+    os.chown(d, 0, 0)
+    for mode in (0o777, 0o1777, 0o775):
+        os.chmod(d, mode)
+        with pytest.raises(api.SocketDirError, match=f"mode {mode:04o}"):
+            api.ControlServer(str(d / "c.sock"), handler)
+    assert not list(d.iterdir())
+    link = tmp_path / "link"
+    os.chmod(d, 0o755)
+    link.symlink_to(d)
+    with pytest.raises(api.SocketDirError, match="not a directory"):
+        api.ControlServer(str(link / "c.sock"), handler)
+    assert not list(d.iterdir())
+
+    # Not there: made root's and 0755, whatever the umask.
+    fresh = tmp_path / "a" / "b"
+    old = os.umask(0o077)
+    try:
+        server = api.ControlServer(str(fresh / "c.sock"), handler)
+    finally:
+        os.umask(old)
+    server.close()
+    st = fresh.stat()
+    assert st.st_uid == 0 and oct(st.st_mode & 0o777) == "0o755"

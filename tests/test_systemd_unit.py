@@ -13,8 +13,9 @@ The container gets a bpffs of its own: its pins live and die with the container,
 pinned on the host's /sys/fs/bpf.
 
 Installed in the container: the shipped unit file byte for byte, and a drop-in that adapts
-only what a test must (ExecStart: the checkout's venv; WatchdogSec shortened to 3 s; an
-optional EnvironmentFile for the fault hook).  Proven, each part a systemd verdict:
+only what a test must (ExecStart: the checkout's venv, through the tests' entry point that
+honours the fault hook; WatchdogSec shortened to 3 s; an optional EnvironmentFile for the
+fault hook).  Proven, each part a systemd verdict:
 (a) Type=notify: a oneshot ordered After= and Requires= failoverd.service runs only once the
     failover device exists with its carrier, and the same check fails against Type=simple
     (the agent held by the fault hook before it has set the carrier: deterministic);
@@ -70,9 +71,12 @@ def adapt_dropin(watchdog_s: int) -> str:
     """What a test must change, in a drop-in: the unit file itself is installed unchanged."""
     text = f"""\
 [Service]
-# The checkout's venv instead of /usr/local/bin/failoverd; the default config path.
+# The checkout's venv instead of /usr/local/bin/failoverd, through the tests' own entry
+# point (failoverd's main() with the fault hook, which failoverd itself never reads); the
+# default config path.
 ExecStart=
-ExecStart={VENV_BIN}/failoverd --config /etc/bpfailover/config.yaml
+ExecStart={VENV_BIN}/python -m tests.fault_agent --config /etc/bpfailover/config.yaml
+Environment=PYTHONPATH={REPO}
 # Shortened from the shipped 10 s so that a stalled loop is restarted within the test's
 # time; the loop pings every WatchdogSec/2.
 WatchdogSec={watchdog_s}

@@ -87,12 +87,33 @@ def test_running_is_false_in_another_namespace_than_pid1s(root: Path, monkeypatc
     assert UdevDb(root).running()
 
 
-def test_from_env_points_at_the_test_directory(root: Path, monkeypatch) -> None:
-    monkeypatch.setenv(udev.TEST_ENV, str(root))
-    db = UdevDb.from_env()
-    assert (db.control, db.data, db.same_netns) == (root / "control", root / "data", True)
-    monkeypatch.delenv(udev.TEST_ENV)
-    assert UdevDb.from_env().control == Path("/run/udev/control")
+def test_the_test_entry_builds_the_agent_with_the_switches_it_is_given(root: Path) -> None:
+    from bpfailover.model.config import parse_config
+    from tests.fault_agent import make_agent
+
+    cfg = parse_config("groups: [{name: ens10, standby: s}]")
+    switches = {
+        "BPFAILOVER_TEST_UDEV_DIR": str(root),
+        "BPFAILOVER_TEST_UDEV_HOLD_MS": "600000",
+        "BPFAILOVER_TEST_NO_MCAST_EVENTS": "1",
+        "BPFAILOVER_TEST_NETLINK_RCVBUF": "4096",
+        "BPFAILOVER_FAULT": "adopt:stall",
+    }
+    agent = make_agent(switches)(cfg)
+    plain = make_agent({})(cfg)
+    try:
+        db = agent.udev.udev
+        assert db is not None
+        assert (db.control, db.data, db.same_netns) == (root / "control", root / "data", True)
+        assert agent.udev.hold_ms == 600000
+        assert (agent.links.mcast, agent.links.rcvbuf) == (False, 4096)  # type: ignore[attr-defined]
+        assert agent.fault is not None and agent.fault.point == "adopt"
+        assert plain.udev.udev is not None
+        assert plain.udev.udev.control == Path("/run/udev/control")
+        assert plain.fault is None and plain.udev.hold_ms == 5000
+    finally:
+        agent.life.close()
+        plain.life.close()
 
 
 def test_initialized_reads_the_entry(root: Path) -> None:

@@ -1,11 +1,12 @@
 """TEST-ONLY fault injection for failoverd (the fault suite, tests/test_reliability.py).
 
-BPFAILOVER_FAULT="<point>[:<action>][@<nth>]" makes the agent fail on purpose the nth time
-(default 1st) it passes a named point.  It is read once, at start; unset (always, outside
-tests) a point costs the agent one `is None` test.  Actions: kill (SIGKILL itself),
-close-netlink (close the event socket under itself), stall (wait, at most 30 s, until the
-file $BPFAILOVER_FAULT_GATE exists: the test acts meanwhile), raise (an exception, as a bug
-would: the loop must survive it).
+Fault("<point>[:<action>][@<nth>]"), passed to the Agent by the tests' own entry point
+(tests/fault_agent.py, from its BPFAILOVER_FAULT), makes the agent fail on purpose the nth
+time (default 1st) it passes a named point.  failoverd itself never builds one and reads no
+such variable: without one (always, outside tests) a point costs the agent one `is None`
+test.  Actions: kill (SIGKILL itself), close-netlink (close the event socket under itself),
+stall (wait, at most 30 s, until the file `gate` exists: the test acts meanwhile), raise
+(an exception, as a bug would: the loop must survive it).
 """
 
 from __future__ import annotations
@@ -40,14 +41,7 @@ class Fault:
         self.gate = gate
         self.close_netlink: Callable[[], None] | None = None  # set by the agent
         if self.point not in FAULT_POINTS or self.action not in FAULT_ACTIONS:
-            raise FaultSpecError(
-                f"BPFAILOVER_FAULT={spec!r}: points {FAULT_POINTS}, actions {FAULT_ACTIONS}"
-            )
-
-    @classmethod
-    def from_env(cls) -> Fault | None:
-        spec = os.environ.get("BPFAILOVER_FAULT")
-        return cls(spec, os.environ.get("BPFAILOVER_FAULT_GATE")) if spec else None
+            raise FaultSpecError(f"fault {spec!r}: points {FAULT_POINTS}, actions {FAULT_ACTIONS}")
 
     def fire(self, point: str) -> None:
         """Fail as asked if this is the fault's point and turn."""

@@ -44,7 +44,7 @@ from bpfailover.agent.ports import (
 from bpfailover.agent.reload import reload as reload_config
 from bpfailover.agent.requests import Requests
 from bpfailover.agent.switch import Decide, Switcher
-from bpfailover.agent.udevwait import UdevWait, hold_ms_from_env
+from bpfailover.agent.udevwait import HOLD_MS, UdevWait
 from bpfailover.datapath import counters
 from bpfailover.datapath.attach import Wiring
 from bpfailover.datapath.doorbell import Doorbell
@@ -80,6 +80,8 @@ class Agent:
         hooks: Callable[[configmod.Config, dict[int, Any]], None] = setup.check_hooks,
         udev: UdevDb | None = None,
         lower_hooks: LowerHooks | None = setup.lower_hooks,
+        fault: Fault | None = None,
+        udev_hold_ms: int = HOLD_MS,
     ) -> None:
         self.cfg = cfg
         self.open_datapath, self.make_wiring = datapath, wiring
@@ -98,9 +100,7 @@ class Agent:
         self.life = Lifecycle()  # signals, stop(), systemd
         self.sel.register(self.life, selectors.EVENT_READ, "wakeup")
         # new lowers wait for udev's name where udev runs for our netdevs (udevwait.py)
-        self.udev = UdevWait(
-            udev if udev is not None else UdevDb.from_env(), self.sel, hold_ms_from_env()
-        )
+        self.udev = UdevWait(udev if udev is not None else UdevDb(), self.sel, udev_hold_ms)
         # SIGHUP: where the new config comes from (None: nothing to reload, e.g. --lab)
         self.load_config: Callable[[], configmod.Config] | None = None
         self.exporter: Any = None  # the metrics exporter, restarted when metrics.listen changes
@@ -119,7 +119,8 @@ class Agent:
         self.pins: Pins | None = None  # pins removed by hand are put back
         self.doorbell: Doorbell | None = None  # the datapath rings it: address lists changed
         self.resync_due_ms: dict[str, int] = {}  # group -> next re-read of its address lists
-        self.fault = Fault.from_env()  # TEST-ONLY: None outside the fault suite
+        # TEST-ONLY: the fault suite passes one (tests/fault_agent.py); failoverd never does
+        self.fault = fault
         if self.fault is not None:
             self.fault.close_netlink = self._close_netlink
         # the jobs, built by start() once the datapath is open

@@ -11,7 +11,6 @@ from collections.abc import Callable
 
 from bpfailover import netns
 from bpfailover.agent import loop
-from bpfailover.agent.fault import FaultSpecError
 from bpfailover.agent.loop import Agent, AgentError
 from bpfailover.datapath.loader import LoadError
 from bpfailover.datapath.maps import DatapathError
@@ -77,10 +76,7 @@ def main(
             netns.enter_for_good(args.netns)
         except OSError as e:
             return fatal(f"netns {args.netns}: {e.strerror}", 1)
-    try:
-        agent = make_agent(cfg)
-    except FaultSpecError as e:
-        return fatal(str(e), 2)
+    agent = make_agent(cfg)
     if not args.lab:
         agent.load_config = lambda: configmod.load_config(source)  # SIGHUP
     return _serve(agent, cfg)

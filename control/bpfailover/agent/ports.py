@@ -13,7 +13,6 @@ in-process with fakes (tests/test_agent_unit.py) or with traced ones (bench/trac
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
 from typing import Protocol
@@ -37,22 +36,19 @@ class LinkSource(Protocol):
     def dump_addrs(self) -> list[netlink.Addr]: ...
 
 
-# TEST-ONLY: BPFAILOVER_TEST_NO_MCAST_EVENTS=1 leaves RTM_NEWMULTICAST unsubscribed, standing
-# in for kernels before 6.13 (Debian 12's 6.1), so the lab proves the other triggers.
-_MCAST_EVENTS = os.environ.get("BPFAILOVER_TEST_NO_MCAST_EVENTS") != "1"
-# TEST-ONLY: BPFAILOVER_TEST_NETLINK_RCVBUF=BYTES shrinks the event socket's receive buffer
-# (default 8 MiB) so the fault suite can make the kernel drop events (ENOBUFS) at will.
-_RCVBUF = int(os.environ.get("BPFAILOVER_TEST_NETLINK_RCVBUF") or 0) or None
-
-
 class Netlink:
-    """The kernel's rtnetlink: the event socket and the dumps."""
+    """The kernel's rtnetlink: the event socket and the dumps.
 
-    def __init__(self, rcvbuf: int | None = None) -> None:
-        self.rcvbuf = rcvbuf or _RCVBUF  # TEST-ONLY: a small buffer forces ENOBUFS
+    TEST-ONLY arguments (tests/fault_agent.py passes them; failoverd never does): mcast=False
+    leaves RTM_NEWMULTICAST unsubscribed, standing in for kernels before 6.13 (Debian 12's
+    6.1), so the lab proves the other triggers; rcvbuf shrinks the event socket's receive
+    buffer (default 8 MiB) so the fault suite can make the kernel drop events (ENOBUFS)."""
+
+    def __init__(self, mcast: bool = True, rcvbuf: int | None = None) -> None:
+        self.mcast, self.rcvbuf = mcast, rcvbuf
 
     def subscribe(self) -> EventSource:
-        return netlink.EventSocket(mcast=_MCAST_EVENTS, rcvbuf=self.rcvbuf)
+        return netlink.EventSocket(mcast=self.mcast, rcvbuf=self.rcvbuf)
 
     def dump_links(self) -> list[netlink.Link]:
         return netlink.dump_links()

@@ -15,7 +15,7 @@ from bpfailover.datapath.attach import Wiring, peer_name
 from bpfailover.datapath.layout import ROLE_SLOTS
 from bpfailover.datapath.maps import Datapath
 from bpfailover.model.groups import Group
-from bpfailover.ops.api import RequestError
+from bpfailover.ops.api import RequestError, short
 from bpfailover.ops.eventlog import event
 from bpfailover.policy import Role
 
@@ -47,12 +47,12 @@ class Requests:
             return self._set_primary(req)
         if cmd == "teardown":
             return self._teardown(req)
-        raise RequestError(f"unknown command {cmd!r} (status, set-primary, teardown)")
+        raise RequestError(f"unknown command {short(cmd)} (status, set-primary, teardown)")
 
     def _group_arg(self, req: dict[str, Any]) -> Group:
         name = req.get("group")
         if not isinstance(name, str) or name not in self.groups:
-            raise RequestError(f"unknown group {name!r} (groups: {', '.join(self.groups)})")
+            raise RequestError(f"unknown group {short(name)} (groups: {', '.join(self.groups)})")
         return self.groups[name]
 
     def _target(self, grp: Group, lower: object) -> Role | None:
@@ -64,7 +64,7 @@ class Requests:
         found = [lw for lw in grp.lowers.values() if lower in (lw.name, lw.role)]
         if not found:
             names = ", ".join(f"{lw.name} ({lw.role})" for lw in grp.lowers.values())
-            raise RequestError(f"{lower!r} is not a lower of {grp.name} (lowers: {names})")
+            raise RequestError(f"{short(lower)} is not a lower of {grp.name} (lowers: {names})")
         if not found[0].usable:
             raise RequestError(f"{found[0].name} is not usable (down or no carrier): refused")
         return found[0].role

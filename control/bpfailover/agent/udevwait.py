@@ -12,7 +12,6 @@ nothing wakes.
 from __future__ import annotations
 
 import contextlib
-import os
 import selectors
 from dataclasses import dataclass
 
@@ -21,12 +20,6 @@ from bpfailover.events.udev import UdevDb
 from bpfailover.ops.eventlog import event
 
 HOLD_MS = 5000  # udev names a hot-plugged NIC in milliseconds; seconds under an emulator
-
-
-def hold_ms_from_env() -> int:
-    """HOLD_MS; TEST-ONLY: BPFAILOVER_TEST_UDEV_HOLD_MS overrides it (the lab test pushes the
-    timer out of reach so that only the watch can release a lower)."""
-    return int(os.environ.get("BPFAILOVER_TEST_UDEV_HOLD_MS") or HOLD_MS)
 
 
 @dataclass

@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import shutil
+import stat
 import sys
 import time
 from pathlib import Path
@@ -46,22 +47,48 @@ class LoadError(RuntimeError):
     pass
 
 
-def check_bpffs(path: Path) -> None:
-    """The pin directory's parent must be on a mounted bpffs."""
+def fs_magic(path: Path) -> int:
+    """statfs(2)'s f_type of the filesystem `path` is on (OSError if it cannot say)."""
     import ctypes
 
+    buf = ctypes.create_string_buffer(128)
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.statfs(str(path).encode(), buf) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"statfs {path}: {os.strerror(err)}")
+    return int.from_bytes(buf.raw[:8], "little")
+
+
+def check_bpffs(path: Path) -> None:
+    """The pin directory must be on a mounted bpffs: its parent, and itself if it is there
+    (a directory: anything else is refused by the owner check)."""
     parent = path.parent
     if not parent.is_dir():
         raise LoadError(
             f"{parent} does not exist: mount bpffs (mount -t bpf -o mode=700 bpf /sys/fs/bpf)"
         )
-    buf = ctypes.create_string_buffer(128)
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.statfs(str(parent).encode(), buf) != 0:
-        raise LoadError(f"statfs {parent}: {os.strerror(ctypes.get_errno())}")
-    magic = int.from_bytes(buf.raw[:8], "little")
-    if magic != BPF_FS_MAGIC:
-        raise LoadError(f"{parent} is not a bpffs mount: run mount -t bpf -o mode=700 bpf {parent}")
+    for p in (parent, path):
+        if p is path and not stat.S_ISDIR(_lstat_mode(path)):
+            continue
+        try:
+            magic = fs_magic(p)
+        except OSError as e:
+            raise LoadError(f"statfs {p}: {e.strerror}") from None
+        if magic == BPF_FS_MAGIC:
+            continue
+        if p == Path("/sys/fs/bpf"):  # the usual mount point, not mounted
+            raise LoadError(f"{p} is not a bpffs mount: run mount -t bpf -o mode=700 bpf {p}")
+        raise LoadError(
+            f"{path}: {p} is not a bpffs mount: bpffs must name a directory on a bpf "
+            "filesystem (e.g. /sys/fs/bpf/bpfailover)"
+        )
+
+
+def _lstat_mode(path: Path) -> int:
+    try:
+        return os.lstat(path).st_mode
+    except OSError:
+        return 0
 
 
 def _source() -> str:

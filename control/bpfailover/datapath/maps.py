@@ -78,6 +78,7 @@ class Datapath:
         """Adopt the datapath pinned at pin_dir, loading it first if there is none.
         read_only: the maps only, through fds that cannot write (the exporter's)."""
         pin_dir = Path(pin_dir)
+        check_bpffs(pin_dir)  # a path anywhere else is never loaded into nor adopted
         if not os.path.lexists(pin_dir):
             if not load:
                 raise DatapathError(f"no datapath pinned at {pin_dir}")
@@ -95,8 +96,7 @@ class Datapath:
             for fd in fds.values():
                 os.close(fd)
             raise DatapathError(
-                f"{pin_dir} is not a complete bpfailover datapath ({e}); "
-                f"remove it with: rm -r {pin_dir}"
+                f"{pin_dir} is not a complete bpfailover datapath ({e}); {_fix(pin_dir)}"
             ) from e
         return cls(pin_dir, fds)
 
@@ -154,16 +154,19 @@ class Datapath:
     def repin(self) -> list[str]:
         """Pin again, from our own fds, whatever was removed from the pin directory by hand
         (the directory too: then it is created and locked again).  Returns what was pinned."""
-        if not self.pin_dir.is_dir():
-            try:  # bpffs unmounted: never leave a plain directory where the pins were
-                check_bpffs(self.pin_dir)
-            except LoadError as e:
-                raise DatapathError(str(e)) from None
+        try:  # bpffs unmounted: never leave a plain directory where the pins were
+            check_bpffs(self.pin_dir)
+        except LoadError as e:
+            raise DatapathError(str(e)) from None
+        if not os.path.lexists(self.pin_dir):
             self.pin_dir.mkdir(mode=0o700)  # the lock (by path in the bpffs) still holds
+        # pinned into only what would be adopted: a directory (not a symlink to one) that
+        # is root's and not writable by others, holding nothing of anyone else's
+        check_owner(self.pin_dir)
         done = []
         for name, fd in self.fds.items():
             path = self.pin_dir / name
-            if not path.exists():
+            if not os.path.lexists(path):
                 bpfsys.obj_pin(fd, str(path))
                 done.append(name)
         return done
@@ -543,20 +546,46 @@ def open_lock(path: Path) -> int:
     return fd
 
 
+PIN_NAMES = frozenset((*MAPS, *TEST_MAPS, *PROGS))  # every name failoverd pins
+
+
+def _fix(pin_dir: Path) -> str:
+    """What to do about a pin directory that is not adopted.  Removing it is suggested only
+    when it is root's and holds nothing but names failoverd pins: never for a directory
+    someone else made or filled (a typo in bpffs must not cost anyone their files)."""
+    try:
+        st = os.lstat(pin_dir)
+        names = sorted(os.listdir(pin_dir)) if stat.S_ISDIR(st.st_mode) else None
+    except OSError:
+        return "set bpffs to a directory of failoverd's own"
+    if names is None:
+        return "bpffs must name a directory: set it to one of failoverd's own"
+    if st.st_uid != os.geteuid():
+        return "not failoverd's: set bpffs to a directory of its own"
+    if not names:
+        return f"an empty directory: rmdir {pin_dir}, or set bpffs to another path"
+    others = [n for n in names if n not in PIN_NAMES]
+    if others:
+        shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+        return f"it holds what failoverd never pins ({shown}): set bpffs to a directory of its own"
+    return f"remove it (rm -r {pin_dir}; failoverd loads a fresh datapath)"
+
+
 def check_owner(pin_dir: Path) -> None:
     """Pins are adopted only from a directory only root could have filled: owned by root
     (us), not a symlink, not group/world-writable; the same for every entry in it."""
-    fix = f"remove it (rm -r {pin_dir}; failoverd loads a fresh datapath)"
     st = os.lstat(pin_dir)
     if not stat.S_ISDIR(st.st_mode):
-        raise DatapathError(f"{pin_dir} is not a directory (a symlink?): not adopted; {fix}")
+        raise DatapathError(
+            f"{pin_dir} is not a directory (a symlink?): not adopted; {_fix(pin_dir)}"
+        )
     entries = [(pin_dir, st)] + [(e, os.lstat(e)) for e in sorted(pin_dir.iterdir())]
     for path, est in entries:
         if est.st_uid != os.geteuid() or est.st_mode & 0o022:
             raise DatapathError(
                 f"{path} is owned by uid {est.st_uid} with mode "
                 f"{stat.S_IMODE(est.st_mode):04o}: pins are adopted only when owned by root "
-                f"and not group/world-writable; {fix}"
+                f"and not group/world-writable; {_fix(pin_dir)}"
             )
 
 

@@ -30,9 +30,6 @@ from bpfailover.events import inotify
 from bpfailover.events.inotify import IN_CREATE, IN_MOVED_TO, IN_Q_OVERFLOW
 
 RUN_UDEV = Path("/run/udev")
-# TEST-ONLY: BPFAILOVER_TEST_UDEV_DIR=DIR makes DIR/control and DIR/data stand in for udev's
-# (the namespace check is skipped: the lab's agent runs in a namespace of its own).
-TEST_ENV = "BPFAILOVER_TEST_UDEV_DIR"
 
 
 def entry_name(ifindex: int) -> str:
@@ -83,13 +80,6 @@ class UdevDb:
         self.same_netns = not check_netns or serves(True, _netns("self"), _netns("1"))
         self.fd = -1
         self.wd = -1
-
-    @classmethod
-    def from_env(cls) -> UdevDb:
-        test_dir = os.environ.get(TEST_ENV)
-        if test_dir:
-            return cls(Path(test_dir), check_netns=False)
-        return cls()
 
     def running(self) -> bool:
         """udev handles our netdevs now (one stat, asked when a new lower appears)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
+import os
 import re
 import sys
 from collections.abc import Callable, Sequence
@@ -122,6 +123,12 @@ def _mac(value: str) -> str:
 def _abs_path(value: str) -> str:
     if not value.startswith("/") or "\0" in value:
         raise ValueError(f"must be an absolute path (got {value!r})")
+    # the path checked is the path used: no component that resolves elsewhere
+    if os.path.normpath(value) != value or value.startswith("//"):
+        raise ValueError(
+            f"must be a normalised path: no '.' or '..' component, no '//' or trailing '/' "
+            f"(got {value!r})"
+        )
     return value
 
 
@@ -475,7 +482,23 @@ class Config(_Model):
 
 class _Loader(yaml.SafeLoader):
     """SafeLoader that refuses duplicate keys and has no YAML 1.1 base-60 numbers, so an
-    unquoted MAC like 52:54:00:00:12:53 stays a string instead of becoming an integer."""
+    unquoted MAC like 52:54:00:00:12:53 stays a string instead of becoming an integer.
+
+    It also refuses anchors and aliases: a config never needs them, and a few hundred
+    bytes of nested aliases expand to millions of values (an "alias bomb") that would take
+    minutes to validate, inside the agent's loop on SIGHUP.  Refused as the parser meets
+    the first one, before anything is built."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        ev = self.peek_event()
+        if isinstance(ev, yaml.AliasEvent):
+            what = f"alias *{ev.anchor}"
+        elif isinstance(ev, yaml.NodeEvent) and ev.anchor is not None:
+            what = f"anchor &{ev.anchor}"
+        else:
+            return super().compose_node(parent, index)
+        msg = f"{what}: anchors and aliases are not allowed (write the value out)"
+        raise yaml.composer.ComposerError(None, None, msg, ev.start_mark)
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: set[str] = set()

@@ -20,10 +20,11 @@ Slots: MAX_CLIENTS connections, the last ROOT_RESERVED of them for root only, at
 MAX_PER_UID per other user.  A connection has CLIENT_DEADLINE_S from accept to be done
 (its bytes do not extend it): when the slots run out, overdue connections make room.
 
-The socket file: a live socket at the path (another agent) is never unlinked (lstat,
-S_ISSOCK, a connect probe); anything else there that is not a socket is refused; the
-file is created with its final mode (umask around bind) and chowned without following
-symlinks.
+The socket's directory: created root's and 0755, or if it is there, owned by root and not
+group/world-writable (not a symlink).  The socket file: a live socket at the path (another
+agent) is never unlinked (lstat, S_ISSOCK, a connect probe); anything else there that is
+not a socket is refused; the file is created with its final mode (umask around bind) and
+chowned without following symlinks.
 """
 
 from __future__ import annotations
@@ -69,6 +70,19 @@ class SocketInUse(RuntimeError):
     """The control socket path is taken (a live socket, or not a socket at all)."""
 
 
+class SocketDirError(SocketInUse):
+    """The control socket's directory is not safe to serve from."""
+
+
+def short(value: object, limit: int = 40) -> str:
+    """A client's value for an error line: its repr (one line, quotes escaped), cut short."""
+    try:
+        text = repr(value)
+    except (RecursionError, ValueError):  # deep nesting; an int over Python's digit limit
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def peer_creds(conn: socket.socket) -> tuple[int, int, int]:
     raw = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     pid, uid, gid = struct.unpack("3i", raw)
@@ -91,6 +105,25 @@ def peer_groups(conn: socket.socket) -> set[int]:
 
 def group_id(name: str | None) -> int | None:
     return grpmod.getgrnam(name).gr_gid if name else None
+
+
+def _socket_dir(d: Path) -> None:
+    """The socket's directory: made root's, 0755, if it is not there; else it must be a
+    directory (not a symlink) owned by root and not group/world-writable, since whoever
+    can write in it can put their own socket in place of ours."""
+    if not os.path.lexists(d):
+        d.parent.mkdir(parents=True, exist_ok=True)
+        with suppress(FileExistsError):
+            d.mkdir(mode=0o755)
+            os.chmod(d, 0o755)  # whatever the umask: the socket file's mode is the fence
+    st = os.lstat(d)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
+        kind = "directory" if stat.S_ISDIR(st.st_mode) else "not a directory"
+        raise SocketDirError(
+            f"{d} (the control socket's directory) must be a directory owned by root and "
+            f"not group/world-writable ({kind}, uid {st.st_uid}, mode "
+            f"{stat.S_IMODE(st.st_mode):04o}): fix it or set control.socket elsewhere"
+        )
 
 
 def _clear_path(path: str) -> None:
@@ -138,7 +171,7 @@ class ControlServer:
         self.handler = handler
         self.gid = group_id(group)
         self.admin_gid = group_id(admin_group)
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        _socket_dir(Path(path).parent)
         _clear_path(path)
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         file_gid = self.gid if self.gid is not None else self.admin_gid
@@ -262,10 +295,13 @@ class ControlServer:
             return {"ok": False, "error": f"malformed request: not JSON ({e.__class__.__name__})"}
         if not isinstance(req, dict):
             return {"ok": False, "error": "malformed request: not a JSON object"}
-        if not admin and req.get("cmd") not in READ_ONLY:
+        cmd = req.get("cmd")
+        if cmd is not None and not isinstance(cmd, str):  # any JSON value: checked before use
+            return {"ok": False, "error": f"malformed request: cmd is not a string: {short(cmd)}"}
+        if not admin and cmd not in READ_ONLY:
             return {
                 "ok": False,
-                "error": f"permission denied: {str(req.get('cmd'))[:40]!r} changes the agent "
+                "error": f"permission denied: {short(cmd)} changes the agent "
                 "(root or control.admin_group only; the control group may run status)",
             }
         try:

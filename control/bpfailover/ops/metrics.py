@@ -14,22 +14,28 @@ If the listen address cannot be bound, the exporter logs one
 failover matters more than its metrics (and `failover_build_info` missing
 from Prometheus, `up == 0`, says so).
 
-The HTTP side is bounded: at most MAX_CONNECTIONS connections (threads) at once,
-each with CONN_TIMEOUT_S per socket operation and as its whole lifetime (a client
-trickling one byte a second is cut at the deadline, not kept alive by each byte);
-a connection over the cap is closed at once.  It listens on 127.0.0.1 unless
-`metrics.listen` says otherwise.
+The HTTP side (HttpServer) is bounded and quiet: one selector thread reads and writes
+every connection, a fixed pool of WORKERS threads builds responses; a connection has
+CONN_TIMEOUT_S for its request head (a client trickling one byte a second is cut at the
+deadline, not kept alive by each byte) and again for taking its response; at most
+MAX_PENDING wait at once, the oldest making room for a new one.  Idle or resetting
+clients cannot crowd a scrape out, and what goes wrong with a client is one JSON line
+now and then, never a traceback.  It listens on 127.0.0.1 unless `metrics.listen` says
+otherwise.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import queue
+import selectors
 import socket
 import sys
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterable, Iterator
 from contextlib import suppress
 from dataclasses import dataclass, field
@@ -65,8 +71,11 @@ ERROR_PLACES = (
     "doorbell",
     "reload",
 )
-MAX_CONNECTIONS = 16  # scrapes in flight (one thread each); Prometheus needs one or two
-CONN_TIMEOUT_S = 5.0  # per socket operation, and the whole life of a connection
+WORKERS = 2  # threads building responses (scrapes are serialised by the collector anyway)
+MAX_PENDING = 128  # connections waiting for their request head; one more: the oldest goes
+MAX_HEAD = 8192  # bytes of a request head (Prometheus sends a few hundred)
+CONN_TIMEOUT_S = 5.0  # to send the request head; again, to take the response
+LOG_EVERY_S = 60.0  # at most one line about dropped connections per this many seconds
 
 # link event -> map written: tens of microseconds on the raw-netlink path, ms with pyroute2
 BUCKETS = (
@@ -353,43 +362,299 @@ def _attachments(
     return out
 
 
-class _Handler(ex._SilentHandler):
-    timeout = CONN_TIMEOUT_S  # every recv/send (StreamRequestHandler.setup)
+@dataclass(eq=False)
+class _Conn:
+    sock: socket.socket
+    deadline: float
+    inbuf: bytearray = field(default_factory=bytearray)
+    out: memoryview | None = None  # the response, while it is being sent
+    busy: bool = False  # a worker is building its response
 
 
-class _BoundedServer(ex.ThreadingWSGIServer):
-    """A thread per connection, but at most MAX_CONNECTIONS of them, none older than
-    CONN_TIMEOUT_S: the accepting thread shuts down the overdue ones (their thread's read
-    fails and it ends) and closes a connection over the cap at once."""
+class HttpServer:
+    """The exporter's HTTP side: one selector thread does every read and write, WORKERS
+    threads only build responses, so no client can hold a thread.
 
-    max_connections = MAX_CONNECTIONS
+    A connection has CONN_TIMEOUT_S to send its request head and again to take the
+    response (however slowly it trickles); at most MAX_PENDING wait for their head at
+    once, and when one more comes the oldest of them makes room (served if its request
+    is complete, else closed).  An idle connection costs a file descriptor, nothing else,
+    and scrapes get in past any number of them.  A reset, a timeout, a request that is
+    not HTTP: counted, and reported in one JSON line at most every LOG_EVERY_S, never a
+    traceback."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self._active: dict[Any, float] = {}
-        self._mu = threading.Lock()
-        super().__init__(*args, **kwargs)
-
-    def process_request(self, request: Any, client_address: Any) -> None:
-        now = time.monotonic()
-        with self._mu:
-            for conn, t0 in list(self._active.items()):
-                if now - t0 > CONN_TIMEOUT_S:
-                    with suppress(OSError):
-                        conn.shutdown(socket.SHUT_RDWR)
-            full = len(self._active) >= self.max_connections
-            if not full:
-                self._active[request] = now
-        if full:
-            self.shutdown_request(request)
-            return
-        super().process_request(request, client_address)
-
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        app: Any,
+        *,
+        workers: int = WORKERS,
+        max_pending: int = MAX_PENDING,
+        timeout: float = CONN_TIMEOUT_S,
+    ) -> None:
+        family, host = ex._get_best_family(host, port)
+        self.app = app
+        self.max_pending = max_pending
+        self.timeout = timeout
+        self.sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
-            super().process_request_thread(request, client_address)
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self.sock.bind((host, port))
+            self.sock.listen(128)
+        except OSError:
+            self.sock.close()
+            raise
+        self.sock.setblocking(False)
+        self.sel = selectors.DefaultSelector()
+        self.sel.register(self.sock, selectors.EVENT_READ, "listen")
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.sel.register(self._wake_r, selectors.EVENT_READ, "wake")
+        self.conns: dict[socket.socket, _Conn] = {}  # in order of accept
+        self.jobs: queue.Queue[tuple[_Conn, dict[str, str]] | None] = queue.Queue(max_pending)
+        self.done: deque[tuple[_Conn, bytes]] = deque()  # workers' responses, to send
+        self.closed = False
+        self.dropped: Counter[str] = Counter()  # since the last log line
+        self.last_error = ""
+        self.logged_at = self.error_logged_at = -LOG_EVERY_S
+        self.threads = [
+            threading.Thread(target=self._worker, name=f"metrics-{i}", daemon=True)
+            for i in range(workers)
+        ]
+
+    # -- the selector thread ------------------------------------------------------------
+    def serve(self) -> None:
+        for t in self.threads:
+            t.start()
+        try:
+            while not self.closed:
+                for key, _mask in self.sel.select(self._next_timeout()):
+                    if key.data == "listen":
+                        self._accept()
+                    elif key.data == "wake":
+                        self._take_responses()
+                    elif key.data.sock not in self.conns:
+                        continue  # dropped earlier in this round
+                    elif key.data.out is not None:
+                        self._write(key.data)
+                    else:
+                        self._read(key.data)
+                self._expire()
+        except (OSError, ValueError):
+            if not self.closed:
+                raise
         finally:
-            with self._mu:
-                self._active.pop(request, None)
+            for c in list(self.conns.values()):
+                self._close(c)
+            for _ in self.threads:
+                self.jobs.put(None)  # never full for long: the workers are taking jobs
+            for t in self.threads:
+                t.join(2 * self.timeout)
+            self.sel.close()
+            if not any(t.is_alive() for t in self.threads):  # else a worker may still wake
+                os.close(self._wake_r)
+                os.close(self._wake_w)
+
+    def _next_timeout(self) -> float | None:
+        due = [c.deadline for c in self.conns.values() if not c.busy]
+        return max(0.0, min(due) - time.monotonic()) if due else None
+
+    def _accept(self) -> None:
+        for _ in range(64):  # a burst at a time: the connections already here get read too
+            try:
+                sock, _addr = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:  # EMFILE and friends: make room, the client sees a reset
+                self._note("accept", e)
+                self._evict_oldest()
+                return
+            sock.setblocking(False)
+            waiting = sum(1 for c in self.conns.values() if not c.busy and c.out is None)
+            if waiting >= self.max_pending:
+                self._evict_oldest()
+            if len(self.conns) >= 2 * self.max_pending:  # the rest are taking responses
+                sock.close()
+                self._note("over_cap")
+                continue
+            c = _Conn(sock, time.monotonic() + self.timeout)
+            self.conns[sock] = c
+            self.sel.register(sock, selectors.EVENT_READ, c)
+
+    def _evict_oldest(self) -> None:
+        oldest = next((c for c in self.conns.values() if not c.busy and c.out is None), None)
+        if oldest is None:
+            return
+        self._read(oldest)  # a complete request is served, not dropped
+        if oldest.sock in self.conns and not oldest.busy and oldest.out is None:
+            self._drop(oldest, "evicted")
+
+    def _read(self, c: _Conn) -> None:
+        try:
+            data = c.sock.recv(MAX_HEAD)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            self._drop(c, "reset", e)
+            return
+        if not data:
+            self._drop(c, "no_request")
+            return
+        c.inbuf += data
+        end = c.inbuf.find(b"\r\n\r\n")
+        if end < 0:
+            end = c.inbuf.find(b"\n\n")
+        if end < 0:
+            if len(c.inbuf) > MAX_HEAD:
+                self._reply(c, "431 Request Header Fields Too Large", [], b"")
+                self._note("bad_request")
+            return
+        environ = _environ(bytes(c.inbuf[:end]))
+        if environ is None:
+            self._reply(c, "400 Bad Request", [], b"")
+            self._note("bad_request")
+            return
+        c.busy = True
+        self.sel.unregister(c.sock)
+        try:
+            self.jobs.put_nowait((c, environ))
+        except queue.Full:
+            c.busy = False
+            self._reply(c, "503 Service Unavailable", [], b"")
+            self._note("busy")
+
+    def _take_responses(self) -> None:
+        with suppress(BlockingIOError):
+            os.read(self._wake_r, 4096)
+        while self.done:
+            c, response = self.done.popleft()
+            c.busy = False
+            if c.sock in self.conns:
+                self._send(c, response)
+
+    def _reply(self, c: _Conn, status: str, headers: list[tuple[str, str]], body: bytes) -> None:
+        with suppress(KeyError, ValueError):
+            self.sel.unregister(c.sock)
+        self._send(c, _response(status, headers, body))
+
+    def _send(self, c: _Conn, response: bytes) -> None:
+        c.out = memoryview(response)
+        c.deadline = time.monotonic() + self.timeout
+        self.sel.register(c.sock, selectors.EVENT_WRITE, c)
+        self._write(c)
+
+    def _write(self, c: _Conn) -> None:
+        assert c.out is not None
+        try:
+            n = c.sock.send(c.out)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            self._drop(c, "reset", e)
+            return
+        c.out = c.out[n:]
+        if not c.out:
+            # what the client sent beyond its head, read away: closing on unread bytes
+            # would reset the connection, and the client could lose the response
+            with suppress(OSError):
+                for _ in range(16):
+                    if not c.sock.recv(65536):
+                        break
+            self._close(c)
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for c in [c for c in self.conns.values() if not c.busy and c.deadline <= now]:
+            self._drop(c, "timeout")
+
+    def _drop(self, c: _Conn, reason: str, error: BaseException | None = None) -> None:
+        self._close(c)
+        self._note(reason, error)
+
+    def _close(self, c: _Conn) -> None:
+        if self.conns.pop(c.sock, None) is not None:
+            with suppress(KeyError, ValueError):
+                self.sel.unregister(c.sock)
+        c.sock.close()
+
+    def _note(self, reason: str, error: BaseException | None = None) -> None:
+        """Count a connection we gave up on; one line now and then, never one per client
+        (a local user can open thousands a second; the journal has a rate limit)."""
+        self.dropped[reason] += 1
+        if error is not None:
+            self.last_error = f"{type(error).__name__}: {error}"
+        now = time.monotonic()
+        if now - self.logged_at < LOG_EVERY_S:
+            return
+        self.logged_at = now
+        line = {"event": "metrics_connections_dropped", **dict(sorted(self.dropped.items()))}
+        if self.last_error:
+            line["last_error"] = self.last_error
+        line["next_report_within_s"] = LOG_EVERY_S
+        log.warning("%s", json.dumps(line))
+        self.dropped.clear()
+        self.last_error = ""
+
+    # -- workers: build responses, never touch a client's socket ------------------------
+    def _worker(self) -> None:
+        while (job := self.jobs.get()) is not None:
+            c, environ = job
+            self.done.append((c, self._call(environ)))
+            with suppress(OSError):
+                os.write(self._wake_w, b"x")
+
+    def _call(self, environ: dict[str, str]) -> bytes:
+        got: list[Any] = []
+
+        def start_response(status: str, headers: list[tuple[str, str]], exc: Any = None) -> None:
+            got[:] = [status, headers]
+
+        try:
+            body = b"".join(self.app(environ, start_response))
+            status, headers = got
+        except Exception as e:  # a scrape failing must not end the exporter, nor spam the log
+            now = time.monotonic()
+            if now - self.error_logged_at >= LOG_EVERY_S:
+                self.error_logged_at = now
+                error = f"{type(e).__name__}: {e}"
+                log.error("%s", json.dumps({"event": "metrics_error", "error": error}))
+            return _response("500 Internal Server Error", [], b"")
+        if environ["REQUEST_METHOD"] == "HEAD":
+            body = b""
+        return _response(status, headers, body)
+
+    def close(self) -> None:
+        self.closed = True
+        with suppress(OSError):
+            os.write(self._wake_w, b"x")
+        self.sock.close()
+
+
+def _environ(head: bytes) -> dict[str, str] | None:
+    """The WSGI environ prometheus_client's app reads, from a request head; None if it is
+    not an HTTP request."""
+    lines = head.decode("latin-1").splitlines()
+    parts = lines[0].split() if lines else []
+    if len(parts) != 3 or not parts[2].startswith("HTTP/"):
+        return None
+    method, target, _proto = parts
+    path, _, query = target.partition("?")
+    env = {"REQUEST_METHOD": method, "PATH_INFO": path, "QUERY_STRING": query}
+    for line in lines[1:]:
+        name, sep, value = line.partition(":")
+        if not sep:
+            return None
+        key = "HTTP_" + name.strip().upper().replace("-", "_")
+        if key in ("HTTP_ACCEPT", "HTTP_ACCEPT_ENCODING"):
+            env[key] = value.strip()
+    return env
+
+
+def _response(status: str, headers: list[tuple[str, str]], body: bytes) -> bytes:
+    head = [f"HTTP/1.0 {status}"]
+    head += [f"{k}: {v}" for k, v in headers if k.lower() not in ("content-length", "connection")]
+    head += [f"Content-Length: {len(body)}", "Connection: close", "", ""]
+    return "\r\n".join(head).encode("latin-1") + body
 
 
 class Exporter:
@@ -408,31 +673,15 @@ class Exporter:
         self.prev_on_switch: Any = None
 
     def start(self) -> None:
-        from wsgiref.simple_server import make_server
-
-        class Server(_BoundedServer):
-            pass
-
         host, port = self.address
-        Server.address_family, host = ex._get_best_family(host, port)
-        self.server = make_server(
-            host, port, ex.make_wsgi_app(self.registry), Server, handler_class=_Handler
-        )
-        self.server.timeout = None
-        self.thread = threading.Thread(target=self._serve, name="metrics", daemon=True)
+        self.server = HttpServer(host, port, ex.make_wsgi_app(self.registry))
+        self.thread = threading.Thread(target=self.server.serve, name="metrics", daemon=True)
         self.thread.start()
-
-    def _serve(self) -> None:
-        # handle_request() waits in select() with no timeout, so an idle agent is never
-        # woken; prometheus_client's serve_forever() polls twice a second.
-        with suppress(OSError, ValueError):
-            while self.server is not None:
-                self.server.handle_request()
 
     def stop(self) -> None:
         server, self.server = self.server, None
         if server is not None:
-            server.server_close()
+            server.close()
 
 
 def serve(agent: Any, address: tuple[str, int] | None) -> Exporter | None:
