@@ -64,8 +64,47 @@ def open_doorbell(dp: Datapath) -> Doorbell | None:
         return None
 
 
-def on_doorbell(doorbell: Doorbell | None, groups: dict[str, Group]) -> None:
+# Any local process may join a multicast group (no privilege needed), and each join or
+# leave sends a report that rings the doorbell: a join/leave loop must not turn the
+# real-time loop into a full address-list re-read per report.  The first ring syncs at
+# once, later rings within the window are served once at its end.
+DOORBELL_WINDOW_MS = 50
+
+
+class DoorbellPacer:
+    """At most one doorbell sync per DOORBELL_WINDOW_MS; no ring is ever lost (a ring
+    inside the window leaves one sync due at the window's end)."""
+
+    def __init__(self, window_ms: int = DOORBELL_WINDOW_MS) -> None:
+        self.window_ms = window_ms
+        self.last_ms: int | None = None  # when the last sync ran
+        self.due_ms: int | None = None  # a ring waits for the window's end
+
+    def ring(self, now_ms: int) -> bool:
+        """True: sync now; False: one sync is (or already was) left due."""
+        if self.last_ms is None or now_ms - self.last_ms >= self.window_ms:
+            self.last_ms, self.due_ms = now_ms, None
+            return True
+        if self.due_ms is None:
+            self.due_ms = self.last_ms + self.window_ms
+        return False
+
+    def take_due(self, now_ms: int) -> bool:
+        """True once when the deferred sync is due (then it counts as the last sync)."""
+        if self.due_ms is None or self.due_ms > now_ms:
+            return False
+        self.last_ms, self.due_ms = now_ms, None
+        return True
+
+
+def on_doorbell(
+    doorbell: Doorbell | None, groups: dict[str, Group], pacer: DoorbellPacer, now_ms: int
+) -> None:
     assert doorbell is not None
-    if doorbell.drain():
-        for grp in groups.values():
-            sync_mc(grp)
+    if doorbell.drain() and pacer.ring(now_ms):
+        sync_all(groups)
+
+
+def sync_all(groups: dict[str, Group]) -> None:
+    for grp in groups.values():
+        sync_mc(grp)

@@ -118,6 +118,7 @@ class Agent:
         self.scheduling = "other"  # the event loop's policy, for status
         self.pins: Pins | None = None  # pins removed by hand are put back
         self.doorbell: Doorbell | None = None  # the datapath rings it: address lists changed
+        self.doorbell_pacer = addrlists.DoorbellPacer()
         self.resync_due_ms: dict[str, int] = {}  # group -> next re-read of its address lists
         self.fault = Fault.from_env()  # TEST-ONLY: None outside the fault suite
         if self.fault is not None:
@@ -267,7 +268,14 @@ class Agent:
             elif key.data == "pins" and self.pins is not None:
                 self.guard("pins", self.pins.on_ready, self.now_ms())
             elif key.data == "doorbell":
-                self.guard("doorbell", addrlists.on_doorbell, self.doorbell, self.groups)
+                self.guard(
+                    "doorbell",
+                    addrlists.on_doorbell,
+                    self.doorbell,
+                    self.groups,
+                    self.doorbell_pacer,
+                    self.now_ms(),
+                )
             elif key.data == "wakeup":
                 self._on_wakeup()
             elif key.data == "udev":
@@ -400,6 +408,8 @@ class Agent:
             due.append(udev_due)
         if self.refused_due_ms is not None:
             due.append(self.refused_due_ms)
+        if self.doorbell_pacer.due_ms is not None:
+            due.append(self.doorbell_pacer.due_ms)
         if not due:
             return None  # event driven: nothing to do until the kernel says something
         return max(0.0, (min(due) - self.now_ms()) / 1000)
@@ -441,6 +451,8 @@ class Agent:
                 # what no event announces: `ip maddr add`, packet sockets
                 self.guard("timer", sync_mc, grp, group=grp.name)
                 self.resync_due_ms[grp.name] = t + grp.cfg.address_resync_s * 1000
+        if self.doorbell_pacer.take_due(t):  # rings coalesced since the last sync
+            self.guard("doorbell", addrlists.sync_all, self.groups)
 
     def now_ms(self) -> int:
         return self.clock.monotonic_ns() // 1_000_000
