@@ -869,6 +869,8 @@ def test_a_vf_replugged_while_no_agent_ran_takes_no_traffic_before_the_decision(
         assert h.active == "standby", "the new VF waits its updelay"
         h.tick(updelay)
     assert h.active == "primary" and h.dp.flips()[-1] == (PRIMARY, 20)
+
+
 class QueuedSocket:
     """One subscribed socket of OverflowKernel: its own queue; on overflow, as the kernel
     does, ENOBUFS first (the newest events dropped) and the older events still queued."""
@@ -1037,7 +1039,7 @@ def test_doorbell_rings_are_coalesced_and_none_is_lost(
     bell = FakeBell()
     h.agent.doorbell = bell  # type: ignore[assignment]
     h.agent.sel.register(bell, selectors.EVENT_READ, "doorbell")
-    window = addrlists.DOORBELL_WINDOW_MS
+    window = addrlists.SYNC_WINDOW_MS
     start = h.agent.now_ms()
     for _ in range(100):
         bell.ring()
@@ -1055,3 +1057,37 @@ def test_doorbell_rings_are_coalesced_and_none_is_lost(
     h.agent.sel.unregister(bell)
     h.agent.doorbell = None
     bell.close()
+
+
+def test_multicast_notifications_are_coalesced_and_none_is_lost(
+    make: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The kernel's multicast notifications (6.13+, one per join or leave of any user):
+    a batch of 100 costs one sync, batches within one window one more at its end."""
+    from bpfailover.agent import addrlists
+
+    h = make(primary(), standby())
+    synced: list[int] = []
+    monkeypatch.setattr(addrlists, "sync_mc", lambda grp: synced.append(h.agent.now_ms()))
+    master = h.agent.groups["fo0"].master
+
+    def notify(n: int) -> None:
+        h.kernel.queue.extend(netlink.McastChange(master) for _ in range(n))
+        h.kernel.tx.send(b"!")
+        h.agent.run_once(wait=False)
+
+    notify(100)
+    assert len(synced) == 1
+    for _ in range(20):
+        h.clock.advance_ms(1)
+        notify(5)
+    assert len(synced) == 1
+    h.tick(addrlists.SYNC_WINDOW_MS)
+    assert len(synced) == 2  # what came within the window, synced at its end
+    h.tick(addrlists.SYNC_WINDOW_MS)
+    notify(1)  # after the window: at once
+    assert len(synced) == 3
+    h.kernel.queue.append(netlink.McastChange(master + 12345))  # not a failover device
+    h.kernel.tx.send(b"!")
+    h.tick(addrlists.SYNC_WINDOW_MS * 2)
+    assert len(synced) == 3
