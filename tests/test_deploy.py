@@ -120,3 +120,14 @@ def test_lock_pins_every_runtime_dependency_with_hashes() -> None:
     assert not pyroute2.specifier.contains("1.0")  # an upper bound on the major
     assert "--require-hashes -r /src/requirements.lock" in (root / "Dockerfile").read_text()
     assert "--require-hashes -r requirements.lock" in (root / "Makefile").read_text()
+
+
+def test_dockerfile_takes_its_base_by_digest() -> None:
+    """One FROM, from the BASE build argument (a digest: scripts/container-image passes
+    the one of the base it made), never a tag written into the Dockerfile."""
+    root = DEPLOY.parent
+    froms = re.findall(r"^FROM\s+(\S+)", (root / "Dockerfile").read_text(), flags=re.M)
+    assert froms == ["${BASE}"], froms
+    assert re.search(r"^ARG BASE$", (root / "Dockerfile").read_text(), flags=re.M)
+    script = (root / "scripts" / "container-image").read_text()
+    assert '--build-arg "BASE=$base_ref"' in script and 'base_ref="${BASE%%:*}@$digest"' in script
