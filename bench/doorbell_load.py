@@ -78,7 +78,9 @@ def run(quick: bool, meta: dict[str, Any], tag: str = "") -> dict[str, Any]:
         lr.lab.address_failover(0)
         time.sleep(0.5)
         n = lr.lab.names(0)
-        ifindex = int(lr.lab.link(lr.lab.guest, n.failover)["ifindex"])
+        link = lr.lab.link(lr.lab.guest, n.failover)
+        assert link is not None, f"no {n.failover} in {lr.lab.guest}"
+        ifindex = int(link["ifindex"])
         quiet = storm(lr.lab, agent, toggles, interval)
         argv = ["ip", "netns", "exec", lr.lab.guest, "setpriv", "--reuid=65534"]
         argv += ["--regid=65534", "--clear-groups", "--no-new-privs"]

@@ -1037,7 +1037,7 @@ def test_doorbell_rings_are_coalesced_and_none_is_lost(
     synced: list[int] = []
     monkeypatch.setattr(addrlists, "sync_mc", lambda grp: synced.append(h.agent.now_ms()))
     bell = FakeBell()
-    h.agent.doorbell = bell  # type: ignore[assignment]
+    h.agent.doorbell = bell
     h.agent.sel.register(bell, selectors.EVENT_READ, "doorbell")
     window = addrlists.SYNC_WINDOW_MS
     start = h.agent.now_ms()

@@ -598,8 +598,8 @@ def test_shim_off_for_a_cloud_init_it_does_not_know(
     assert shim._activate() is False
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and "cloud-init 24.1.3 is not a version" in err[0], err
-    assert cnet.is_netfailover is orig  # type: ignore[attr-defined]
+    assert cnet.is_netfailover is orig
     ver.version_string = lambda: "22.4.2"  # type: ignore[attr-defined]
     assert shim._activate() is True
     assert capsys.readouterr().err == ""
-    assert cnet.is_netfailover is not orig  # type: ignore[attr-defined]
+    assert cnet.is_netfailover is not orig
