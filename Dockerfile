@@ -1,8 +1,15 @@
 # failoverd, the bpfailover agent, for a guest that runs its agents as containers.
-# Build:  buildah build -t bpfailover .   (or docker build; scripts/container-image for CI)
-# Run:    see docs/operators.md ("The container"): host network, /sys/fs/bpf, /lib/modules,
-#         /usr/src and /run/bpfailover mounted, CAP_BPF CAP_PERFMON CAP_NET_ADMIN CAP_NET_RAW.
-FROM debian:bookworm-slim
+# Build:  scripts/container-image (buildah, CI), or with the base's digest (see BASE below):
+#           docker build --build-arg BASE=debian:bookworm-slim@sha256:<digest> -t bpfailover .
+# Run:    see docs/operators.md ("The container"): host network, its own bpffs directory,
+#         /lib/modules, /usr/src and /run/bpfailover mounted, CAP_BPF CAP_PERFMON
+#         CAP_NET_ADMIN CAP_NET_RAW.
+
+# The base by digest, never by tag alone: a tag can be moved to other contents, a digest
+# cannot.  scripts/container-image passes the digest of the base it made; from a registry,
+# pass the digest you checked (`docker pull debian:bookworm-slim` prints it).
+ARG BASE
+FROM ${BASE}
 
 # bcc comes from Debian (not PyPI); the kernel headers are the fallback for guests whose
 # own kernel has none (the programs use only UAPI structures); mount the host's
@@ -38,4 +45,7 @@ ENV BPFAILOVER_BPF_DIR=/opt/bpfailover/share/bpf \
 # metrics.listen defaults to 127.0.0.1:9617 (the host's loopback under --network host);
 # set it in the config to scrape from elsewhere.
 EXPOSE 9617
+# which base, by digest, the image was built from
+ARG BASE
+LABEL org.opencontainers.image.base.name="${BASE}"
 ENTRYPOINT ["/opt/bpfailover/bin/failoverd"]

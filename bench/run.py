@@ -18,6 +18,7 @@ from bench import (
     agent_cost,
     common,
     datapath_check,
+    doorbell_load,
     failover,
     metrics_load,
     planned,
@@ -34,10 +35,11 @@ BENCHES = {
     "agent_cost": agent_cost.run,
     "scale": scale.run,
     "metrics_load": metrics_load.run,
+    "doorbell_load": doorbell_load.run,
     "datapath_check": datapath_check.bench_run,
     "prog_cost": prog_cost.bench_run,
 }
-FULL_ONLY = {"metrics_load"}  # not in --quick (only with --only)
+FULL_ONLY = {"metrics_load", "doorbell_load"}  # not in --quick (only with --only)
 
 
 _MAIN_PID = os.getpid()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import selectors
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -998,3 +999,95 @@ def test_a_dump_interrupted_on_every_try_is_read_again_later(
     h.tick(1000)
     assert h.active == "standby" and h.dp.flips()[-1] == (STANDBY, 11)
     assert h.agent.reconcile_due_ms is None
+
+
+class FakeBell:
+    """The doorbell as the loop sees it: readable once rung, emptied by drain()."""
+
+    def __init__(self) -> None:
+        self.rx, self.tx = socket.socketpair()
+        self.rx.setblocking(False)
+
+    def ring(self) -> None:
+        self.tx.send(b"!")
+
+    def fileno(self) -> int:
+        return self.rx.fileno()
+
+    def drain(self) -> int:
+        n = 0
+        with contextlib.suppress(BlockingIOError):
+            n = len(self.rx.recv(4096))
+        return n
+
+    def close(self) -> None:
+        self.rx.close()
+        self.tx.close()
+
+
+def test_doorbell_rings_are_coalesced_and_none_is_lost(
+    make: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Any user can ring the doorbell (each multicast join or leave): 100 rings within one
+    window cost one sync at once and one at the window's end; a ring after the window is
+    synced at once again."""
+    from bpfailover.agent import addrlists
+
+    h = make(primary(), standby())
+    synced: list[int] = []
+    monkeypatch.setattr(addrlists, "sync_mc", lambda grp: synced.append(h.agent.now_ms()))
+    bell = FakeBell()
+    h.agent.doorbell = bell
+    h.agent.sel.register(bell, selectors.EVENT_READ, "doorbell")
+    window = addrlists.SYNC_WINDOW_MS
+    start = h.agent.now_ms()
+    for _ in range(100):
+        bell.ring()
+        h.agent.run_once(wait=False)
+        h.clock.ns += window * 1_000_000 // 200  # 100 rings in half a window
+    assert synced == [start]  # the first at once, the rest deferred
+    assert h.agent._next_timeout() is not None  # the loop wakes for the deferred one
+    h.tick(window)
+    assert len(synced) == 2 and synced[1] - start >= window
+    h.tick(window)
+    assert len(synced) == 2  # nothing rang since: nothing more
+    bell.ring()  # a join after the window: synced at once
+    h.agent.run_once(wait=False)
+    assert len(synced) == 3
+    h.agent.sel.unregister(bell)
+    h.agent.doorbell = None
+    bell.close()
+
+
+def test_multicast_notifications_are_coalesced_and_none_is_lost(
+    make: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The kernel's multicast notifications (6.13+, one per join or leave of any user):
+    a batch of 100 costs one sync, batches within one window one more at its end."""
+    from bpfailover.agent import addrlists
+
+    h = make(primary(), standby())
+    synced: list[int] = []
+    monkeypatch.setattr(addrlists, "sync_mc", lambda grp: synced.append(h.agent.now_ms()))
+    master = h.agent.groups["fo0"].master
+
+    def notify(n: int) -> None:
+        h.kernel.queue.extend(netlink.McastChange(master) for _ in range(n))
+        h.kernel.tx.send(b"!")
+        h.agent.run_once(wait=False)
+
+    notify(100)
+    assert len(synced) == 1
+    for _ in range(20):
+        h.clock.advance_ms(1)
+        notify(5)
+    assert len(synced) == 1
+    h.tick(addrlists.SYNC_WINDOW_MS)
+    assert len(synced) == 2  # what came within the window, synced at its end
+    h.tick(addrlists.SYNC_WINDOW_MS)
+    notify(1)  # after the window: at once
+    assert len(synced) == 3
+    h.kernel.queue.append(netlink.McastChange(master + 12345))  # not a failover device
+    h.kernel.tx.send(b"!")
+    h.tick(addrlists.SYNC_WINDOW_MS * 2)
+    assert len(synced) == 3

@@ -10,7 +10,9 @@ from __future__ import annotations
 import configparser
 import fnmatch
 import importlib.util
+import os
 import re
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -553,3 +555,51 @@ def test_headers_behind_protectkernelmodules_fall_back_not_crash(
     monkeypatch.delenv("BCC_KERNEL_SOURCE", raising=False)
     with pytest.raises(kheaders.HeadersError, match="no kernel headers"):
         kheaders.find("6.1.0-test", src_dir=tmp_path / "src", cache=tmp_path / "cache")
+
+
+def test_shim_leaves_pythonpath_to_no_child(tmp_path: Path) -> None:
+    """The drop-in's PYTHONPATH brings the shim into the unit's process; what that process
+    starts (cloud-init's user scripts, hooks, other Pythons) does not get it."""
+    shim_dir = str(DEPLOY / "cloud-init")
+    probe = "import os; print(repr(os.environ.get('PYTHONPATH')))"
+    for given, left in (
+        (shim_dir, "None"),
+        (f"{shim_dir}{os.pathsep}{tmp_path}", repr(str(tmp_path))),
+    ):
+        p = subprocess.run(
+            ["/usr/bin/python3", "-c", probe],
+            env={"PATH": "/usr/bin:/bin", "PYTHONPATH": given},
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        assert p.returncode == 0 and p.stdout.strip() == left, (given, p.stdout, p.stderr)
+
+
+def test_shim_off_for_a_cloud_init_it_does_not_know(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    shim = load_shim()
+    cnet = types.ModuleType("cloudinit.net")
+    orig = lambda devname, driver=None: False  # noqa: E731
+    cnet.is_netfailover = orig  # type: ignore[attr-defined]
+    ver = types.ModuleType("cloudinit.version")
+    pkg = types.ModuleType("cloudinit")
+    pkg.net, pkg.version = cnet, ver  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "cloudinit", pkg)
+    monkeypatch.setitem(sys.modules, "cloudinit.net", cnet)
+    monkeypatch.setitem(sys.modules, "cloudinit.version", ver)
+    netplan = types.ModuleType("cloudinit.net.netplan")
+    netplan.Renderer = type("Renderer", (), {"_render_content": lambda self, ns: ""})  # type: ignore[attr-defined]
+    cnet.netplan = netplan  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "cloudinit.net.netplan", netplan)
+    ver.version_string = lambda: "24.1.3"  # type: ignore[attr-defined]
+    assert shim._activate() is False
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "cloud-init 24.1.3 is not a version" in err[0], err
+    assert cnet.is_netfailover is orig
+    ver.version_string = lambda: "22.4.2"  # type: ignore[attr-defined]
+    assert shim._activate() is True
+    assert capsys.readouterr().err == ""
+    assert cnet.is_netfailover is not orig

@@ -3,6 +3,8 @@ as its FROM, cached) and failoverd run from that image failing traffic over in t
 
 from __future__ import annotations
 
+import re
+import shutil
 import subprocess
 import time
 from collections.abc import Iterator
@@ -21,7 +23,9 @@ pytestmark = pytest.mark.root
 REPO = Path(__file__).resolve().parents[1]
 IMAGE = "localhost/bpfailover:test"
 CAPS = "CAP_BPF,CAP_PERFMON,CAP_NET_ADMIN,CAP_NET_RAW,CAP_SYS_ADMIN,CAP_SYS_NICE"
-HOST_BPFFS = "/host/bpffs"  # buildah's chroot isolation keeps /sys read-only, submounts too
+# The agent's own bpffs directory, the only part of the host's bpffs the container sees,
+# mounted outside /sys: buildah's chroot isolation keeps /sys read-only, submounts too.
+HOST_BPFFS = "/host/bpffs"
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +61,10 @@ class ContainerRun(AgentRun):
     def __init__(self, lab: Lab, container: str) -> None:
         super().__init__(lab)
         self.container = container
+        # its own directory in the host's bpffs, mounted at HOST_BPFFS; the pins inside it
+        self.bpffs_dir = self.pin_dir.parent / f"failoverd-{self.name}"
+        self.bpffs_dir.mkdir(mode=0o700, exist_ok=True)
+        self.pin_dir = self.bpffs_dir / "bpfailover"
         self.config["bpffs"] = f"{HOST_BPFFS}/{self.pin_dir.name}"  # = self.pin_dir on the host
         self.config_path.write_text(yaml.safe_dump(self.config))
         Path(self.socket).parent.mkdir(parents=True, exist_ok=True)
@@ -72,7 +80,7 @@ class ContainerRun(AgentRun):
             "--cap-add",
             CAPS,
             "-v",
-            f"/sys/fs/bpf:{HOST_BPFFS}:rw",
+            f"{self.bpffs_dir}:{HOST_BPFFS}:rw",
             "-v",
             "/run/netns:/run/netns",
             "-v",
@@ -87,6 +95,12 @@ class ContainerRun(AgentRun):
             "--config",
             str(config_path),
         ]
+
+    def cleanup(self) -> None:
+        try:
+            super().cleanup()
+        finally:
+            shutil.rmtree(self.bpffs_dir, ignore_errors=True)
 
     def start(self, timeout: float = 180.0) -> ContainerRun:
         """Like AgentRun.start, with failoverd started through `buildah run`."""
@@ -145,6 +159,15 @@ def test_image_contents(image: str, container: str) -> None:
         check=True,
     )
     assert "failoverd" in cfg.stdout
+    # built FROM its base by digest (scripts/container-image passes it)
+    fmt = '{{index .OCIv1.Config.Labels "org.opencontainers.image.base.name"}}'
+    base = subprocess.run(
+        ["buildah", "inspect", "--type", "image", "--format", fmt, image],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    assert re.fullmatch(r"docker\.io/library/debian@sha256:[0-9a-f]{64}", base), base
 
 
 def test_agent_from_the_image_fails_over_traffic(lab: Lab, container: str) -> None:
@@ -183,6 +206,11 @@ def test_agent_from_the_image_fails_over_traffic(lab: Lab, container: str) -> No
         reasons = [e["reason"] for e in run.events("switch")]
         assert reasons == ["initial", "primary_down", "override"], reasons
         assert run.pin_dir.is_dir()  # pinned in the host's bpffs through the container
+        # nothing pinned beside it: the container saw only its own directory
+        assert [p.name for p in run.bpffs_dir.iterdir()] == ["bpfailover"]
+        # a /proc/sys the runtime keeps read-only is said once, never silently skipped
+        assert len(run.events("sysctl_read_only")) <= 1
+        print(f"\nsysctl_read_only events: {run.events('sysctl_read_only')}")
     finally:
         run.cleanup()
         lab.down()

@@ -448,3 +448,54 @@ def test_orphaned_pins_are_those_no_agent_holds(tmp_path: Path) -> None:
         str(held),
         str(orphan),
     ]
+
+
+# Run in a private mount and network namespace with /proc/sys bound read-only (what a
+# container runtime does): the agent's sysctl writes on `lo` (its own namespace's), twice,
+# then doctor's checks.
+READ_ONLY_SYSCTL = r"""
+import json, logging, sys
+from pathlib import Path
+from bpfailover.datapath import attach
+from bpfailover.effects import vlans
+from bpfailover.ops import doctor
+lines = []
+class H(logging.Handler):
+    def emit(self, r):
+        lines.append(r.getMessage())
+logging.getLogger("bpfailover").addHandler(H())
+for _ in range(2):
+    attach.keep_neighbours_without_carrier("lo")
+    attach.disable_ipv6("lo")
+found = list(doctor.check_sysctl_net(doctor.Host()))
+print(json.dumps({"log": lines, "doctor": [f.__dict__ for f in found]}))
+"""
+
+
+@pytest.mark.root
+def test_read_only_proc_sys_is_said_once_and_doctor_finds_it() -> None:
+    import json
+    import subprocess
+    import sys
+
+    script = (
+        "mount --bind /proc/sys /proc/sys && mount -o remount,bind,ro /proc/sys && "
+        f'exec {sys.executable} -c "$0"'
+    )
+    p = subprocess.run(
+        ["unshare", "-m", "-n", "--propagation", "private", "sh", "-c", script, READ_ONLY_SYSCTL],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout)
+    events = [json.loads(line) for line in out["log"]]
+    assert [e["event"] for e in events] == ["sysctl_read_only"], events
+    (said,) = events
+    assert said["knob"] == "net.ipv4.conf.lo.arp_evict_nocarrier"
+    assert "flushed" in said["effect"] and "IPv6" in said["effect"]
+    assert "ReadWritePaths=/proc/sys/net" in said["fix"]
+    (finding,) = out["doctor"]
+    assert finding["check"] == "sysctl" and "Read-only file system" in finding["problem"]

@@ -340,6 +340,20 @@ def test_unit_ready_watchdog_reload_stop_under_systemd(lab: Lab, container: Cont
     assert st["Type"] == "notify" and st["ActiveState"] == "active", st
     assert st["NRestarts"] == "0" and st["WatchdogUSec"] == "3s", st
     first_pid = int(st["MainPID"])
+    # /proc/sys and /sys read-only but for /proc/sys/net and the bpffs: the agent's own
+    # sysctls are set (the knob reads 0, nothing logged as unavailable).
+    mounts = c.run("cat", f"/proc/{first_pid}/mountinfo").stdout.splitlines()
+    opts = {ln.split()[4]: ln.split()[5].split(",") for ln in mounts}
+    assert "ro" in opts["/proc/sys"] and "rw" in opts["/proc/sys/net"], opts
+    assert "ro" in opts["/sys"] and "rw" in opts["/sys/fs/bpf"], opts
+    knob = f"/proc/sys/net/ipv4/conf/{n.failover}/arp_evict_nocarrier"
+    assert c.run("cat", knob).stdout.strip() == "0"
+    assert not c.events("neighbour_knob_unavailable")
+    assert not c.events("sysctl_read_only")
+    # MemoryDenyWriteExecute holds for the agent and the loader child it compiled with.
+    st_mdwe = c.show("failoverd.service", "MemoryDenyWriteExecute", "CapabilityBoundingSet")
+    assert st_mdwe["MemoryDenyWriteExecute"] == "yes", st_mdwe
+    assert "cap_chown" not in st_mdwe["CapabilityBoundingSet"], st_mdwe
     master = link_index(lab, n.failover)
     assert master is not None
     c.path(f"{T}/fault.env").unlink()  # read at that start; a restart runs without it

@@ -13,6 +13,11 @@ device (a veth whose peer is "<name[:12]>_fo") is a lower and is ignored, exactl
 net_failover's primary and standby are.  The failover device itself stays, so MAC-matched
 network config applies to it.  Reads sysfs only; imports nothing from bpfailover (cloud-init
 runs on the system Python).  The upstream fix is proposed in docs/cloud-guest.md.
+
+It takes its own directory off PYTHONPATH as soon as it is imported, so nothing cloud-init
+starts (user scripts, package hooks, other Pythons) inherits it.  It patches only the
+cloud-init versions it was checked against (KNOWN_VERSIONS); under any other it does
+nothing and says so in one line on stderr (the unit's journal).
 """
 
 from __future__ import annotations
@@ -21,6 +26,20 @@ import os
 import sys
 
 SYS_NET = "/sys/class/net"
+# cloud-init releases (major.minor) whose is_netfailover() and netplan renderer this was
+# checked against; add one only after checking it (docs/cloud-guest.md)
+KNOWN_VERSIONS = ("22.4",)
+
+
+def _scrub_pythonpath() -> None:
+    """Our directory off PYTHONPATH: only the unit's own process needs the shim."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    parts = os.environ.get("PYTHONPATH", "").split(os.pathsep)
+    keep = [p for p in parts if p and os.path.abspath(p) != here]
+    if keep:
+        os.environ["PYTHONPATH"] = os.pathsep.join(keep)
+    else:
+        os.environ.pop("PYTHONPATH", None)
 
 
 def _read(root: str, dev: str, attr: str) -> str:
@@ -147,9 +166,35 @@ def _is_cloud_init() -> bool:
     return any(os.path.basename(a) == b"cloud-init" for a in argv)
 
 
-if _is_cloud_init():
+def cloud_init_version() -> str:
+    try:
+        from cloudinit import version
+    except ImportError:
+        return ""
+    get = getattr(version, "version_string", None)
+    return str(get() if callable(get) else getattr(version, "__VERSION__", ""))
+
+
+def _activate() -> bool:
+    """Patch cloud-init if it is a version this shim knows; else one line on stderr."""
+    found = cloud_init_version()
+    if ".".join(found.split(".")[:2]) not in KNOWN_VERSIONS:
+        print(
+            f"bpfailover cloud-init shim not active: cloud-init {found or '(unknown version)'} "
+            f"is not a version it was checked against ({', '.join(KNOWN_VERSIONS)}); "
+            "the failover device's lowers are not hidden from cloud-init",
+            file=sys.stderr,
+        )
+        return False
     try:
         _install()
     except Exception as e:  # never break cloud-init itself
         print(f"bpfailover cloud-init shim not active: {e}", file=sys.stderr)
+        return False
+    return True
+
+
+_scrub_pythonpath()
+if _is_cloud_init():
+    _activate()
 _chain_system_sitecustomize()

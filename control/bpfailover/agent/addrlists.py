@@ -45,10 +45,11 @@ def on_addr(
             sync_mc(grp)  # a new IPv6 address joins its solicited-node group
 
 
-def on_mcast(groups: dict[str, Group], ifindex: int) -> None:
-    for grp in groups.values():
-        if ifindex in (0, grp.master):
-            sync_mc(grp)
+def on_mcast(groups: dict[str, Group], ifindices: set[int], pacer: SyncPacer, now_ms: int) -> None:
+    """The kernel announced multicast changes (a batch of them: one sync at most)."""
+    mine = any(i in (0, grp.master) for grp in groups.values() for i in ifindices)
+    if mine and pacer.ring(now_ms):
+        sync_all(groups)
 
 
 def open_doorbell(dp: Datapath) -> Doorbell | None:
@@ -64,8 +65,48 @@ def open_doorbell(dp: Datapath) -> Doorbell | None:
         return None
 
 
-def on_doorbell(doorbell: Doorbell | None, groups: dict[str, Group]) -> None:
+# Any local process may join a multicast group (no privilege needed), and each join or
+# leave rings the doorbell (its report) and, on 6.13+, brings a multicast notification:
+# a join/leave loop must not turn the real-time loop into a full address-list re-read per
+# report.  The first change syncs at once, later ones within the window are served once
+# at its end.
+SYNC_WINDOW_MS = 50
+
+
+class SyncPacer:
+    """At most one sync for multicast changes per SYNC_WINDOW_MS; no change is ever lost
+    (one inside the window leaves a sync due at the window's end)."""
+
+    def __init__(self, window_ms: int = SYNC_WINDOW_MS) -> None:
+        self.window_ms = window_ms
+        self.last_ms: int | None = None  # when the last sync ran
+        self.due_ms: int | None = None  # a change waits for the window's end
+
+    def ring(self, now_ms: int) -> bool:
+        """True: sync now; False: one sync is (or already was) left due."""
+        if self.last_ms is None or now_ms - self.last_ms >= self.window_ms:
+            self.last_ms, self.due_ms = now_ms, None
+            return True
+        if self.due_ms is None:
+            self.due_ms = self.last_ms + self.window_ms
+        return False
+
+    def take_due(self, now_ms: int) -> bool:
+        """True once when the deferred sync is due (then it counts as the last sync)."""
+        if self.due_ms is None or self.due_ms > now_ms:
+            return False
+        self.last_ms, self.due_ms = now_ms, None
+        return True
+
+
+def on_doorbell(
+    doorbell: Doorbell | None, groups: dict[str, Group], pacer: SyncPacer, now_ms: int
+) -> None:
     assert doorbell is not None
-    if doorbell.drain():
-        for grp in groups.values():
-            sync_mc(grp)
+    if doorbell.drain() and pacer.ring(now_ms):
+        sync_all(groups)
+
+
+def sync_all(groups: dict[str, Group]) -> None:
+    for grp in groups.values():
+        sync_mc(grp)

@@ -35,6 +35,7 @@ def on_netlink(agent: Agent) -> None:
     except OSError as e:  # the socket itself failed: a new one, then a full re-read
         reconnect(agent, e)
         return
+    mcast: set[int] = set()  # served once, after the batch's links and addresses
     for ev in batch:
         try:
             if isinstance(ev, netlink.Link):
@@ -42,7 +43,7 @@ def on_netlink(agent: Agent) -> None:
             elif isinstance(ev, netlink.Addr):
                 addrlists.on_addr(agent.groups, agent.addrs, ev)
             else:
-                addrlists.on_mcast(agent.groups, ev.ifindex)
+                mcast.add(ev.ifindex)
         except Exception as e:  # one bad event (a device gone meanwhile) must not kill us
             agent.errors["event"] += 1
             event(
@@ -54,6 +55,10 @@ def on_netlink(agent: Agent) -> None:
             )
             if agent.reconcile_due_ms is None:  # what that event should have done
                 agent.reconcile_due_ms = agent.now_ms() + 1000
+    if mcast:
+        agent.guard(
+            "netlink", addrlists.on_mcast, agent.groups, mcast, agent.mc_pacer, agent.now_ms()
+        )
 
 
 def reconnect(agent: Agent, err: OSError) -> None:

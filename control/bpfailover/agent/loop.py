@@ -118,6 +118,8 @@ class Agent:
         self.scheduling = "other"  # the event loop's policy, for status
         self.pins: Pins | None = None  # pins removed by hand are put back
         self.doorbell: Doorbell | None = None  # the datapath rings it: address lists changed
+        # multicast changes (doorbell, kernel notifications): one sync per window at most
+        self.mc_pacer = addrlists.SyncPacer()
         self.resync_due_ms: dict[str, int] = {}  # group -> next re-read of its address lists
         # TEST-ONLY: the fault suite passes one (tests/fault_agent.py); failoverd never does
         self.fault = fault
@@ -268,7 +270,14 @@ class Agent:
             elif key.data == "pins" and self.pins is not None:
                 self.guard("pins", self.pins.on_ready, self.now_ms())
             elif key.data == "doorbell":
-                self.guard("doorbell", addrlists.on_doorbell, self.doorbell, self.groups)
+                self.guard(
+                    "doorbell",
+                    addrlists.on_doorbell,
+                    self.doorbell,
+                    self.groups,
+                    self.mc_pacer,
+                    self.now_ms(),
+                )
             elif key.data == "wakeup":
                 self._on_wakeup()
             elif key.data == "udev":
@@ -401,6 +410,8 @@ class Agent:
             due.append(udev_due)
         if self.refused_due_ms is not None:
             due.append(self.refused_due_ms)
+        if self.mc_pacer.due_ms is not None:
+            due.append(self.mc_pacer.due_ms)
         if not due:
             return None  # event driven: nothing to do until the kernel says something
         return max(0.0, (min(due) - self.now_ms()) / 1000)
@@ -442,6 +453,8 @@ class Agent:
                 # what no event announces: `ip maddr add`, packet sockets
                 self.guard("timer", sync_mc, grp, group=grp.name)
                 self.resync_due_ms[grp.name] = t + grp.cfg.address_resync_s * 1000
+        if self.mc_pacer.take_due(t):  # changes coalesced since the last sync
+            self.guard("timer", addrlists.sync_all, self.groups)
 
     def now_ms(self) -> int:
         return self.clock.monotonic_ns() // 1_000_000

@@ -14,6 +14,7 @@ from typing import Any
 
 from bpfailover.datapath.loader import PROGS
 from bpfailover.datapath.maps import Datapath, DatapathError
+from bpfailover.effects import sysctl
 from bpfailover.effects.ethtool import set_gro
 from bpfailover.model.config import peer_name  # the config validates the names it makes
 
@@ -178,8 +179,8 @@ def detach_xdp(ipr: Any, ifindex: int) -> None:
 
 def disable_ipv6(ifname: str) -> None:
     """A lower or the hidden peer must not speak for itself (no link-local, no DAD/RS)."""
-    with suppress(OSError), open(f"/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6", "w") as f:
-        f.write("1")
+    with suppress(OSError):  # a kernel or device without IPv6: nothing to silence
+        sysctl.set_net(f"ipv6/conf/{ifname}/disable_ipv6", "1")
 
 
 def keep_neighbours_without_carrier(ifname: str) -> None:
@@ -195,8 +196,8 @@ def keep_neighbours_without_carrier(ifname: str) -> None:
         f"ipv6/conf/{ifname}/ndisc_evict_nocarrier",
     ):
         try:
-            with open(f"/proc/sys/net/{knob}", "w") as f:
-                f.write("0")
+            if not sysctl.set_net(knob, "0"):
+                return  # /proc/sys/net read-only: said once
         except OSError as e:
             log.warning(
                 "%s",

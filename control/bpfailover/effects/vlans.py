@@ -20,6 +20,8 @@ import contextlib
 import re
 from typing import Any
 
+from bpfailover.effects import sysctl
+
 ETH_P_8021Q = 0x8100
 ETH_P_8021AD = 0x88A8
 # VLAN_FLAG_LOOSE_BINDING: the VLAN device does not follow its lower's admin state (else the
@@ -66,11 +68,8 @@ def add(ipr: Any, lower_ifindex: int, vlan: Vlan) -> str:
         vlan_protocol=vlan[0],
         vlan_flags={"flags": VLAN_FLAG_LOOSE_BINDING, "mask": VLAN_FLAG_LOOSE_BINDING},
     )
-    with (
-        contextlib.suppress(OSError),
-        open(f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6", "w") as f,
-    ):
-        f.write("1")
+    with contextlib.suppress(OSError):  # no IPv6 here: nothing to silence
+        sysctl.set_net(f"ipv6/conf/{name}/disable_ipv6", "1")
     return name
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from bpfailover import netns
 from bpfailover.datapath import kheaders
+from bpfailover.effects import sysctl
 from bpfailover.model import config as configmod
 from bpfailover.model.lowers import lower_role
 from bpfailover.model.status import AgentStatus, StatusFormatError
@@ -553,6 +554,20 @@ def check_neighbour_knobs(host: Host) -> Iterator[Finding]:
         )
 
 
+def check_sysctl_net(host: Host) -> Iterator[Finding]:
+    """/proc/sys read-only (a container runtime's default): the agent runs, but cannot set
+    its devices' sysctls.  Only as root: nobody else may write there anyway."""
+    why = sysctl.writable(host.proc / "sys" / "net") if host.euid == 0 else ""
+    if why:
+        yield Finding(
+            "sysctl",
+            str(host.proc / "sys" / "net"),
+            f"not writable ({why}): failoverd cannot set its devices' sysctls: "
+            + "; ".join(sysctl.COSTS.values()),
+            sysctl.FIX,
+        )
+
+
 def check_agent_netns(host: Host, status: AgentStatus | None) -> Iterator[Finding]:
     """The agent that answers runs in another namespace than the one inspected: its lowers
     are not where doctor looks."""
@@ -924,6 +939,7 @@ def run_checks(
         check_privileges(host),
         check_realtime(host, cfg),
         check_neighbour_knobs(host),
+        check_sysctl_net(host),
         check_agents(host, pin_dir, sock, denied),
         check_orphaned_pins(host, host.netns),
         check_kernel_failover(host, links),
