@@ -142,6 +142,7 @@ class FakeWiring:
         self.dp, self.kernel = dp, kernel
         self.carrier: dict[int, bool] = {}
         self.opened: list[int] = []
+        self.closed: list[int] = []
         self.mac_restored: dict[str, str] = {}
 
     def setup_group(
@@ -176,6 +177,9 @@ class FakeWiring:
 
     def set_up(self, ifindex: int) -> None:
         self.opened.append(ifindex)
+
+    def set_down(self, ifindex: int) -> None:
+        self.closed.append(ifindex)
 
     def close(self) -> None:
         pass
@@ -729,3 +733,131 @@ def test_other_netdevs_are_never_held(make: Any, udev_dir: Path) -> None:
     h.send(Link(30, "eth1", 0, "02:00:00:00:0b:01", 1500))
     h.send(Link(31, "ens10p.7", 0, MAC, 1500, kind="vlan", link=10))
     assert h.agent.udev.held == {}
+
+
+# -- registration as failover_get_bymac()/failover_slave_register() ------------------------
+
+
+def registered(h: Harness) -> dict[str, int]:
+    return {r: lw.ifindex for r, lw in h.agent.groups["fo0"].lowers.items()}
+
+
+@pytest.mark.parametrize(
+    ("perm", "taken"),
+    [
+        ("02:00:00:00:00:99", False),  # the group MAC only set on it: not a lower
+        (MAC, True),  # a VF: its permanent address is the MAC the PF gave it
+        ("", True),  # none (veth): the current MAC stands in
+    ],
+)
+def test_a_lower_is_matched_by_its_permanent_address(
+    make: Any, caplog: pytest.LogCaptureFixture, perm: str, taken: bool
+) -> None:
+    caplog.set_level(logging.INFO, logger="bpfailover.events")
+    h = make(primary(perm_mac=perm), standby())
+    assert registered(h) == ({"primary": 10, "standby": 11} if taken else {"standby": 11})
+    h.send(primary(perm_mac=perm, flags=IFF_UP))  # more of its events
+    h.send(primary(perm_mac=perm))
+    h.send(primary(ifindex=20, perm_mac=perm, flags=0))  # another (taken: slot is full)
+    why = [e["why"] for e in events(caplog, "lower_ignored") if e.get("lower") == "ens10p"]
+    if taken:
+        assert h.active == "primary" and "permanent" not in " ".join(why)
+    else:
+        assert "primary" not in registered(h) and h.active == "standby"
+        assert h.dp.lower(1, PRIMARY) == 0 and h.wiring[0].opened == []
+        # one line for each netdev, not one at each of its events
+        assert len(why) == 2 and all(perm in w and "permanent address" in w for w in why)
+
+
+@pytest.mark.parametrize(
+    ("kw", "what"),
+    [
+        ({"arphrd": 32}, "not Ethernet (ARPHRD type 32)"),  # an IPoIB netdev
+        ({"master": 42}, "enslaved to ifindex 42"),  # a bond's, a bridge's port
+    ],
+)
+def test_not_ethernet_or_enslaved_is_not_a_lower(
+    make: Any, caplog: pytest.LogCaptureFixture, kw: dict[str, int], what: str
+) -> None:
+    caplog.set_level(logging.INFO, logger="bpfailover.events")
+    h = make(primary(**kw), standby())
+    assert registered(h) == {"standby": 11}
+    h.send(primary(deleted=True))
+    h.send(primary(ifindex=20, flags=0, **kw))  # plugged later: neither opened nor held
+    assert registered(h) == {"standby": 11} and h.wiring[0].opened == []
+    assert [e["why"] for e in events(caplog, "lower_ignored")] == [what, what]
+    h.send(primary(ifindex=20))  # released by its master (or now Ethernet): taken
+    assert registered(h) == {"primary": 20, "standby": 11} and h.active == "primary"
+
+
+@pytest.mark.parametrize(
+    "kind", ["macsec", "hsr", "vlan", "macvlan", "ipvlan", "bond", "team", "bridge"]
+)
+def test_stacked_kinds_sharing_the_mac_are_not_lowers(make: Any, kind: str) -> None:
+    h = make(standby(), Link(12, f"{kind}0", UP, MAC, 1500, kind=kind))
+    assert registered(h) == {"standby": 11}
+    h.send(Link(13, f"{kind}1", 0, MAC, 1500, kind=kind))
+    assert registered(h) == {"standby": 11} and h.wiring[0].opened == []
+
+
+def test_a_lower_enslaved_later_leaves_the_group_open(make: Any) -> None:
+    h = make(primary(), standby())
+    h.send(primary(master=42))  # `ip link set ens10p master br0`
+    assert registered(h) == {"standby": 11} and h.active == "standby"
+    assert h.dp.lower(1, PRIMARY) == 0 and h.wiring[0].closed == []  # br0's port now
+
+
+@pytest.fixture
+def lists(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, Any, str]]:
+    """What the agent takes off (or puts on) the lowers' address lists."""
+    from bpfailover.effects import mcsync
+
+    done: list[tuple[str, Any, str]] = []
+    monkeypatch.setattr(
+        mcsync, "_ioctl", lambda req, name, mac: done.append((f"ioctl {req:#x}", name, mac))
+    )
+    monkeypatch.setattr(
+        mcsync, "uc_del", lambda ifindex, mac: done.append(("uc_del", ifindex, mac))
+    )
+    return done
+
+
+MC, UC = "01:00:5e:01:02:03", "02:00:00:00:0c:01"
+
+
+def test_a_lower_that_leaves_has_our_addresses_taken_off_and_is_closed(
+    make: Any, lists: list[tuple[str, Any, str]]
+) -> None:
+    """net_failover_slave_unregister(): dev_uc_unsync, dev_mc_unsync, dev_close."""
+    h = make(primary(), standby())
+    grp = h.agent.groups["fo0"]
+    grp.mc_added[10], grp.uc_added[10] = {MC}, {UC}  # what the agent had added to it
+    grp.mc_added[11], grp.uc_added[11] = {MC}, {UC}
+    lists.clear()
+    h.send(Link(10, "ens10p", UP, "02:00:00:00:0d:01", 1500))  # its MAC changed: it leaves
+    assert registered(h) == {"standby": 11} and h.active == "standby"
+    assert lists == [("ioctl 0x8932", "ens10p", MC), ("uc_del", 10, UC)]  # SIOCDELMULTI
+    assert h.wiring[0].closed == [10]
+    assert grp.mc_added == {11: {MC}} and grp.uc_added == {11: {UC}}
+
+
+def test_a_lower_unplugged_needs_nothing_taken_off(
+    make: Any, lists: list[tuple[str, Any, str]]
+) -> None:
+    h = make(primary(), standby())
+    grp = h.agent.groups["fo0"]
+    grp.mc_added[10], grp.uc_added[10] = {MC}, {UC}
+    lists.clear()
+    h.send(primary(deleted=True))
+    assert lists == [] and h.wiring[0].closed == [] and 10 not in grp.mc_added
+
+
+def test_teardown_lets_go_of_the_lowers(make: Any, lists: list[tuple[str, Any, str]]) -> None:
+    """net_failover_destroy() unregisters both lowers: our addresses off, closed."""
+    h = make(primary(), standby())
+    grp = h.agent.groups["fo0"]
+    grp.mc_added[10], grp.uc_added[11] = {MC}, {UC}
+    lists.clear()
+    assert h.agent.handle_request({"cmd": "teardown", "group": "fo0"})["ok"]
+    assert sorted(h.wiring[0].closed) == [10, 11]
+    assert sorted(lists) == [("ioctl 0x8932", "ens10p", MC), ("uc_del", 11, UC)]

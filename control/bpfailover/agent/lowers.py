@@ -15,7 +15,7 @@ import logging
 from collections.abc import Callable
 
 from bpfailover.agent import uppers
-from bpfailover.agent.addrlists import sync_mc
+from bpfailover.agent.addrlists import sync_mc, unsync_lower
 from bpfailover.agent.ports import Clock, SpeedReader
 from bpfailover.agent.switch import Switcher
 from bpfailover.agent.udevwait import Held, UdevWait
@@ -26,7 +26,7 @@ from bpfailover.effects import vlans
 from bpfailover.effects.ethtool import driver_of
 from bpfailover.events import netlink
 from bpfailover.model.groups import Group, Lower
-from bpfailover.model.lowers import UPPER_KINDS, lower_role
+from bpfailover.model.lowers import lower_role, not_a_lower, shares_mac
 from bpfailover.ops.eventlog import event
 from bpfailover.policy import Role
 
@@ -62,6 +62,9 @@ class Lowers:
         # (group, ifindex) -> why: a lower refused for its hooks is said once, not at each
         # of its events; forgotten when it goes away or registers.
         self.hooks_refused: dict[tuple[str, int], str] = {}
+        # (group, ifindex) -> why a netdev with the group MAC is not a lower (permanent
+        # address, not Ethernet, enslaved): said once, as above
+        self.not_lowers: dict[tuple[str, int], str] = {}
 
     # -- link events ------------------------------------------------------------------------
     def on_link(self, link: netlink.Link, t_ns: int) -> None:
@@ -77,6 +80,12 @@ class Lowers:
                     event("lower_mac_changed", group=grp.name, lower=lower.name, mac=link.mac)
                     self.unregister(grp, lower.role)
                     came_up = False
+                elif link.master:
+                    # a netdev has one master (net_failover's is its failover device): the
+                    # new one owns it now, so it is left open
+                    event("lower_enslaved", group=grp.name, lower=lower.name, master=link.master)
+                    self.unregister(grp, lower.role, close=False)
+                    came_up = False
                 else:
                     came_up = self.update(grp, link)
                 self.switch.decide(grp, t_ns, f"link {link.ifname}")
@@ -91,6 +100,7 @@ class Lowers:
                 return
             if link.deleted:
                 self.hooks_refused.pop((grp.name, link.ifindex), None)
+                self.not_lowers.pop((grp.name, link.ifindex), None)
                 continue
             if self._held(grp, link, t_ns):
                 return
@@ -108,10 +118,10 @@ class Lowers:
     def _candidate(self, grp: Group, link: netlink.Link) -> bool:
         """Could become one of grp's lowers, whatever its name turns out to be."""
         return (
-            link.mac == grp.mac
-            and link.kind not in UPPER_KINDS
+            shares_mac(grp.mac, link.mac, link.kind)
             and link.ifindex not in (grp.master, grp.peer)
             and vlans.parse_name(link.ifname) is None
+            and not_a_lower(grp.mac, link.perm_mac, link.arphrd, link.master) is None
         )
 
     def _held(self, grp: Group, link: netlink.Link, t_ns: int) -> bool:
@@ -140,6 +150,8 @@ class Lowers:
             link = links.get(lower.ifindex)
             if link is None or link.mac != grp.mac:
                 self.unregister(grp, role, gone=link is None)
+            elif link.master:
+                self.unregister(grp, role, close=False)  # enslaved: its master's now
         master = links.get(grp.master)
         if master is not None:
             grp.mtu = master.mtu
@@ -228,7 +240,26 @@ class Lowers:
             return None
         if vlans.parse_name(link.ifname) is not None:
             return None  # our own VLAN filter devices (events may lack their kind)
-        return lower_role(grp.cfg, grp.mac, link.ifname, link.mac, link.kind, driver_of)
+        key = (grp.name, link.ifindex)
+        if shares_mac(grp.mac, link.mac, link.kind):
+            why = not_a_lower(grp.mac, link.perm_mac, link.arphrd, link.master)
+            if why is not None:
+                if self.not_lowers.get(key) != why:
+                    self.not_lowers[key] = why
+                    event("lower_ignored", group=grp.name, lower=link.ifname, why=why)
+                return None
+        self.not_lowers.pop(key, None)
+        return lower_role(
+            grp.cfg,
+            grp.mac,
+            link.ifname,
+            link.mac,
+            link.kind,
+            driver_of,
+            perm_mac=link.perm_mac,
+            arphrd=link.arphrd,
+            master=link.master,
+        )
 
     def maybe_register(self, grp: Group, link: netlink.Link) -> bool:
         role = self._role_for(grp, link)
@@ -285,18 +316,63 @@ class Lowers:
             event("lower_refused", group=grp.name, lower=link.ifname, role=role, why=why)
         return True
 
-    def unregister(self, grp: Group, role: Role, gone: bool = False) -> None:
-        """Forget a lower.  If it is active the policy moves traffic away first."""
+    def unregister(self, grp: Group, role: Role, gone: bool = False, close: bool = True) -> None:
+        """Forget a lower.  If it is active the policy moves traffic away first.  One that
+        leaves while still present (its MAC changed, teardown) is left as
+        net_failover_slave_unregister() leaves it: our VLAN filters and the addresses we
+        added to its lists taken off, and closed (`close`: unless another master took it).
+        A deleted one took all that with it."""
         lower = grp.lowers.pop(role)
         self.switch.decide(grp, self.clock.monotonic_ns(), f"unregister {lower.name}")
         self.wiring.unregister_lower(grp.gid, ROLE_SLOTS[role], lower.ifindex, gone=gone)
-        grp.mc_added.pop(lower.ifindex, None)
-        grp.uc_added.pop(lower.ifindex, None)
-        for v in grp.vlan_filters.pop(lower.ifindex, set()):
-            if not gone:  # (a deleted lower took its VLAN devices with it)
-                with contextlib.suppress(Exception):
-                    vlans.remove(self.wiring.ipr, lower.ifindex, v)
-        event("lower_unregistered", group=grp.name, role=role, lower=lower.name, gone=gone)
+        closed = self._let_go(grp, lower, close=close and not gone, gone=gone)
+        event(
+            "lower_unregistered",
+            group=grp.name,
+            role=role,
+            lower=lower.name,
+            gone=gone,
+            **({"closed": True} if closed else {}),
+        )
+
+    def _let_go(self, grp: Group, lower: Lower, close: bool, gone: bool = False) -> bool:
+        """What we put on a lower taken off it: our VLAN filters, the addresses we added to
+        its lists (dev_uc_unsync/dev_mc_unsync), then closed if `close` (dev_close).
+        True when it was closed."""
+        mc = grp.mc_added.pop(lower.ifindex, set())
+        uc = grp.uc_added.pop(lower.ifindex, set())
+        filters = grp.vlan_filters.pop(lower.ifindex, set())
+        if gone:
+            return False  # a deleted lower took all that with it
+        for v in filters:
+            with contextlib.suppress(Exception):
+                vlans.remove(self.wiring.ipr, lower.ifindex, v)
+        unsync_lower(grp.name, lower.ifindex, lower.name, mc, uc)
+        if not close:
+            return False
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        try:
+            self.wiring.set_down(lower.ifindex)
+        except NetlinkError as e:
+            event("lower_close_error", group=grp.name, lower=lower.name, error=str(e))
+            return False
+        return True
+
+    def let_go_all(self, grp: Group) -> None:
+        """Teardown: every lower let go as net_failover_destroy() does (after the datapath
+        is gone: no switch is decided for a group that is going away)."""
+        for lower in list(grp.lowers.values()):
+            closed = self._let_go(grp, lower, close=True)
+            event(
+                "lower_unregistered",
+                group=grp.name,
+                role=lower.role,
+                lower=lower.name,
+                gone=False,
+                closed=closed,
+            )
+        grp.lowers.clear()
 
     # -- the failover device ------------------------------------------------------------------
     def _on_master(self, grp: Group, link: netlink.Link) -> None:

@@ -376,6 +376,10 @@ class Wiring:
         """Admin up; raises pyroute2's NetlinkError when the device refuses."""
         self.ipr.link("set", index=ifindex, state="up")
 
+    def set_down(self, ifindex: int) -> None:
+        """Admin down; raises pyroute2's NetlinkError when the device refuses."""
+        self.ipr.link("set", index=ifindex, state="down")
+
     def teardown_group(self, name: str) -> bool:
         """Remove a group's datapath: filters, XDP, the failover device, map state."""
         g = self.dp.groups().get(name)
