@@ -861,3 +861,45 @@ def test_teardown_lets_go_of_the_lowers(make: Any, lists: list[tuple[str, Any, s
     assert h.agent.handle_request({"cmd": "teardown", "group": "fo0"})["ok"]
     assert sorted(h.wiring[0].closed) == [10, 11]
     assert sorted(lists) == [("ioctl 0x8932", "ens10p", MC), ("uc_del", 11, UC)]
+
+
+# -- MTU range: the failover device's is its lowers' (net_failover: the primary's) ----------
+
+
+def test_an_mtu_beyond_the_primarys_max_is_rolled_back_before_anything_changes(
+    make: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    h = make(primary(max_mtu=9000, min_mtu=68), standby())
+    grp = h.agent.groups["fo0"]
+    mtus: list[tuple[int, int]] = []
+    h.wiring[0].set_mtu = lambda ifindex, mtu: mtus.append((ifindex, mtu))
+    caplog.set_level(logging.INFO, logger="bpfailover.events")
+    h.send(Link(grp.master, "fo0", UP, MAC, 9200, grp.peer, "veth"))  # ip link set fo0 mtu 9200
+    assert mtus == [(grp.master, 1500)]  # only the failover device, put back
+    (refused,) = events(caplog, "mtu_refused")
+    assert refused["rolled_back_to"] == 1500 and refused["refused_by"] == 10
+    assert refused["why"] == "ens10p (primary): its max MTU 9000 < the failover device's MTU 9200"
+    assert grp.mtu == 1500 and grp.lowers["primary"].mtu == 1500
+    h.send(Link(grp.master, "fo0", UP, MAC, 9000, grp.peer, "veth"))  # within its range
+    assert mtus[1:] == [(grp.peer, 9000), (10, 9000), (11, 9000)] and grp.mtu == 9000
+
+
+def test_a_lower_whose_max_mtu_is_below_the_failover_devices_is_refused(
+    make: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """net_failover_slave_register() fails when dev_set_mtu() to the failover device's MTU
+    does: a VF re-plugged on a host whose max MTU is smaller is not registered, said so."""
+    h = make(primary(), standby())
+    grp = h.agent.groups["fo0"]
+    h.send(Link(grp.master, "fo0", UP, MAC, 9000, grp.peer, "veth"))
+    assert grp.mtu == 9000
+    h.send(primary(deleted=True))
+    mtus: list[tuple[int, int]] = []
+    h.wiring[0].set_mtu = lambda ifindex, mtu: mtus.append((ifindex, mtu))
+    caplog.set_level(logging.INFO, logger="bpfailover.events")
+    h.send(Link(20, "ens10p", 0, MAC, 1500, max_mtu=1500))
+    assert mtus == [] and "primary" not in grp.lowers and h.wiring[0].opened == []
+    (refused,) = events(caplog, "lower_refused")
+    assert refused["why"] == "its max MTU 1500 < the failover device's MTU 9000"
+    h.send(Link(21, "ens10p", 0, MAC, 1500, max_mtu=9216))  # one that can: raised, taken
+    assert mtus == [(21, 9000)] and grp.lowers["primary"].ifindex == 21

@@ -221,6 +221,7 @@ class Lowers:
         lower.admin_up, lower.carrier = link.admin_up, link.carrier
         if link.mtu:
             lower.mtu = link.mtu
+            lower.min_mtu, lower.max_mtu = link.min_mtu, link.max_mtu
         if came_up and grp.pcfg.reselect == "better":
             self.refresh_speed(grp, lower)  # the policy compares it: read before deciding
         return came_up
@@ -272,8 +273,11 @@ class Lowers:
             return False
         if self._hooks_refused(grp, link, role):
             return False  # before the MTU below: another running agent's device is not ours
-        if grp.mtu and link.mtu and link.mtu < grp.mtu and not self._set_mtu(link.ifindex, grp.mtu):
-            why = f"MTU {link.mtu} < {grp.mtu} and cannot be raised"
+        why = _out_of_range(grp.mtu, link.min_mtu, link.max_mtu)
+        if why is None and grp.mtu and link.mtu and link.mtu < grp.mtu:
+            if not self._set_mtu(link.ifindex, grp.mtu):
+                why = f"MTU {link.mtu} < {grp.mtu} and cannot be raised"
+        if why is not None:  # net_failover_slave_register(): dev_set_mtu() failed
             event("lower_refused", group=grp.name, lower=link.ifname, role=role, why=why)
             return False
         try:
@@ -284,7 +288,14 @@ class Lowers:
                 self.wiring.unregister_lower(grp.gid, ROLE_SLOTS[role], link.ifindex, gone=True)
             raise
         grp.lowers[role] = Lower(
-            role, link.ifindex, link.ifname, link.admin_up, link.carrier, max(link.mtu, grp.mtu)
+            role,
+            link.ifindex,
+            link.ifname,
+            link.admin_up,
+            link.carrier,
+            max(link.mtu, grp.mtu),
+            min_mtu=link.min_mtu,
+            max_mtu=link.max_mtu,
         )
         self.refresh_speed(grp, grp.lowers[role])
         event(
@@ -446,8 +457,24 @@ class Lowers:
         sync_mc(grp)
 
     def _propagate_mtu(self, grp: Group, mtu: int) -> None:
-        """MTU set on the failover device goes to its peer and both lowers, all or none."""
+        """MTU set on the failover device goes to its peer and both lowers, all or none.
+        The failover device's MTU range is its lowers' (net_failover's is the primary's,
+        and its ndo_change_mtu needs the standby to take it too): an MTU outside it is
+        rolled back before any device is touched."""
         old = grp.mtu
+        for lw in grp.lowers.values():
+            why = _out_of_range(mtu, lw.min_mtu, lw.max_mtu)
+            if why is not None:
+                self._set_mtu(grp.master, old)
+                event(
+                    "mtu_refused",
+                    group=grp.name,
+                    mtu=mtu,
+                    rolled_back_to=old,
+                    refused_by=lw.ifindex,
+                    why=f"{lw.name} ({lw.role}): {why}",
+                )
+                return
         done: list[tuple[int, int]] = []
         targets = [(grp.peer, old)] + [(lw.ifindex, lw.mtu) for lw in grp.lowers.values()]
         for ifindex, prev in targets:
@@ -474,3 +501,13 @@ class Lowers:
             log.debug("mtu %d on %d: %s", mtu, ifindex, e)
             return False
         return True
+
+
+def _out_of_range(mtu: int, min_mtu: int, max_mtu: int) -> str | None:
+    """Why a lower with MTU range [min_mtu, max_mtu] (0: not known / no limit) cannot
+    take `mtu` (0: none asked), else None."""
+    if mtu and max_mtu and mtu > max_mtu:
+        return f"its max MTU {max_mtu} < the failover device's MTU {mtu}"
+    if mtu and min_mtu and mtu < min_mtu:
+        return f"its min MTU {min_mtu} > the failover device's MTU {mtu}"
+    return None
