@@ -273,12 +273,17 @@ class Lowers:
             return False
         if self._hooks_refused(grp, link, role):
             return False  # before the MTU below: another running agent's device is not ours
-        why = _out_of_range(grp.mtu, link.min_mtu, link.max_mtu)
-        if why is None and grp.mtu and link.mtu and link.mtu < grp.mtu:
-            if not self._set_mtu(link.ifindex, grp.mtu):
-                why = f"MTU {link.mtu} < {grp.mtu} and cannot be raised"
-        if why is not None:  # net_failover_slave_register(): dev_set_mtu() failed
-            event("lower_refused", group=grp.name, lower=link.ifname, role=role, why=why)
+        refused = _out_of_range(grp.mtu, link.min_mtu, link.max_mtu)
+        if (
+            refused is None
+            and grp.mtu
+            and link.mtu
+            and link.mtu < grp.mtu
+            and not self._set_mtu(link.ifindex, grp.mtu)
+        ):
+            refused = f"MTU {link.mtu} < {grp.mtu} and cannot be raised"
+        if refused is not None:  # net_failover_slave_register(): dev_set_mtu() failed
+            event("lower_refused", group=grp.name, lower=link.ifname, role=role, why=refused)
             return False
         try:
             self.wiring.register_lower(grp.gid, ROLE_SLOTS[role], link.ifindex, grp.cfg.rx_path)
