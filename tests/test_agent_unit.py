@@ -143,6 +143,7 @@ class FakeWiring:
         self.carrier: dict[int, bool] = {}
         self.opened: list[int] = []
         self.closed: list[int] = []
+        self.moved: set[int] = set()  # hidden peers whose failover device left the netns
         self.mac_restored: dict[str, str] = {}
 
     def setup_group(
@@ -180,6 +181,12 @@ class FakeWiring:
 
     def set_down(self, ifindex: int) -> None:
         self.closed.append(ifindex)
+
+    def remove_moved_pair(self, name: str, peer: int) -> bool:
+        if peer not in self.moved:
+            return False
+        del self.kernel.links[peer]  # (the moved end went with it, in its netns)
+        return True
 
     def close(self) -> None:
         pass
@@ -903,3 +910,45 @@ def test_a_lower_whose_max_mtu_is_below_the_failover_devices_is_refused(
     assert refused["why"] == "its max MTU 1500 < the failover device's MTU 9000"
     h.send(Link(21, "ens10p", 0, MAC, 1500, max_mtu=9216))  # one that can: raised, taken
     assert mtus == [(21, 9000)] and grp.lowers["primary"].ifindex == 21
+
+
+# -- the failover device gone from our netns -------------------------------------------------
+
+
+def test_failover_device_moved_to_another_netns_is_taken_back(
+    make: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`ip link set fo0 netns X`: an RTM_DELLINK here, its hidden peer still here.  The pair
+    is deleted and the device re-created here, said so (net_failover's is netns-local)."""
+    h = make(primary(), standby())
+    grp = h.agent.groups["fo0"]
+    old, old_peer = grp.master, grp.peer
+    h.wiring[0].moved.add(old_peer)
+    caplog.set_level(logging.INFO, logger="bpfailover.events")
+    h.send(Link(old, "fo0", UP, MAC, 1500, old_peer, "veth", deleted=True))
+    (moved,) = events(caplog, "failover_device_moved")
+    assert moved["ifindex"] == old and "re-created here" in moved["action"]
+    assert not events(caplog, "failover_device_deleted") and events(
+        caplog, "failover_device_recreated"
+    )
+    assert grp.master not in (old, 0) and grp.peer != old_peer
+    assert ("del_dev", old) in h.dp.writes and ("del_dev", old_peer) in h.dp.writes
+    assert h.active == "primary" and h.carrier()
+
+
+def test_failover_device_missing_from_a_full_reread_is_recreated(
+    make: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Its RTM_DELLINK lost (the kernel dropped events: ENOBUFS): the re-read finds it
+    missing and re-creates it, as if the event had come."""
+    from bpfailover.agent import kernel
+
+    h = make(primary(), standby())
+    grp = h.agent.groups["fo0"]
+    old = grp.master
+    del h.kernel.links[old], h.kernel.links[grp.peer]  # gone, and no event said so
+    caplog.set_level(logging.INFO, logger="bpfailover.events")
+    kernel.reconcile(h.agent)
+    assert events(caplog, "failover_device_recreated")[0]["old_ifindex"] == old
+    assert grp.master != old and grp.master in h.kernel.links
+    assert h.active == "primary" and h.carrier()

@@ -153,7 +153,9 @@ class Lowers:
             elif link.master:
                 self.unregister(grp, role, close=False)  # enslaved: its master's now
         master = links.get(grp.master)
-        if master is not None:
+        if master is None:  # its RTM_DELLINK was among the events the kernel dropped
+            self._recreate_master(grp)
+        else:
             grp.mtu = master.mtu
             if master.mac and master.mac != grp.mac:
                 self._restore_mac(grp, master.mac)
@@ -422,11 +424,29 @@ class Lowers:
         """The failover device was deleted by hand (`failoverctl teardown` is the way to
         remove a group): put it back as it was, same name, MAC and MTU, and carry on.  The
         lowers' filters find the new device through the group map.  Its addresses belong to
-        the OS's network configuration (networkd/NM/DHCP bring them back on a new netdev)."""
+        the OS's network configuration (networkd/NM/DHCP bring them back on a new netdev).
+        Moved to another netns (`ip link set ens10 netns X`; net_failover's device is
+        netns-local, a veth is not), it is gone from ours as if deleted, but its hidden
+        peer is still here: the pair is deleted (the device with it, there) and re-created
+        here, said so."""
         from pyroute2.netlink.exceptions import NetlinkError
 
         old = grp.master
-        event("failover_device_deleted", group=grp.name, ifindex=old, action="re-creating it")
+        try:
+            moved = self.wiring.remove_moved_pair(grp.name, grp.peer)
+        except NetlinkError as e:
+            moved = False
+            event("failover_device_moved_error", group=grp.name, error=str(e))
+        if moved:
+            event(
+                "failover_device_moved",
+                group=grp.name,
+                ifindex=old,
+                action="deleted there and re-created here: a failover device stays in "
+                "failoverd's netns",
+            )
+        else:
+            event("failover_device_deleted", group=grp.name, ifindex=old, action="re-creating it")
         try:
             gid = self.wiring.setup_group(
                 grp.cfg.name,
