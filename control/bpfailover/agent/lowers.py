@@ -336,7 +336,7 @@ class Lowers:
 
     def unregister(self, grp: Group, role: Role, gone: bool = False, close: bool = True) -> None:
         """Forget a lower.  If it is active the policy moves traffic away first.  One that
-        leaves while still present (its MAC changed, teardown) is left as
+        leaves while still present (its MAC changed, enslaved) is left as
         net_failover_slave_unregister() leaves it: our VLAN filters and the addresses we
         added to its lists taken off, and closed (`close`: unless another master took it).
         A deleted one took all that with it."""
@@ -350,7 +350,7 @@ class Lowers:
             role=role,
             lower=lower.name,
             gone=gone,
-            **({"closed": True} if closed else {}),
+            closed=closed,
         )
 
     def _let_go(self, grp: Group, lower: Lower, close: bool, gone: bool = False) -> bool:
