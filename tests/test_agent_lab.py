@@ -567,6 +567,32 @@ def test_multicast_joined_on_failover_is_synced_to_lowers(running: tuple[Lab, Ag
         agent.wait_for(lambda d=dev: mac not in _maddrs(lab, d), what=f"{mac} gone from {dev}")
 
 
+def test_a_lower_whose_mac_changes_is_let_go_and_taken_back(running: tuple[Lab, AgentRun]) -> None:
+    """net_failover_slave_unregister(): the address the agent added to the lower's list
+    (a multicast group joined on the failover device) is taken off it and it is closed;
+    its MAC put back, it registers again, is opened and gets the address again."""
+    lab, agent = running
+    n = lab.names(0)
+    netns.run_in(lab.guest, ["ip", "addr", "add", "239.1.2.4/32", "dev", n.failover, "autojoin"])
+    mac = "01:00:5e:01:02:04"
+    agent.wait_for(lambda: mac in _maddrs(lab, n.primary), what=f"{mac} on {n.primary}")
+    info = lab.link(lab.guest, n.primary)
+    assert info is not None
+    group_mac = info["mac"]
+    netns.run_in(lab.guest, ["ip", "link", "set", n.primary, "address", "02:00:00:00:0e:01"])
+    agent.wait_for(lambda: agent.events("lower_unregistered"), what="primary unregistered")
+    (gone,) = agent.events("lower_unregistered")
+    assert gone["lower"] == n.primary and gone.get("closed") is True, gone
+    assert mac not in _maddrs(lab, n.primary) and mac in _maddrs(lab, n.standby)
+    info = lab.link(lab.guest, n.primary)
+    assert info is not None and not info["flags"] & 0x1  # closed: IFF_UP off
+    agent.wait_active(n.standby)
+    netns.run_in(lab.guest, ["ip", "link", "set", n.primary, "address", group_mac])
+    agent.wait_for(lambda: mac in _maddrs(lab, n.primary), what=f"{mac} back on {n.primary}")
+    agent.wait_active(n.primary)
+    assert [e["lower"] for e in agent.events("lower_opened")][-1] == n.primary
+
+
 def _maddrs(lab: Lab, dev: str) -> str:
     return netns.run_in(lab.guest, ["ip", "maddr", "show", "dev", dev]).stdout
 

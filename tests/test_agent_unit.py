@@ -9,6 +9,7 @@ order, is what these tests check.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import selectors
@@ -41,6 +42,14 @@ class GroupRec:
     override_slot: int = 0
     name: str = ""
     told: int = 0  # the real one keeps it in flags' bits
+
+
+_CREATED = itertools.count()  # failover devices the fakes created: each gets new ifindexes
+
+
+def _kept(rec: GroupRec | None) -> dict[str, int]:
+    """What a re-created group keeps of its record (the override, the told slot)."""
+    return {} if rec is None else {"override_slot": rec.override_slot, "told": rec.told}
 
 
 class FakeDatapath:
@@ -156,15 +165,21 @@ class FakeWiring:
         self.dp, self.kernel = dp, kernel
         self.carrier: dict[int, bool] = {}
         self.opened: list[int] = []
+        self.closed: list[int] = []
+        self.moved: set[int] = set()  # hidden peers whose failover device left the netns
         self.mac_restored: dict[str, str] = {}
 
     def setup_group(
         self, name: str, mac: str, inactive_rx: str = "deliver", rx_path: str = "tc", **kw: Any
     ) -> int:
         g = self.dp.groups().get(name) or len(self.dp.recs) + 1  # an earlier run's: adopted
-        master, peer = 1_000_100 + g, 1_000_200 + g  # no such ifindex on the host
-        if g not in self.dp.recs:
-            self.dp.recs[g] = GroupRec(master, peer, name=name)
+        rec = self.dp.recs.get(g)
+        if rec is not None and rec.master_ifindex in self.kernel.links:
+            master, peer = rec.master_ifindex, rec.peer_ifindex  # its device is there: adopted
+        else:  # created (again): new ifindexes, as the kernel gives (none such on the host)
+            n = next(_CREATED)
+            master, peer = 1_000_100 + 1000 * n + g, 1_000_200 + 1000 * n + g
+            self.dp.recs[g] = GroupRec(master, peer, name=name, **_kept(rec))
         mtu = kw.get("mtu") or 1500
         self.kernel.links[master] = Link(master, name, UP, mac, mtu, peer, "veth")
         self.kernel.links[peer] = Link(peer, f"{name[:12]}_fo", 0, "", mtu, master, "veth")
@@ -193,6 +208,15 @@ class FakeWiring:
 
     def set_up(self, ifindex: int) -> None:
         self.opened.append(ifindex)
+
+    def set_down(self, ifindex: int) -> None:
+        self.closed.append(ifindex)
+
+    def remove_moved_pair(self, name: str, peer: int) -> bool:
+        if peer not in self.moved:
+            return False
+        del self.kernel.links[peer]  # (the moved end went with it, in its netns)
+        return True
 
     def close(self) -> None:
         pass
@@ -1091,3 +1115,215 @@ def test_multicast_notifications_are_coalesced_and_none_is_lost(
     h.kernel.tx.send(b"!")
     h.tick(addrlists.SYNC_WINDOW_MS * 2)
     assert len(synced) == 3
+
+
+# -- registration as failover_get_bymac()/failover_slave_register() ------------------------
+
+
+def registered(h: Harness) -> dict[str, int]:
+    return {r: lw.ifindex for r, lw in h.agent.groups["fo0"].lowers.items()}
+
+
+@pytest.mark.parametrize(
+    ("perm", "taken"),
+    [
+        ("02:00:00:00:00:99", False),  # the group MAC only set on it: not a lower
+        (MAC, True),  # a VF: its permanent address is the MAC the PF gave it
+        ("", True),  # none (veth): the current MAC stands in
+    ],
+)
+def test_a_lower_is_matched_by_its_permanent_address(
+    make: Any, caplog: pytest.LogCaptureFixture, perm: str, taken: bool
+) -> None:
+    caplog.set_level(logging.INFO, logger="bpfailover.events")
+    h = make(primary(perm_mac=perm), standby())
+    assert registered(h) == ({"primary": 10, "standby": 11} if taken else {"standby": 11})
+    h.send(primary(perm_mac=perm, flags=IFF_UP))  # more of its events
+    h.send(primary(perm_mac=perm))
+    h.send(primary(ifindex=20, perm_mac=perm, flags=0))  # another (taken: slot is full)
+    why = [e["why"] for e in events(caplog, "lower_ignored") if e.get("lower") == "ens10p"]
+    if taken:
+        assert h.active == "primary" and "permanent" not in " ".join(why)
+    else:
+        assert "primary" not in registered(h) and h.active == "standby"
+        assert h.dp.lower(1, PRIMARY) == 0 and h.wiring[0].opened == []
+        # one line for each netdev, not one at each of its events
+        assert len(why) == 2 and all(perm in w and "permanent address" in w for w in why)
+
+
+@pytest.mark.parametrize(
+    ("kw", "what"),
+    [
+        ({"arphrd": 32}, "not Ethernet (ARPHRD type 32)"),  # an IPoIB netdev
+        ({"master": 42}, "enslaved to ifindex 42"),  # a bond's, a bridge's port
+    ],
+)
+def test_not_ethernet_or_enslaved_is_not_a_lower(
+    make: Any, caplog: pytest.LogCaptureFixture, kw: dict[str, int], what: str
+) -> None:
+    caplog.set_level(logging.INFO, logger="bpfailover.events")
+    h = make(primary(**kw), standby())
+    assert registered(h) == {"standby": 11}
+    h.send(primary(deleted=True))
+    h.send(primary(ifindex=20, flags=0, **kw))  # plugged later: neither opened nor held
+    assert registered(h) == {"standby": 11} and h.wiring[0].opened == []
+    assert [e["why"] for e in events(caplog, "lower_ignored")] == [what, what]
+    h.send(primary(ifindex=20))  # released by its master (or now Ethernet): taken
+    assert registered(h) == {"primary": 20, "standby": 11} and h.active == "primary"
+
+
+@pytest.mark.parametrize(
+    "kind", ["macsec", "hsr", "vlan", "macvlan", "ipvlan", "bond", "team", "bridge"]
+)
+def test_stacked_kinds_sharing_the_mac_are_not_lowers(make: Any, kind: str) -> None:
+    h = make(standby(), Link(12, f"{kind}0", UP, MAC, 1500, kind=kind))
+    assert registered(h) == {"standby": 11}
+    h.send(Link(13, f"{kind}1", 0, MAC, 1500, kind=kind))
+    assert registered(h) == {"standby": 11} and h.wiring[0].opened == []
+
+
+def test_a_lower_enslaved_later_leaves_the_group_open(make: Any) -> None:
+    h = make(primary(), standby())
+    h.send(primary(master=42))  # `ip link set ens10p master br0`
+    assert registered(h) == {"standby": 11} and h.active == "standby"
+    assert h.dp.lower(1, PRIMARY) == 0 and h.wiring[0].closed == []  # br0's port now
+
+
+@pytest.fixture
+def lists(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, Any, str]]:
+    """What the agent takes off (or puts on) the lowers' address lists."""
+    from bpfailover.effects import mcsync
+
+    done: list[tuple[str, Any, str]] = []
+    monkeypatch.setattr(
+        mcsync, "_ioctl", lambda req, name, mac: done.append((f"ioctl {req:#x}", name, mac))
+    )
+    monkeypatch.setattr(
+        mcsync, "uc_del", lambda ifindex, mac: done.append(("uc_del", ifindex, mac))
+    )
+    return done
+
+
+MC, UC = "01:00:5e:01:02:03", "02:00:00:00:0c:01"
+
+
+def test_a_lower_that_leaves_has_our_addresses_taken_off_and_is_closed(
+    make: Any, lists: list[tuple[str, Any, str]]
+) -> None:
+    """net_failover_slave_unregister(): dev_uc_unsync, dev_mc_unsync, dev_close."""
+    h = make(primary(), standby())
+    grp = h.agent.groups["fo0"]
+    grp.mc_added[10], grp.uc_added[10] = {MC}, {UC}  # what the agent had added to it
+    grp.mc_added[11], grp.uc_added[11] = {MC}, {UC}
+    lists.clear()
+    h.send(Link(10, "ens10p", UP, "02:00:00:00:0d:01", 1500))  # its MAC changed: it leaves
+    assert registered(h) == {"standby": 11} and h.active == "standby"
+    assert lists == [("ioctl 0x8932", "ens10p", MC), ("uc_del", 10, UC)]  # SIOCDELMULTI
+    assert h.wiring[0].closed == [10]
+    assert grp.mc_added == {11: {MC}} and grp.uc_added == {11: {UC}}
+
+
+def test_a_lower_unplugged_needs_nothing_taken_off(
+    make: Any, lists: list[tuple[str, Any, str]]
+) -> None:
+    h = make(primary(), standby())
+    grp = h.agent.groups["fo0"]
+    grp.mc_added[10], grp.uc_added[10] = {MC}, {UC}
+    lists.clear()
+    h.send(primary(deleted=True))
+    assert lists == [] and h.wiring[0].closed == [] and 10 not in grp.mc_added
+
+
+def test_teardown_lets_go_of_the_lowers(make: Any, lists: list[tuple[str, Any, str]]) -> None:
+    """net_failover_destroy() unregisters both lowers: our addresses off, closed."""
+    h = make(primary(), standby())
+    grp = h.agent.groups["fo0"]
+    grp.mc_added[10], grp.uc_added[11] = {MC}, {UC}
+    lists.clear()
+    assert h.agent.handle_request({"cmd": "teardown", "group": "fo0"})["ok"]
+    assert sorted(h.wiring[0].closed) == [10, 11]
+    assert sorted(lists) == [("ioctl 0x8932", "ens10p", MC), ("uc_del", 11, UC)]
+
+
+# -- MTU range: the failover device's is its lowers' (net_failover: the primary's) ----------
+
+
+def test_an_mtu_beyond_the_primarys_max_is_rolled_back_before_anything_changes(
+    make: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    h = make(primary(max_mtu=9000, min_mtu=68), standby())
+    grp = h.agent.groups["fo0"]
+    mtus: list[tuple[int, int]] = []
+    h.wiring[0].set_mtu = lambda ifindex, mtu: mtus.append((ifindex, mtu))
+    caplog.set_level(logging.INFO, logger="bpfailover.events")
+    h.send(Link(grp.master, "fo0", UP, MAC, 9200, grp.peer, "veth"))  # ip link set fo0 mtu 9200
+    assert mtus == [(grp.master, 1500)]  # only the failover device, put back
+    (refused,) = events(caplog, "mtu_refused")
+    assert refused["rolled_back_to"] == 1500 and refused["refused_by"] == 10
+    assert refused["why"] == "ens10p (primary): its max MTU 9000 < the failover device's MTU 9200"
+    assert grp.mtu == 1500 and grp.lowers["primary"].mtu == 1500
+    h.send(Link(grp.master, "fo0", UP, MAC, 9000, grp.peer, "veth"))  # within its range
+    assert mtus[1:] == [(grp.peer, 9000), (10, 9000), (11, 9000)] and grp.mtu == 9000
+
+
+def test_a_lower_whose_max_mtu_is_below_the_failover_devices_is_refused(
+    make: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """net_failover_slave_register() fails when dev_set_mtu() to the failover device's MTU
+    does: a VF re-plugged on a host whose max MTU is smaller is not registered, said so."""
+    h = make(primary(), standby())
+    grp = h.agent.groups["fo0"]
+    h.send(Link(grp.master, "fo0", UP, MAC, 9000, grp.peer, "veth"))
+    assert grp.mtu == 9000
+    h.send(primary(deleted=True))
+    mtus: list[tuple[int, int]] = []
+    h.wiring[0].set_mtu = lambda ifindex, mtu: mtus.append((ifindex, mtu))
+    caplog.set_level(logging.INFO, logger="bpfailover.events")
+    h.send(Link(20, "ens10p", 0, MAC, 1500, max_mtu=1500))
+    assert mtus == [] and "primary" not in grp.lowers and h.wiring[0].opened == []
+    (refused,) = events(caplog, "lower_refused")
+    assert refused["why"] == "its max MTU 1500 < the failover device's MTU 9000"
+    h.send(Link(21, "ens10p", 0, MAC, 1500, max_mtu=9216))  # one that can: raised, taken
+    assert mtus == [(21, 9000)] and grp.lowers["primary"].ifindex == 21
+
+
+# -- the failover device gone from our netns -------------------------------------------------
+
+
+def test_failover_device_moved_to_another_netns_is_taken_back(
+    make: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`ip link set fo0 netns X`: an RTM_DELLINK here, its hidden peer still here.  The pair
+    is deleted and the device re-created here, said so (net_failover's is netns-local)."""
+    h = make(primary(), standby())
+    grp = h.agent.groups["fo0"]
+    old, old_peer = grp.master, grp.peer
+    h.wiring[0].moved.add(old_peer)
+    caplog.set_level(logging.INFO, logger="bpfailover.events")
+    h.send(Link(old, "fo0", UP, MAC, 1500, old_peer, "veth", deleted=True))
+    (moved,) = events(caplog, "failover_device_moved")
+    assert moved["ifindex"] == old and "re-created here" in moved["action"]
+    assert not events(caplog, "failover_device_deleted") and events(
+        caplog, "failover_device_recreated"
+    )
+    assert grp.master not in (old, 0) and grp.peer != old_peer
+    assert ("del_dev", old) in h.dp.writes and ("del_dev", old_peer) in h.dp.writes
+    assert h.active == "primary" and h.carrier()
+
+
+def test_failover_device_missing_from_a_full_reread_is_recreated(
+    make: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Its RTM_DELLINK lost (the kernel dropped events: ENOBUFS): the re-read finds it
+    missing and re-creates it, as if the event had come."""
+    from bpfailover.agent import kernel
+
+    h = make(primary(), standby())
+    grp = h.agent.groups["fo0"]
+    old = grp.master
+    del h.kernel.links[old], h.kernel.links[grp.peer]  # gone, and no event said so
+    caplog.set_level(logging.INFO, logger="bpfailover.events")
+    kernel.reconcile(h.agent)
+    assert events(caplog, "failover_device_recreated")[0]["old_ifindex"] == old
+    assert grp.master != old and grp.master in h.kernel.links
+    assert h.active == "primary" and h.carrier()

@@ -111,3 +111,24 @@ def test_a_dump_interrupted_every_time_fails_after_bounded_tries(
     with pytest.raises(netlink.DumpInterrupted, match="interrupted"):
         netlink.dump_links()
     assert len(requests) == netlink.DUMP_TRIES
+
+
+def test_what_registration_checks_type_permanent_address_master_mtu_range() -> None:
+    """ifi_type, IFLA_PERM_ADDRESS, IFLA_MASTER and the MTU range: what
+    failover_slave_register() looks at.  A veth has no permanent address (the kernel omits
+    the attribute); a device with no MTU limit says max 0."""
+    body = struct.pack("=BxHiII", 0, 776, 9, 0x1, 0)  # ARPHRD_SIT
+    body += _rta(netlink.IFLA_IFNAME, b"sit1\0")
+    body += _rta(netlink.IFLA_ADDRESS, bytes.fromhex("020000000a01"))
+    body += _rta(netlink.IFLA_PERM_ADDRESS, bytes.fromhex("0200000000ff"))
+    body += _rta(netlink.IFLA_MASTER, struct.pack("=I", 42))
+    body += _rta(netlink.IFLA_MIN_MTU, struct.pack("=I", 68))
+    body += _rta(netlink.IFLA_MAX_MTU, struct.pack("=I", 9216))
+    msg = struct.pack("=IHHII", 16 + len(body), netlink.RTM_NEWLINK, 0, 0, 0) + body
+    (link,), _ = netlink.parse(msg)
+    assert isinstance(link, netlink.Link)
+    assert (link.arphrd, link.mac, link.perm_mac) == (776, "02:00:00:00:0a:01", "02:00:00:00:00:ff")
+    assert (link.master, link.min_mtu, link.max_mtu) == (42, 68, 9216)
+    (veth,), _ = netlink.parse(_newlink(9, "v0", _rta(netlink.IFLA_INFO_KIND, b"veth\0")))
+    assert isinstance(veth, netlink.Link)
+    assert (veth.arphrd, veth.perm_mac, veth.master, veth.max_mtu) == (1, "", 0, 0)

@@ -583,6 +583,39 @@ def test_failover_device_deleted_by_hand_is_recreated(running: tuple[Lab, AgentR
 
 
 @pytest.mark.root
+def test_failover_device_moved_to_another_netns_is_taken_back(
+    running: tuple[Lab, AgentRun], scratch_netns: str
+) -> None:
+    """`ip link set ens10 netns X`: net_failover's device is netns-local, a veth is not.
+    Gone from the agent's netns while its hidden peer stays: the pair is deleted (the
+    device with it, there), re-created here and said so; the group keeps its lowers and
+    carries traffic again once addressed."""
+    lab, agent = running
+    n = lab.names(0)
+    old = agent.group()["ifindex"]
+    netns.run_in(lab.guest, ["ip", "link", "set", n.failover, "netns", scratch_netns])
+    (moved,) = agent.wait_for(lambda: agent.events("failover_device_moved"), what="taken back")
+    assert moved["ifindex"] == old and not agent.events("failover_device_lost")
+    agent.wait_for(lambda: agent.events("failover_device_recreated"), what="re-created")
+    gone = subprocess.run(
+        ["ip", "-n", scratch_netns, "link", "show", n.failover], capture_output=True, check=False
+    )
+    assert gone.returncode != 0, "the moved device was left in the other netns"
+    g = agent.group()
+    assert g["ifindex"] != old and lab.link(lab.guest, n.failover) is not None
+    assert len(g["lowers"]) == 2
+    lab.address_failover(0)  # addresses belong to the OS's network config, not to us
+    g = converged(agent, lab)
+    assert g["active_lower"] == n.primary and g["carrier"] and carrier(lab, n.failover)
+    one_filter_each(lab)
+    assert_no_stale_devs(agent, lab)
+    before = agent.group()["lowers"]
+    assert ping(lab.guest, n.peer_v4, count=5)
+    assert tx_total({"lowers": agent.group()["lowers"]}) > tx_total({"lowers": before})
+    TALLY.fault(0)  # the device (and its addresses) was gone: the loss is that outage
+
+
+@pytest.mark.root
 def test_failover_name_taken_meanwhile_says_it_cannot(
     running: tuple[Lab, AgentRun], tmp_path: Path
 ) -> None:

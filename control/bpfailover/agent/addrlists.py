@@ -30,6 +30,20 @@ def sync_mc(grp: Group) -> None:
         event("uc_sync_error", group=grp.name, error=str(e))
 
 
+def unsync_lower(group: str, ifindex: int, name: str, mc: set[str], uc: set[str]) -> None:
+    """A lower leaves its group while still present: the addresses we added to its lists
+    are taken off (net_failover's dev_uc_unsync()/dev_mc_unsync()); what others put there
+    stays."""
+    try:
+        mcsync.remove(name, mc)
+    except OSError as e:
+        event("mc_unsync_error", group=group, lower=name, error=str(e))
+    try:
+        mcsync.remove_uc(ifindex, uc)
+    except OSError as e:
+        event("uc_unsync_error", group=group, lower=name, error=str(e))
+
+
 def on_addr(
     groups: dict[str, Group], addrs: dict[int, set[tuple[int, str]]], addr: netlink.Addr
 ) -> None:

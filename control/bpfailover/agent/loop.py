@@ -201,7 +201,14 @@ class Agent:
             hooks=self.lower_hooks,
         )
         self.requests = Requests(
-            self.groups, dp, wiring, self.switch, self.addrs, self.status, self.clock
+            self.groups,
+            dp,
+            wiring,
+            self.switch,
+            self.addrs,
+            self.status,
+            self.clock,
+            let_go=self.lowers.let_go_all,
         )
 
     def _open_datapath(self) -> None:

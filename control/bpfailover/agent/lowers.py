@@ -15,7 +15,7 @@ import logging
 from collections.abc import Callable
 
 from bpfailover.agent import uppers
-from bpfailover.agent.addrlists import sync_mc
+from bpfailover.agent.addrlists import sync_mc, unsync_lower
 from bpfailover.agent.ports import Clock, SpeedReader
 from bpfailover.agent.switch import Switcher
 from bpfailover.agent.udevwait import Held, UdevWait
@@ -26,7 +26,7 @@ from bpfailover.effects import vlans
 from bpfailover.effects.ethtool import driver_of
 from bpfailover.events import netlink
 from bpfailover.model.groups import Group, Lower
-from bpfailover.model.lowers import UPPER_KINDS, lower_role
+from bpfailover.model.lowers import lower_role, not_a_lower, shares_mac
 from bpfailover.ops.eventlog import event
 from bpfailover.policy import Role
 
@@ -62,6 +62,9 @@ class Lowers:
         # (group, ifindex) -> why: a lower refused for its hooks is said once, not at each
         # of its events; forgotten when it goes away or registers.
         self.hooks_refused: dict[tuple[str, int], str] = {}
+        # (group, ifindex) -> why a netdev with the group MAC is not a lower (permanent
+        # address, not Ethernet, enslaved): said once, as above
+        self.not_lowers: dict[tuple[str, int], str] = {}
 
     # -- link events ------------------------------------------------------------------------
     def on_link(self, link: netlink.Link, t_ns: int) -> None:
@@ -77,6 +80,12 @@ class Lowers:
                     event("lower_mac_changed", group=grp.name, lower=lower.name, mac=link.mac)
                     self.unregister(grp, lower.role)
                     came_up = False
+                elif link.master:
+                    # a netdev has one master (net_failover's is its failover device): the
+                    # new one owns it now, so it is left open
+                    event("lower_enslaved", group=grp.name, lower=lower.name, master=link.master)
+                    self.unregister(grp, lower.role, close=False)
+                    came_up = False
                 else:
                     came_up = self.update(grp, link)
                 self.switch.decide(grp, t_ns, f"link {link.ifname}")
@@ -91,6 +100,7 @@ class Lowers:
                 return
             if link.deleted:
                 self.hooks_refused.pop((grp.name, link.ifindex), None)
+                self.not_lowers.pop((grp.name, link.ifindex), None)
                 continue
             if self._held(grp, link, t_ns):
                 return
@@ -108,10 +118,10 @@ class Lowers:
     def _candidate(self, grp: Group, link: netlink.Link) -> bool:
         """Could become one of grp's lowers, whatever its name turns out to be."""
         return (
-            link.mac == grp.mac
-            and link.kind not in UPPER_KINDS
+            shares_mac(grp.mac, link.mac, link.kind)
             and link.ifindex not in (grp.master, grp.peer)
             and vlans.parse_name(link.ifname) is None
+            and not_a_lower(grp.mac, link.perm_mac, link.arphrd, link.master) is None
         )
 
     def _held(self, grp: Group, link: netlink.Link, t_ns: int) -> bool:
@@ -140,8 +150,12 @@ class Lowers:
             link = links.get(lower.ifindex)
             if link is None or link.mac != grp.mac:
                 self.unregister(grp, role, gone=link is None)
+            elif link.master:
+                self.unregister(grp, role, close=False)  # enslaved: its master's now
         master = links.get(grp.master)
-        if master is not None:
+        if master is None:  # its RTM_DELLINK was among the events the kernel dropped
+            self._recreate_master(grp)
+        else:
             grp.mtu = master.mtu
             if master.mac and master.mac != grp.mac:
                 self._restore_mac(grp, master.mac)
@@ -209,6 +223,7 @@ class Lowers:
         lower.admin_up, lower.carrier = link.admin_up, link.carrier
         if link.mtu:
             lower.mtu = link.mtu
+            lower.min_mtu, lower.max_mtu = link.min_mtu, link.max_mtu
         if came_up and grp.pcfg.reselect == "better":
             self.refresh_speed(grp, lower)  # the policy compares it: read before deciding
         return came_up
@@ -228,7 +243,26 @@ class Lowers:
             return None
         if vlans.parse_name(link.ifname) is not None:
             return None  # our own VLAN filter devices (events may lack their kind)
-        return lower_role(grp.cfg, grp.mac, link.ifname, link.mac, link.kind, driver_of)
+        key = (grp.name, link.ifindex)
+        if shares_mac(grp.mac, link.mac, link.kind):
+            why = not_a_lower(grp.mac, link.perm_mac, link.arphrd, link.master)
+            if why is not None:
+                if self.not_lowers.get(key) != why:
+                    self.not_lowers[key] = why
+                    event("lower_ignored", group=grp.name, lower=link.ifname, why=why)
+                return None
+        self.not_lowers.pop(key, None)
+        return lower_role(
+            grp.cfg,
+            grp.mac,
+            link.ifname,
+            link.mac,
+            link.kind,
+            driver_of,
+            perm_mac=link.perm_mac,
+            arphrd=link.arphrd,
+            master=link.master,
+        )
 
     def maybe_register(self, grp: Group, link: netlink.Link) -> bool:
         role = self._role_for(grp, link)
@@ -241,9 +275,17 @@ class Lowers:
             return False
         if self._hooks_refused(grp, link, role):
             return False  # before the MTU below: another running agent's device is not ours
-        if grp.mtu and link.mtu and link.mtu < grp.mtu and not self._set_mtu(link.ifindex, grp.mtu):
-            why = f"MTU {link.mtu} < {grp.mtu} and cannot be raised"
-            event("lower_refused", group=grp.name, lower=link.ifname, role=role, why=why)
+        refused = _out_of_range(grp.mtu, link.min_mtu, link.max_mtu)
+        if (
+            refused is None
+            and grp.mtu
+            and link.mtu
+            and link.mtu < grp.mtu
+            and not self._set_mtu(link.ifindex, grp.mtu)
+        ):
+            refused = f"MTU {link.mtu} < {grp.mtu} and cannot be raised"
+        if refused is not None:  # net_failover_slave_register(): dev_set_mtu() failed
+            event("lower_refused", group=grp.name, lower=link.ifname, role=role, why=refused)
             return False
         try:
             self.wiring.register_lower(grp.gid, ROLE_SLOTS[role], link.ifindex, grp.cfg.rx_path)
@@ -253,7 +295,14 @@ class Lowers:
                 self.wiring.unregister_lower(grp.gid, ROLE_SLOTS[role], link.ifindex, gone=True)
             raise
         grp.lowers[role] = Lower(
-            role, link.ifindex, link.ifname, link.admin_up, link.carrier, max(link.mtu, grp.mtu)
+            role,
+            link.ifindex,
+            link.ifname,
+            link.admin_up,
+            link.carrier,
+            max(link.mtu, grp.mtu),
+            min_mtu=link.min_mtu,
+            max_mtu=link.max_mtu,
         )
         self.refresh_speed(grp, grp.lowers[role])
         event(
@@ -285,18 +334,63 @@ class Lowers:
             event("lower_refused", group=grp.name, lower=link.ifname, role=role, why=why)
         return True
 
-    def unregister(self, grp: Group, role: Role, gone: bool = False) -> None:
-        """Forget a lower.  If it is active the policy moves traffic away first."""
+    def unregister(self, grp: Group, role: Role, gone: bool = False, close: bool = True) -> None:
+        """Forget a lower.  If it is active the policy moves traffic away first.  One that
+        leaves while still present (its MAC changed, enslaved) is left as
+        net_failover_slave_unregister() leaves it: our VLAN filters and the addresses we
+        added to its lists taken off, and closed (`close`: unless another master took it).
+        A deleted one took all that with it."""
         lower = grp.lowers.pop(role)
         self.switch.decide(grp, self.clock.monotonic_ns(), f"unregister {lower.name}")
         self.wiring.unregister_lower(grp.gid, ROLE_SLOTS[role], lower.ifindex, gone=gone)
-        grp.mc_added.pop(lower.ifindex, None)
-        grp.uc_added.pop(lower.ifindex, None)
-        for v in grp.vlan_filters.pop(lower.ifindex, set()):
-            if not gone:  # (a deleted lower took its VLAN devices with it)
-                with contextlib.suppress(Exception):
-                    vlans.remove(self.wiring.ipr, lower.ifindex, v)
-        event("lower_unregistered", group=grp.name, role=role, lower=lower.name, gone=gone)
+        closed = self._let_go(grp, lower, close=close and not gone, gone=gone)
+        event(
+            "lower_unregistered",
+            group=grp.name,
+            role=role,
+            lower=lower.name,
+            gone=gone,
+            closed=closed,
+        )
+
+    def _let_go(self, grp: Group, lower: Lower, close: bool, gone: bool = False) -> bool:
+        """What we put on a lower taken off it: our VLAN filters, the addresses we added to
+        its lists (dev_uc_unsync/dev_mc_unsync), then closed if `close` (dev_close).
+        True when it was closed."""
+        mc = grp.mc_added.pop(lower.ifindex, set())
+        uc = grp.uc_added.pop(lower.ifindex, set())
+        filters = grp.vlan_filters.pop(lower.ifindex, set())
+        if gone:
+            return False  # a deleted lower took all that with it
+        for v in filters:
+            with contextlib.suppress(Exception):
+                vlans.remove(self.wiring.ipr, lower.ifindex, v)
+        unsync_lower(grp.name, lower.ifindex, lower.name, mc, uc)
+        if not close:
+            return False
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        try:
+            self.wiring.set_down(lower.ifindex)
+        except NetlinkError as e:
+            event("lower_close_error", group=grp.name, lower=lower.name, error=str(e))
+            return False
+        return True
+
+    def let_go_all(self, grp: Group) -> None:
+        """Teardown: every lower let go as net_failover_destroy() does (after the datapath
+        is gone: no switch is decided for a group that is going away)."""
+        for lower in list(grp.lowers.values()):
+            closed = self._let_go(grp, lower, close=True)
+            event(
+                "lower_unregistered",
+                group=grp.name,
+                role=lower.role,
+                lower=lower.name,
+                gone=False,
+                closed=closed,
+            )
+        grp.lowers.clear()
 
     # -- the failover device ------------------------------------------------------------------
     def _on_master(self, grp: Group, link: netlink.Link) -> None:
@@ -330,11 +424,29 @@ class Lowers:
         """The failover device was deleted by hand (`failoverctl teardown` is the way to
         remove a group): put it back as it was, same name, MAC and MTU, and carry on.  The
         lowers' filters find the new device through the group map.  Its addresses belong to
-        the OS's network configuration (networkd/NM/DHCP bring them back on a new netdev)."""
+        the OS's network configuration (networkd/NM/DHCP bring them back on a new netdev).
+        Moved to another netns (`ip link set ens10 netns X`; net_failover's device is
+        netns-local, a veth is not), it is gone from ours as if deleted, but its hidden
+        peer is still here: the pair is deleted (the device with it, there) and re-created
+        here, said so."""
         from pyroute2.netlink.exceptions import NetlinkError
 
         old = grp.master
-        event("failover_device_deleted", group=grp.name, ifindex=old, action="re-creating it")
+        try:
+            moved = self.wiring.remove_moved_pair(grp.name, grp.peer)
+        except NetlinkError as e:
+            moved = False
+            event("failover_device_moved_error", group=grp.name, error=str(e))
+        if moved:
+            event(
+                "failover_device_moved",
+                group=grp.name,
+                ifindex=old,
+                action="deleted there and re-created here: a failover device stays in "
+                "failoverd's netns",
+            )
+        else:
+            event("failover_device_deleted", group=grp.name, ifindex=old, action="re-creating it")
         try:
             gid = self.wiring.setup_group(
                 grp.cfg.name,
@@ -370,8 +482,24 @@ class Lowers:
         sync_mc(grp)
 
     def _propagate_mtu(self, grp: Group, mtu: int) -> None:
-        """MTU set on the failover device goes to its peer and both lowers, all or none."""
+        """MTU set on the failover device goes to its peer and both lowers, all or none.
+        The failover device's MTU range is its lowers' (net_failover's is the primary's,
+        and its ndo_change_mtu needs the standby to take it too): an MTU outside it is
+        rolled back before any device is touched."""
         old = grp.mtu
+        for lw in grp.lowers.values():
+            why = _out_of_range(mtu, lw.min_mtu, lw.max_mtu)
+            if why is not None:
+                self._set_mtu(grp.master, old)
+                event(
+                    "mtu_refused",
+                    group=grp.name,
+                    mtu=mtu,
+                    rolled_back_to=old,
+                    refused_by=lw.ifindex,
+                    why=f"{lw.name} ({lw.role}): {why}",
+                )
+                return
         done: list[tuple[int, int]] = []
         targets = [(grp.peer, old)] + [(lw.ifindex, lw.mtu) for lw in grp.lowers.values()]
         for ifindex, prev in targets:
@@ -398,3 +526,13 @@ class Lowers:
             log.debug("mtu %d on %d: %s", mtu, ifindex, e)
             return False
         return True
+
+
+def _out_of_range(mtu: int, min_mtu: int, max_mtu: int) -> str | None:
+    """Why a lower with MTU range [min_mtu, max_mtu] (0: not known / no limit) cannot
+    take `mtu` (0: none asked), else None."""
+    if mtu and max_mtu and mtu > max_mtu:
+        return f"its max MTU {max_mtu} < the failover device's MTU {mtu}"
+    if mtu and min_mtu and mtu < min_mtu:
+        return f"its min MTU {min_mtu} > the failover device's MTU {mtu}"
+    return None

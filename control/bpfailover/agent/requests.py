@@ -30,6 +30,7 @@ class Requests:
         addrs: dict[int, set[tuple[int, str]]],
         status: Callable[[], dict[str, Any]],
         clock: Clock,
+        let_go: Callable[[Group], None] | None = None,
     ) -> None:
         self.groups = groups
         self.dp = dp
@@ -38,6 +39,7 @@ class Requests:
         self.addrs = addrs  # ifindex -> {(family, address)}, kept by the agent
         self.status = status
         self.clock = clock
+        self.let_go = let_go  # teardown: the lowers let go (Lowers.let_go_all)
 
     def handle(self, req: dict[str, Any]) -> dict[str, Any]:
         cmd = req.get("cmd")
@@ -101,6 +103,8 @@ class Requests:
             "lowers": sorted(lw.name for lw in grp.lowers.values()),
         }
         self.wiring.teardown_group(grp.name)
+        if self.let_go is not None:
+            self.let_go(grp)
         del self.groups[grp.name]
         event("teardown", group=grp.name, **{k: v for k, v in removed.items() if k != "device"})
         return {"ok": True, "removed": removed}

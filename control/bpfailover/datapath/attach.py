@@ -423,6 +423,27 @@ class Wiring:
         """Admin up; raises pyroute2's NetlinkError when the device refuses."""
         self.ipr.link("set", index=ifindex, state="up")
 
+    def remove_moved_pair(self, name: str, peer_ifindex: int) -> bool:
+        """Failover device `name` is gone from this netns: if its hidden peer is still
+        here, the device was moved to another netns; the pair is deleted (both ends,
+        wherever they are).  True when it was."""
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        try:
+            link = self.ipr.get_links(peer_ifindex)[0]
+        except NetlinkError as e:
+            if e.code == errno.ENODEV:
+                return False  # deleted with the device: nothing moved
+            raise
+        if link.get_attr("IFLA_IFNAME") != peer_name(name):
+            return False  # (its ifindex taken by another netdev since)
+        self.ipr.link("del", index=peer_ifindex)
+        return True
+
+    def set_down(self, ifindex: int) -> None:
+        """Admin down; raises pyroute2's NetlinkError when the device refuses."""
+        self.ipr.link("set", index=ifindex, state="down")
+
     def teardown_group(self, name: str) -> bool:
         """Remove a group's datapath: filters, XDP, the failover device, map state."""
         g = self.dp.groups().get(name)

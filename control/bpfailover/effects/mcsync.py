@@ -78,6 +78,17 @@ def sync(master: str, lowers: dict[int, str], added: dict[int, set[str]]) -> dic
     return result
 
 
+def remove(name: str, macs: set[str]) -> None:
+    """Take the multicast addresses we added off a lower that leaves its group
+    (net_failover's dev_mc_unsync); one already gone is no error."""
+    for mac in sorted(macs):
+        try:
+            _ioctl(SIOCDELMULTI, name, mac)
+        except OSError as e:
+            if e.errno != errno.ENOENT:
+                raise
+
+
 # -- unicast: the FDB "self" entries -----------------------------------------------------------
 def _mac_str(raw: bytes) -> str:
     return ":".join(f"{b:02x}" for b in raw)
@@ -170,6 +181,12 @@ def uc_del(ifindex: int, mac: str) -> None:
     except OSError as e:
         if e.errno != errno.ENOENT:
             raise
+
+
+def remove_uc(ifindex: int, macs: set[str]) -> None:
+    """The same for the unicast addresses we added (net_failover's dev_uc_unsync)."""
+    for mac in sorted(macs):
+        uc_del(ifindex, mac)
 
 
 def sync_uc(master: int, lowers: dict[int, str], added: dict[int, set[str]]) -> dict[int, set[str]]:

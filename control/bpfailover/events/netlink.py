@@ -32,13 +32,17 @@ RTNLGRP_IPV4_MCADDR = 37
 RTNLGRP_IPV6_MCADDR = 38
 
 IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_LINK = 1, 3, 4, 5
+IFLA_MASTER = 10
 IFLA_LINKINFO = 18
+IFLA_MIN_MTU, IFLA_MAX_MTU = 50, 51
+IFLA_PERM_ADDRESS = 54
 IFLA_INFO_KIND, IFLA_INFO_DATA = 1, 2
 IFLA_VLAN_ID, IFLA_VLAN_PROTOCOL = 1, 5
 IFA_ADDRESS, IFA_LOCAL = 1, 2
 
 IFF_UP = 0x1
 IFF_LOWER_UP = 0x10000
+ARPHRD_ETHER = 1
 
 _NLMSG = struct.Struct("=IHHII")
 _IFINFO = struct.Struct("=BxHiII")
@@ -70,6 +74,14 @@ class Link:
     kind: str = ""  # IFLA_INFO_KIND (present in dumps and most events)
     vlan: tuple[int, int] | None = None  # kind "vlan": (protocol, e.g. 0x8100, VLAN id)
     deleted: bool = False
+    # what registration checks (net/core/failover.c): ifi_type, the permanent address
+    # (absent where the device has none, e.g. veth), IFLA_MASTER (enslaved), the MTU range
+    # (max 0: no limit)
+    arphrd: int = ARPHRD_ETHER
+    perm_mac: str = ""
+    master: int = 0
+    min_mtu: int = 0
+    max_mtu: int = 0
 
     @property
     def admin_up(self) -> bool:
@@ -115,8 +127,12 @@ def _mac(raw: bytes | None) -> str:
     return ":".join(f"{b:02x}" for b in raw) if raw else ""
 
 
+def _u32(a: dict[int, bytes], attr: int) -> int:
+    return struct.unpack("=I", a[attr][:4])[0] if attr in a else 0
+
+
 def parse_link(buf: bytes, off: int, end: int, msg_type: int) -> Link:
-    _fam, _type, ifindex, flags, _change = _IFINFO.unpack_from(buf, off)
+    _fam, arphrd, ifindex, flags, _change = _IFINFO.unpack_from(buf, off)
     a = _attrs(buf, off + _IFINFO.size, end)
     kind = ""
     vlan = None
@@ -136,11 +152,16 @@ def parse_link(buf: bytes, off: int, end: int, msg_type: int) -> Link:
         ifname=a.get(IFLA_IFNAME, b"").rstrip(b"\0").decode(errors="replace"),
         flags=flags,
         mac=_mac(a.get(IFLA_ADDRESS)),
-        mtu=struct.unpack("=I", a[IFLA_MTU])[0] if IFLA_MTU in a else 0,
+        mtu=_u32(a, IFLA_MTU),
         link=struct.unpack("=i", a[IFLA_LINK])[0] if IFLA_LINK in a else 0,
         kind=kind,
         vlan=vlan,
         deleted=msg_type == RTM_DELLINK,
+        arphrd=arphrd,
+        perm_mac=_mac(a.get(IFLA_PERM_ADDRESS)),
+        master=_u32(a, IFLA_MASTER),
+        min_mtu=_u32(a, IFLA_MIN_MTU),
+        max_mtu=_u32(a, IFLA_MAX_MTU),
     )
 
 

@@ -20,6 +20,8 @@ class Lower:
     mtu: int
     speed_mbps: int | None = None  # ethtool's figure, read when its carrier comes up
     duplex: str | None = None
+    min_mtu: int = 0  # the MTU range its driver takes (0: not known / no limit)
+    max_mtu: int = 0
 
     def state(self) -> policy.LowerState:
         return policy.LowerState(
