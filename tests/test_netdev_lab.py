@@ -313,8 +313,10 @@ def test_macvlan_on_top_receives_unicast_through_the_vf(
         run.wait_for(lambda d=dev: MV_MAC not in _uc(lab, d), what=f"{MV_MAC} gone from {dev}")
 
 
-def test_status_reports_the_active_lowers_speed(lab: Lab, agent_factory: list[AgentRun]) -> None:
-    """`ethtool ens10` can only say veth's 10000/Full; status says the active lower's."""
+def test_status_carries_the_lowers_ethtool_speed(lab: Lab, agent_factory: list[AgentRun]) -> None:
+    """The real ethtool reader reaches status: every lab lower is a veth (10000/Full, and
+    veth takes no `ethtool -s`), so which lower's speed the group shows is checked in
+    test_agent_unit with lowers of different speeds."""
     run = _up(lab, agent_factory)
     g = run.group()
     primary = next(lw for lw in g["lowers"] if lw["role"] == "primary")
