@@ -83,40 +83,48 @@ def test_failover_counters_match_the_lowers_both_ways(
 # -- tcpdump -----------------------------------------------------------------------------------
 _TAP = textwrap.dedent(
     """
-    import socket, struct, sys, time
+    import select, socket, sys
     s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))  # ETH_P_ALL
     s.bind((sys.argv[1], 0))
-    s.settimeout(0.2)
     print("ready", flush=True)
     out = inc = 0
-    end = time.monotonic() + float(sys.argv[2])
-    while time.monotonic() < end:
-        try:
-            data, addr = s.recvfrom(2048)
-        except TimeoutError:
-            continue
-        # IPv4 ICMP echo: request (type 8) out, reply (type 0) in
-        if data[12:14] == b"\\x08\\x00" and data[23] == 1:
-            icmp = data[14 + (data[14] & 15) * 4]
-            if addr[2] == 4 and icmp == 8:  # PACKET_OUTGOING
-                out += 1
-            elif addr[2] != 4 and icmp == 0:
-                inc += 1
+    done = False
+    while not done:
+        # until stdin closes (the pings are over), then what is queued; bounded
+        r, _, _ = select.select([s, sys.stdin], [], [], 60)
+        if sys.stdin in r or not r:
+            s.setblocking(False)
+            done = True
+        while True:
+            try:
+                data, addr = s.recvfrom(2048)
+            except BlockingIOError:
+                break
+            # IPv4 ICMP echo: request (type 8) out, reply (type 0) in
+            if data[12:14] == b"\\x08\\x00" and data[23] == 1:
+                icmp = data[14 + (data[14] & 15) * 4]
+                if addr[2] == 4 and icmp == 8:  # PACKET_OUTGOING
+                    out += 1
+                elif addr[2] != 4 and icmp == 0:
+                    inc += 1
+            if not done:
+                break
     print(out, inc, flush=True)
     """
 )
 
 
 def _tap_counts(lab: Lab, dev: str, count: int) -> tuple[int, int]:
-    """What a packet tap on `dev` (the mechanism tcpdump uses) sees of `count` pings."""
-    argv = netns.cmd_in(lab.guest, [sys.executable, "-c", _TAP, dev, "4"])
-    p = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+    """What a packet tap on `dev` (the mechanism tcpdump uses) sees of `count` pings: it
+    listens until the pings are over, then reads what it has queued (no time window)."""
+    argv = netns.cmd_in(lab.guest, [sys.executable, "-c", _TAP, dev])
+    p = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert p.stdout is not None and p.stdout.readline().strip() == "ready"
         n = lab.names(0)
-        argv = ["ping", "-n", "-q", "-c", str(count), "-i", "0.01", "-W", "1", n.peer_v4]
-        netns.run_in(lab.guest, argv, timeout=20)
-        out, _ = p.communicate(timeout=20)
+        argv = ["ping", "-n", "-q", "-c", str(count), "-i", "0.01", "-W", "5", n.peer_v4]
+        netns.run_in(lab.guest, argv, timeout=60)
+        out, _ = p.communicate(timeout=60)  # closes its stdin: the pings are over
     finally:
         if p.poll() is None:
             p.kill()
