@@ -7,7 +7,6 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-
 from bench.proving_ground.__main__ import markdown, vs_kernel
 from bench.proving_ground.run import StepResult
 
