@@ -543,6 +543,21 @@ def test_reselect_better_reads_speeds_only_at_registration_and_on_the_way_up(mak
     assert asked == ["ens10p"]
 
 
+def test_status_reports_the_active_lowers_speed(make: Any) -> None:
+    """Status says the speed of the lower that carries the traffic (what `ethtool` on the
+    failover device cannot say), and follows a switch; each lower says its own."""
+    h = make(primary(), standby(), speeds={"ens10p": 25_000, "ens10s": 1_000})
+    (st,) = h.agent.publish().groups
+    assert (st.active_lower, st.speed_mbps) == ("ens10p", 25_000)
+    assert {lw.name: (lw.speed_mbps, lw.duplex) for lw in st.lowers} == {
+        "ens10p": (25_000, "full"),
+        "ens10s": (1_000, "full"),
+    }
+    h.send(primary(flags=IFF_UP))  # carrier off: the standby carries it
+    (st,) = h.agent.publish().groups
+    assert (st.active_lower, st.speed_mbps) == ("ens10s", 1_000)
+
+
 @pytest.mark.parametrize(("reselect", "flips_before_read"), [("always", 3), ("better", 2)])
 def test_speed_is_read_before_the_flip_only_when_the_policy_compares_it(
     make: Any, reselect: str, flips_before_read: int

@@ -948,11 +948,11 @@ TUNSETIFF, TUNSETCARRIER = 0x400454CA, 0x400454E2
 IFF_TAP, IFF_NO_PI, IFF_LOWER_UP = 0x0002, 0x1000, 0x10000
 
 
-def test_tap_carrier_loss_is_seen_at_once_while_link_watch_delays_netlink(rig: Rig) -> None:
+def test_tap_carrier_loss_moves_the_datapath_before_netlink_tells(rig: Rig) -> None:
     """A tap device's carrier events are not urgent for link-watch (its ifindex is its
     iflink): after a flap, the next carrier-off RTM_NEWLINK waits for link-watch's next run
     (up to 1 s).  The carrier bit flips at once, and that is what the datapath reads: the
-    very next frame goes to the standby, before netlink has said anything."""
+    very next frame goes to the standby, and netlink has not said anything yet."""
     import fcntl
     import os
     import select
@@ -964,6 +964,24 @@ def test_tap_carrier_loss_is_seen_at_once_while_link_watch_delays_netlink(rig: R
     with netns.entered(rig.ns):
         tun = os.open("/dev/net/tun", os.O_RDWR)
         nl = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+    nl.setblocking(False)
+
+    def carrier_off_told(tap: int) -> bool:
+        """Has a carrier-off RTM_NEWLINK of the tap arrived (reads what is queued)?"""
+        told = False
+        while True:
+            try:
+                data = nl.recv(65536)
+            except BlockingIOError:
+                return told
+            off = 0
+            while off + 32 <= len(data):
+                length, mtype = struct.unpack_from("=IH", data, off)
+                _fam, _pad, _typ, index, flags = struct.unpack_from("=BBHiI", data, off + 16)
+                if mtype == 16 and index == tap and not flags & IFF_LOWER_UP:  # RTM_NEWLINK
+                    told = True
+                off += (length + 3) & ~3
+
     try:
         fcntl.ioctl(tun, TUNSETIFF, struct.pack("16sH22x", b"fotap0", IFF_TAP | IFF_NO_PI))
         subprocess.run(["ip", "-n", rig.ns, "link", "set", "fotap0", "up"], check=True)
@@ -977,40 +995,37 @@ def test_tap_carrier_loss_is_seen_at_once_while_link_watch_delays_netlink(rig: R
         rig.dp.set_dev(tap, 0, L.FO_SLOT_PRIMARY)
         rig.dp.set_lower(0, L.FO_SLOT_PRIMARY, tap)
         nl.bind((0, 1))  # RTMGRP_LINK
-        # the flap: off, then on (an urgent event: link-watch runs now)
-        fcntl.ioctl(tun, TUNSETCARRIER, struct.pack("i", 0))
-        fcntl.ioctl(tun, TUNSETCARRIER, struct.pack("i", 1))
-        time.sleep(0.05)
-        while select.select([nl], [], [], 0)[0]:
-            nl.recv(65536)  # the flap's own events
-        fallback0 = rig.dp.fallback(0, L.FO_SLOT_PRIMARY, L.FO_DIR_TX).packets
-        t_off = time.monotonic()
-        fcntl.ioctl(tun, TUNSETCARRIER, struct.pack("i", 0))  # the loss
-        with netns.entered(rig.ns):
-            verdict = bpfsys.prog_test_run(
-                rig.dp.prog_fd("prog_fo_egress"), V4, skb_ctx(rig.ifx["fo0"])
-            ).retval
-        t_dp = time.monotonic()
-        told = None
-        while told is None and time.monotonic() - t_off < 3:
-            if not select.select([nl], [], [], 3)[0]:
+        # The order holds unless this process stalls past link-watch's next run between
+        # the flap and the frame: a busy machine gets two more tries, the datapath's verdict
+        # is checked every time.
+        netlink_first = []
+        for _ in range(3):
+            # the flap: off, then on (an urgent event: link-watch runs now)
+            fcntl.ioctl(tun, TUNSETCARRIER, struct.pack("i", 0))
+            fcntl.ioctl(tun, TUNSETCARRIER, struct.pack("i", 1))
+            time.sleep(0.05)
+            carrier_off_told(tap)  # the flap's own events
+            fallback0 = rig.dp.fallback(0, L.FO_SLOT_PRIMARY, L.FO_DIR_TX).packets
+            fcntl.ioctl(tun, TUNSETCARRIER, struct.pack("i", 0))  # the loss
+            with netns.entered(rig.ns):
+                verdict = bpfsys.prog_test_run(
+                    rig.dp.prog_fd("prog_fo_egress"), V4, skb_ctx(rig.ifx["fo0"])
+                ).retval
+            netlink_first.append(carrier_off_told(tap))
+            assert verdict == TC_ACT_REDIRECT
+            assert rig.dp.last_redirect() == rig.ifx["sb0"]
+            assert rig.dp.fallback(0, L.FO_SLOT_PRIMARY, L.FO_DIR_TX).packets == fallback0 + 1
+            # and netlink does tell, once link-watch runs (a generous wait)
+            told = netlink_first[-1]
+            for _ in range(100):
+                if told:
+                    break
+                select.select([nl], [], [], 0.1)
+                told = carrier_off_told(tap)
+            assert told, "no carrier-off RTM_NEWLINK within 10 s"
+            if not netlink_first[-1]:
                 break
-            data = nl.recv(65536)
-            off = 0
-            while off + 32 <= len(data):
-                length, mtype = struct.unpack_from("=IH", data, off)
-                _fam, _pad, _typ, index, flags = struct.unpack_from("=BBHiI", data, off + 16)
-                if mtype == 16 and index == tap and not flags & IFF_LOWER_UP:  # RTM_NEWLINK
-                    told = time.monotonic()
-                off += (length + 3) & ~3
-        assert verdict == TC_ACT_REDIRECT
-        assert rig.dp.last_redirect() == rig.ifx["sb0"]
-        assert rig.dp.fallback(0, L.FO_SLOT_PRIMARY, L.FO_DIR_TX).packets == fallback0 + 1
-        assert told is not None, "no carrier-off RTM_NEWLINK within 3 s"
-        print(
-            f"\ntap carrier off after a flap: datapath moved the next frame after "
-            f"{(t_dp - t_off) * 1e3:.2f} ms; RTM_NEWLINK came after {(told - t_off) * 1e3:.0f} ms"
-        )
+        assert not netlink_first[-1], f"netlink told before the datapath moved: {netlink_first}"
     finally:
         nl.close()
         os.close(tun)  # the tap goes with its last fd

@@ -163,6 +163,71 @@ def _network(path: Path) -> configparser.ConfigParser:
     return p
 
 
+# ---- which .network / .link file networkd and udev pick ---------------------------------------
+# systemd reads /etc, /run and /usr/lib/systemd/network (a name in an earlier directory masks
+# the same name in a later one), sorts the files by name and applies the first whose [Match]
+# fits the device.  The snippets are installed in /etc/systemd/network (docs/cloud-guest.md),
+# next to what a cloud guest has: netplan's rendering of cloud-init's network config, an
+# operator's catch-all, systemd's 99-default.link and whatever this machine's systemd ships.
+ETC, RUN, LIB = "/etc/systemd/network", "/run/systemd/network", "/usr/lib/systemd/network"
+NETPLAN_BY_NAME = "[Match]\nName=enp1s0\n\n[Network]\nDHCP=ipv4\n"  # with the shim
+NETPLAN_BY_MAC = f"[Match]\nMACAddress={MAC}\n\n[Network]\nDHCP=ipv4\n"  # what clouds send
+USER_GLOB = "[Match]\nName=en*\n\n[Network]\nDHCP=yes\n"
+DEFAULT_LINK = (
+    "[Match]\nOriginalName=*\n\n[Link]\nNamePolicy=keep kernel database onboard slot path\n"
+    "AlternativeNamesPolicy=database onboard slot path\nMACAddressPolicy=persistent\n"
+)
+
+
+def guest_files(netplan: str) -> dict[str, str]:
+    """path -> text: the shipped snippets where the docs install them, and the others."""
+    files = {f"{LIB}/{f.name}": f.read_text() for f in sorted(Path(LIB).glob("*")) if f.is_file()}
+    files |= {
+        f"{RUN}/10-netplan-nic0.network": netplan,
+        f"{ETC}/50-dhcp.network": USER_GLOB,
+        f"{LIB}/99-default.link": DEFAULT_LINK,
+    }
+    files |= {f"{ETC}/{f.name}": f.read_text() for f in (DEPLOY / "networkd").iterdir()}
+    return files
+
+
+def _fits(patterns: str, value: str | None) -> bool:
+    neg = patterns.startswith("!")
+    hit = value is not None and any(
+        fnmatch.fnmatchcase(value, p) for p in patterns.lstrip("!").split()
+    )
+    return hit != neg
+
+
+def first_match(files: dict[str, str], suffix: str, dev: dict[str, str]) -> str | None:
+    """The file name systemd applies to `dev` (name, mac, driver, kind), or None."""
+    by_name: dict[str, str] = {}
+    for d in (ETC, RUN, LIB):  # highest priority first
+        for path, text in files.items():
+            name = path.rsplit("/", 1)[1]
+            if path.rsplit("/", 1)[0] == d and name.endswith(suffix):
+                by_name.setdefault(name, text)
+    for name in sorted(by_name):  # strcmp order, as systemd's conf_files_list
+        p = configparser.ConfigParser(strict=False, interpolation=None)
+        p.optionxform = str  # type: ignore[assignment,method-assign]
+        p.read_string(by_name[name])
+        match = dict(p["Match"]) if p.has_section("Match") else {}
+        value = {
+            "Name": dev["name"],
+            "OriginalName": dev["name"],
+            "MACAddress": dev["mac"],
+            "Driver": dev.get("driver"),
+            "Kind": dev.get("kind"),
+        }
+        if all(_fits(v, value[k]) for k, v in match.items()):
+            return name
+    return None
+
+
+def _dev(name: str, driver: str, kind: str = "") -> dict[str, str]:
+    return {"name": name, "mac": MAC, "driver": driver, "kind": kind}
+
+
 def test_networkd_peer_file_catches_the_peer_and_sorts_before_globs() -> None:
     f = DEPLOY / "networkd/00-bpfailover-peer.network"
     p = _network(f)
@@ -173,7 +238,9 @@ def test_networkd_peer_file_catches_the_peer_and_sorts_before_globs() -> None:
     assert not fnmatch.fnmatchcase("enp1s0nsby", pattern)
     assert p["Match"]["Kind"] == "veth" and p["Link"]["Unmanaged"] == "yes"
     # networkd takes the first match in lexical order: before netplan's and a user's en* glob.
-    assert f.name < "10-netplan-nic0.network" and f.name < "50-dhcp.network"
+    peer = _dev(peer_name("enp1s0"), "veth", "veth")
+    for netplan in (NETPLAN_BY_NAME, NETPLAN_BY_MAC):
+        assert first_match(guest_files(netplan), ".network", peer) == f.name
 
 
 def test_networkd_lowers_file_takes_bus_nics_with_the_mac_never_the_veth() -> None:
@@ -182,7 +249,14 @@ def test_networkd_lowers_file_takes_bus_nics_with_the_mac_never_the_veth() -> No
     assert p["Match"]["MACAddress"] == MAC
     assert p["Match"]["Driver"] == "!veth"
     assert p["Link"]["Unmanaged"] == "yes"
-    assert f.name < "10-netplan-nic0.network"
+    # ahead of netplan's file (which matches them by MAC too) and a user's en* glob
+    for netplan in (NETPLAN_BY_NAME, NETPLAN_BY_MAC):
+        files = guest_files(netplan)
+        for lower in (_dev("enp1s0nsby", "virtio_net"), _dev("enp2s0", "e1000e")):
+            assert first_match(files, ".network", lower) == f.name
+        # the failover device (a veth with the MAC) is left to the guest's config
+        fo = _dev("enp1s0", "veth", "veth")
+        assert first_match(files, ".network", fo) == "10-netplan-nic0.network"
 
 
 def test_every_snippet_names_the_same_group_mac() -> None:
@@ -534,7 +608,11 @@ def test_standby_link_file_keeps_naming_and_drops_altnames() -> None:
         "slot",
         "path",
     ]
-    assert "10-bpfailover-standby.link" < "99-default.link"  # udev takes the first match
+    # udev applies the first matching .link file: this one, not 99-default.link, names the
+    # standby (eth0, the kernel's name, when udev sees it); any other NIC keeps the default
+    files = guest_files(NETPLAN_BY_MAC)
+    assert first_match(files, ".link", _dev("eth0", "virtio_net")) == "10-bpfailover-standby.link"
+    assert first_match(files, ".link", _dev("eth1", "e1000e")) == "99-default.link"
 
 
 def test_headers_behind_protectkernelmodules_fall_back_not_crash(

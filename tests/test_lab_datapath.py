@@ -6,6 +6,7 @@ counters and by the datapath's per-slot counters."""
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -102,12 +103,41 @@ def test_flipping_under_a_stream_loses_nothing(lab: Lab, pin_dir: Path) -> None:
 
 
 def test_no_active_lower_drops_and_counts(lab: Lab, pin_dir: Path) -> None:
+    """With no active lower, every frame the guest sends is dropped at fo_egress and
+    counted once, as no_lower there; no other egress drop or transmit counter moves."""
     with wired_lab(lab, pin_dir) as w:
         n = lab.names(0)
+        g, L = w.groups[0], w.dp.L
+        assert ping(lab.guest, n.peer_v4)  # the peer's MAC, learned through the primary
+        mac = (neigh(lab.guest, n.peer_v4) or {})["lladdr"]
+        # the guest sends only what the test sends: a fixed neighbour (no ARP), no IPv6
+        # (no ND, no MLD reports) on the failover device
+        netns.run_in(lab.guest, ["sysctl", "-qw", f"net.ipv6.conf.{n.failover}.disable_ipv6=1"])
+        netns.run_in(
+            lab.guest,
+            ["ip", "neigh", "replace", n.peer_v4, "lladdr", mac, "dev", n.failover]
+            + ["nud", "permanent"],
+        )
         w.flip(0, "none")
-        assert not ping(lab.guest, n.peer_v4, count=2)
-        L = w.dp.L
-        assert w.dp.drops(w.groups[0], L.FO_HOOK_TC_EGRESS, L.FO_DROP_NO_LOWER).packets >= 2
+
+        def egress() -> dict[tuple[str, str], int]:
+            out = {
+                ("tc_egress", r): w.dp.drops(
+                    g, L.FO_HOOK_TC_EGRESS, getattr(L, f"FO_DROP_{r.upper()}")
+                ).packets
+                for r in L.drop_reasons
+            }
+            out |= {("tx", role): w.stats(0, role, "tx") for role in ("primary", "standby")}
+            return out
+
+        before = egress()
+        sent = 25
+        with netns.entered(lab.guest), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            for _ in range(sent):
+                s.sendto(b"no lower", (n.peer_v4, 9))  # dropped: UDP says nothing (no RECVERR)
+        after = egress()
+        moved = {k: after[k] - before[k] for k in before if after[k] != before[k]}
+        assert moved == {("tc_egress", "no_lower"): sent}
 
 
 def test_inactive_rx_drop_inactive(lab: Lab, pin_dir: Path) -> None:

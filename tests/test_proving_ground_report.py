@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
+import pytest
 from bench.proving_ground.__main__ import markdown, vs_kernel
+from bench.proving_ground.run import StepResult
 
 
 def _row(mode: str, step: str, out: float, inn: float) -> dict[str, Any]:
@@ -75,3 +79,87 @@ def test_cloud_report_names_the_replugged_vf() -> None:
     boot = {"replugged_vf": [{"name": "enp2s0"}, {"name": "enp2s0"}, {"name": "eth0"}]}
     assert vf_names(boot) == "enp2s0 ×2, eth0 ×1"
     assert vf_names({}) == "–"
+
+
+# ---- the CI gate: `make proving-ground-quick` exits 1 on what must not happen -------------
+
+
+def _gate(
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    results: list[StepResult],
+    check: str | None = "on",
+    failures: tuple[str, ...] = (),
+) -> int:
+    """main() with the guests faked: `results` is what the runs produced."""
+    from bench.proving_ground import __main__ as pg
+
+    img = SimpleNamespace(meta={"kernel": "6.1.0-test"})
+    monkeypatch.setattr(pg.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(pg.image, "ensure_image", lambda **_: (img, 0.0))
+    monkeypatch.setattr(
+        pg,
+        "run",
+        lambda _img, _s: {
+            "results": results,
+            "timings": {},
+            "failures": list(failures),
+            "datapath_check": check,
+        },
+    )
+    out = tmp_path / "pg.json"
+    return pg.main(["--quick", "--steps", "carrier,planned", "--out", str(out)])
+
+
+def _trial(mode: str, step: str, **kw: Any) -> StepResult:
+    good: dict[str, Any] = {"end_on": "primary", "tcp_survived": True, "sent_out": 500}
+    return StepResult(mode, step, 0, **(good | kw))
+
+
+GOOD = [
+    _trial("kernel", "carrier"),
+    _trial("bpfailover", "carrier"),
+    _trial("bpfailover", "planned", marks={"check_ok": 1.0}),
+]
+
+
+def test_gate_passes_a_good_run(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    assert _gate(monkeypatch, tmp_path, GOOD) == 0
+    assert (tmp_path / "pg.md").exists()  # the report is written either way
+
+
+@pytest.mark.parametrize(
+    ("bad", "check", "failures", "says"),
+    [
+        (_trial("bpfailover", "carrier", end_on="standby"), "on", (), "bpfailover/carrier"),
+        (_trial("kernel", "carrier", end_on=None), "on", (), "kernel/carrier"),
+        (_trial("bpfailover", "carrier", tcp_survived=False), "on", (), "bpfailover/carrier"),
+        (_trial("bpfailover", "planned", marks={"check_ok": 0.0}), "on", (), "bpfailover/planned"),
+        (None, "off", (), "the datapath check is 'off'"),
+        (None, "mismatch", (), "the datapath check is 'mismatch'"),
+        (None, "on", ("bpfailover: guest did not boot",), ""),
+    ],
+    ids=[
+        "wrong-end",
+        "kernel-wrong-end",
+        "tcp-broken",
+        "refusal-check",
+        "check-off",
+        "check-mismatch",
+        "failure",
+    ],
+)
+def test_gate_fails_on_a_wrong_end_broken_tcp_or_the_check_off(
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    bad: StepResult | None,
+    check: str,
+    failures: tuple[str, ...],
+    says: str,
+) -> None:
+    results = list(GOOD)
+    if bad is not None:  # one more trial of the same step: one bad trial of two fails it
+        results.append(bad)
+    assert _gate(monkeypatch, tmp_path, results, check, failures) == 1
+    assert says in capsys.readouterr().err
