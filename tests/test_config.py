@@ -15,12 +15,9 @@ from bpfailover.model.config import (
     DEFAULT_CONFIG_PATH,
     Config,
     ConfigError,
-    ControlSettings,
     StandbyDriver,
     changes,
     config_path,
-    lab_config,
-    lab_netns,
     load_config,
     parse_config,
     validate_config,
@@ -404,24 +401,6 @@ def test_to_dict_round_trips() -> None:
     assert data["groups"][0]["policy"]["reselect"] == "failure"
     assert parse_config(yaml.safe_dump(data)) == cfg
     assert validate_config(data) == cfg
-
-
-def test_lab_config_paths_come_from_the_prefix() -> None:
-    cfg = lab_config("nu")
-    (g,) = cfg.groups
-    assert (g.name, g.standby, g.primary) == ("ens10", "ens10nsby", "auto")
-    assert cfg.metrics.address == ("127.0.0.1", 9617)  # the guest netns' own loopback
-    assert cfg.control.socket == "/run/bpfailover/lab-nu.sock"
-    assert cfg.bpffs == "/sys/fs/bpf/bpfailover-lab-nu"
-    assert lab_netns("nu") == "nu-guest"
-    default = lab_config()  # failover-lab's default prefix, never the production paths
-    assert default.control.socket == "/run/bpfailover/lab-fo.sock" != ControlSettings().socket
-    assert default.bpffs == "/sys/fs/bpf/bpfailover-lab-fo"
-    with pytest.raises(ConfigError) as info:
-        lab_config("../x")
-    assert str(info.value) == (
-        "--prefix: bad lab prefix '../x': use 1-12 of [a-z0-9_], starting alnum"
-    )
 
 
 # --- files and the environment -------------------------------------------------------------------

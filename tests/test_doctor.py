@@ -248,7 +248,7 @@ def test_no_realtime_finding_when_turned_off(tmp_path: Path) -> None:
     [
         (["/usr/local/bin/failoverd", "--config", "a"], None, True),
         (["failoverd"], "/opt/bpfailover/bin/failoverd", True),
-        (["/opt/venv/bin/python3", "/opt/venv/bin/failoverd", "--lab"], None, True),
+        (["/opt/venv/bin/python3", "/opt/venv/bin/failoverd", "--netns", "x"], None, True),
         (["/usr/bin/python3", "-m", "bpfailover.agent", "--netns", "x"], None, True),
         (["python3.11", "-u", "-X", "dev", "-m", "bpfailover.agent"], None, True),
         (["/usr/bin/python3", "-mbpfailover.agent"], None, True),
@@ -374,32 +374,34 @@ def test_doctor_names_the_netns_and_warns_when_the_agent_runs_in_another(lab: La
 
 @pytest.mark.root
 def test_doctor_recognises_a_lab_agent(lab: Lab) -> None:
-    """`failoverd --lab --prefix P` and `failoverctl --lab P doctor`: the lab's config, socket
-    and namespace, not "[config] no agent config" and exit 4."""
+    """The agent of the config `failover-lab up` writes, and `failoverctl --config … doctor
+    --netns PREFIX-guest`: the lab's config, socket and namespace, not "[config] no agent
+    config" and exit 4."""
     import shutil
     import sys
 
     lab.up()
-    pins = Path(config.lab_config(lab.prefix).bpffs)
+    conf = str(lab.agent_config)
     agent = subprocess.Popen(
-        [sys.executable, "-m", "bpfailover.agent", "--lab", "--prefix", lab.prefix],
+        [sys.executable, "-m", "bpfailover.agent", "--config", conf, "--netns", lab.guest],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
     )
     try:
         for _ in range(600):  # until it answers (bounded: 60 s)
-            if ctl("--lab", lab.prefix, "status").returncode == 0 or agent.poll() is not None:
+            if ctl("--config", conf, "status").returncode == 0 or agent.poll() is not None:
                 break
             time.sleep(0.1)
         assert agent.poll() is None, agent.stderr.read() if agent.stderr else ""
-        p = ctl("--lab", lab.prefix, "doctor")
+        p = ctl("--config", conf, "doctor", "--netns", lab.guest)
         assert p.stdout.startswith(f"doctor: checking network namespace {lab.guest}\n")
-        assert mine(json.loads(ctl("--lab", lab.prefix, "doctor", "--json").stdout)) == []
+        doc = ctl("--config", conf, "doctor", "--netns", lab.guest, "--json")
+        assert mine(json.loads(doc.stdout)) == []
     finally:
         agent.terminate()
         agent.wait(20)
-        shutil.rmtree(pins, ignore_errors=True)
+        shutil.rmtree(lab.agent_pins, ignore_errors=True)
 
 
 def test_datapath_check_off_is_a_finding(tmp_path: Path) -> None:

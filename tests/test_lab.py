@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 
 from bpfailover import netns
+from bpfailover.model.config import ControlSettings, load_config
+from bpfailover_lab import agent_config
 from bpfailover_lab import cli as labmod
 from bpfailover_lab.topology import IFF_LOWER_UP, IFF_UP, Lab, LabError, group_names
 
@@ -253,12 +255,17 @@ def test_cli_up_show_down_and_demo(capsys: pytest.CaptureFixture[str]) -> None:
     try:
         assert labmod.main(["up", "--prefix", p, "--groups", "2", "--standby-link", "down"]) == 0
         assert Lab(p, 2).has_carrier(1, "primary") and not Lab(p, 2).has_carrier(1, "standby")
+        # up writes its agent's config and prints how to run it and talk to it
+        out = capsys.readouterr().out
+        assert f"failoverd --config /run/bpfailover/lab-{p}/config.yaml --netns {p}-guest" in out
+        assert f"failoverctl --socket /run/bpfailover/lab-{p}.sock status" in out
+        assert load_config(Lab(p).agent_config) == agent_config.agent_config(p)
         assert labmod.main(["up", "--prefix", p]) == 1
         assert "already exists" in capsys.readouterr().err
         assert labmod.main(["migrate", "--prefix", p, "--group", "1", "--pause", "0"]) == 0
         assert "step 7/7" in capsys.readouterr().out
         assert labmod.main(["down", "--prefix", p]) == 0
-        assert not Lab(p).exists()
+        assert not Lab(p).exists() and not Lab(p).agent_config.parent.exists()
         assert labmod.main(["demo", "--prefix", p]) == 0
         assert f"== {p}-guest" in capsys.readouterr().out
         assert not Lab(p).exists()
@@ -267,6 +274,19 @@ def test_cli_up_show_down_and_demo(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 # ---- by hand (docs/lab.md) -------------------------------------------------------------------
+
+
+def test_agent_config_paths_come_from_the_prefix() -> None:
+    cfg = agent_config.agent_config("nu")
+    (g,) = cfg.groups
+    assert (g.name, g.standby, g.primary) == ("ens10", "ens10nsby", "auto")
+    assert cfg.metrics.address == ("127.0.0.1", 9617)  # the guest netns' own loopback
+    assert cfg.control.socket == "/run/bpfailover/lab-nu.sock" == Lab("nu").agent_socket
+    assert cfg.bpffs == "/sys/fs/bpf/bpfailover-lab-nu" == str(Lab("nu").agent_pins)
+    assert Lab("nu").agent_config == Path("/run/bpfailover/lab-nu/config.yaml")
+    default = Lab()  # failover-lab's default prefix, never the production paths
+    assert default.agent_socket == "/run/bpfailover/lab-fo.sock" != ControlSettings().socket
+    assert str(default.agent_pins) == "/sys/fs/bpf/bpfailover-lab-fo"
 
 
 def test_every_option_has_help() -> None:
@@ -307,13 +327,20 @@ def test_lab_agent_traffic_without_address_fails_and_down_waits_for_the_agent(
     import shutil
     import sys
 
-    from bpfailover.model.config import lab_config
     from bpfailover.ops import api
 
     lab.up()
-    cfg = lab_config(lab.prefix)
+    cfg = agent_config.agent_config(lab.prefix)
     agent = subprocess.Popen(
-        [sys.executable, "-m", "bpfailover.agent", "--lab", "--prefix", lab.prefix],
+        [
+            sys.executable,
+            "-m",
+            "bpfailover.agent",
+            "--config",
+            str(lab.agent_config),
+            "--netns",
+            lab.guest,
+        ],
         stderr=subprocess.DEVNULL,
     )
     try:
@@ -322,7 +349,7 @@ def test_lab_agent_traffic_without_address_fails_and_down_waits_for_the_agent(
                 api.request(cfg.control.socket, {"cmd": "status"})
                 break
             except OSError:
-                assert agent.poll() is None, "failoverd --lab exited"
+                assert agent.poll() is None, "the lab's failoverd exited"
                 time.sleep(0.1)
         capsys.readouterr()
         # the failover device has no address yet: every send fails, and traffic says so
@@ -333,7 +360,7 @@ def test_lab_agent_traffic_without_address_fails_and_down_waits_for_the_agent(
         # down refuses while the lab's agent runs, and changes nothing
         assert labmod.main(["down", "--prefix", lab.prefix]) == 1
         assert capsys.readouterr().err == (
-            f"failover-lab: failoverd --lab --prefix {lab.prefix} still runs (pid {agent.pid},"
+            f"failover-lab: the lab's failoverd still runs (pid {agent.pid},"
             f" holding {cfg.bpffs}): stop it first\n"
         )
         assert lab.exists() and Path(cfg.bpffs).is_dir()

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from bpfailover.model.config import lab_config
 from bpfailover_lab.topology import Lab
 
 DOC = Path(__file__).parent.parent / "docs" / "lab.md"
@@ -28,11 +27,11 @@ def test_the_walkthrough_has_every_step() -> None:
     cmds = documented_commands(DOC.read_text())
     wanted = [
         "failover-lab up",  # up
-        "failoverd --lab",  # agent
+        "failoverd --config /run/bpfailover/lab-lab1/config.yaml",  # agent
         "addr add",  # address
         "failover-lab traffic",  # traffic
         "link set vfport down",  # a failover
-        "failoverctl --lab lab1 status",  # status
+        "failoverctl --socket /run/bpfailover/lab-lab1.sock status",  # status
         "/metrics",  # metrics
         "failover-lab down",  # down
     ]
@@ -72,8 +71,9 @@ def test_the_documented_commands_run(lab_prefix: str) -> None:
             r'^failover_switches_total\{[^}]*reason="primary_down"[^}]*\} 1', out, re.M
         )
         assert not Lab(lab_prefix).exists()  # down removed it
-        assert not Path(lab_config(lab_prefix).bpffs).exists()  # and the agent's pins
+        assert not Lab(lab_prefix).agent_pins.exists()  # and the agent's pins
+        assert not Lab(lab_prefix).agent_config.exists()  # and its config
     finally:
         Lab(lab_prefix).down()
-        shutil.rmtree(lab_config(lab_prefix).bpffs, ignore_errors=True)
+        shutil.rmtree(Lab(lab_prefix).agent_pins, ignore_errors=True)
         log.unlink(missing_ok=True)

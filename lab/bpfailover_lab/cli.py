@@ -7,14 +7,12 @@ import os
 import shutil
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import NoReturn
 
 from pyroute2 import IPRoute
 
 from bpfailover import netns
 from bpfailover.datapath.maps import lock_holder, remove_lock
-from bpfailover.model.config import lab_config
 from bpfailover.ops.cli import DefaultsHelp
 from bpfailover_lab import traffic
 from bpfailover_lab.demo import demo
@@ -108,28 +106,27 @@ def next_steps(lab: Lab) -> str:
         [
             f"lab {p} is up: lowers {g.standby} (standby) and {g.primary} (primary) in netns "
             f"{lab.guest}, the peer {g.peer_v4} in {lab.peer}. Next (docs/lab.md):",
-            f"  failoverd --lab{opt} &                  # the agent, in {lab.guest}",
+            f"  failoverd --config {lab.agent_config} --netns {lab.guest} &   # the agent",
             f"  ip -n {lab.guest} addr add {g.guest_v4}/{g.prefixlen_v4} dev {g.failover}",
             f"  failover-lab traffic{opt}               # UDP both ways, exits 1 on loss",
             f"  ip -n {lab.hv} link set {g.vfport} down   # the VF's link drops: a failover",
-            f"  failoverctl --lab {p} status",
+            f"  failoverctl --socket {lab.agent_socket} status",
+            f"  failoverctl --config {lab.agent_config} doctor --netns {lab.guest}",
             f"  failover-lab down{opt}                  # (stop failoverd first)",
         ]
     )
 
 
-def remove_lab_agent_pins(prefix: str) -> None:
-    """The pins of `failoverd --lab --prefix PREFIX` go with its lab; refused (before
-    anything is removed) while that agent still runs: it holds their lock."""
-    pins = Path(lab_config(prefix).bpffs)
+def remove_lab_agent_pins(lab: Lab) -> None:
+    """The pins of the lab's agent go with its lab; refused (before anything is removed)
+    while that agent still runs: it holds their lock."""
+    pins = lab.agent_pins
     if not pins.is_dir():
         return
     if not remove_lock(pins):
         pid = lock_holder(pins)
         who = f"pid {pid}, holding" if pid is not None else "it holds"
-        raise LabError(
-            f"failoverd --lab --prefix {prefix} still runs ({who} {pins}): stop it first"
-        )
+        raise LabError(f"the lab's failoverd still runs ({who} {pins}): stop it first")
     shutil.rmtree(pins, ignore_errors=True)
 
 
@@ -159,7 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(next_steps(lab))
         elif args.cmd == "down":
             lab = Lab(args.prefix)  # validates the prefix
-            remove_lab_agent_pins(args.prefix)
+            remove_lab_agent_pins(lab)
             lab.down()
         elif args.cmd == "show":
             print(Lab(args.prefix).describe())

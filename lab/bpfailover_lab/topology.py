@@ -21,6 +21,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from bpfailover import netns
+from bpfailover_lab import agent_config
 
 Role = Literal["primary", "standby"]
 MAX_GROUPS = 64  # keeps names short and addresses inside 198.18.0.0/15
@@ -99,6 +100,10 @@ class Lab:
         self.guest = f"{prefix}-guest"
         self.hv = f"{prefix}-hv"
         self.peer = f"{prefix}-peer"
+        # the lab's own agent (`up` prints how to run it): config, socket, pins
+        self.agent_config = agent_config.config_path(prefix)
+        self.agent_socket = agent_config.socket_path(prefix)
+        self.agent_pins = agent_config.pins_path(prefix)
 
     # ---- bookkeeping -------------------------------------------------------------------
 
@@ -153,6 +158,7 @@ class Lab:
             raise LabError("the lab needs root (network namespaces)")
         try:
             self._build(standby_link)
+            agent_config.write_config(self.prefix)
         except Exception as e:
             self.down()
             raise LabError(f"lab up failed: {_err(e)}") from e
@@ -219,7 +225,9 @@ class Lab:
             ipr.link("set", index=idx, state="up" if far_up else "down")
 
     def down(self) -> None:
-        """Remove the three namespaces (and so every device in them); never raises."""
+        """Remove the three namespaces (and so every device in them) and the agent's config;
+        never raises."""
+        agent_config.remove_config(self.prefix)
         for ns in self.namespaces:
             if netns.exists(ns):
                 # A half-removed ns (mount gone, file left) still deserves a cleanup try.

@@ -1,4 +1,4 @@
-"""failoverd's command line: `failoverd [--config PATH | --lab] [--netns NAME]`."""
+"""failoverd's command line: `failoverd [--config PATH] [--netns NAME]`."""
 
 from __future__ import annotations
 
@@ -28,31 +28,11 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
         "--config", help="YAML config (default: $BPFAILOVER_CONFIG or /etc/bpfailover/config.yaml)"
     )
     ap.add_argument(
-        "--lab",
-        action="store_true",
-        help="use the built-in config for `failover-lab up` (socket "
-        "/run/bpfailover/lab-PREFIX.sock, pins /sys/fs/bpf/bpfailover-lab-PREFIX; in netns "
-        "PREFIX-guest unless --netns says otherwise)",
-    )
-    ap.add_argument(
-        "--prefix",
-        help="with --lab: the lab's prefix (failover-lab --prefix; default "
-        f"{configmod.LAB_PREFIX})",
-    )
-    ap.add_argument(
         "--netns",
         help="run in this named network namespace (labs, tests); unlike `ip netns exec` "
         "it keeps the host's /sys/fs/bpf and its pins",
     )
-    args = ap.parse_args(argv)
-    if args.lab and args.config:
-        ap.error("--lab and --config: give one")
-    if args.prefix is not None and not args.lab:
-        ap.error("--prefix goes with --lab")
-    args.prefix = args.prefix or configmod.LAB_PREFIX
-    if args.lab and not args.netns:
-        args.netns = configmod.lab_netns(args.prefix)
-    return args
+    return ap.parse_args(argv)
 
 
 def main(
@@ -62,8 +42,8 @@ def main(
     args = _args(argv)
     try:
         source = configmod.config_path(args.config)
-        cfg = configmod.lab_config(args.prefix) if args.lab else configmod.load_config(source)
-        configmod.check_host(cfg, f"<lab {args.prefix}>" if args.lab else str(source))
+        cfg = configmod.load_config(source)
+        configmod.check_host(cfg, str(source))
     except configmod.ConfigError as e:
         for line in str(e).splitlines():  # one line per problem
             print(f"failoverd: {line}", file=sys.stderr)
@@ -77,8 +57,7 @@ def main(
         except OSError as e:
             return fatal(f"netns {args.netns}: {e.strerror}", 1)
     agent = make_agent(cfg)
-    if not args.lab:
-        agent.load_config = lambda: configmod.load_config(source)  # SIGHUP
+    agent.load_config = lambda: configmod.load_config(source)  # SIGHUP
     return _serve(agent, cfg)
 
 

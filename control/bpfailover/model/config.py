@@ -756,39 +756,6 @@ def check_host(cfg: Config, source: str = "<config>") -> None:
             raise ConfigError(source, f"no such group {name!r}", ("control", key)) from None
 
 
-LAB_PREFIX = "fo"  # failover-lab's default prefix
-_LAB_PREFIX_RE = re.compile(r"^[a-z0-9][a-z0-9_]{0,11}$")  # as failover-lab accepts it
-
-LAB_CONFIG_YAML = """\
-# The lab (README "The lab", failover-lab): guest with standby ens10nsby and a VF-like
-# primary (ens11). Socket and pins are the lab's own ({prefix}), never a real agent's.
-groups:
-  - name: ens10
-    standby: ens10nsby
-    primary: auto
-metrics:
-  listen: "127.0.0.1:9617"
-control:
-  socket: /run/bpfailover/lab-{prefix}.sock
-bpffs: /sys/fs/bpf/bpfailover-lab-{prefix}
-"""
-
-
-def lab_netns(prefix: str = LAB_PREFIX) -> str:
-    """The lab's guest namespace (failover-lab's `{prefix}-guest`), where its agent runs."""
-    return f"{prefix}-guest"
-
-
-def lab_config(prefix: str = LAB_PREFIX) -> Config:
-    """The config of `failoverd --lab --prefix PREFIX`: socket and pin paths derived from
-    the prefix, so two labs, or a lab beside a real agent, never share them."""
-    if not _LAB_PREFIX_RE.match(prefix):
-        raise ConfigError(
-            "--prefix", f"bad lab prefix {prefix!r}: use 1-12 of [a-z0-9_], starting alnum"
-        )
-    return parse_config(LAB_CONFIG_YAML.format(prefix=prefix), f"<lab {prefix}>")
-
-
 # --- the reference (docs/config.md) -----------------------------------------------------------
 
 
@@ -892,8 +859,6 @@ __all__ = [
     "ConfigError",
     "ControlSettings",
     "Group",
-    "LAB_CONFIG_YAML",
-    "LAB_PREFIX",
     "changes",
     "check_host",
     "fixed_changes",
@@ -905,8 +870,6 @@ __all__ = [
     "StandbyDriver",
     "config_path",
     "format_path",
-    "lab_config",
-    "lab_netns",
     "load_config",
     "parse_config",
     "validate_config",

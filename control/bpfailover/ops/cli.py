@@ -64,18 +64,11 @@ class CliError(Exception):
         self.code = code
 
 
-def socket_path(cli_socket: str | None, cli_config: str | None, lab: str | None = None) -> str:
-    """--socket, else the lab's (--lab PREFIX), else the config's control.socket (--config /
-    $BPFAILOVER_CONFIG / the default file, when it exists), else the built-in default."""
+def socket_path(cli_socket: str | None, cli_config: str | None) -> str:
+    """--socket, else the config's control.socket (--config / $BPFAILOVER_CONFIG / the
+    default file, when it exists), else the built-in default."""
     if cli_socket:
         return cli_socket
-    if lab is not None:
-        from bpfailover.model import config as configmod  # pydantic: only when needed
-
-        try:
-            return configmod.lab_config(lab).control.socket
-        except configmod.ConfigError as e:
-            raise CliError(str(e), EXIT_USAGE) from None
 
     path = paths.config_path(cli_config)
     explicit = bool(cli_config or os.environ.get(paths.CONFIG_ENV))
@@ -511,14 +504,6 @@ def parser() -> argparse.ArgumentParser:
         help="agent config to read the socket path from "
         "(default: $BPFAILOVER_CONFIG or /etc/bpfailover/config.yaml)",
     )
-    ap.add_argument(
-        "--lab",
-        metavar="PREFIX",
-        nargs="?",
-        const="fo",
-        help="talk to (or doctor) the agent of `failoverd --lab --prefix PREFIX` "
-        "(default prefix fo): its socket, config and netns PREFIX-guest",
-    )
     sub = ap.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
     sub.required = True
     for name, verb in VERBS.items():
@@ -532,13 +517,11 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
-        if args.lab is not None and args.config:
-            raise CliError("--lab and --config: give one", EXIT_USAGE)
         if args.verb == "doctor":
             return int(Doctor.run(args, args.socket))
         if args.verb == "teardown" and args.pins is not None:
             return Teardown.run_orphan(args)  # no agent to talk to
-        sock = socket_path(args.socket, args.config, args.lab)
+        sock = socket_path(args.socket, args.config)
         return int(VERBS[args.verb].run(args, sock))
     except CliError as e:
         for line in str(e).splitlines():  # a config's problems: one line each

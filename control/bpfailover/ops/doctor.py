@@ -968,32 +968,23 @@ def main_for_cli(args: argparse.Namespace, cli_socket: str | None) -> int:
     netns_name_ = args.netns
     cfg: configmod.Config | None = None
     pre: list[Finding] = []
-    lab = getattr(args, "lab", None)
-    if lab is not None:  # the agent of `failoverd --lab --prefix LAB`
-        try:
-            cfg = configmod.lab_config(lab)
-        except configmod.ConfigError as e:
-            print(f"failoverctl: {e}", file=sys.stderr)
+    path = configmod.config_path(args.config)
+    try:
+        cfg = configmod.load_config(path)
+    except configmod.ConfigError as e:
+        if args.config or os.environ.get(configmod.CONFIG_ENV) or _present(path):
+            for line in str(e).splitlines():
+                print(f"failoverctl: {line}", file=sys.stderr)
             return 2
-        netns_name_ = netns_name_ or configmod.lab_netns(lab)
-    else:
-        path = configmod.config_path(args.config)
-        try:
-            cfg = configmod.load_config(path)
-        except configmod.ConfigError as e:
-            if args.config or os.environ.get(configmod.CONFIG_ENV) or _present(path):
-                for line in str(e).splitlines():
-                    print(f"failoverctl: {line}", file=sys.stderr)
-                return 2
-            pre.append(
-                Finding(
-                    "config",
-                    str(path),
-                    "no agent config: lowers are guessed only from a running agent",
-                    f"write {path} (keys: {configmod.REFERENCE}); for a lab agent: "
-                    "failoverctl --lab PREFIX doctor",
-                )
+        pre.append(
+            Finding(
+                "config",
+                str(path),
+                "no agent config: lowers are guessed only from a running agent",
+                f"write {path} (keys: {configmod.REFERENCE}), or give the agent's: "
+                "failoverctl --config FILE doctor",
             )
+        )
     sock = cli_socket or (cfg.control.socket if cfg else "/run/bpfailover/control.sock")
     host = host_for(netns_name_)
     if cfg is not None:
