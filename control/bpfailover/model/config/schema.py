@@ -1,23 +1,14 @@
-"""Agent configuration (docs/operators.md): YAML in, validated immutable models out.
-
-Every key is checked and unknown keys are refused; any problem becomes one `ConfigError`
-whose text is a single line naming the source and the path of the offending key, e.g.
-`config.yaml: groups[0].policy.reselect: must be one of always, better, failure (got 'x')`.
-"""
+"""The config's schema: the pydantic models with their field types and limits, and
+`ConfigError`, whose text is one line per problem naming the key."""
 
 from __future__ import annotations
 
-import difflib
 import ipaddress
 import os
 import re
-import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
-from types import UnionType
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, get_args
 
-import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -26,11 +17,8 @@ from pydantic import (
     Discriminator,
     Field,
     Tag,
-    ValidationError,
     model_validator,
 )
-
-from bpfailover.model.paths import CONFIG_ENV, DEFAULT_CONFIG_PATH, config_path
 
 MAX_GROUPS = 64  # = FO_MAX_GROUPS of bpf/failover.h (the config layer cannot import the
 # datapath layer; tests/test_config.py::test_max_groups_is_the_datapaths keeps them equal)
@@ -74,7 +62,7 @@ def format_path(path: Loc) -> str:
     return out
 
 
-class _LocatedError(ValueError):
+class LocatedError(ValueError):
     """A validator's error about a key below the model it runs on (pydantic keeps the object)."""
 
     def __init__(self, path: Loc, message: str) -> None:
@@ -202,15 +190,15 @@ class StandbyDriver(_Model):
 
 
 # The standby is a name or {driver: ...}; the tags only steer pydantic and are cut from paths.
-_STANDBY_TAGS = ("standby:ifname", "standby:driver")
+STANDBY_TAGS = ("standby:ifname", "standby:driver")
 
 
 def _standby_kind(value: Any) -> str:
-    return _STANDBY_TAGS[1] if isinstance(value, dict | StandbyDriver) else _STANDBY_TAGS[0]
+    return STANDBY_TAGS[1] if isinstance(value, dict | StandbyDriver) else STANDBY_TAGS[0]
 
 
 Standby = Annotated[
-    Annotated[IfName, Tag(_STANDBY_TAGS[0])] | Annotated[StandbyDriver, Tag(_STANDBY_TAGS[1])],
+    Annotated[IfName, Tag(STANDBY_TAGS[0])] | Annotated[StandbyDriver, Tag(STANDBY_TAGS[1])],
     Discriminator(_standby_kind),
 ]
 
@@ -327,10 +315,10 @@ class Group(_Model):
     @model_validator(mode="after")
     def _distinct_devices(self) -> Group:
         if self.standby_name is not None and self.standby_name == self.primary_name:
-            raise _LocatedError(("primary",), f"same device as the standby ({self.primary!r})")
+            raise LocatedError(("primary",), f"same device as the standby ({self.primary!r})")
         for key, name in self.lower_names():
             if name == self.name:
-                raise _LocatedError((key,), f"is the failover device itself ({name!r})")
+                raise LocatedError((key,), f"is the failover device itself ({name!r})")
         return self
 
 
@@ -415,19 +403,19 @@ class Config(_Model):
         by_driver: dict[str, int] = {}
         for i, g in enumerate(self.groups):
             if g.name in names:
-                raise _LocatedError(("groups", i, "name"), f"duplicate group {g.name!r}")
+                raise LocatedError(("groups", i, "name"), f"duplicate group {g.name!r}")
             names[g.name] = i
         for i, g in enumerate(self.groups):
             for key, name in g.lower_names():
                 if name in names:
-                    raise _LocatedError(("groups", i, key), f"{name!r} is a failover device")
+                    raise LocatedError(("groups", i, key), f"{name!r} is a failover device")
                 if name in lowers:
                     other = format_path(lowers[name])
-                    raise _LocatedError(("groups", i, key), f"{name!r} already used by {other}")
+                    raise LocatedError(("groups", i, key), f"{name!r} already used by {other}")
                 lowers[name] = ("groups", i, key)
             if g.mac != "auto":
                 if g.mac in macs:
-                    raise _LocatedError(
+                    raise LocatedError(
                         ("groups", i, "mac"), f"{g.mac} already used by groups[{macs[g.mac]}]"
                     )
                 macs[g.mac] = i
@@ -435,7 +423,7 @@ class Config(_Model):
                 # Two groups asking for "the virtio_net device" cannot both be satisfied.
                 driver = g.standby.driver
                 if driver in by_driver:
-                    raise _LocatedError(
+                    raise LocatedError(
                         ("groups", i, "standby"),
                         f"driver {driver!r} also picks the standby of groups[{by_driver[driver]}]"
                         " (set mac to tell them apart)",
@@ -453,7 +441,7 @@ class Config(_Model):
             peer = peer_name(g.name)
             where = ("groups", i, "name")
             if peer in peers:
-                raise _LocatedError(
+                raise LocatedError(
                     where,
                     f"its hidden peer {peer!r} is also that of groups[{peers[peer]}] "
                     f"({self.groups[peers[peer]].name!r}: the first {PEER_PREFIX_BYTES} bytes "
@@ -462,9 +450,9 @@ class Config(_Model):
             if peer in names:
                 owner = "its own name" if names[peer] == i else f"groups[{names[peer]}].name"
                 fix = "rename the group" if names[peer] == i else "rename one of them"
-                raise _LocatedError(where, f"its hidden peer {peer!r} is {owner}: {fix}")
+                raise LocatedError(where, f"its hidden peer {peer!r} is {owner}: {fix}")
             if peer in lowers:
-                raise _LocatedError(
+                raise LocatedError(
                     where, f"its hidden peer {peer!r} is {format_path(lowers[peer])}: rename it"
                 )
             peers[peer] = i
@@ -477,404 +465,11 @@ class Config(_Model):
         return self.model_dump(mode="json")
 
 
-# --- YAML ------------------------------------------------------------------------------------
-
-
-class _Loader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate keys and has no YAML 1.1 base-60 numbers, so an
-    unquoted MAC like 52:54:00:00:12:53 stays a string instead of becoming an integer.
-
-    It also refuses anchors and aliases: a config never needs them, and a few hundred
-    bytes of nested aliases expand to millions of values (an "alias bomb") that would take
-    minutes to validate, inside the agent's loop on SIGHUP.  Refused as the parser meets
-    the first one, before anything is built."""
-
-    def compose_node(self, parent: Any, index: Any) -> Any:
-        ev = self.peek_event()
-        if isinstance(ev, yaml.AliasEvent):
-            what = f"alias *{ev.anchor}"
-        elif isinstance(ev, yaml.NodeEvent) and ev.anchor is not None:
-            what = f"anchor &{ev.anchor}"
-        else:
-            return super().compose_node(parent, index)
-        msg = f"{what}: anchors and aliases are not allowed (write the value out)"
-        raise yaml.composer.ComposerError(None, None, msg, ev.start_mark)
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: set[str] = set()
-        for key_node, _ in node.value:
-            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
-                if key_node.value in seen:
-                    raise yaml.constructor.ConstructorError(
-                        None, None, f"duplicate key {key_node.value!r}", key_node.start_mark
-                    )
-                seen.add(key_node.value)
-        return super().construct_mapping(node, deep=deep)
-
-
-_INT, _FLOAT = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
-_Loader.yaml_implicit_resolvers = {
-    first: [(tag, rx) for tag, rx in resolvers if tag not in (_INT, _FLOAT)]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-_Loader.add_implicit_resolver(
-    _INT,
-    re.compile(r"^[-+]?(?:0b[01_]+|0x[0-9a-fA-F_]+|0[0-7_]+|[1-9][0-9_]*|0)$"),
-    list("-+0123456789"),
-)
-_Loader.add_implicit_resolver(
-    _FLOAT,
-    re.compile(
-        r"^(?:[-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+][0-9]+)?|\.[0-9_]+(?:[eE][-+][0-9]+)?"
-        r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
-    ),
-    list("-+0123456789."),
-)
-
-
-def _load_yaml(text: str, source: str) -> Any:
-    try:
-        return yaml.load(text, Loader=_Loader)  # a SafeLoader: no arbitrary objects
-    except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark or e.context_mark
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        raise ConfigError(source, f"{where}YAML error: {e.problem or e.context}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(source, f"YAML error: {e}") from None
-    except RecursionError:
-        raise ConfigError(source, "YAML error: nested too deeply") from None
-    except (ValueError, TypeError, OverflowError) as e:
-        # PyYAML's constructors raise these for values like `0b_` or a date 2001-13-45.
-        raise ConfigError(source, f"YAML error: bad value: {e}") from None
-
-
-# --- pydantic errors -> one line ---------------------------------------------------------------
-
-_TYPE_NAMES = {
-    "string_type": "a string",
-    "int_type": "an integer",
-    "bool_type": "true or false",
-    "list_type": "a list",
-    "dict_type": "a mapping",
-    "model_type": "a mapping",
-    "model_attributes_type": "a mapping",
-}
-
-
-def _got(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _hint(loc: Loc, kind: str, value: Any) -> str:
-    """YAML's traps, said where they bite: an unquoted yes/no/on/off is a boolean, a bare
-    port a number."""
-    if isinstance(value, bool) and kind in ("string_type", "literal_error"):
-        return ": YAML reads an unquoted yes/no/on/off/true/false as a boolean; quote it"
-    if loc[-1:] == ("listen",) and isinstance(value, int) and not isinstance(value, bool):
-        return f': give host:port, e.g. "0.0.0.0:{value}"'
-    return ""
-
-
-def _describe(err: Any) -> tuple[Loc, str]:
-    loc, message = _describe_plain(err)
-    return loc, message + _hint(loc, err["type"], err.get("input"))
-
-
-def _describe_plain(err: Any) -> tuple[Loc, str]:
-    kind = err["type"]
-    loc: Loc = tuple(p for p in err["loc"] if p not in _STANDBY_TAGS)
-    ctx = err.get("ctx") or {}
-    if kind == "extra_forbidden":
-        return loc, "unknown key"
-    if kind == "invalid_key":
-        return loc[:-1], f"keys must be strings (got {_got(loc[-1] if loc else err['input'])})"
-    if kind == "missing":
-        return loc, "required key missing"
-    if kind in _TYPE_NAMES:
-        return loc, f"must be {_TYPE_NAMES[kind]} (got {_got(err['input'])})"
-    if kind == "literal_error":
-        choices = ", ".join(re.findall(r"'([^']*)'", ctx.get("expected", "")))
-        return loc, f"must be one of {choices} (got {_got(err['input'])})"
-    if kind == "too_short" and loc == ("groups",):
-        return loc, "at least one group is needed"
-    if kind == "too_long":
-        return loc, f"at most {ctx.get('max_length')} entries (got {ctx.get('actual_length')})"
-    if kind == "value_error":
-        cause = ctx.get("error")
-        if isinstance(cause, _LocatedError):
-            return loc + cause.path, str(cause)
-        return loc, str(cause) if cause is not None else err["msg"]
-    if kind == "string_pattern_mismatch":
-        return loc, f"must match {ctx.get('pattern')} (got {_got(err['input'])})"
-    msg: str = err["msg"]
-    return loc, msg[:1].lower() + msg[1:]
-
-
-def _model_at(loc: Loc) -> type[BaseModel] | None:
-    """The model whose keys are valid at `loc` (a path of keys and list indexes)."""
-    model: type[BaseModel] = Config
-    for part in loc:
-        if isinstance(part, int):
-            continue
-        field = model.model_fields.get(part)
-        sub = _model_in(field.annotation) if field is not None else None
-        if sub is None:
-            return None
-        model = sub
-    return model
-
-
-def _model_in(annotation: Any) -> type[BaseModel] | None:
+def model_in(annotation: Any) -> type[BaseModel] | None:
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
     for arg in get_args(annotation):
-        found = _model_in(arg)
+        found = model_in(arg)
         if found is not None:
             return found
     return None
-
-
-def _suggest(loc: Loc) -> str | None:
-    """The known key an unknown key at `loc` is probably a misspelling of."""
-    model = _model_at(loc[:-1]) if loc and isinstance(loc[-1], str) else None
-    if model is None:
-        return None
-    close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1, cutoff=0.6)
-    return close[0] if close else None
-
-
-def _from_validation_error(e: ValidationError, source: str) -> ConfigError:
-    problems: list[tuple[Loc, str]] = []
-    suggested: set[Loc] = set()
-    for err in e.errors():
-        loc, message = _describe(err)
-        if err["type"] == "extra_forbidden":
-            near = _suggest(loc)
-            if near is not None:
-                message += f" (did you mean {near!r}?)"
-                suggested.add(loc[:-1] + (near,))
-        if (loc, message) not in problems:
-            problems.append((loc, message))
-    # A misspelt required key also reports the real one missing: the suggestion says it.
-    problems = [
-        (loc, msg) for loc, msg in problems if not (loc in suggested and msg.startswith("required"))
-    ] or problems
-    (path, message), *more = problems
-    return ConfigError(source, message, path, more)
-
-
-# --- entry points ------------------------------------------------------------------------------
-
-
-def parse_config(text: str, source: str = "<config>") -> Config:
-    data = _load_yaml(text, source)
-    if data is None:
-        raise ConfigError(source, "empty config: at least 'groups' is needed")
-    if not isinstance(data, dict):
-        raise ConfigError(source, f"top level must be a mapping (got {type(data).__name__})")
-    return validate_config(data, source)
-
-
-def validate_config(data: Any, source: str = "<config>") -> Config:
-    """Validate already-parsed data (a dict as YAML gives it)."""
-    try:
-        return Config.model_validate(data)
-    except ValidationError as e:
-        raise _from_validation_error(e, source) from None
-    except RecursionError:
-        raise ConfigError(source, "nested too deeply") from None
-
-
-def load_config(path: str | Path) -> Config:
-    source = str(path)
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(source, "no such file") from None
-    except UnicodeDecodeError as e:
-        raise ConfigError(source, f"not UTF-8 text (byte {e.start})") from None
-    except PermissionError as e:
-        raise ConfigError(
-            source, f"cannot read: {e.strerror or e} (run as root, or make it readable)"
-        ) from None
-    except OSError as e:
-        raise ConfigError(source, f"cannot read: {e.strerror or e}") from None
-    return parse_config(text, source)
-
-
-# What SIGHUP may change in a running agent (paths below these); the rest needs a restart.
-LIVE_KEYS = ("groups[].policy", "groups[].notify", "metrics", "log")
-
-
-def _diff(a: Any, b: Any, path: str, out: list[str]) -> None:
-    if isinstance(a, dict) and isinstance(b, dict):
-        for key in sorted(set(a) | set(b)):
-            _diff(a.get(key), b.get(key), f"{path}.{key}" if path else key, out)
-    elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            _diff(x, y, f"{path}[{i}]", out)
-    elif a != b:
-        out.append(path)
-
-
-def changes(old: Config, new: Config) -> list[str]:
-    """Key paths whose value differs, e.g. ['groups[0].policy.updelay_ms', 'bpffs']."""
-    out: list[str] = []
-    _diff(old.to_dict(), new.to_dict(), "", out)
-    return out
-
-
-def _is_live(path: str) -> bool:
-    generic = re.sub(r"\[\d+\]", "[]", path)
-    return any(generic == k or generic.startswith(k + ".") for k in LIVE_KEYS)
-
-
-def live_changes(old: Config, new: Config) -> list[str]:
-    return [p for p in changes(old, new) if _is_live(p)]
-
-
-def fixed_changes(old: Config, new: Config) -> list[str]:
-    """What differs that a running agent cannot take (groups added or removed, names,
-    lowers, MAC, receive path, socket, pins, scheduling)."""
-    return [p for p in changes(old, new) if not _is_live(p)]
-
-
-def check_host(cfg: Config, source: str = "<config>") -> None:
-    """What only this machine can say about a valid config: the unix groups it names
-    exist.  failoverd runs it before creating anything (failoverctl, reading the socket
-    path from the same file, does not)."""
-    import grp
-
-    for key in ("group", "admin_group"):
-        name = getattr(cfg.control, key)
-        if name is None:
-            continue
-        try:
-            grp.getgrnam(name)
-        except KeyError:
-            raise ConfigError(source, f"no such group {name!r}", ("control", key)) from None
-
-
-# --- the reference (docs/config.md) -----------------------------------------------------------
-
-
-def _type_name(annotation: Any) -> str:
-    origin = get_origin(annotation)
-    if origin is Annotated:
-        return _type_name(get_args(annotation)[0])
-    if origin is Literal:
-        return " \\| ".join(f"`{a}`" for a in get_args(annotation))
-    if origin is list:
-        return f"list of {_type_name(get_args(annotation)[0])}s"
-    if origin in (Union, UnionType):
-        names = [_type_name(a) for a in get_args(annotation) if a is not type(None)]
-        text = " or ".join(dict.fromkeys(names))
-        return text + (" or null" if type(None) in get_args(annotation) else "")
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return "mapping"
-    return {str: "string", int: "integer", bool: "boolean"}.get(annotation, str(annotation))
-
-
-def _default(field: Any) -> str:
-    if field.is_required():
-        return "required"
-    value = field.default
-    if isinstance(value, BaseModel):
-        return "see below"
-    return "`null`" if value is None else f"`{value}`"
-
-
-def _rows(model: type[BaseModel], prefix: str) -> list[tuple[str, str, str, str]]:
-    rows = []
-    for key, field in model.model_fields.items():
-        path = f"{prefix}{key}"
-        sub = _model_in(field.annotation)
-        is_list = get_origin(field.annotation) is list or (
-            get_origin(field.annotation) is Annotated
-            and get_origin(get_args(field.annotation)[0]) is list
-        )
-        meaning = " ".join((field.description or "").split())
-        rows.append((path, _type_name(field.annotation), _default(field), meaning))
-        if sub is not None:
-            rows.extend(_rows(sub, path + ("[]." if is_list else ".")))
-    return rows
-
-
-def reference() -> str:
-    """docs/config.md: every key with its type, default and meaning, from the models."""
-    out = [
-        "# failoverd configuration reference",
-        "",
-        "<!-- Generated from control/bpfailover/model/config.py by",
-        "     `python -m bpfailover.model.config --reference > docs/config.md`; do not edit. -->",
-        "",
-        f"failoverd reads YAML from `--config`, else `${CONFIG_ENV}`, else "
-        f"`{DEFAULT_CONFIG_PATH}`. Unknown keys are refused (with a suggestion for a "
-        'near miss), values are strictly typed (`"5"` is not an integer, `yes` is not a '
-        "string), and every problem is reported at once, one line each, naming its key.",
-        "",
-        "A minimal config:",
-        "",
-        "```yaml",
-        "groups:",
-        "  - name: ens10",
-        "    standby: ens10nsby",
-        "```",
-        "",
-        "| key | type | default | meaning |",
-        "|-----|------|---------|---------|",
-    ]
-    for path, kind, default, meaning in _rows(Config, ""):
-        cells = (f"`{path}`", kind, default, meaning.replace("|", "\\|"))
-        out.append("| " + " | ".join(cells) + " |")
-    return "\n".join(out) + "\n"
-
-
-def _main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    ap = argparse.ArgumentParser(
-        prog="python -m bpfailover.model.config", description="failoverd's config"
-    )
-    ap.add_argument("--reference", action="store_true", help="print docs/config.md")
-    ap.add_argument("--check", metavar="FILE", help="validate FILE; exit 2 if it is bad")
-    args = ap.parse_args(argv)
-    if args.check:
-        try:
-            load_config(args.check)
-        except ConfigError as e:
-            print(e, file=sys.stderr)
-            return 2
-        print(f"{args.check}: ok")
-        return 0
-    print(reference(), end="")
-    return 0
-
-
-__all__ = [
-    "CONFIG_ENV",
-    "DEFAULT_CONFIG_PATH",
-    "Config",
-    "ConfigError",
-    "ControlSettings",
-    "Group",
-    "changes",
-    "check_host",
-    "fixed_changes",
-    "live_changes",
-    "LogSettings",
-    "MetricsSettings",
-    "NotifySettings",
-    "PolicySettings",
-    "StandbyDriver",
-    "config_path",
-    "format_path",
-    "load_config",
-    "parse_config",
-    "validate_config",
-]
-
-
-if __name__ == "__main__":
-    sys.exit(_main())
