@@ -498,23 +498,31 @@ def _run_tool(g: FakeGuest, *extra: str, limit: float = 60.0) -> tuple[int, floa
     argv += ["--qga", str(g.qga_path), "--device", DEVICE, *extra]  # type: ignore[attr-defined]
     t0 = time.monotonic()
     p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    # wait4: this child's own rusage, not the maximum over every child so far; its maxrss
-    # counts the test process's pages forked with it: an upper bound on the tool's own
+    # The tool's own peak: VmHWM of its address space, polled while it runs (rusage's
+    # maxrss would count the pages of the test process it was forked from: in a full
+    # suite run that is pytest's few hundred MiB, not the tool's).
+    hwm = 0
     while True:
-        pid, status, ru = os.wait4(p.pid, os.WNOHANG)
+        try:
+            status_text = Path(f"/proc/{p.pid}/status").read_text()
+            kb = next(ln.split()[1] for ln in status_text.splitlines() if ln.startswith("VmHWM:"))
+            hwm = max(hwm, int(kb) * 1024)
+        except (OSError, StopIteration, ValueError):
+            pass  # not exec'd yet, or already gone
+        pid, status, _ru = os.wait4(p.pid, os.WNOHANG)
         if pid:
             break
         if time.monotonic() - t0 > limit:
             p.kill()
-            pid, status, ru = os.wait4(p.pid, 0)
+            pid, status, _ru = os.wait4(p.pid, 0)
             break
-        time.sleep(0.02)
+        time.sleep(0.01)
     took = time.monotonic() - t0
     p.returncode = os.waitstatus_to_exitcode(status)
     assert p.stderr is not None
     err = p.stderr.read().decode(errors="replace")
     p.stderr.close()
-    return p.returncode, took, ru.ru_maxrss * 1024, err
+    return p.returncode, took, hwm, err
 
 
 @pytest.mark.parametrize("newlines", [True, False], ids=["lines", "no-newline"])

@@ -143,10 +143,10 @@ def one_filter_each(lab: Lab) -> None:
     for dev in (n.primary, n.standby):
         if lab.link(lab.guest, dev) is not None:
             assert our_filters(lab, dev) == 1, f"{dev}: duplicate or missing filter"
-    # fo_egress: on the device's own egress (tx_path direct, the default), none on the
-    # hidden peer's ingress (that is where tx_path veth puts it)
+    # fo_egress: on the device's own egress (tx_path direct, the default) and on the hidden
+    # peer's ingress (what skips the egress hook lands there), exactly one each
     assert our_filters(lab, n.failover, "egress") == 1
-    assert our_filters(lab, peer_name(n.failover), "ingress") == 0
+    assert our_filters(lab, peer_name(n.failover), "ingress") == 1
 
 
 def tx_total(g: dict[str, Any]) -> int:
@@ -629,16 +629,17 @@ def test_failover_name_taken_meanwhile_says_it_cannot(
     agent says in one event that it cannot re-create it and what to do, and keeps serving."""
     lab, agent = running
     n = lab.names(0)
-    gate = tmp_path / "gate"
-    agent.stop()
-    with fault_env("netlink-read:stall", gate):
-        agent.start()
-    netns.run_in(lab.guest, ["ip", "link", "del", n.failover])
-    agent.wait_for(lambda: agent.events("fault_injected"), what="agent stalled")
-    netns.run_in(
-        lab.guest, ["ip", "link", "add", n.failover, "type", "veth", "peer", "name", "impostor"]
-    )
-    gate.touch()
+    assert agent.proc is not None
+    # stopped, so both changes are queued before it reads either (however loaded the box)
+    agent.proc.send_signal(signal.SIGSTOP)
+    try:
+        netns.run_in(lab.guest, ["ip", "link", "del", n.failover])
+        netns.run_in(
+            lab.guest,
+            ["ip", "link", "add", n.failover, "type", "veth", "peer", "name", "impostor"],
+        )
+    finally:
+        agent.proc.send_signal(signal.SIGCONT)
     lost = agent.wait_for(lambda: agent.events("failover_device_lost"), what="cannot say")[-1]
     assert "not a bpfailover failover device" in lost["error"]
     assert f"failoverctl teardown {n.failover}" in lost["action"]
