@@ -156,6 +156,7 @@ class FakeWiring:
         self.carrier: dict[int, bool] = {}
         self.opened: list[int] = []
         self.mac_restored: dict[str, str] = {}
+        self.peer_passes: list[tuple[int, bool]] = []  # (peer, pass program on)
 
     def setup_group(
         self, name: str, mac: str, inactive_rx: str = "deliver", rx_path: str = "tc", **kw: Any
@@ -192,6 +193,14 @@ class FakeWiring:
 
     def set_up(self, ifindex: int) -> None:
         self.opened.append(ifindex)
+
+    def xdp_native(self, ifindex: int) -> bool:
+        link = self.kernel.links.get(ifindex)
+        return link is not None and link.xdp_native
+
+    def peer_pass(self, peer: int, on: bool) -> bool:
+        self.peer_passes.append((peer, on))
+        return True
 
     def close(self) -> None:
         pass

@@ -16,9 +16,11 @@ import struct
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -206,26 +208,14 @@ def _user_xdp(lab: Lab, dev: str, action: str) -> Iterator[None]:
 
 
 @pytest.mark.parametrize("tx_path", ["direct", "veth"])
-@pytest.mark.parametrize(
-    "action",
-    [
-        "redirect",
-        pytest.param(
-            "tx",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="veth wakes the hidden peer after XDP_TX only when the peer has an "
-                "XDP program, and one there takes GSO off the failover device",
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("action", ["redirect", "tx"])
 def test_user_xdp_on_the_failover_device_sends_through_the_active_lower(
     lab: Lab, agent_factory: list[AgentRun], tx_path: str, action: str
 ) -> None:
     """A user's XDP program on the failover device that sends a frame back (XDP_TX, or a
     redirect out of the same device) transmits into the hidden peer without passing the
-    device's clsact egress: the frame still leaves through the active lower, once."""
+    device's clsact egress: the frame still leaves through the active lower, once.  (For
+    XDP_TX the agent puts its pass program on the peer, which makes veth wake the peer.)"""
     run = _up(lab, agent_factory, tx_path)
     n = lab.names(0)
     src = _mac(lab.peer, "eth0")
@@ -242,6 +232,54 @@ def test_user_xdp_on_the_failover_device_sends_through_the_active_lower(
             finally:
                 s.close()
     _assert_reached(run, lower, tx0, got, f"XDP {action}")
+
+
+def _features(ns: str, dev: str) -> tuple[str, str]:
+    """(the peer's XDP program name or "", the device's TSO state) in `ns`."""
+    info = json.loads(netns.run_in(ns, ["ip", "-j", "-d", "link", "show", "dev", dev]).stdout)[0]
+    prog = info.get("xdp", {}).get("prog", {}).get("name", "")
+    out = netns.run_in(ns, ["ethtool", "-k", dev]).stdout
+    tso = [ln.split(":")[1].split()[0] for ln in out.splitlines() if ln.startswith("tcp-segm")]
+    return prog, tso[0] if tso else "?"
+
+
+def _settled(fn: Any, want: Any, what: str, tries: int = 100) -> None:
+    """fn() becomes `want` (the agent acts on the kernel's event): waited for generously."""
+    got = fn()
+    for _ in range(tries):
+        if got == want:
+            return
+        time.sleep(0.1)
+        got = fn()
+    assert got == want, f"{what}: {got}, expected {want}"
+
+
+def test_the_peer_pass_program_follows_the_user_xdp_program(
+    lab: Lab, agent_factory: list[AgentRun]
+) -> None:
+    """The agent's pass program sits on the hidden peer only while the failover device has
+    a native XDP program: it comes with the user's program and goes with it, and the
+    failover device gets its segmentation offload (which veth takes off while the peer
+    has a program) back.  What changed while no agent ran is put right at start-up."""
+    run = _up(lab, agent_factory, "direct")
+    n = lab.names(0)
+    peer = attach.peer_name(n.failover)
+    peer_prog = lambda: _features(lab.guest, peer)[0]  # noqa: E731
+    tso = lambda: _features(lab.guest, n.failover)[1]  # noqa: E731
+    assert (peer_prog(), tso()) == ("", "on"), "no program on the peer without a user's"
+    with _user_xdp(lab, n.failover, "tx"):
+        _settled(peer_prog, "fo_peer_pass", "the peer's XDP program with the user's on")
+        assert tso() == "off", "veth takes GSO off the failover device (the cost, stated)"
+        run.stop()
+    _settled(peer_prog, "fo_peer_pass", "left by the stopped agent")
+    run.start()  # the user's program went while no agent ran: removed at start-up
+    _settled(peer_prog, "", "the peer's XDP program at start without a user's")
+    with _user_xdp(lab, n.failover, "tx"):
+        _settled(peer_prog, "fo_peer_pass", "the peer's XDP program with the user's on")
+    _settled(peer_prog, "", "the peer's XDP program once the user's is removed")
+    assert tso() == "on", "the failover device's segmentation offload back"
+    attached = [e.get("attached") for e in run.events("peer_pass")]
+    assert attached[-2:] == [True, False], attached
 
 
 # -- AF_XDP in copy mode -----------------------------------------------------------------------

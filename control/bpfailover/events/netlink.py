@@ -33,6 +33,9 @@ RTNLGRP_IPV6_MCADDR = 38
 
 IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_LINK = 1, 3, 4, 5
 IFLA_LINKINFO = 18
+IFLA_XDP = 43
+IFLA_XDP_ATTACHED, IFLA_XDP_DRV_PROG_ID = 2, 5
+XDP_ATTACHED_DRV, XDP_ATTACHED_MULTI = 1, 4
 IFLA_INFO_KIND, IFLA_INFO_DATA = 1, 2
 IFLA_VLAN_ID, IFLA_VLAN_PROTOCOL = 1, 5
 IFA_ADDRESS, IFA_LOCAL = 1, 2
@@ -70,6 +73,7 @@ class Link:
     kind: str = ""  # IFLA_INFO_KIND (present in dumps and most events)
     vlan: tuple[int, int] | None = None  # kind "vlan": (protocol, e.g. 0x8100, VLAN id)
     deleted: bool = False
+    xdp_native: bool = False  # IFLA_XDP: an XDP program attached in native (driver) mode
 
     @property
     def admin_up(self) -> bool:
@@ -131,6 +135,8 @@ def parse_link(buf: bytes, off: int, end: int, msg_type: int) -> Link:
                     struct.unpack("!H", proto[:2])[0],
                     struct.unpack("=H", data[IFLA_VLAN_ID][:2])[0],
                 )
+    xdp = _attrs(a[IFLA_XDP], 0, len(a[IFLA_XDP])) if IFLA_XDP in a else {}
+    mode = xdp.get(IFLA_XDP_ATTACHED, b"\0")[0]
     return Link(
         ifindex=ifindex,
         ifname=a.get(IFLA_IFNAME, b"").rstrip(b"\0").decode(errors="replace"),
@@ -141,6 +147,8 @@ def parse_link(buf: bytes, off: int, end: int, msg_type: int) -> Link:
         kind=kind,
         vlan=vlan,
         deleted=msg_type == RTM_DELLINK,
+        xdp_native=mode == XDP_ATTACHED_DRV
+        or (mode == XDP_ATTACHED_MULTI and IFLA_XDP_DRV_PROG_ID in xdp),
     )
 
 
