@@ -330,6 +330,24 @@ def test_start_registers_by_mac_and_flips_to_the_primary(make: Any) -> None:
     assert h.active == "primary" and h.carrier()
 
 
+def test_the_peer_pass_program_follows_the_failover_devices_native_xdp(make: Any) -> None:
+    """Our pass program goes on the hidden peer when the failover device's link event says
+    it has a native XDP program, once however many events say so, and comes off when it
+    is gone; the peer's own events (a bpf_link attachment shows only there) re-read it."""
+    h = make(primary(), standby())
+    grp = h.agent.groups["fo0"]
+    passes = h.wiring[0].peer_passes
+    assert passes == [(grp.peer, False)], "start-up: none on the failover device, none put"
+    fo = h.kernel.links[grp.master]
+    with_xdp = replace(fo, xdp_native=True)
+    h.send(with_xdp)
+    h.send(with_xdp)  # (veth's feature change on the failover device: the same state)
+    assert passes[1:] == [(grp.peer, True)]
+    h.kernel.links[grp.master] = fo  # gone; told only by the peer's event
+    h.send(h.kernel.links[grp.peer])
+    assert passes[1:] == [(grp.peer, True), (grp.peer, False)]
+
+
 def test_primary_carrier_off_flips_to_the_standby(make: Any) -> None:
     h = make(primary(), standby())
     h.send(primary(flags=IFF_UP))  # carrier off
