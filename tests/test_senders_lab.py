@@ -17,10 +17,9 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -218,20 +217,25 @@ def test_user_xdp_on_the_failover_device_sends_through_the_active_lower(
     XDP_TX the agent puts its pass program on the peer, which makes veth wake the peer.)"""
     run = _up(lab, agent_factory, tx_path)
     n = lab.names(0)
-    src = _mac(lab.peer, "eth0")
-    dst = bytes.fromhex(n.mac.replace(":", ""))
     with _user_xdp(lab, n.failover, action):
         lower, tx0 = _active_tx(run)
         with _counting(lab.peer, "eth0", b"xdp-pong", N) as got:
-            with netns.entered(lab.peer):
-                s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
-            try:
-                s.bind(("eth0", 0))
-                for i in range(N):
-                    s.send(_frame(dst, src, b"xdp-ping", i))
-            finally:
-                s.close()
+            _pings(lab)
     _assert_reached(run, lower, tx0, got, f"XDP {action}")
+
+
+def _pings(lab: Lab) -> None:
+    """N frames tagged "xdp-ping" from the far host to the failover device's MAC."""
+    src = _mac(lab.peer, "eth0")
+    dst = bytes.fromhex(lab.names(0).mac.replace(":", ""))
+    with netns.entered(lab.peer):
+        s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
+    try:
+        s.bind(("eth0", 0))
+        for i in range(N):
+            s.send(_frame(dst, src, b"xdp-ping", i))
+    finally:
+        s.close()
 
 
 def _features(ns: str, dev: str) -> tuple[str, str]:
@@ -243,7 +247,7 @@ def _features(ns: str, dev: str) -> tuple[str, str]:
     return prog, tso[0] if tso else "?"
 
 
-def _settled(fn: Any, want: Any, what: str, tries: int = 100) -> None:
+def _settled(fn: Callable[[], str], want: str, what: str, tries: int = 100) -> None:
     """fn() becomes `want` (the agent acts on the kernel's event): waited for generously."""
     got = fn()
     for _ in range(tries):
@@ -264,8 +268,13 @@ def test_the_peer_pass_program_follows_the_user_xdp_program(
     run = _up(lab, agent_factory, "direct")
     n = lab.names(0)
     peer = attach.peer_name(n.failover)
-    peer_prog = lambda: _features(lab.guest, peer)[0]  # noqa: E731
-    tso = lambda: _features(lab.guest, n.failover)[1]  # noqa: E731
+
+    def peer_prog() -> str:
+        return _features(lab.guest, peer)[0]
+
+    def tso() -> str:
+        return _features(lab.guest, n.failover)[1]
+
     assert (peer_prog(), tso()) == ("", "on"), "no program on the peer without a user's"
     with _user_xdp(lab, n.failover, "tx"):
         _settled(peer_prog, "fo_peer_pass", "the peer's XDP program with the user's on")
@@ -274,12 +283,63 @@ def test_the_peer_pass_program_follows_the_user_xdp_program(
     _settled(peer_prog, "fo_peer_pass", "left by the stopped agent")
     run.start()  # the user's program went while no agent ran: removed at start-up
     _settled(peer_prog, "", "the peer's XDP program at start without a user's")
+    run.stop()
     with _user_xdp(lab, n.failover, "tx"):
-        _settled(peer_prog, "fo_peer_pass", "the peer's XDP program with the user's on")
+        run.start()  # one there at start-up: served
+        _settled(peer_prog, "fo_peer_pass", "the peer's XDP program at start with the user's")
     _settled(peer_prog, "", "the peer's XDP program once the user's is removed")
     assert tso() == "on", "the failover device's segmentation offload back"
     attached = [e.get("attached") for e in run.events("peer_pass")]
     assert attached[-2:] == [True, False], attached
+
+
+BPF_LINK_CREATE, BPF_XDP = 28, 37
+
+
+def _xdp_link(ns: str, prog_fd: int, ifindex: int) -> int:
+    """BPF_LINK_CREATE: `prog_fd` on `ifindex` in `ns` in native mode; the link's fd."""
+    from bpfailover.datapath import bpfsys
+
+    attr = ctypes.create_string_buffer(bpfsys.ATTR_SIZE)
+    struct.pack_into("=IIII", attr, 0, prog_fd, ifindex, BPF_XDP, attach.XDP_FLAGS_DRV_MODE)
+    with netns.entered(ns):  # the ifindex is looked up in the caller's netns
+        fd = _libc.syscall(bpfsys.SYS_BPF, BPF_LINK_CREATE, attr, bpfsys.ATTR_SIZE)
+    if fd < 0:
+        raise OSError(ctypes.get_errno(), "BPF_LINK_CREATE")
+    return int(fd)
+
+
+def test_a_user_xdp_program_attached_through_a_bpf_link_is_served(
+    lab: Lab, agent_factory: list[AgentRun]
+) -> None:
+    """An XDP program attached to the failover device through a bpf_link (libbpf's
+    bpf_xdp_attach with a link, bpf_program__attach_xdp) sends no link event for the device
+    itself, only for its peer, whose features veth changes: the agent's pass program comes
+    with it and goes when the link is closed, and its XDP_TX reaches the active lower."""
+    from bcc import BPF
+
+    run = bring_up(lab, tx_path="direct", address_resync_s=0)  # events only: no re-read timer
+    agent_factory.append(run)
+    n = lab.names(0)
+    peer = attach.peer_name(n.failover)
+    os.environ.update(kheaders.find().env)
+    b = BPF(text=_XDP_SRC, cflags=["-DACTION=XDP_TX"])
+    try:
+        fn = b.load_func("reflect", BPF.XDP)
+        with netns.entered(lab.guest):
+            ifindex = socket.if_nametoindex(n.failover)
+        link_fd = _xdp_link(lab.guest, fn.fd, ifindex)
+        try:
+            _settled(lambda: _features(lab.guest, peer)[0], "fo_peer_pass", "with the link")
+            lower, tx0 = _active_tx(run)
+            with _counting(lab.peer, "eth0", b"xdp-pong", N) as got:
+                _pings(lab)
+            _assert_reached(run, lower, tx0, got, "XDP_TX (bpf_link)")
+        finally:
+            os.close(link_fd)  # the link's last fd: the program comes off
+        _settled(lambda: _features(lab.guest, peer)[0], "", "once the link is closed")
+    finally:
+        b.cleanup()
 
 
 # -- AF_XDP in copy mode -----------------------------------------------------------------------
