@@ -541,3 +541,22 @@ def test_restart_attaches_the_peer_program_an_older_agent_left_out(
     assert run.group()["tx_path"] == "direct"
     out = netns.run_in(lab.guest, ["ethtool", "-k", peer]).stdout
     assert "generic-receive-offload: on" in out, "GRO on the peer (an XDP redirect target)"
+
+
+def test_a_datapath_pinned_without_the_peer_pass_program_gets_it(pin_dir: Path) -> None:
+    """A datapath an older loader pinned has no pass program for the hidden peer: the agent
+    opening it makes one (no compiler needed) and pins it next to the others."""
+    from bpfailover.datapath import bpfsys
+    from bpfailover.datapath.loader import PEER_PASS
+    from bpfailover.datapath.maps import Datapath
+
+    Datapath.open(pin_dir).close()
+    (pin_dir / PEER_PASS).unlink()  # what an older loader left
+    with Datapath.open(pin_dir, load=False) as dp:
+        assert (pin_dir / PEER_PASS).exists(), "pinned again"
+        info = bpfsys.prog_info(dp.prog_fd(PEER_PASS))
+        assert (info.type, info.name) == (bpfsys.BPF_PROG_TYPE_XDP, "fo_peer_pass")
+        run = bpfsys.prog_test_run(dp.prog_fd(PEER_PASS), bytes(64))
+        assert run.retval == bpfsys.XDP_PASS
+    with Datapath.open(pin_dir, load=False) as again:  # and adopted from the pin after
+        assert again.prog_id(PEER_PASS) == info.id
