@@ -87,7 +87,8 @@ class Lowers:
                 self._on_master(grp, link)
                 return
             if link.ifindex == grp.peer:
-                self.recheck_xdp(grp)
+                if not link.deleted:  # (the failover device goes with it: its own event)
+                    self.recheck_xdp(grp)
                 return
             if link.link == grp.master and link.ifindex != grp.peer:
                 uppers.on_upper(grp, link, self.wiring)
