@@ -313,9 +313,9 @@ def test_a_user_xdp_program_attached_through_a_bpf_link_is_served(
     lab: Lab, agent_factory: list[AgentRun]
 ) -> None:
     """An XDP program attached to the failover device through a bpf_link (libbpf's
-    bpf_xdp_attach with a link, bpf_program__attach_xdp) sends no link event for the device
-    itself, only for its peer, whose features veth changes: the agent's pass program comes
-    with it and goes when the link is closed, and its XDP_TX reaches the active lower."""
+    bpf_program__attach_xdp) sends no link event for the device itself, only for its peer,
+    whose features veth changes: the agent's pass program comes with it (no re-read timer
+    here) and goes when the link is closed, and its XDP_TX reaches the active lower."""
     from bcc import BPF
 
     run = bring_up(lab, tx_path="direct", address_resync_s=0)  # events only: no re-read timer
