@@ -21,7 +21,7 @@ from bpfailover import netns, policy
 from bpfailover_lab.agent_run import AgentRun
 from bpfailover_lab.topology import Lab
 
-OUR_PROGS = ("fo_egress", "lower_ingress", "xdp_lower_rx")
+OUR_PROGS = ("fo_egress", "lower_ingress", "xdp_lower_rx", "fo_peer_pass")
 BPFFS = Path("/sys/fs/bpf")
 
 

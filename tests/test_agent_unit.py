@@ -168,6 +168,7 @@ class FakeWiring:
         self.closed: list[int] = []
         self.moved: set[int] = set()  # hidden peers whose failover device left the netns
         self.mac_restored: dict[str, str] = {}
+        self.peer_passes: list[tuple[int, bool]] = []  # (peer, pass program on)
 
     def setup_group(
         self, name: str, mac: str, inactive_rx: str = "deliver", rx_path: str = "tc", **kw: Any
@@ -216,6 +217,14 @@ class FakeWiring:
         if peer not in self.moved:
             return False
         del self.kernel.links[peer]  # (the moved end went with it, in its netns)
+        return True
+
+    def xdp_native(self, ifindex: int) -> bool:
+        link = self.kernel.links.get(ifindex)
+        return link is not None and link.xdp_native
+
+    def peer_pass(self, peer: int, on: bool) -> bool:
+        self.peer_passes.append((peer, on))
         return True
 
     def close(self) -> None:
@@ -344,6 +353,24 @@ def test_start_registers_by_mac_and_flips_to_the_primary(make: Any) -> None:
     assert {r: lw.ifindex for r, lw in grp.lowers.items()} == {"primary": 10, "standby": 11}
     assert h.dp.flips() == [(PRIMARY, 10)]
     assert h.active == "primary" and h.carrier()
+
+
+def test_the_peer_pass_program_follows_the_failover_devices_native_xdp(make: Any) -> None:
+    """Our pass program goes on the hidden peer when the failover device's link event says
+    it has a native XDP program, once however many events say so, and comes off when it
+    is gone; the peer's own events (a bpf_link attachment shows only there) re-read it."""
+    h = make(primary(), standby())
+    grp = h.agent.groups["fo0"]
+    passes = h.wiring[0].peer_passes
+    assert passes == [(grp.peer, False)], "start-up: none on the failover device, none put"
+    fo = h.kernel.links[grp.master]
+    with_xdp = replace(fo, xdp_native=True)
+    h.send(with_xdp)
+    h.send(with_xdp)  # (veth's feature change on the failover device: the same state)
+    assert passes[1:] == [(grp.peer, True)]
+    h.kernel.links[grp.master] = fo  # gone; told only by the peer's event
+    h.send(h.kernel.links[grp.peer])
+    assert passes[1:] == [(grp.peer, True), (grp.peer, False)]
 
 
 def test_primary_carrier_off_flips_to_the_standby(make: Any) -> None:

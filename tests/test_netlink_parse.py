@@ -16,11 +16,12 @@ def _rta(t: int, payload: bytes) -> bytes:
     return struct.pack("=HH", n, t) + payload + b"\0" * ((-n) % 4)
 
 
-def _newlink(ifindex: int, name: str, linkinfo: bytes, flags: int = 0) -> bytes:
+def _newlink(ifindex: int, name: str, linkinfo: bytes, flags: int = 0, extra: bytes = b"") -> bytes:
     body = struct.pack("=BxHiII", 0, 1, ifindex, 0x1, 0)
     body += _rta(netlink.IFLA_IFNAME, name.encode() + b"\0")
     body += _rta(netlink.IFLA_LINK, struct.pack("=i", 7))
     body += _rta(netlink.IFLA_LINKINFO, linkinfo)
+    body += extra
     return struct.pack("=IHHII", 16 + len(body), netlink.RTM_NEWLINK, flags, 0, 0) + body
 
 
@@ -42,6 +43,30 @@ def test_no_vlan_for_other_kinds_or_without_data() -> None:
     (bare,), _ = netlink.parse(_newlink(9, "v0", _rta(netlink.IFLA_INFO_KIND, b"vlan\0")))
     assert isinstance(mv, netlink.Link) and isinstance(bare, netlink.Link)
     assert (mv.kind, mv.vlan, bare.vlan) == ("macvlan", None, None)
+
+
+@pytest.mark.parametrize(
+    ("mode", "ids", "native"),
+    [
+        (0, (), False),  # none
+        (1, (5,), True),  # native (driver)
+        (2, (6,), False),  # generic (skb)
+        (3, (7,), False),  # offloaded
+        (4, (5, 6), True),  # several, one of them native
+        (4, (6, 7), False),  # several: generic and offloaded
+    ],
+)
+def test_native_xdp_from_ifla_xdp(mode: int, ids: tuple[int, ...], native: bool) -> None:
+    """IFLA_XDP's attached mode (and, for several, whether one is the driver's) as the
+    kernel nests them: the failover device's native XDP is what the agent acts on."""
+    xdp = _rta(netlink.IFLA_XDP_ATTACHED, bytes([mode]))
+    for attr in ids:  # IFLA_XDP_DRV_PROG_ID 5, _SKB_PROG_ID 6, _HW_PROG_ID 7
+        xdp += _rta(attr, struct.pack("=I", 42))
+    kind = _rta(netlink.IFLA_INFO_KIND, b"veth\0")
+    (link,), _ = netlink.parse(_newlink(9, "ens10", kind, extra=_rta(netlink.IFLA_XDP, xdp)))
+    (bare,), _ = netlink.parse(_newlink(9, "ens10", kind))
+    assert isinstance(link, netlink.Link) and isinstance(bare, netlink.Link)
+    assert (link.xdp_native, bare.xdp_native) == (native, False)
 
 
 class FakeDumpSocket:

@@ -16,7 +16,8 @@ import struct
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -181,17 +182,30 @@ int reflect(struct xdp_md *ctx)
 
 
 @contextmanager
+def _headers_env() -> Iterator[None]:
+    """The kernel headers bcc needs for a program a test compiles itself; the environment
+    is put back after the compile, so later tests see it as they would alone."""
+    saved = os.environ.copy()
+    os.environ.update(kheaders.find().env)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+@contextmanager
 def _user_xdp(lab: Lab, dev: str, action: str) -> Iterator[None]:
     """The reflecting program on `dev` in the guest (native XDP), removed after.  (Generic
     XDP never sees what the lowers' filters redirect up: the kernel passes redirected skbs
     by it.)"""
-    os.environ.update(kheaders.find().env)
     from bcc import BPF
 
     with netns.entered(lab.guest):
         ifindex = socket.if_nametoindex(dev)
     act = "XDP_TX" if action == "tx" else f"bpf_redirect({ifindex}, 0)"
-    b = BPF(text=_XDP_SRC, cflags=[f"-DACTION={act}"])
+    with _headers_env():
+        b = BPF(text=_XDP_SRC, cflags=[f"-DACTION={act}"])
     flags = BPF.XDP_FLAGS_DRV_MODE
     try:
         with netns.entered(lab.guest):
@@ -206,42 +220,139 @@ def _user_xdp(lab: Lab, dev: str, action: str) -> Iterator[None]:
 
 
 @pytest.mark.parametrize("tx_path", ["direct", "veth"])
-@pytest.mark.parametrize(
-    "action",
-    [
-        "redirect",
-        pytest.param(
-            "tx",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="veth wakes the hidden peer after XDP_TX only when the peer has an "
-                "XDP program, and one there takes GSO off the failover device",
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("action", ["redirect", "tx"])
 def test_user_xdp_on_the_failover_device_sends_through_the_active_lower(
     lab: Lab, agent_factory: list[AgentRun], tx_path: str, action: str
 ) -> None:
     """A user's XDP program on the failover device that sends a frame back (XDP_TX, or a
     redirect out of the same device) transmits into the hidden peer without passing the
-    device's clsact egress: the frame still leaves through the active lower, once."""
+    device's clsact egress: the frame still leaves through the active lower, once.  (For
+    XDP_TX the agent puts its pass program on the peer, which makes veth wake the peer.)"""
     run = _up(lab, agent_factory, tx_path)
     n = lab.names(0)
-    src = _mac(lab.peer, "eth0")
-    dst = bytes.fromhex(n.mac.replace(":", ""))
     with _user_xdp(lab, n.failover, action):
         lower, tx0 = _active_tx(run)
         with _counting(lab.peer, "eth0", b"xdp-pong", N) as got:
-            with netns.entered(lab.peer):
-                s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
-            try:
-                s.bind(("eth0", 0))
-                for i in range(N):
-                    s.send(_frame(dst, src, b"xdp-ping", i))
-            finally:
-                s.close()
+            _pings(lab)
     _assert_reached(run, lower, tx0, got, f"XDP {action}")
+
+
+def _pings(lab: Lab) -> None:
+    """N frames tagged "xdp-ping" from the far host to the failover device's MAC."""
+    src = _mac(lab.peer, "eth0")
+    dst = bytes.fromhex(lab.names(0).mac.replace(":", ""))
+    with netns.entered(lab.peer):
+        s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
+    try:
+        s.bind(("eth0", 0))
+        for i in range(N):
+            s.send(_frame(dst, src, b"xdp-ping", i))
+    finally:
+        s.close()
+
+
+def _features(ns: str, dev: str) -> tuple[str, str]:
+    """(the peer's XDP program name or "", the device's TSO state) in `ns`."""
+    info = json.loads(netns.run_in(ns, ["ip", "-j", "-d", "link", "show", "dev", dev]).stdout)[0]
+    prog = info.get("xdp", {}).get("prog", {}).get("name", "")
+    out = netns.run_in(ns, ["ethtool", "-k", dev]).stdout
+    tso = [ln.split(":")[1].split()[0] for ln in out.splitlines() if ln.startswith("tcp-segm")]
+    return prog, tso[0] if tso else "?"
+
+
+def _settled(fn: Callable[[], str], want: str, what: str, tries: int = 100) -> None:
+    """fn() becomes `want` (the agent acts on the kernel's event): waited for generously."""
+    got = fn()
+    for _ in range(tries):
+        if got == want:
+            return
+        time.sleep(0.1)
+        got = fn()
+    assert got == want, f"{what}: {got}, expected {want}"
+
+
+def test_the_peer_pass_program_follows_the_user_xdp_program(
+    lab: Lab, agent_factory: list[AgentRun]
+) -> None:
+    """The agent's pass program sits on the hidden peer only while the failover device has
+    a native XDP program: it comes with the user's program and goes with it, and the
+    failover device gets its segmentation offload (which veth takes off while the peer
+    has a program) back.  What changed while no agent ran is put right at start-up."""
+    run = _up(lab, agent_factory, "direct")
+    n = lab.names(0)
+    peer = attach.peer_name(n.failover)
+
+    def peer_prog() -> str:
+        return _features(lab.guest, peer)[0]
+
+    def tso() -> str:
+        return _features(lab.guest, n.failover)[1]
+
+    assert (peer_prog(), tso()) == ("", "on"), "no program on the peer without a user's"
+    with _user_xdp(lab, n.failover, "tx"):
+        _settled(peer_prog, "fo_peer_pass", "the peer's XDP program with the user's on")
+        assert tso() == "off", "veth takes GSO off the failover device (the cost, stated)"
+        run.stop()
+    _settled(peer_prog, "fo_peer_pass", "left by the stopped agent")
+    run.start()  # the user's program went while no agent ran: removed at start-up
+    _settled(peer_prog, "", "the peer's XDP program at start without a user's")
+    run.stop()
+    with _user_xdp(lab, n.failover, "tx"):
+        run.start()  # one there at start-up: served
+        _settled(peer_prog, "fo_peer_pass", "the peer's XDP program at start with the user's")
+    _settled(peer_prog, "", "the peer's XDP program once the user's is removed")
+    assert tso() == "on", "the failover device's segmentation offload back"
+    attached = [e.get("attached") for e in run.events("peer_pass")]
+    assert attached[-2:] == [True, False], attached
+
+
+BPF_LINK_CREATE, BPF_XDP = 28, 37
+
+
+def _xdp_link(ns: str, prog_fd: int, ifindex: int) -> int:
+    """BPF_LINK_CREATE: `prog_fd` on `ifindex` in `ns` in native mode; the link's fd."""
+    from bpfailover.datapath import bpfsys
+
+    attr = ctypes.create_string_buffer(bpfsys.ATTR_SIZE)
+    struct.pack_into("=IIII", attr, 0, prog_fd, ifindex, BPF_XDP, attach.XDP_FLAGS_DRV_MODE)
+    with netns.entered(ns):  # the ifindex is looked up in the caller's netns
+        fd = _libc.syscall(bpfsys.SYS_BPF, BPF_LINK_CREATE, attr, bpfsys.ATTR_SIZE)
+    if fd < 0:
+        raise OSError(ctypes.get_errno(), "BPF_LINK_CREATE")
+    return int(fd)
+
+
+def test_a_user_xdp_program_attached_through_a_bpf_link_is_served(
+    lab: Lab, agent_factory: list[AgentRun]
+) -> None:
+    """An XDP program attached to the failover device through a bpf_link (libbpf's
+    bpf_program__attach_xdp) sends no link event for the device itself, only for its peer,
+    whose features veth changes: the agent's pass program comes with it (no re-read timer
+    here) and goes when the link is closed, and its XDP_TX reaches the active lower."""
+    from bcc import BPF
+
+    run = bring_up(lab, tx_path="direct", address_resync_s=0)  # events only: no re-read timer
+    agent_factory.append(run)
+    n = lab.names(0)
+    peer = attach.peer_name(n.failover)
+    with _headers_env():
+        b = BPF(text=_XDP_SRC, cflags=["-DACTION=XDP_TX"])
+    try:
+        fn = b.load_func("reflect", BPF.XDP)
+        with netns.entered(lab.guest):
+            ifindex = socket.if_nametoindex(n.failover)
+        link_fd = _xdp_link(lab.guest, fn.fd, ifindex)
+        try:
+            _settled(lambda: _features(lab.guest, peer)[0], "fo_peer_pass", "with the link")
+            lower, tx0 = _active_tx(run)
+            with _counting(lab.peer, "eth0", b"xdp-pong", N) as got:
+                _pings(lab)
+            _assert_reached(run, lower, tx0, got, "XDP_TX (bpf_link)")
+        finally:
+            os.close(link_fd)  # the link's last fd: the program comes off
+        _settled(lambda: _features(lab.guest, peer)[0], "", "once the link is closed")
+    finally:
+        b.cleanup()
 
 
 # -- AF_XDP in copy mode -----------------------------------------------------------------------
@@ -443,3 +554,22 @@ def test_restart_attaches_the_peer_program_an_older_agent_left_out(
     assert run.group()["tx_path"] == "direct"
     out = netns.run_in(lab.guest, ["ethtool", "-k", peer]).stdout
     assert "generic-receive-offload: on" in out, "GRO on the peer (an XDP redirect target)"
+
+
+def test_a_datapath_pinned_without_the_peer_pass_program_gets_it(pin_dir: Path) -> None:
+    """A datapath an older loader pinned has no pass program for the hidden peer: the agent
+    opening it makes one (no compiler needed) and pins it next to the others."""
+    from bpfailover.datapath import bpfsys
+    from bpfailover.datapath.loader import PEER_PASS
+    from bpfailover.datapath.maps import Datapath
+
+    Datapath.open(pin_dir).close()
+    (pin_dir / PEER_PASS).unlink()  # what an older loader left
+    with Datapath.open(pin_dir, load=False) as dp:
+        assert (pin_dir / PEER_PASS).exists(), "pinned again"
+        info = bpfsys.prog_info(dp.prog_fd(PEER_PASS))
+        assert (info.type, info.name) == (bpfsys.BPF_PROG_TYPE_XDP, "fo_peer_pass")
+        run = bpfsys.prog_test_run(dp.prog_fd(PEER_PASS), bytes(64))
+        assert run.retval == bpfsys.XDP_PASS
+    with Datapath.open(pin_dir, load=False) as again:  # and adopted from the pin after
+        assert again.prog_id(PEER_PASS) == info.id

@@ -459,6 +459,8 @@ class Agent:
             if resync is not None and resync <= t:
                 # what no event announces: `ip maddr add`, packet sockets
                 self.guard("timer", sync_mc, grp, group=grp.name)
+                if self.lowers is not None:  # nor an XDP program attached through a bpf_link
+                    self.guard("timer", self.lowers.recheck_xdp, grp, group=grp.name)
                 self.resync_due_ms[grp.name] = t + grp.cfg.address_resync_s * 1000
         if self.mc_pacer.take_due(t):  # changes coalesced since the last sync
             self.guard("timer", addrlists.sync_all, self.groups)

@@ -95,6 +95,10 @@ class Lowers:
             if link.ifindex == grp.master:
                 self._on_master(grp, link)
                 return
+            if link.ifindex == grp.peer:
+                if not link.deleted:  # (the failover device goes with it: its own event)
+                    self.recheck_xdp(grp)
+                return
             if link.link == grp.master and link.ifindex != grp.peer:
                 uppers.on_upper(grp, link, self.wiring)
                 return
@@ -157,6 +161,7 @@ class Lowers:
             self._recreate_master(grp)
         else:
             grp.mtu = master.mtu
+            self.peer_xdp(grp, master.xdp_native)
             if master.mac and master.mac != grp.mac:
                 self._restore_mac(grp, master.mac)
         for link in links.values():
@@ -401,7 +406,32 @@ class Lowers:
             self._restore_mac(grp, link.mac)
         if link.mtu and link.mtu != grp.mtu:
             self._propagate_mtu(grp, link.mtu)
+        self.peer_xdp(grp, link.xdp_native)
         sync_mc(grp)
+
+    def recheck_xdp(self, grp: Group) -> None:
+        """The failover device's XDP read from the kernel: at an event of its peer (an XDP
+        program attached through a bpf_link announces itself only there, by the features
+        veth takes off the peer) and at each address_resync_s."""
+        self.peer_xdp(grp, self.wiring.xdp_native(grp.master))
+
+    def peer_xdp(self, grp: Group, user_xdp: bool) -> None:
+        """While the failover device has a native XDP program, our pass program sits on its
+        hidden peer, so what that program sends back (XDP_TX) reaches the active lower
+        (Wiring.peer_pass); without one it goes, and with it the GSO cost it brings."""
+        if grp.user_xdp == user_xdp:
+            return
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        grp.user_xdp = user_xdp  # tried once per change, whatever the outcome
+        try:
+            wrote = self.wiring.peer_pass(grp.peer, user_xdp)
+        except NetlinkError as e:
+            effect = "XDP_TX from the failover device's XDP program is not sent"
+            event("peer_pass_refused", group=grp.name, error=str(e), effect=effect)
+            return
+        if wrote:
+            event("peer_pass", group=grp.name, attached=user_xdp)
 
     def _restore_mac(self, grp: Group, found: str) -> None:
         """net_failover has no ndo_set_mac_address: its MAC cannot change.  veth takes a new
@@ -470,6 +500,7 @@ class Lowers:
             self.dp.del_dev(old_peer)
         self.addrs.pop(old, None)
         grp.carrier = None  # the new peer starts down: decide() sets it
+        grp.user_xdp = None  # a new pair: nothing on it
         note = "addresses are the OS network config's to restore"
         event(
             "failover_device_recreated",

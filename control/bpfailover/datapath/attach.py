@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from contextlib import suppress
 from typing import Any
 
-from bpfailover.datapath.loader import PROGS
+from bpfailover.datapath.loader import PEER_PASS, PROGS
 from bpfailover.datapath.maps import Datapath, DatapathError
 from bpfailover.effects import sysctl
 from bpfailover.effects.ethtool import set_gro
@@ -26,6 +26,7 @@ CLSACT_INGRESS = "ffff:fff2"
 CLSACT_EGRESS = "ffff:fff3"
 XDP_FLAGS_SKB_MODE = 1 << 1
 XDP_FLAGS_DRV_MODE = 1 << 2
+_DRV = ("IFLA_XDP_FLAGS", XDP_FLAGS_DRV_MODE)
 IFF_UP = 0x1
 
 
@@ -141,6 +142,17 @@ def xdp_prog_id(ipr: Any, ifindex: int) -> int:
     if xdp is None:
         return 0
     return int(xdp.get_attr("IFLA_XDP_PROG_ID") or 0)
+
+
+def xdp_native(ipr: Any, ifindex: int) -> bool:
+    """The netdev has an XDP program in native (driver) mode."""
+    xdp = ipr.get_links(ifindex)[0].get_attr("IFLA_XDP")
+    if xdp is None:
+        return False
+    mode = xdp.get_attr("IFLA_XDP_ATTACHED")
+    return mode in ("xdp", 1) or (
+        mode in ("xdpmulti", 4) and bool(xdp.get_attr("IFLA_XDP_DRV_PROG_ID"))
+    )
 
 
 def attach_xdp(ipr: Any, ifindex: int, prog_fd: int, prog_id: int) -> bool:
@@ -273,8 +285,7 @@ def peer_napi(peer: str) -> None:
     """GRO on the hidden peer: veth then gives it NAPI, without which the failover
     device is no XDP redirect target (a user's XDP program on it redirecting out of it
     loses the frames); with it those frames enter the peer and its clsact ingress sends
-    them to the active lower like any other transmit.  (XDP_TX is not enough: veth wakes
-    the peer's NAPI after XDP_TX only when the peer has an XDP program of its own.)"""
+    them to the active lower like any other transmit.  (XDP_TX needs more: Wiring.peer_pass.)"""
     try:
         set_gro(peer, True)
     except OSError as e:
@@ -381,6 +392,29 @@ class Wiring:
         else:
             detach_tc(self.ipr, master, "egress")
         return wrote
+
+    def xdp_native(self, ifindex: int) -> bool:
+        return xdp_native(self.ipr, ifindex)
+
+    def peer_pass(self, peer: int, on: bool) -> bool:
+        """Our pass-through XDP program on the hidden peer (native), or not.  veth wakes the
+        peer after a user's XDP program on the failover device returned XDP_TX only when
+        the peer has an XDP program of its own; without one those frames wait in its ring.
+        With it they pass into the peer's clsact ingress and on to the active lower.  Its
+        price: veth takes the GSO offloads off the failover device while the peer has a
+        program, so only while the failover device has a native one.  Another program
+        found on the peer is left there (it wakes the peer all the same).  Returns whether
+        it wrote; raises NetlinkError when the kernel refuses."""
+        ours = self.dp.prog_id(PEER_PASS)
+        found = xdp_prog_id(self.ipr, peer)
+        if on and not found:
+            attrs = [("IFLA_XDP_FD", self.dp.prog_fd(PEER_PASS))]
+            self.ipr.link("set", index=peer, xdp={"attrs": attrs + [_DRV]})
+            return True
+        if not on and found == ours:
+            self.ipr.link("set", index=peer, xdp={"attrs": [("IFLA_XDP_FD", -1), _DRV]})
+            return True
+        return False
 
     def register_lower(self, g: int, slot: int, ifindex: int, rx_path: str = "tc") -> None:
         """Make ifindex the group's lower in `slot`.  The active slot is left as it is: only

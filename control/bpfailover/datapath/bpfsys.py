@@ -48,6 +48,7 @@ BPF_MAP_LOOKUP_ELEM = 1
 BPF_MAP_UPDATE_ELEM = 2
 BPF_MAP_DELETE_ELEM = 3
 BPF_MAP_GET_NEXT_KEY = 4
+BPF_PROG_LOAD = 5
 BPF_OBJ_PIN = 6
 BPF_OBJ_GET = 7
 BPF_PROG_TEST_RUN = 10
@@ -55,6 +56,9 @@ BPF_OBJ_GET_INFO_BY_FD = 15
 
 BPF_ANY = 0
 BPF_F_RDONLY = 1 << 3  # file_flags of BPF_OBJ_GET: a map fd that can read, not write
+BPF_PROG_TYPE_XDP = 6
+BPF_F_XDP_HAS_FRAGS = 1 << 5  # prog_flags: the program takes multi-buffer frames (5.18+)
+XDP_PASS = 2
 
 ATTR_SIZE = 128  # large enough for every command used here; the kernel zero-checks the rest
 
@@ -140,6 +144,29 @@ def map_keys(fd: int, key_size: int) -> list[bytes]:
             raise
         keys.append(nxt.raw)
         cur = ctypes.create_string_buffer(nxt.raw, key_size)
+
+
+def prog_load_xdp_pass(name: str) -> int:
+    """fd of a new XDP program that passes every frame (`r0 = XDP_PASS; exit`): two
+    instructions, so no compiler.  Marked as taking multi-buffer frames where the kernel
+    knows the flag, so a veth carrying it keeps its peer's MTU limit where it was."""
+    insns = struct.pack("=BBhi", 0xB7, 0, 0, XDP_PASS) + struct.pack("=BBhi", 0x95, 0, 0, 0)
+    code = ctypes.create_string_buffer(insns, len(insns))
+    lic = ctypes.create_string_buffer(b"GPL")
+    last: BpfError | None = None
+    for flags in (BPF_F_XDP_HAS_FRAGS, 0):
+        # prog_type, insn_cnt, insns, license, log_level, log_size, log_buf, kern_version,
+        # prog_flags, prog_name[16]
+        attr = _attr("=IIQQIIQII", BPF_PROG_TYPE_XDP, 2, _addr(code), _addr(lic), 0, 0, 0, 0, flags)
+        struct.pack_into("16s", attr, 48, name.encode()[:15])
+        try:
+            return _sys_bpf(BPF_PROG_LOAD, attr, f"load {name}")
+        except BpfError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            last = e  # a kernel without the frags flag: load it without
+    assert last is not None
+    raise last
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,11 @@ PROGS = {  # pin name -> (function, bcc program type attribute)
     "prog_fo_egress": ("fo_egress", "SCHED_CLS"),
     "prog_lower_ingress": ("lower_ingress", "SCHED_CLS"),
     "prog_xdp_lower_rx": ("xdp_lower_rx", "XDP"),
+    "prog_peer_pass": ("fo_peer_pass", "XDP"),
 }
+# XDP_PASS on the hidden peer while the failover device has a native XDP program
+# (attach.Wiring.peer_pass); built with bpf(2), not compiled (bpfsys.prog_load_xdp_pass).
+PEER_PASS = "prog_peer_pass"
 MAPS = (
     "fo_meta",
     "fo_dev",
@@ -206,6 +210,7 @@ def compile_and_pin(
         fns = {
             pin: b.load_func(func.encode(), getattr(BPF, ptype))
             for pin, (func, ptype) in PROGS.items()
+            if pin != PEER_PASS
         }
         return b, fns
 
@@ -250,6 +255,11 @@ def compile_and_pin(
             pin(b[name.encode()].map_fd, name)
         for pin_name, fn in fns.items():
             pin(fn.fd, pin_name)
+        pass_fd = bpfsys.prog_load_xdp_pass(PROGS[PEER_PASS][0])
+        try:
+            pin(pass_fd, PEER_PASS)
+        finally:
+            os.close(pass_fd)
         try:
             os.rename(tmp, pin_dir)
         except OSError as e:

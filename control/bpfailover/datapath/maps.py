@@ -9,6 +9,7 @@ no-op.  bcc is used only by the one-shot loader (loader.py), in a child process.
 from __future__ import annotations
 
 import ctypes
+import errno
 import fcntl
 import hashlib
 import json
@@ -25,7 +26,14 @@ from pathlib import Path
 from typing import Any
 
 from bpfailover.datapath import bpfsys, layout
-from bpfailover.datapath.loader import MAPS, PROGS, TEST_MAPS, LoadError, check_bpffs
+from bpfailover.datapath.loader import (
+    MAPS,
+    PEER_PASS,
+    PROGS,
+    TEST_MAPS,
+    LoadError,
+    check_bpffs,
+)
 
 log = logging.getLogger("bpfailover.datapath")
 
@@ -86,7 +94,7 @@ class Datapath:
         check_owner(pin_dir)
         names = MAPS + (TEST_MAPS if test_hooks else ())
         if not read_only:
-            names += tuple(PROGS)
+            names += tuple(p for p in PROGS if p != PEER_PASS)
         flags = bpfsys.BPF_F_RDONLY if read_only else 0
         fds: dict[str, int] = {}
         try:
@@ -98,6 +106,8 @@ class Datapath:
             raise DatapathError(
                 f"{pin_dir} is not a complete bpfailover datapath ({e}); {_fix(pin_dir)}"
             ) from e
+        if not read_only:
+            fds[PEER_PASS] = _peer_pass(pin_dir)
         return cls(pin_dir, fds)
 
     def _check_abi(self) -> None:
@@ -569,6 +579,25 @@ def _fix(pin_dir: Path) -> str:
         shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
         return f"it holds what failoverd never pins ({shown}): set bpffs to a directory of its own"
     return f"remove it (rm -r {pin_dir}; failoverd loads a fresh datapath)"
+
+
+def _peer_pass(pin_dir: Path) -> int:
+    """fd of the pinned pass program for the hidden peer; a datapath an older loader pinned
+    has none: made here (two instructions, no compiler) and pinned next to the others."""
+    path = str(pin_dir / PEER_PASS)
+    try:
+        return bpfsys.obj_get(path)
+    except OSError as e:
+        if e.errno != errno.ENOENT:
+            raise
+    fd = bpfsys.prog_load_xdp_pass(PROGS[PEER_PASS][0])
+    try:
+        bpfsys.obj_pin(fd, path)
+    except OSError as e:
+        if e.errno != errno.EEXIST:  # (another opener pinned it meanwhile)
+            os.close(fd)
+            raise
+    return fd
 
 
 def check_owner(pin_dir: Path) -> None:

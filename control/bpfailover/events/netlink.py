@@ -36,6 +36,9 @@ IFLA_MASTER = 10
 IFLA_LINKINFO = 18
 IFLA_MIN_MTU, IFLA_MAX_MTU = 50, 51
 IFLA_PERM_ADDRESS = 54
+IFLA_XDP = 43
+IFLA_XDP_ATTACHED, IFLA_XDP_DRV_PROG_ID = 2, 5
+XDP_ATTACHED_DRV, XDP_ATTACHED_MULTI = 1, 4
 IFLA_INFO_KIND, IFLA_INFO_DATA = 1, 2
 IFLA_VLAN_ID, IFLA_VLAN_PROTOCOL = 1, 5
 IFA_ADDRESS, IFA_LOCAL = 1, 2
@@ -82,6 +85,7 @@ class Link:
     master: int = 0
     min_mtu: int = 0
     max_mtu: int = 0
+    xdp_native: bool = False  # IFLA_XDP: an XDP program attached in native (driver) mode
 
     @property
     def admin_up(self) -> bool:
@@ -147,6 +151,8 @@ def parse_link(buf: bytes, off: int, end: int, msg_type: int) -> Link:
                     struct.unpack("!H", proto[:2])[0],
                     struct.unpack("=H", data[IFLA_VLAN_ID][:2])[0],
                 )
+    xdp = _attrs(a[IFLA_XDP], 0, len(a[IFLA_XDP])) if IFLA_XDP in a else {}
+    mode = xdp.get(IFLA_XDP_ATTACHED, b"\0")[0]
     return Link(
         ifindex=ifindex,
         ifname=a.get(IFLA_IFNAME, b"").rstrip(b"\0").decode(errors="replace"),
@@ -162,6 +168,8 @@ def parse_link(buf: bytes, off: int, end: int, msg_type: int) -> Link:
         master=_u32(a, IFLA_MASTER),
         min_mtu=_u32(a, IFLA_MIN_MTU),
         max_mtu=_u32(a, IFLA_MAX_MTU),
+        xdp_native=mode == XDP_ATTACHED_DRV
+        or (mode == XDP_ATTACHED_MULTI and IFLA_XDP_DRV_PROG_ID in xdp),
     )
 
 

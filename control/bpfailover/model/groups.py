@@ -85,6 +85,9 @@ class Group:
     # our VLAN filter devices on the lowers: lower ifindex -> {(protocol, VLAN id)}
     vlan_filters: dict[int, set[tuple[int, int]]] = field(default_factory=dict)
     vlan_error: str | None = None  # the last failure to program a lower's VLAN filter
+    # the failover device's native XDP as last acted on (our pass program on the peer
+    # follows it: Lowers.peer_xdp); None: not looked at yet
+    user_xdp: bool | None = None
 
     @property
     def name(self) -> str:
