@@ -880,7 +880,9 @@ def test_wrong_offsets_are_caught_at_load_and_per_packet(rig: Rig) -> None:
         try:
             assert dp.datapath_check() == "probe_failed"
             g = dp.alloc_group("fo0")
-            dp.update_group(g, master_ifindex=rig.ifx["fo0"], mac=frames.MAC)
+            dp.update_group(
+                g, master_ifindex=rig.ifx["fo0"], peer_ifindex=rig.ifx["fo0p"], mac=frames.MAC
+            )
             dp.set_dev(rig.ifx["fo0"], g, L.FO_ROLE_MASTER)
             for slot, dev in ((L.FO_SLOT_STANDBY, "sb0"), (L.FO_SLOT_PRIMARY, "pr0")):
                 dp.set_dev(rig.ifx[dev], g, slot)
@@ -913,7 +915,9 @@ def test_without_kernel_btf_the_datapath_loads_without_the_check(rig: Rig) -> No
         try:
             assert dp.datapath_check() == "off"
             g = dp.alloc_group("fo0")
-            dp.update_group(g, master_ifindex=rig.ifx["fo0"], mac=frames.MAC)
+            dp.update_group(
+                g, master_ifindex=rig.ifx["fo0"], peer_ifindex=rig.ifx["fo0p"], mac=frames.MAC
+            )
             dp.set_dev(rig.ifx["fo0"], g, L.FO_ROLE_MASTER)
             for slot, dev in ((L.FO_SLOT_STANDBY, "sb0"), (L.FO_SLOT_PRIMARY, "pr0")):
                 dp.set_dev(rig.ifx[dev], g, slot)

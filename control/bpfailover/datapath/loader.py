@@ -93,8 +93,8 @@ def _lstat_mode(path: Path) -> int:
 
 def _source() -> str:
     # One compilation unit, so both hooks share one set of maps.  bcc rewrites
-    # map calls (m.lookup()) only in its main file, so fo_lib.h goes into the
-    # text too (its include guard makes the programs' own #include a no-op).
+    # map calls (m.lookup()) only in its main file, so the headers with map calls go
+    # into the text too (their include guards make the programs' own #include a no-op).
     d = layout.bpf_dir()
     prologue = (
         "#include <uapi/linux/bpf.h>\n#include <uapi/linux/pkt_cls.h>\n#define FO_BPF_PROG 1\n"
@@ -102,7 +102,7 @@ def _source() -> str:
     # (No #line markers: they confuse bcc's rewriter as well.)
     return prologue + "".join(
         f"/* {name} */\n{(d / name).read_text()}\n"
-        for name in ("fo_lib.h", "failover_tc.c", "failover_xdp.c")
+        for name in ("fo_kern.h", "fo_rules.h", "failover_tc.c", "failover_xdp.c")
     )
 
 
