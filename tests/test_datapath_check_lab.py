@@ -20,6 +20,7 @@ from contextlib import contextmanager
 import pytest
 
 from bpfailover.datapath import bpfsys
+from bpfailover.datapath import layout_gen as L
 from bpfailover.datapath.maps import Datapath
 from bpfailover_lab.agent_run import AgentRun
 from bpfailover_lab.topology import Lab
@@ -59,7 +60,6 @@ def agent_stopped(agent: AgentRun) -> Iterator[None]:
 
 def set_check(agent: AgentRun, on: bool) -> None:
     with Datapath.open(agent.pin_dir, load=False) as dp:
-        L = dp.L
         value = L.FO_DPC_ON if on else L.FO_DPC_OFF
         bpfsys.map_update(
             dp.fds["fo_meta"], struct.pack("=I", L.FO_META_DP_CHECK), struct.pack("=I", value)
@@ -133,7 +133,7 @@ def test_control_without_the_check_everything_is_lost_until_the_agent_acts(
 
 def dp_hold(agent: AgentRun) -> bool:
     with Datapath.open(agent.pin_dir, load=False, read_only=True) as dp:
-        return bool(dp.group(0).flags & dp.L.FO_F_DP_HOLD)
+        return bool(dp.group(0).flags & L.FO_F_DP_HOLD)
 
 
 def test_downdelay_holds_the_datapath_back_and_reload_updates_it(lab: Lab) -> None:
