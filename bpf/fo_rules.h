@@ -197,15 +197,17 @@ static __always_inline void fo_count_sent(struct fo_action *a, __u32 dir, __u64 
 static __always_inline int fo_is_mc_report(struct __sk_buff *skb)
 {
 	void *data = (void *)(long)skb->data;
-	struct ethhdr *eth = data;
 	__u8 *l3 = data + ETH_HLEN;
+	__u16 proto;
 
 	/* one bounds check for both: IPv4's protocol lies further in than IPv6's nexthdr */
 	if ((void *)(l3 + offsetof(struct iphdr, protocol) + 1) > (void *)(long)skb->data_end)
 		return 0;
-	if (eth->h_proto == bpf_htons(ETH_P_IP))
+	/* one 2-byte load (struct ethhdr is packed: through it, two 1-byte loads) */
+	proto = *(__u16 *)(data + offsetof(struct ethhdr, h_proto));
+	if (proto == bpf_htons(ETH_P_IP))
 		return l3[offsetof(struct iphdr, protocol)] == IPPROTO_IGMP;
-	if (eth->h_proto == bpf_htons(ETH_P_IPV6))
+	if (proto == bpf_htons(ETH_P_IPV6))
 		return l3[offsetof(struct ipv6hdr, nexthdr)] == IPPROTO_HOPOPTS;
 	return 0;
 }
