@@ -29,6 +29,7 @@ from bench import common, failover
 from bench.common import LinkSetter, lab_run, log, summary, table
 from bench.stream import Stream
 from bpfailover.datapath import bpfsys
+from bpfailover.datapath import layout_gen as L
 from bpfailover.datapath.maps import Datapath
 
 MS = 1_000_000
@@ -36,7 +37,6 @@ MS = 1_000_000
 
 def set_check(pin_dir: Any, on: bool) -> None:
     with Datapath.open(pin_dir, load=False) as dp:
-        L = dp.L
         key = struct.pack("=I", L.FO_META_DP_CHECK)
         bpfsys.map_update(
             dp.fds["fo_meta"], key, struct.pack("=I", L.FO_DPC_ON if on else L.FO_DPC_OFF)

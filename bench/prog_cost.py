@@ -29,6 +29,7 @@ from bench.common import log, median, table
 from bench.datapath_check import set_check
 from bpfailover import netns
 from bpfailover.datapath import bpfsys
+from bpfailover.datapath import layout_gen as L
 from bpfailover.datapath.maps import Datapath
 from bpfailover_lab.agent_run import BPFFS
 
@@ -74,7 +75,6 @@ def rig() -> Iterator[tuple[str, dict[str, int], dict[str, Datapath]]]:
             dp = dps[name] = Datapath.open(BPFFS / f"bpfailover-{pre}-{i}", loader_args=args)
             if dp.datapath_check() != "on":
                 raise RuntimeError(f"{name}: the per-packet check is {dp.datapath_check()}")
-            L = dp.L
             g = dp.alloc_group("fo")
             dp.update_group(
                 g, master_ifindex=ifx["fo"], peer_ifindex=ifx["fop"], mac=GROUP_MAC.hex(":")

@@ -2,10 +2,11 @@
 /* bpfailover: map layouts shared by the BPF programs and the Python control plane.
  *
  * This header is the single source of truth for the layouts: the Python side
- * (control/bpfailover/layout.py) reads the FO_* integer #defines and the
- * structs below (plain __u32/__u64/char[N] members only) instead of keeping
- * hand-written copies.  Map declarations live under FO_BPF_PROG, which only
- * the BPF build defines.
+ * reads them from control/bpfailover/datapath/layout_gen.py, which
+ * `python -m bpfailover.datapath.layout --generate` writes from the FO_* integer
+ * #defines, the index macros, the structs (plain __u32/__u64/char[N] members
+ * only) and the map declarations below; a test checks it is current.  Map
+ * declarations live under FO_BPF_PROG, which only the BPF build defines.
  */
 #ifndef FO_FAILOVER_H
 #define FO_FAILOVER_H
@@ -36,7 +37,7 @@
 #define FO_DIR_RX 1
 #define FO_NDIRS 2
 
-/* Drop reasons, mirrored by name in control/bpfailover/layout.py. */
+/* Drop reasons: the Python side names them by these names, lower-case. */
 #define FO_DROP_NO_LOWER 0
 #define FO_DROP_INACTIVE_RX 1
 #define FO_DROP_LOOP 2

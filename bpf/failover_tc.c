@@ -1,5 +1,5 @@
 /* SPDX-License-Identifier: GPL-2.0 */
-/* bpfailover TC programs (clsact, direct-action): thin entry points over fo_lib.h.
+/* bpfailover TC programs (clsact, direct-action): thin entry points over fo_rules.h.
  *   fo_egress     - what the failover device transmits: out through the active lower.
  *                   Attached to its hidden peer's clsact ingress (tx_path veth: veth
  *                   counts it, taps and a root qdisc see it) or to its own clsact egress
@@ -12,24 +12,18 @@
 #include <uapi/linux/pkt_cls.h>
 
 #define FO_BPF_PROG 1
-#include "fo_lib.h"
+#include "fo_rules.h"
 
 /* An action as a TC return code (the TC half of cilium's ctx/skb.h idea). */
 static __always_inline int fo_tc_ret(struct __sk_buff *skb, struct fo_action *a)
 {
 	switch (a->act) {
 	case FO_ACT_TX:
-		if (a->fallback_from)
-			fo_count_fallback(a->group, a->fallback_from, FO_DIR_TX, skb->len);
-		fo_count(FO_STATS_IDX(a->group, a->slot, FO_DIR_TX), skb->len);
-		fo_note_redirect(a->ifindex);
+		fo_count_sent(a, FO_DIR_TX, skb->len);
 		return bpf_redirect(a->ifindex, 0);
 	case FO_ACT_UP:
-		if (a->fallback_from)
-			fo_count_fallback(a->group, a->fallback_from, FO_DIR_RX, skb->len);
-		fo_count(FO_STATS_IDX(a->group, a->slot, FO_DIR_RX), skb->len);
-		fo_note_redirect(a->ifindex);
-		return bpf_redirect(a->ifindex, a->flags);
+		fo_count_sent(a, FO_DIR_RX, skb->len);
+		return bpf_redirect(a->ifindex, 0);
 	case FO_ACT_DROP:
 		return TC_ACT_SHOT;
 	default:
@@ -49,8 +43,7 @@ int lower_ingress(struct __sk_buff *skb)
 {
 	struct fo_action a = {};
 
-	fo_rx_action(FO_HOOK_TC_INGRESS, skb->ifindex, (void *)(long)skb->data,
-		     (void *)(long)skb->data_end, skb, 0, skb->len, &a);
+	fo_rx_action(FO_HOOK_TC_INGRESS, skb, &a);
 	return fo_tc_ret(skb, &a);
 }
 

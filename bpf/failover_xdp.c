@@ -1,5 +1,5 @@
 /* SPDX-License-Identifier: GPL-2.0 */
-/* bpfailover XDP receive fast path on the lowers: a thin entry point over fo_lib.h.
+/* bpfailover XDP receive fast path on the lowers: a thin entry point over fo_rules.h.
  *
  * XDP_REDIRECT always transmits on the target, so a frame is sent into the
  * failover device's hidden veth peer and enters the failover device through
@@ -8,7 +8,7 @@
 #include <uapi/linux/bpf.h>
 
 #define FO_BPF_PROG 1
-#include "fo_lib.h"
+#include "fo_rules.h"
 
 /* An action as an XDP return code (the XDP half of cilium's ctx/xdp.h idea). */
 static __always_inline int fo_xdp_ret(struct fo_action *a, __u64 len)
@@ -20,12 +20,8 @@ static __always_inline int fo_xdp_ret(struct fo_action *a, __u64 len)
 		/* Falls back to XDP_PASS (the TC path) when the group has no
 		 * devmap entry yet. */
 		verdict = fo_xdp_up.redirect_map(a->group, XDP_PASS);
-		if (verdict == XDP_REDIRECT) {
-			if (a->fallback_from)
-				fo_count_fallback(a->group, a->fallback_from, FO_DIR_RX, len);
-			fo_count(FO_STATS_IDX(a->group, a->slot, FO_DIR_RX), len);
-			fo_note_redirect(a->ifindex);
-		}
+		if (verdict == XDP_REDIRECT)
+			fo_count_sent(a, FO_DIR_RX, len);
 		return verdict;
 	case FO_ACT_DROP:
 		return XDP_DROP;
@@ -41,6 +37,6 @@ int xdp_lower_rx(struct xdp_md *ctx)
 	__u64 len = data_end - data;
 	struct fo_action a = {};
 
-	fo_rx_action(FO_HOOK_XDP, ctx->ingress_ifindex, data, data_end, 0, ctx, len, &a);
+	fo_rx_action(FO_HOOK_XDP, ctx, &a);
 	return fo_xdp_ret(&a, len);
 }

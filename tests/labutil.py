@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from bpfailover import netns
+from bpfailover.datapath import layout_gen as L
 from bpfailover.datapath.attach import Wiring, set_carrier
 from bpfailover.datapath.maps import Datapath
 from bpfailover_lab import traffic
@@ -99,14 +100,12 @@ class Wired:
     groups: list[int]
 
     def flip(self, i: int, role: str) -> None:
-        L = self.dp.L
         self.dp.flip(
             self.groups[i],
             {"primary": L.FO_SLOT_PRIMARY, "standby": L.FO_SLOT_STANDBY, "none": 0}[role],
         )
 
     def stats(self, i: int, role: str, direction: str) -> int:
-        L = self.dp.L
         slot = L.FO_SLOT_PRIMARY if role == "primary" else L.FO_SLOT_STANDBY
         d = L.FO_DIR_TX if direction == "tx" else L.FO_DIR_RX
         return self.dp.stats(self.groups[i], slot, d).packets
@@ -132,9 +131,9 @@ def wired_lab(
                     n = lab.names(i)
                     g = w.setup_group(n.failover, n.mac, inactive_rx, rx_path)
                     for role, dev in (("standby", n.standby), ("primary", n.primary)):
-                        slot = dp.L.FO_SLOT_STANDBY if role == "standby" else dp.L.FO_SLOT_PRIMARY
+                        slot = L.FO_SLOT_STANDBY if role == "standby" else L.FO_SLOT_PRIMARY
                         w.register_lower(g, slot, ipr.link_lookup(ifname=dev)[0], rx_path)
-                    dp.flip(g, dp.L.FO_SLOT_PRIMARY)
+                    dp.flip(g, L.FO_SLOT_PRIMARY)
                     set_carrier(ipr, dp.group(g).peer_ifindex, True)  # the agent's job
                     groups.append(g)
             finally:

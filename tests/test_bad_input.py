@@ -141,7 +141,7 @@ def test_pins_trusted_only_from_root_and_locked_under_run(
     import pwd
     import stat
 
-    from bpfailover.datapath import bpfsys, layout, maps
+    from bpfailover.datapath import bpfsys, layout_gen, maps
 
     nobody = pwd.getpwnam("nobody")
     # Pre-created by another user, or writable by others: refused, and left as it was.
@@ -199,9 +199,8 @@ def test_pins_trusted_only_from_root_and_locked_under_run(
             assert "prog_fo_egress" not in ro.fds
 
     # Every map's shape is checked, not only the ABI number.
-    L = layout.load()
-    key, value, entries = L.maps["fo_dev"]
-    monkeypatch.setitem(L.maps, "fo_dev", (key, value + 8, entries))
+    key, value, entries = layout_gen.MAP_SHAPES["fo_dev"]
+    monkeypatch.setitem(layout_gen.MAP_SHAPES, "fo_dev", (key, value + 8, entries))
     with pytest.raises(DatapathError) as e:
         Datapath.open(pin_dir, load=False)
     assert "fo_dev" in str(e.value) and "tear it down" in str(e.value)

@@ -23,6 +23,7 @@ import pytest
 
 from bpfailover import netns
 from bpfailover.datapath import bpfsys
+from bpfailover.datapath import layout_gen as L
 from bpfailover.datapath.maps import Counter, Datapath
 from tests import frames
 from tests.conftest import bpffs_root, unique
@@ -705,7 +706,7 @@ class Rig:
         self.links = dict(want)
 
     def apply(self, c: Case) -> None:
-        L, dp = self.dp.L, self.dp
+        dp = self.dp
         for g in (0, 1):
             for slot, dev in ((L.FO_SLOT_STANDBY, f"sb{g}"), (L.FO_SLOT_PRIMARY, f"pr{g}")):
                 dp.set_lower(g, slot, self.ifx[dev])
@@ -781,7 +782,6 @@ def rig(request: pytest.FixtureRequest) -> Iterator[Rig]:
                 ifx[name] = int(out.split(":", 1)[0])
         dp = Datapath.open(pin_dir, test_hooks=True, loader_args=READS[request.param])
         assert dp.datapath_check() == "on"
-        L = dp.L
         for i in (0, 1):
             g = dp.alloc_group(f"fo{i}")
             assert g == i
@@ -840,7 +840,6 @@ def test_table_covers_every_verdict_and_counter_kind() -> None:
 
 
 def test_counters_survive_reopen_and_reset_on_new_group(rig: Rig) -> None:
-    L = rig.dp.L
     rig.apply(Case("", "egress", "fo0", V4, TC_ACT_REDIRECT))
     before = rig.dp.stats(0, L.FO_SLOT_PRIMARY, L.FO_DIR_TX).packets
     rig.run(Case("", "egress", "fo0", V4, TC_ACT_REDIRECT))
@@ -872,7 +871,6 @@ def test_wrong_offsets_are_caught_at_load_and_per_packet(rig: Rig) -> None:
     the check off; forced on anyway, the first packet whose device reads back another
     ifindex turns it off for good (mismatch) and the packet goes where the agent said."""
     pin_dir = Path("/sys/fs/bpf") / unique("bpfailover-test-")
-    L = rig.dp.L
     try:
         dp = Datapath.open(
             pin_dir, test_hooks=True, loader_args=("--layout-override", '{"dev_ifindex": 228}')
@@ -880,7 +878,9 @@ def test_wrong_offsets_are_caught_at_load_and_per_packet(rig: Rig) -> None:
         try:
             assert dp.datapath_check() == "probe_failed"
             g = dp.alloc_group("fo0")
-            dp.update_group(g, master_ifindex=rig.ifx["fo0"], mac=frames.MAC)
+            dp.update_group(
+                g, master_ifindex=rig.ifx["fo0"], peer_ifindex=rig.ifx["fo0p"], mac=frames.MAC
+            )
             dp.set_dev(rig.ifx["fo0"], g, L.FO_ROLE_MASTER)
             for slot, dev in ((L.FO_SLOT_STANDBY, "sb0"), (L.FO_SLOT_PRIMARY, "pr0")):
                 dp.set_dev(rig.ifx[dev], g, slot)
@@ -907,13 +907,14 @@ def test_without_kernel_btf_the_datapath_loads_without_the_check(rig: Rig) -> No
     """No BTF: the check is off (and says so), everything else works as before: a dead
     active lower is still sent to, as the agent said; the inactive_rx rules apply."""
     pin_dir = Path("/sys/fs/bpf") / unique("bpfailover-test-")
-    L = rig.dp.L
     try:
         dp = Datapath.open(pin_dir, test_hooks=True, loader_args=("--btf", "/nonexistent"))
         try:
             assert dp.datapath_check() == "off"
             g = dp.alloc_group("fo0")
-            dp.update_group(g, master_ifindex=rig.ifx["fo0"], mac=frames.MAC)
+            dp.update_group(
+                g, master_ifindex=rig.ifx["fo0"], peer_ifindex=rig.ifx["fo0p"], mac=frames.MAC
+            )
             dp.set_dev(rig.ifx["fo0"], g, L.FO_ROLE_MASTER)
             for slot, dev in ((L.FO_SLOT_STANDBY, "sb0"), (L.FO_SLOT_PRIMARY, "pr0")):
                 dp.set_dev(rig.ifx[dev], g, slot)
@@ -959,7 +960,6 @@ def test_tap_carrier_loss_moves_the_datapath_before_netlink_tells(rig: Rig) -> N
     import socket
     import time
 
-    L = rig.dp.L
     rig.apply(Case("", "egress", "fo0", V4, TC_ACT_REDIRECT))
     with netns.entered(rig.ns):
         tun = os.open("/dev/net/tun", os.O_RDWR)

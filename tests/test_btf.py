@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from bpfailover.datapath import bpfsys, btf, layout
+from bpfailover.datapath import bpfsys, btf, layout, layout_gen
 
 
 class _Blob:
@@ -173,7 +173,7 @@ def test_sys_bpf_unknown_architecture_is_one_clear_error() -> None:
 
 
 def test_slot_names_come_from_failover_h() -> None:
-    L = layout.load()
+    L = layout_gen
     assert layout.SLOT_NAMES == {L.FO_SLOT_STANDBY: "standby", L.FO_SLOT_PRIMARY: "primary"}
     assert layout.ROLE_SLOTS == {"standby": L.FO_SLOT_STANDBY, "primary": L.FO_SLOT_PRIMARY}
     assert L.names("FO_DPC_") == ("off", "on", "refused", "probe_failed", "mismatch")

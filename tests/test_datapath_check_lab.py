@@ -4,7 +4,7 @@ While the agent cannot act, the primary loses its carrier (or is unplugged) unde
 stream: with the check the datapath moves the group's traffic to the standby at once and
 guest -> peer loses only what was in flight; without it (the control case, the check turned
 off in the pinned maps) everything sent while the agent is stopped is lost.  Peer -> guest
-is checked too, in both inactive_rx modes: under `drop` only the check lets the standby's
+is checked too, in both inactive_rx modes: under `drop_inactive` only the check lets the standby's
 frames in while the agent cannot flip.  After SIGCONT the agent switches too and agrees
 with the datapath."""
 
@@ -20,6 +20,7 @@ from contextlib import contextmanager
 import pytest
 
 from bpfailover.datapath import bpfsys
+from bpfailover.datapath import layout_gen as L
 from bpfailover.datapath.maps import Datapath
 from bpfailover_lab.agent_run import AgentRun
 from bpfailover_lab.topology import Lab
@@ -36,7 +37,7 @@ HANDFUL = 10  # packets in flight when the lower died (qdisc, socket, veth)
 BACK_BOUND = RATE * STOPPED_S // 10
 
 
-@pytest.fixture(params=["deliver", "drop"])
+@pytest.fixture(params=["deliver", "drop_inactive"])
 def running(lab: Lab, request: pytest.FixtureRequest) -> Iterator[tuple[Lab, AgentRun]]:
     """(lab, agent) as conftest's, in each inactive_rx mode."""
     agent = labutil.bring_up(lab, inactive_rx=request.param)
@@ -59,7 +60,6 @@ def agent_stopped(agent: AgentRun) -> Iterator[None]:
 
 def set_check(agent: AgentRun, on: bool) -> None:
     with Datapath.open(agent.pin_dir, load=False) as dp:
-        L = dp.L
         value = L.FO_DPC_ON if on else L.FO_DPC_OFF
         bpfsys.map_update(
             dp.fds["fo_meta"], struct.pack("=I", L.FO_META_DP_CHECK), struct.pack("=I", value)
@@ -126,14 +126,14 @@ def test_control_without_the_check_everything_is_lost_until_the_agent_acts(
     )
     print(f"check off, agent stopped {STOPPED_S}s: guest->peer lost {tx_lost}, back {rx_lost}")
     assert tx_lost >= RATE * STOPPED_S * 0.5
-    if agent.group()["inactive_rx"] == "drop":  # the standby's frames wait for the agent
+    if agent.group()["inactive_rx"] == "drop_inactive":  # the standby's frames wait for the agent
         assert rx_lost >= RATE * STOPPED_S * 0.5
     assert all(f["tx_packets"] == 0 for f in agent.group()["datapath_fallback"])
 
 
 def dp_hold(agent: AgentRun) -> bool:
     with Datapath.open(agent.pin_dir, load=False, read_only=True) as dp:
-        return bool(dp.group(0).flags & dp.L.FO_F_DP_HOLD)
+        return bool(dp.group(0).flags & L.FO_F_DP_HOLD)
 
 
 def test_downdelay_holds_the_datapath_back_and_reload_updates_it(lab: Lab) -> None:

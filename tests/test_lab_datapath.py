@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from bpfailover import netns
+from bpfailover.datapath import layout_gen as L
 from bpfailover.datapath.loader import PROGS
 from bpfailover_lab import traffic
 from bpfailover_lab.topology import Lab
@@ -107,7 +108,7 @@ def test_no_active_lower_drops_and_counts(lab: Lab, pin_dir: Path) -> None:
     counted once, as no_lower there; no other egress drop or transmit counter moves."""
     with wired_lab(lab, pin_dir) as w:
         n = lab.names(0)
-        g, L = w.groups[0], w.dp.L
+        g = w.groups[0]
         assert ping(lab.guest, n.peer_v4)  # the peer's MAC, learned through the primary
         mac = (neigh(lab.guest, n.peer_v4) or {})["lladdr"]
         # the guest sends only what the test sends: a fixed neighbour (no ARP), no IPv6
@@ -122,10 +123,8 @@ def test_no_active_lower_drops_and_counts(lab: Lab, pin_dir: Path) -> None:
 
         def egress() -> dict[tuple[str, str], int]:
             out = {
-                ("tc_egress", r): w.dp.drops(
-                    g, L.FO_HOOK_TC_EGRESS, getattr(L, f"FO_DROP_{r.upper()}")
-                ).packets
-                for r in L.drop_reasons
+                ("tc_egress", r): w.dp.drops(g, L.FO_HOOK_TC_EGRESS, reason).packets
+                for reason, r in enumerate(L.names("FO_DROP_"))
             }
             out |= {("tx", role): w.stats(0, role, "tx") for role in ("primary", "standby")}
             return out
@@ -144,7 +143,6 @@ def test_inactive_rx_drop_inactive(lab: Lab, pin_dir: Path) -> None:
     with wired_lab(lab, pin_dir, inactive_rx="drop_inactive") as w:
         n = lab.names(0)
         assert ping(lab.peer, n.guest_v4)  # the bridge floods the first ARP to both lowers
-        L = w.dp.L
         assert w.dp.drops(w.groups[0], L.FO_HOOK_TC_INGRESS, L.FO_DROP_INACTIVE_RX).packets >= 1
         assert w.stats(0, "standby", "rx") == 0
 

@@ -12,6 +12,13 @@ from collections.abc import Iterator
 from contextlib import suppress
 from typing import Any
 
+from bpfailover.datapath.layout_gen import (
+    FO_F_DP_HOLD,
+    FO_F_TOLD_MASK,
+    FO_ROLE_MASTER,
+    FO_SLOT_NONE,
+    names,
+)
 from bpfailover.datapath.loader import PEER_PASS, PROGS
 from bpfailover.datapath.maps import Datapath, DatapathError
 from bpfailover.effects import sysctl
@@ -321,7 +328,6 @@ class Wiring:
     def __init__(self, dp: Datapath, ipr: Any) -> None:
         self.dp = dp
         self.ipr = ipr
-        self.L = dp.L
         # group name -> the foreign MAC setup_group() found on its failover device and undid
         self.mac_restored: dict[str, str] = {}
 
@@ -341,7 +347,7 @@ class Wiring:
         """Create/adopt the failover device and its group; returns the group id.
         `inactive_rx`: the config's rule, by the datapath's FO_IRX_* name.  `dp_hold`: the
         datapath never moves this group's traffic on its own (downdelay_ms > 0)."""
-        rules = self.L.names("FO_IRX_")
+        rules = names("FO_IRX_")
         if inactive_rx not in rules:
             raise DatapathError(f"inactive_rx {inactive_rx!r}: not one of {', '.join(rules)}")
         g = self.dp.alloc_group(name)
@@ -349,8 +355,8 @@ class Wiring:
         if restored is not None:
             self.mac_restored[name] = restored
         keep_neighbours_without_carrier(name)
-        flags = self.L.FO_F_DP_HOLD if dp_hold else 0
-        flags |= self.dp.group(g).flags & self.L.FO_F_TOLD_MASK  # the agent's, kept
+        flags = FO_F_DP_HOLD if dp_hold else 0
+        flags |= self.dp.group(g).flags & FO_F_TOLD_MASK  # the agent's, kept
         self.dp.update_group(
             g,
             master_ifindex=master,
@@ -359,8 +365,8 @@ class Wiring:
             inactive_rx=rules.index(inactive_rx),
             mac=mac,
         )  # (override_slot is kept: it survives restarts)
-        self.dp.set_dev(master, g, self.L.FO_ROLE_MASTER)
-        self.dp.set_dev(peer, g, self.L.FO_ROLE_MASTER)  # fo_egress sees what it transmits
+        self.dp.set_dev(master, g, FO_ROLE_MASTER)
+        self.dp.set_dev(peer, g, FO_ROLE_MASTER)  # fo_egress sees what it transmits
         if rx_path == "xdp":
             # veth needs NAPI (GRO) on the failover device for frames XDP-redirected
             # into its peer to be received at all.
@@ -372,8 +378,8 @@ class Wiring:
 
     def set_dp_hold(self, g: int, hold: bool) -> None:
         """FO_F_DP_HOLD of group g: the datapath never moves its traffic on its own."""
-        flags = self.dp.group(g).flags & ~self.L.FO_F_DP_HOLD
-        self.dp.update_group(g, flags=flags | (self.L.FO_F_DP_HOLD if hold else 0))
+        flags = self.dp.group(g).flags & ~FO_F_DP_HOLD
+        self.dp.update_group(g, flags=flags | (FO_F_DP_HOLD if hold else 0))
 
     def attach_tx(self, master: int, peer: int, tx_path: str) -> bool:
         """fo_egress where the failover device's transmit passes: its hidden peer's clsact
@@ -484,9 +490,9 @@ class Wiring:
         if g is None:
             return False
         rec = self.dp.group(g)
-        self.dp.flip(g, self.L.FO_SLOT_NONE)
+        self.dp.flip(g, FO_SLOT_NONE)
         for ifindex, (grp, role) in self.dp.devs().items():
-            if grp != g or role == self.L.FO_ROLE_MASTER:
+            if grp != g or role == FO_ROLE_MASTER:
                 continue
             with suppress(Exception):
                 detach_tc(self.ipr, ifindex, "ingress")

@@ -4,6 +4,7 @@ a scrape), from the per-CPU maps summed over CPUs, never frozen into the snapsho
 from __future__ import annotations
 
 from bpfailover.datapath.layout import ROLE_SLOTS
+from bpfailover.datapath.layout_gen import FO_DIR_RX, FO_DIR_TX, names
 from bpfailover.datapath.maps import Datapath
 from bpfailover.model.status import (
     AgentStatus,
@@ -36,13 +37,13 @@ def possible_drops(rx_path: str, inactive_rx: str) -> list[tuple[str, str]]:
 def read(st: AgentStatus, dp: Datapath) -> AgentStatus:
     """`st` with every lower's packet/byte counters and every group's drops as they are now.
     Reads only: safe from any thread, through the agent's map handles or the exporter's own."""
-    L = dp.L
+    hooks, reasons = names("FO_HOOK_"), names("FO_DROP_")
 
     def lower(g: GroupStatus, lw: LowerStatus) -> LowerCounters:
         assert g.gid is not None  # the agent's own snapshot always has it
         slot = ROLE_SLOTS[lw.role]
-        tx = dp.stats(g.gid, slot, L.FO_DIR_TX)
-        rx = dp.stats(g.gid, slot, L.FO_DIR_RX)
+        tx = dp.stats(g.gid, slot, FO_DIR_TX)
+        rx = dp.stats(g.gid, slot, FO_DIR_RX)
         return LowerCounters(
             tx_packets=tx.packets, tx_bytes=tx.bytes, rx_packets=rx.packets, rx_bytes=rx.bytes
         )
@@ -50,9 +51,7 @@ def read(st: AgentStatus, dp: Datapath) -> AgentStatus:
     def drops(g: GroupStatus) -> dict[str, int]:
         assert g.gid is not None
         return {
-            f"{hook}/{reason}": dp.drops(
-                g.gid, L.hooks.index(hook), L.drop_reasons.index(reason)
-            ).packets
+            f"{hook}/{reason}": dp.drops(g.gid, hooks.index(hook), reasons.index(reason)).packets
             for hook, reason in possible_drops(g.rx_path, g.inactive_rx)
         }
 

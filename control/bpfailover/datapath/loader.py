@@ -19,6 +19,16 @@ from pathlib import Path
 from typing import Any
 
 from bpfailover.datapath import bpfsys, btf, kheaders, layout
+from bpfailover.datapath.layout_gen import (
+    FO_ABI_VERSION,
+    FO_DPC_OFF,
+    FO_DPC_ON,
+    FO_DPC_PROBE_FAILED,
+    FO_DPC_REFUSED,
+    FO_META_ABI,
+    FO_META_DP_CHECK,
+    names,
+)
 
 PROGS = {  # pin name -> (function, bcc program type attribute)
     "prog_fo_egress": ("fo_egress", "SCHED_CLS"),
@@ -97,8 +107,8 @@ def _lstat_mode(path: Path) -> int:
 
 def _source() -> str:
     # One compilation unit, so both hooks share one set of maps.  bcc rewrites
-    # map calls (m.lookup()) only in its main file, so fo_lib.h goes into the
-    # text too (its include guard makes the programs' own #include a no-op).
+    # map calls (m.lookup()) only in its main file, so the headers with map calls go
+    # into the text too (their include guards make the programs' own #include a no-op).
     d = layout.bpf_dir()
     prologue = (
         "#include <uapi/linux/bpf.h>\n#include <uapi/linux/pkt_cls.h>\n#define FO_BPF_PROG 1\n"
@@ -106,7 +116,7 @@ def _source() -> str:
     # (No #line markers: they confuse bcc's rewriter as well.)
     return prologue + "".join(
         f"/* {name} */\n{(d / name).read_text()}\n"
-        for name in ("fo_lib.h", "failover_tc.c", "failover_xdp.c")
+        for name in ("fo_kern.h", "fo_rules.h", "failover_tc.c", "failover_xdp.c")
     )
 
 
@@ -184,12 +194,11 @@ def compile_and_pin(
     os.environ.update(headers.env)
     from bcc import BPF  # imported late: the env must be set first
 
-    L = layout.load()
     text = _source().encode()
     base = [f"-I{layout.bpf_dir()}", "-Wno-unused-function"]
     if test_hooks:
         base.append("-DFO_TEST_HOOKS=1")
-    dpc, dpc_note = L.FO_DPC_OFF, "disabled in the configuration"
+    dpc, dpc_note = FO_DPC_OFF, "disabled in the configuration"
     nl: btf.NetdevLayout | None = None
     if dp_check:
         try:
@@ -219,15 +228,15 @@ def compile_and_pin(
     if nl is not None:
         try:
             b, fns = build(True)
-            dpc, dpc_note = L.FO_DPC_ON, "on"
+            dpc, dpc_note = FO_DPC_ON, "on"
         except Exception as e:  # the verifier (or the compiler) refused the checking code
             last = [ln for ln in str(e).splitlines() if ln.strip()]
-            dpc, dpc_note = L.FO_DPC_REFUSED, f"refused: {last[-1] if last else e}"
+            dpc, dpc_note = FO_DPC_REFUSED, f"refused: {last[-1] if last else e}"
             b = fns = None
     if b is None or fns is None:
         b, fns = build(False)
     compile_s = time.monotonic() - t0
-    if dpc == L.FO_DPC_ON:
+    if dpc == FO_DPC_ON:
         probe = b.load_func(PROBE_PROG.encode(), BPF.SCHED_CLS)
         try:
             xprobe = b.load_func(PROBE_PROG_XDP.encode(), BPF.XDP)
@@ -235,10 +244,10 @@ def compile_and_pin(
         except Exception as e:  # noqa: BLE001 - any failure to probe leaves the check off
             wrong = f"could not run: {e}"
         if wrong:
-            dpc, dpc_note = L.FO_DPC_PROBE_FAILED, f"load-time probe: {wrong}"
+            dpc, dpc_note = FO_DPC_PROBE_FAILED, f"load-time probe: {wrong}"
     meta = b[b"fo_meta"]
-    meta[meta.Key(L.FO_META_ABI)] = meta.Leaf(L.FO_ABI_VERSION)
-    meta[meta.Key(L.FO_META_DP_CHECK)] = meta.Leaf(dpc)
+    meta[meta.Key(FO_META_ABI)] = meta.Leaf(FO_ABI_VERSION)
+    meta[meta.Key(FO_META_DP_CHECK)] = meta.Leaf(dpc)
 
     # bpffs refuses names with a dot in them.
     tmp = pin_dir.parent / f"{pin_dir.name}-loading-{os.getpid()}"
@@ -271,9 +280,9 @@ def compile_and_pin(
         "pin_dir": str(pin_dir),
         "headers": headers.description,
         "compile_s": compile_s,
-        "datapath_check": L.names("FO_DPC_")[dpc],
+        "datapath_check": names("FO_DPC_")[dpc],
     }
-    if dpc != L.FO_DPC_ON:  # why it is off; "on" says all there is
+    if dpc != FO_DPC_ON:  # why it is off; "on" says all there is
         info["datapath_check_note"] = dpc_note
     return info
 

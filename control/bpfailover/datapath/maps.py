@@ -25,7 +25,30 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bpfailover.datapath import bpfsys, layout
+from bpfailover.datapath import bpfsys, layout, layout_gen
+from bpfailover.datapath.layout_gen import (
+    FO_ABI_VERSION,
+    FO_DIR_RX,
+    FO_DIR_TX,
+    FO_DROPS_IDX,
+    FO_F_TOLD_MASK,
+    FO_F_TOLD_SHIFT,
+    FO_LOWER_IDX,
+    FO_MAX_GROUPS,
+    FO_META_ABI,
+    FO_META_DP_CHECK,
+    FO_NDIRS,
+    FO_NDROPS,
+    FO_NHOOKS,
+    FO_NSLOTS,
+    FO_SLOT_NONE,
+    FO_STATS_IDX,
+    MAP_SHAPES,
+    fo_counter,
+    fo_dev,
+    fo_group,
+    names,
+)
 from bpfailover.datapath.loader import (
     MAPS,
     PEER_PASS,
@@ -61,16 +84,15 @@ def _u32(v: int) -> bytes:
 class Datapath:
     """Maps and programs of one pin directory (one datapath serves every group)."""
 
+    # failover.h's constants (the generated module), for callers that hold only a Datapath
+    L = layout_gen
+
     def __init__(self, pin_dir: Path, fds: dict[str, int]) -> None:
         self.pin_dir = pin_dir
         self.fds = fds
-        self.L = layout.load()
         self._ncpus = bpfsys.possible_cpus()
         self._lock_fd: int | None = None
         self._lock_path: Path | None = None
-        self._s_dev = self.L.structs["fo_dev"]
-        self._s_group = self.L.structs["fo_group"]
-        self._s_counter = self.L.structs["fo_counter"]
         self._check_abi()
 
     # -- opening ----------------------------------------------------------------------
@@ -113,14 +135,14 @@ class Datapath:
     def _check_abi(self) -> None:
         """The version number, then every map's shape (key and value size, entries) against
         the layout this build reads and writes with: a mismatch is never adopted."""
-        abi = self._meta(self.L.FO_META_ABI)
-        if abi != self.L.FO_ABI_VERSION:
+        abi = self._meta(FO_META_ABI)
+        if abi != FO_ABI_VERSION:
             raise DatapathError(
-                f"{self.pin_dir} holds datapath ABI {abi}, this is ABI {self.L.FO_ABI_VERSION}: "
+                f"{self.pin_dir} holds datapath ABI {abi}, this is ABI {FO_ABI_VERSION}: "
                 "tear it down first (failoverctl teardown GROUP)"
             )
         for name, fd in self.fds.items():
-            want = self.L.maps.get(name)
+            want = MAP_SHAPES.get(name)
             if want is None:
                 continue  # a program
             info = bpfsys.map_info(fd)
@@ -138,9 +160,9 @@ class Datapath:
     def datapath_check(self) -> str:
         """State of the per-packet lower check: "on", or why it is off ("off": not compiled
         in, "refused", "probe_failed", "mismatch": turned itself off at run time)."""
-        state = self._meta(self.L.FO_META_DP_CHECK)
-        names = self.L.names("FO_DPC_")
-        return names[state] if state < len(names) else f"unknown({state})"
+        state = self._meta(FO_META_DP_CHECK)
+        states = names("FO_DPC_")
+        return states[state] if state < len(states) else f"unknown({state})"
 
     def lock(self, lock_dir: Path = LOCK_DIR) -> None:
         """Become the single writer of this pin directory: an exclusive flock on a root-only
@@ -203,7 +225,7 @@ class Datapath:
 
     # -- netdevs ----------------------------------------------------------------------
     def set_dev(self, ifindex: int, group: int, role: int) -> None:
-        bpfsys.map_update(self.fds["fo_dev"], _u32(ifindex), bytes(self._s_dev(group, role)))
+        bpfsys.map_update(self.fds["fo_dev"], _u32(ifindex), bytes(fo_dev(group, role)))
 
     def del_dev(self, ifindex: int) -> None:
         bpfsys.map_delete(self.fds["fo_dev"], _u32(ifindex))
@@ -211,19 +233,19 @@ class Datapath:
     def devs(self) -> dict[int, tuple[int, int]]:
         """ifindex -> (group, role) of every registered netdev."""
         out: dict[int, tuple[int, int]] = {}
-        size = ctypes.sizeof(self._s_dev)
+        size = ctypes.sizeof(fo_dev)
         for key in bpfsys.map_keys(self.fds["fo_dev"], 4):
             raw = bpfsys.map_lookup(self.fds["fo_dev"], key, size)
             if raw is not None:
-                d = self._s_dev.from_buffer_copy(raw)
+                d = fo_dev.from_buffer_copy(raw)
                 out[struct.unpack("=I", key)[0]] = (d.group, d.role)
         return out
 
     # -- groups -----------------------------------------------------------------------
-    def group(self, g: int) -> Any:
-        raw = bpfsys.map_lookup(self.fds["fo_group"], _u32(g), ctypes.sizeof(self._s_group))
+    def group(self, g: int) -> fo_group:
+        raw = bpfsys.map_lookup(self.fds["fo_group"], _u32(g), ctypes.sizeof(fo_group))
         assert raw is not None  # an array map has every index
-        return self._s_group.from_buffer_copy(raw)
+        return fo_group.from_buffer_copy(raw)
 
     def update_group(self, g: int, **fields: int | str) -> None:
         """Rewrite some fields of fo_group[g] (single writer: read-modify-write is safe).
@@ -241,16 +263,16 @@ class Datapath:
 
     def told(self, g: int) -> int:
         """The slot whose peers were last told of it (GARP/NA), 0: none."""
-        return (self.group(g).flags & self.L.FO_F_TOLD_MASK) >> self.L.FO_F_TOLD_SHIFT
+        return (self.group(g).flags & FO_F_TOLD_MASK) >> FO_F_TOLD_SHIFT
 
     def set_told(self, g: int, slot: int) -> None:
-        flags = self.group(g).flags & ~self.L.FO_F_TOLD_MASK
-        self.update_group(g, flags=flags | (slot << self.L.FO_F_TOLD_SHIFT))
+        flags = self.group(g).flags & ~FO_F_TOLD_MASK
+        self.update_group(g, flags=flags | (slot << FO_F_TOLD_SHIFT))
 
     def groups(self) -> dict[str, int]:
         """name -> group id of every group in use."""
         out = {}
-        for g in range(self.L.FO_MAX_GROUPS):
+        for g in range(FO_MAX_GROUPS):
             rec = self.group(g)
             if rec.name:
                 out[rec.name.decode()] = g
@@ -261,41 +283,41 @@ class Datapath:
         existing = self.groups()
         if name in existing:
             return existing[name]
-        for g in range(self.L.FO_MAX_GROUPS):
+        for g in range(FO_MAX_GROUPS):
             if g not in existing.values():
                 self.reset_group(g)
                 self.update_group(g, name=name)
                 return g
-        raise DatapathError(f"all {self.L.FO_MAX_GROUPS} datapath groups are in use")
+        raise DatapathError(f"all {FO_MAX_GROUPS} datapath groups are in use")
 
     def reset_group(self, g: int) -> None:
         """Forget group g: no active lower, no lowers, counters zeroed, devs removed."""
-        self.flip(g, self.L.FO_SLOT_NONE)
-        for slot in range(self.L.FO_NSLOTS):
+        self.flip(g, FO_SLOT_NONE)
+        for slot in range(FO_NSLOTS):
             self.set_lower(g, slot, 0)
         for ifindex, (grp, _role) in self.devs().items():
             if grp == g:
                 self.del_dev(ifindex)
-        zero = bytes(ctypes.sizeof(self._s_counter)) * self._ncpus
-        for slot in range(self.L.FO_NSLOTS):
-            for d in range(self.L.FO_NDIRS):
-                idx = self.L.index("FO_STATS_IDX", g, slot, d)
+        zero = bytes(ctypes.sizeof(fo_counter)) * self._ncpus
+        for slot in range(FO_NSLOTS):
+            for d in range(FO_NDIRS):
+                idx = FO_STATS_IDX(g, slot, d)
                 bpfsys.map_update(self.fds["fo_stats"], _u32(idx), zero)
                 bpfsys.map_update(self.fds["fo_fallback"], _u32(idx), zero)
-        for hook in range(self.L.FO_NHOOKS):
-            for reason in range(self.L.FO_NDROPS):
-                idx = self.L.index("FO_DROPS_IDX", g, hook, reason)
+        for hook in range(FO_NHOOKS):
+            for reason in range(FO_NDROPS):
+                idx = FO_DROPS_IDX(g, hook, reason)
                 bpfsys.map_update(self.fds["fo_drops"], _u32(idx), zero)
         bpfsys.map_delete(self.fds["fo_xdp_up"], _u32(g))
-        bpfsys.map_update(self.fds["fo_group"], _u32(g), bytes(ctypes.sizeof(self._s_group)))
+        bpfsys.map_update(self.fds["fo_group"], _u32(g), bytes(ctypes.sizeof(fo_group)))
 
     # -- lowers and the flip ------------------------------------------------------------
     def set_lower(self, g: int, slot: int, ifindex: int) -> None:
-        idx = self.L.index("FO_LOWER_IDX", g, slot)
+        idx = FO_LOWER_IDX(g, slot)
         bpfsys.map_update(self.fds["fo_lower"], _u32(idx), _u32(ifindex))
 
     def lower(self, g: int, slot: int) -> int:
-        idx = self.L.index("FO_LOWER_IDX", g, slot)
+        idx = FO_LOWER_IDX(g, slot)
         raw = bpfsys.map_lookup(self.fds["fo_lower"], _u32(idx), 4)
         return struct.unpack("=I", raw)[0] if raw else 0
 
@@ -313,26 +335,24 @@ class Datapath:
 
     # -- counters -----------------------------------------------------------------------
     def _percpu_sum(self, map_name: str, idx: int) -> Counter:
-        size = ctypes.sizeof(self._s_counter)  # 16: already 8-byte aligned per CPU
+        size = ctypes.sizeof(fo_counter)  # 16: already 8-byte aligned per CPU
         raw = bpfsys.map_lookup(self.fds[map_name], _u32(idx), size * self._ncpus)
         total = Counter()
         if raw:
             for cpu in range(self._ncpus):
-                c = self._s_counter.from_buffer_copy(raw, cpu * size)
+                c = fo_counter.from_buffer_copy(raw, cpu * size)
                 total += Counter(c.packets, c.bytes)
         return total
 
     def stats(self, g: int, slot: int, direction: int) -> Counter:
-        return self._percpu_sum("fo_stats", self.L.index("FO_STATS_IDX", g, slot, direction))
+        return self._percpu_sum("fo_stats", FO_STATS_IDX(g, slot, direction))
 
     def drops(self, g: int, hook: int, reason: int) -> Counter:
-        return self._percpu_sum("fo_drops", self.L.index("FO_DROPS_IDX", g, hook, reason))
+        return self._percpu_sum("fo_drops", FO_DROPS_IDX(g, hook, reason))
 
     def fallback(self, g: int, from_slot: int, direction: int) -> Counter:
         """Packets the datapath moved on its own while `from_slot` was active and dead."""
-        return self._percpu_sum(
-            "fo_fallback", self.L.index("FO_STATS_IDX", g, from_slot, direction)
-        )
+        return self._percpu_sum("fo_fallback", FO_STATS_IDX(g, from_slot, direction))
 
     def fallback_summary(self, g: int) -> list[dict[str, Any]]:
         """Per dead active lower: packets the datapath sent through (tx) or took from (rx)
@@ -340,8 +360,8 @@ class Datapath:
         out = []
         for from_slot, name in layout.SLOT_NAMES.items():
             to = next(n for s, n in layout.SLOT_NAMES.items() if s != from_slot)
-            tx = self.fallback(g, from_slot, self.L.FO_DIR_TX).packets
-            rx = self.fallback(g, from_slot, self.L.FO_DIR_RX).packets
+            tx = self.fallback(g, from_slot, FO_DIR_TX).packets
+            rx = self.fallback(g, from_slot, FO_DIR_RX).packets
             out.append({"from": name, "to": to, "tx_packets": tx, "rx_packets": rx})
         return out
 
