@@ -70,7 +70,7 @@ def adapt_dropin(watchdog_s: int) -> str:
     """What a test must change, in a drop-in: the unit file itself is installed unchanged."""
     text = f"""\
 [Service]
-# The checkout's venv instead of /usr/local/bin/failoverd; the default config path.
+# The checkout's venv instead of the package's /usr/bin/failoverd; the default config path.
 ExecStart=
 ExecStart={VENV_BIN}/failoverd --config /etc/bpfailover/config.yaml
 # Shortened from the shipped 10 s so that a stalled loop is restarted within the test's
