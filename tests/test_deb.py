@@ -127,6 +127,18 @@ def test_contents(deb: Path, tree: Path) -> None:
 
 
 @pytest.mark.root
+def test_operators_install_table_matches_the_package(tree: Path) -> None:
+    """Every absolute path in docs/operators.md's "Install" table is in the package."""
+    doc = (REPO / "docs/operators.md").read_text()
+    section = doc.split("\n## Install\n", 1)[1].split("\n## ", 1)[0]
+    rows = [ln.split("|")[1] for ln in section.splitlines() if ln.startswith("| `/")]
+    paths = [p for row in rows for p in re.findall(r"`(/[^`*]+)`", row)]
+    assert len(paths) >= 8, paths
+    for path in paths:
+        assert os.path.lexists(tree / path.lstrip("/")), path
+
+
+@pytest.mark.root
 def test_shipped_config_is_refused_until_its_example_is_switched_on(tree: Path) -> None:
     text = (tree / "etc/bpfailover/config.yaml").read_text()
     assert text == (REPO / "deploy/config/config.yaml").read_text()
