@@ -281,6 +281,13 @@ def _build(
     _rmtree_unmounted(root)  # the disk image has it all
 
 
+STALE_AFTER_S = 2 * 86400.0  # an image unused this long is removed when another is built
+
+
+def _unused_for(image_dir: Path) -> float:
+    return time.time() - image_dir.stat().st_mtime
+
+
 def ensure_image(
     log: Callable[[str], None] = print,
     rebuild: bool = False,
@@ -312,9 +319,13 @@ def ensure_image(
                 raise
             built = time.monotonic() - t0
             log(f"guest image built in {built:.0f}s")
-            for old in CACHE.iterdir():  # stale recipes: keep the cache to one image
-                if old.is_dir() and old.name != key:
+            # Stale images go once unused for a while, never at once: the key follows the
+            # package's sources, so runs from other working trees (other keys) may be using
+            # theirs right now.
+            for old in CACHE.iterdir():
+                if old.is_dir() and old.name != key and _unused_for(old) > STALE_AFTER_S:
                     shutil.rmtree(old, ignore_errors=True)
+        os.utime(out)  # in use: not stale
         meta = json.loads((out / "meta.json").read_text())
         return Image(out, out / "root.img", out / "vmlinuz", out / "initrd.img", meta), built
     finally:
