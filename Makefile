@@ -49,6 +49,15 @@ container-image: setup
 
 .PHONY: container-image
 
+# The Debian package $(DEB_DIR)/bpfailover_<version>_amd64.deb (scripts/build-deb: a private
+# venv in /opt/bpfailover made in a cached Debian 12 build root; a minute or two the first
+# time).  Install: `apt install ./dist/bpfailover_*.deb` (docs/operators.md, "Install").
+DEB_DIR ?= dist
+deb: setup
+	scripts/build-deb $(DEB_DIR)
+
+.PHONY: deb
+
 bench: setup
 	$(PY) -m bench.run
 

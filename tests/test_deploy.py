@@ -43,10 +43,8 @@ def test_udev_rule() -> None:
 def test_systemd_unit_verifies(tmp_path: Path) -> None:
     unit = (DEPLOY / "systemd" / "failoverd.service").read_text()
     failoverd = Path(sys.executable).parent / "failoverd"
-    assert "ExecStart=/usr/local/bin/failoverd " in unit
-    (tmp_path / "failoverd.service").write_text(
-        unit.replace("/usr/local/bin/failoverd", str(failoverd))
-    )
+    assert "ExecStart=/usr/bin/failoverd " in unit
+    (tmp_path / "failoverd.service").write_text(unit.replace("/usr/bin/failoverd", str(failoverd)))
     p = subprocess.run(
         ["systemd-analyze", "verify", str(tmp_path / "failoverd.service")],
         capture_output=True,

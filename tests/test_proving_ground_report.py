@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import os
+import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -163,3 +166,26 @@ def test_gate_fails_on_a_wrong_end_broken_tcp_or_the_check_off(
         results.append(bad)
     assert _gate(monkeypatch, tmp_path, results, check, failures) == 1
     assert says in capsys.readouterr().err
+
+
+def test_image_cache_keeps_another_keys_image_until_it_is_stale(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Building an image for one key never removes the image of another key that a run from
+    another working tree may be using; one unused for STALE_AFTER_S goes."""
+    from bench.proving_ground import image
+
+    monkeypatch.setattr(image, "CACHE", tmp_path)
+    monkeypatch.setattr(image, "ensure_host_packages", lambda log: None)
+
+    def build(out: Path, log: Any) -> None:
+        (out / "meta.json").write_text(json.dumps({"key": out.name}))
+
+    image.ensure_image(lambda _: None, key="a", build=build)
+    image.ensure_image(lambda _: None, key="b", build=build)
+    assert (tmp_path / "a/meta.json").exists() and (tmp_path / "b/meta.json").exists()
+    old = time.time() - image.STALE_AFTER_S - 60
+    os.utime(tmp_path / "a", (old, old))
+    image.ensure_image(lambda _: None, key="c", build=build)
+    assert not (tmp_path / "a").exists()
+    assert (tmp_path / "b/meta.json").exists() and (tmp_path / "c/meta.json").exists()

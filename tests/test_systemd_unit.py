@@ -71,9 +71,9 @@ def adapt_dropin(watchdog_s: int) -> str:
     """What a test must change, in a drop-in: the unit file itself is installed unchanged."""
     text = f"""\
 [Service]
-# The checkout's venv instead of /usr/local/bin/failoverd, through the tests' own entry
-# point (failoverd's main() with the fault hook, which failoverd itself never reads); the
-# default config path.
+# The checkout's venv instead of the package's /usr/bin/failoverd, through the tests' own
+# entry point (failoverd's main() with the fault hook, which failoverd itself never reads);
+# the default config path.
 ExecStart=
 ExecStart={VENV_BIN}/python -m tests.fault_agent --config /etc/bpfailover/config.yaml
 Environment=PYTHONPATH={REPO}

@@ -16,7 +16,6 @@ import argparse
 import contextlib
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -47,7 +46,7 @@ from bench.proving_ground.vm import (
     sh,
 )
 
-RECIPE = "pg-cloud-1"  # bump when the build steps below change
+RECIPE = "pg-cloud-2"  # bump when the build steps below change
 # The proving ground's package list as of this variant (pinned: the base list may grow for
 # other variants without rebuilding this one).
 BASE_PACKAGES = (
@@ -84,9 +83,10 @@ BOOT_TIMEOUT_S = 600.0  # to guestd (a systemd service here)
 HV_V4 = "198.18.0.254"  # br0 in the hypervisor namespace: dnsmasq's address
 RESULTS = image.REPO / "bench" / "results"
 
-# Units baked into the image (in the key).  The rest comes from the live repository at boot
-# (bench/proving_ground/cloud_guest.sh, run by pg-deploy.service), so deploy/ snippets are
-# the working tree's.
+# Units baked into the image (in the key).  bpfailover itself is the package (image.py,
+# installed as a cloud image gets it: apt in the image build, the unit enabled); at boot
+# bench/proving_ground/cloud_guest.sh (pg-deploy.service, from the 9p repository) copies the
+# package's snippets into /etc as an operator would, and writes the config.
 PG_DEPLOY = f"""#!/bin/sh
 mountpoint -q {image.GUEST_REPO} || \\
   mount -t 9p -o trans=virtio,version=9p2000.L,ro,cache=loose repo {image.GUEST_REPO}
@@ -94,7 +94,7 @@ exec /bin/sh {image.GUEST_REPO}/bench/proving_ground/cloud_guest.sh
 """
 UNITS = {
     "pg-deploy.service": """[Unit]
-Description=proving ground: the repository (9p) and bpfailover's snippets from it
+Description=proving ground: the repository (9p); bpfailover's snippets and config
 DefaultDependencies=no
 After=systemd-modules-load.service systemd-remount-fs.service
 Before=systemd-udev-trigger.service cloud-init-local.service failoverd.service
@@ -115,15 +115,14 @@ After=pg-deploy.service
 Requires=pg-deploy.service
 
 [Service]
-Environment=PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
+Environment=PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PYTHONPATH={image.GUEST_PYTHONPATH}
 ExecStart={image.GUEST_VENV}/bin/python3 {image.GUEST_REPO}/bench/proving_ground/guestd.py
 Restart=always
 
 [Install]
 WantedBy=sysinit.target
 """,
-    # failoverd runs from the venv whose editable install is the 9p repository.  Until the
-    # unit has Type=notify, "started" waits for the control socket (the device exists then).
+    # The package's unit; "started" also waits for the control socket.
     "failoverd.service.d/pg.conf": """[Unit]
 After=pg-deploy.service
 Requires=pg-deploy.service
@@ -143,38 +142,30 @@ MODULES = "9pnet_virtio\n9p\nvirtio_console\nsch_ingress\ncls_bpf\nveth\n"
 def _key() -> str:
     import hashlib
 
-    # What goes into the image: not image._key(), which hashes all of pyproject.toml (an
-    # unrelated edit there would rebuild this larger image); the dependencies do count.
-    # Not image.RECIPE/INIT either (pg-init is not used by this boot).  The dependencies'
-    # names count (the venv holds them); console scripts are rewritten at boot from the live
-    # pyproject.toml (cloud_guest.sh), so an entry point that moves needs no rebuild.
+    # What goes into the image: the package built from the working tree (its sources), not
+    # image.RECIPE/INIT (pg-init is not used by this boot).
     h = hashlib.sha256()
-    names = sorted(re.split(r"[<>=!~;\[ ]", d, maxsplit=1)[0] for d in image._dependencies())
-    h.update(" ".join(names).encode())
+    h.update(image.package_key().encode())
     h.update(RECIPE.encode())
     h.update(" ".join(BASE_PACKAGES + CLOUD_PACKAGES).encode())
     h.update(PG_DEPLOY.encode())
     h.update(json.dumps([UNITS, CLOUD_CFG, MODULES]).encode())
-    # deploy/systemd/failoverd.service and the cloud-init drop-in are baked too, but
-    # cloud_guest.sh refreshes them from the working tree at boot (daemon-reload).
     return "cloud-" + h.hexdigest()[:12]
 
 
 def _customize(root: Path, log: Any) -> None:
-    """The baked part: units, links, cloud-init's datasource, IPv6 off, modules."""
+    """The baked part: units, links, cloud-init's datasource, IPv6 off, modules.  The
+    package already put failoverd.service (enabled) and cloud-init's drop-ins in place."""
     sysd = root / "etc/systemd/system"
     for name, text in UNITS.items():
         (sysd / name).parent.mkdir(parents=True, exist_ok=True)
         (sysd / name).write_text(text)
-    shutil_copy(image.REPO / "deploy/systemd/failoverd.service", sysd / "failoverd.service")
-    for unit in ("cloud-init-local", "cloud-init", "cloud-config", "cloud-final"):
-        d = sysd / f"{unit}.service.d"
-        d.mkdir(parents=True, exist_ok=True)
-        shutil_copy(image.REPO / "deploy/cloud-init/10-bpfailover.conf", d / "10-bpfailover.conf")
+    enabled = sysd / "multi-user.target.wants/failoverd.service"
+    if os.readlink(enabled) != "/lib/systemd/system/failoverd.service":
+        raise image.ImageError("the package did not enable failoverd.service")
     for unit, target in (
         ("pg-deploy.service", "sysinit.target"),
         ("pg-guestd.service", "sysinit.target"),
-        ("failoverd.service", "multi-user.target"),
     ):
         wants = sysd / f"{target}.wants"
         wants.mkdir(parents=True, exist_ok=True)
@@ -195,10 +186,6 @@ def _customize(root: Path, log: Any) -> None:
     sbin = root / "usr/local/sbin/pg-deploy"
     sbin.write_text(PG_DEPLOY)
     sbin.chmod(0o755)
-    for tool in ("failoverd", "failoverctl"):
-        link = root / "usr/local/bin" / tool
-        link.unlink(missing_ok=True)
-        link.symlink_to(f"{image.GUEST_VENV}/bin/{tool}")
     for name, text in CLOUD_CFG.items():
         (root / "etc/cloud/cloud.cfg.d" / name).write_text(text)
     (root / "etc/modules-load.d/pg.conf").write_text(MODULES)
@@ -213,12 +200,6 @@ def _customize(root: Path, log: Any) -> None:
         if fields.get("Package") in ("cloud-init", "netplan.io", "systemd", "network-manager"):
             versions[fields["Package"]] = fields.get("Version", "?")
     (root.parent / "versions.json").write_text(json.dumps(versions))
-    (root / "opt/bpfailover").mkdir(parents=True, exist_ok=True)
-
-
-def shutil_copy(src: Path, dst: Path) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    dst.write_bytes(src.read_bytes())
 
 
 def _build(out: Path, log: Any) -> None:
@@ -424,7 +405,7 @@ class CloudMode(Mode):
         rep["address_ok"] = rep["address_on"] == expect
         rep["dhcp_acks"] = self.dnsmasq_acks
         rep["doctor"] = (
-            self.g.sh(f"{image.GUEST_VENV}/bin/failoverctl doctor 2>&1; true", timeout=120).strip()[
+            self.g.sh(f"{image.GUEST_BIN}/failoverctl doctor 2>&1; true", timeout=120).strip()[
                 -3000:
             ]
             if self.name == "bpfailover"

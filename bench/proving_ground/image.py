@@ -1,12 +1,14 @@
 """The guest image: Debian bookworm (debootstrap minbase) with its kernel, exact headers and bcc.
 
 Built once into a cache directory outside the repository and reused while the recipe (this
-file's RECIPE, the package list, the project's pyproject.toml) is unchanged.  No loop
-mounts: the root tree is made with debootstrap + chroot and turned into an ext4 image with
-`mke2fs -d`.  The project goes in the way the README installs it (`make setup`): a venv
-made with `--system-site-packages` (so Debian's bcc imports) and `pip install -e` of the
-repository.  At boot the live repository is mounted read-only over that same path (9p), so
-a run always exercises the working tree, not the copy made at build time.
+file's RECIPE, the package list) and the product's sources (what scripts/build-deb packs)
+are unchanged.  No loop mounts: the root tree is made with debootstrap + chroot and turned
+into an ext4 image with `mke2fs -d`.  The product goes in the way an operator installs it:
+the Debian package built by scripts/build-deb (`make deb`) from the working tree, installed
+with the guest's apt (`apt-get install ./bpfailover_*.deb`), so every run proves the install
+path; a change to the product's sources rebuilds the image.  At boot the live repository is
+mounted read-only (9p) for the harness only (guestd, the traffic endpoints of
+bpfailover_lab, tcpstream): failoverd and failoverctl are the package's.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ import shutil
 import subprocess
 import sys
 import time
-import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,8 +43,21 @@ GUEST_PACKAGES = (
     "ca-certificates",
     "qemu-guest-agent",  # failover-migrate drives the guest through it (docs/host-migration.md)
 )
-GUEST_REPO = "/opt/bpfailover"  # the repository (9p at run time, a copy at build time)
-GUEST_VENV = "/opt/bpfailover-venv"
+GUEST_REPO = "/srv/bpfailover"  # the repository (9p at run time): the harness, not the product
+GUEST_VENV = "/opt/bpfailover"  # the package's venv (its python runs the harness too)
+GUEST_BIN = "/usr/bin"  # the package's failoverd, failoverctl
+# The harness's own modules (bpfailover_lab) from the repository; bpfailover is the package's.
+GUEST_PYTHONPATH = f"{GUEST_REPO}/lab"
+# What scripts/build-deb packs: a change to any of it rebuilds the image (and the package).
+# Not docs/: the guest's copy of them plays no part in a run.
+PACKAGE_SOURCES = (
+    "pyproject.toml",
+    "requirements.lock",
+    "scripts/build-deb",
+    "control",
+    "bpf",
+    "deploy",
+)
 IMAGE_SIZE = "4G"
 HOST_PACKAGES = ("qemu-system-x86", "qemu-utils", "debootstrap", "e2fsprogs")
 REPO = Path(__file__).resolve().parents[2]
@@ -58,7 +72,7 @@ QGA_START = (
     '[ "$(cat $d/name 2>/dev/null)" = org.qemu.guest_agent.0 ] && port=/dev/${d##*/}; done; '
     f"/usr/sbin/qemu-ga --daemonize --pidfile={QGA_PIDFILE} --method=virtio-serial "
     '--path="$port" --logfile=/run/qemu-ga.log '
-    f'--block-rpcs="$({GUEST_REPO}/deploy/qemu-ga/qemu-ga-blocklist)"'
+    '--block-rpcs="$(/usr/share/bpfailover/deploy/qemu-ga/qemu-ga-blocklist)"'
 )
 
 # PID 1 of the guest: mounts, modules, the repository, qemu-ga, then the command server.
@@ -78,9 +92,8 @@ mount -t 9p -o trans=virtio,version=9p2000.L,ro,cache=loose repo {GUEST_REPO} ||
 sysctl -qw net.ipv6.conf.default.disable_ipv6=1
 ip link set lo up
 echo 1 > /proc/sys/net/ipv6/conf/all/disable_ipv6
-export PATH={GUEST_VENV}/bin:$PATH
 {QGA_START} || echo "qemu-ga did not start"
-export PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
+export PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PYTHONPATH={GUEST_PYTHONPATH}
 exec {GUEST_VENV}/bin/python3 {GUEST_REPO}/bench/proving_ground/guestd.py
 """
 
@@ -98,14 +111,48 @@ class Image:
     meta: dict[str, object]
 
 
+def package_key() -> str:
+    """A hash of the package's sources as the working tree has them (tracked files, edits
+    included): the image holds the package built from them."""
+    files = subprocess.run(
+        ["git", "-C", str(REPO), "ls-files", "-z", "--", *PACKAGE_SOURCES],
+        capture_output=True,
+        check=True,
+    ).stdout.split(b"\0")
+    h = hashlib.sha256()
+    for rel in sorted(filter(None, files)):
+        path = REPO / rel.decode()
+        h.update(rel + b"\0")
+        h.update(path.read_bytes() if path.is_file() else b"<gone>")
+    return h.hexdigest()[:12]
+
+
 def _key() -> str:
     h = hashlib.sha256()
     h.update(RECIPE.encode())
     h.update(" ".join(GUEST_PACKAGES).encode())
     h.update(INIT.encode())
-    h.update((REPO / "pyproject.toml").read_bytes())
-    h.update((REPO / "lab" / "pyproject.toml").read_bytes())
+    h.update(package_key().encode())
     return h.hexdigest()[:12]
+
+
+def build_deb(out: Path, log: Callable[[str], None]) -> Path:
+    """scripts/build-deb into `out`: the package an operator would install."""
+    t0 = time.monotonic()
+    proc = subprocess.run(
+        [str(REPO / "scripts/build-deb"), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        check=False,
+        env={**os.environ, "BPFAILOVER_BUILD_PYTHON": sys.executable},
+    )
+    if proc.returncode != 0:
+        tail = proc.stderr.strip().splitlines()[-5:]
+        raise ImageError(f"scripts/build-deb failed ({proc.returncode}): {' | '.join(tail)}")
+    deb = Path(proc.stdout.strip().splitlines()[-1])
+    log(f"  scripts/build-deb: {deb.name}, {time.monotonic() - t0:.0f}s")
+    return deb
 
 
 def _run(argv: list[str], timeout: float, log: Callable[[str], None], **kw: object) -> None:
@@ -142,26 +189,6 @@ def _chroot(root: Path, argv: list[str], timeout: float, log: Callable[[str], No
         "HOME": "/root",
     }
     _run(["chroot", str(root), *argv], timeout, log, env=env)
-
-
-def _dependencies() -> list[str]:
-    with open(REPO / "pyproject.toml", "rb") as f:
-        deps: list[str] = tomllib.load(f)["project"]["dependencies"]
-    return deps
-
-
-def _copy_repo(dst: Path) -> None:
-    """The tracked files of the repository (what `git clone` would give), for pip install -e."""
-    files = (
-        subprocess.run(["git", "-C", str(REPO), "ls-files", "-z"], capture_output=True, check=True)
-        .stdout.decode()
-        .split("\0")
-    )
-    for rel in filter(None, files):
-        src = REPO / rel
-        if src.is_file():
-            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dst / rel)
 
 
 def _rmtree_unmounted(root: Path) -> None:
@@ -203,67 +230,19 @@ def _build(
             1200,
             log,
         )
-        _chroot(root, ["apt-get", "clean"], 60, log)
-        _copy_repo(root / GUEST_REPO.lstrip("/"))
-        _chroot(
-            root, ["/usr/bin/python3", "-m", "venv", "--system-site-packages", GUEST_VENV], 300, log
-        )
-        # The project's dependencies come as wheels fetched by the host's own pip (its index
-        # and certificates); the guest's pip installs offline from them.
-        wheels = root / "tmp/wheels"
-        wheels.mkdir(parents=True, exist_ok=True)
-        _run(
-            [
-                sys.executable,
-                "-m",
-                "pip",
-                "download",
-                "-q",
-                "--only-binary=:all:",
-                "-d",
-                str(wheels),
-                "setuptools>=68",
-                "wheel",
-                *_dependencies(),
-            ],
-            600,
-            log,
-        )
+        # The product as an operator installs it: the package, with the guest's own apt.
+        deb = build_deb(out / "deb", log)
+        shutil.copy(deb, root / "tmp" / deb.name)
         _chroot(
             root,
-            [
-                f"{GUEST_VENV}/bin/pip",
-                "install",
-                "-q",
-                "--no-index",
-                "--find-links",
-                "/tmp/wheels",
-                "setuptools>=68",
-                "wheel",
-            ],
-            300,
-            log,
-        )
-        _chroot(
-            root,
-            [
-                f"{GUEST_VENV}/bin/pip",
-                "install",
-                "-q",
-                "--disable-pip-version-check",
-                "--no-index",
-                "--find-links",
-                "/tmp/wheels",
-                "--no-build-isolation",
-                "-e",
-                GUEST_REPO,
-                "-e",
-                f"{GUEST_REPO}/lab",
-            ],
+            ["apt-get", "install", "-y", "-qq", "--no-install-recommends", f"/tmp/{deb.name}"],
             900,
             log,
         )
-        shutil.rmtree(wheels, ignore_errors=True)
+        (root / "tmp" / deb.name).unlink()
+        shutil.rmtree(out / "deb", ignore_errors=True)
+        _chroot(root, ["apt-get", "clean"], 60, log)
+        (root / GUEST_REPO.lstrip("/")).mkdir(parents=True, exist_ok=True)  # the 9p mount
     finally:
         for where in reversed(mounted):
             subprocess.run(["umount", "-l", str(where)], check=False, timeout=30)
@@ -302,6 +281,13 @@ def _build(
     _rmtree_unmounted(root)  # the disk image has it all
 
 
+STALE_AFTER_S = 2 * 86400.0  # an image unused this long is removed when another is built
+
+
+def _unused_for(image_dir: Path) -> float:
+    return time.time() - image_dir.stat().st_mtime
+
+
 def ensure_image(
     log: Callable[[str], None] = print,
     rebuild: bool = False,
@@ -333,9 +319,13 @@ def ensure_image(
                 raise
             built = time.monotonic() - t0
             log(f"guest image built in {built:.0f}s")
-            for old in CACHE.iterdir():  # stale recipes: keep the cache to one image
-                if old.is_dir() and old.name != key:
+            # Stale images go once unused for a while, never at once: the key follows the
+            # package's sources, so runs from other working trees (other keys) may be using
+            # theirs right now.
+            for old in CACHE.iterdir():
+                if old.is_dir() and old.name != key and _unused_for(old) > STALE_AFTER_S:
                     shutil.rmtree(old, ignore_errors=True)
+        os.utime(out)  # in use: not stale
         meta = json.loads((out / "meta.json").read_text())
         return Image(out, out / "root.img", out / "vmlinuz", out / "initrd.img", meta), built
     finally:

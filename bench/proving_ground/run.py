@@ -20,7 +20,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.proving_ground.image import GUEST_REPO, GUEST_VENV, QGA_PIDFILE, QGA_START, Image
+from bench.proving_ground.image import (
+    GUEST_BIN,
+    GUEST_REPO,
+    GUEST_VENV,
+    QGA_PIDFILE,
+    QGA_START,
+    Image,
+)
 from bench.proving_ground.vm import (
     E1000_MAX_NIC,
     GUEST_V4,
@@ -36,6 +43,7 @@ from bpfailover import netns
 from bpfailover_lab.traffic import DirectionStats
 
 GUEST_PY = f"{GUEST_VENV}/bin/python3"
+GUEST_CONFIG = "/etc/bpfailover/config.yaml"
 AGENT_SOCK = "/run/bpfailover/control.sock"
 GROUP = "fo0"
 TCP_PORT = 9100
@@ -153,12 +161,14 @@ class Mode:
             "metrics": {"listen": None},
             "log": {"level": "info"},
         }
-        self.g.req("write", path="/run/failoverd.yaml", data=json.dumps(cfg))
+        # Where an operator puts it (the package's conffile; the disk is a snapshot), so the
+        # package's failoverctl finds the socket there as on an installed guest.
+        self.g.req("write", path=GUEST_CONFIG, data=json.dumps(cfg))
         t0 = time.monotonic()
-        # As the README runs it: the venv's entry point, config file, foreground, log to stderr.
+        # The package's failoverd, config file, foreground, log to stderr.
         self.agent_h = self.g.req(
             "spawn",
-            argv=[f"{GUEST_VENV}/bin/failoverd", "--config", "/run/failoverd.yaml"],
+            argv=[f"{GUEST_BIN}/failoverd", "--config", GUEST_CONFIG],
             log="/run/failoverd.log",
         )["h"]
         self.wait(lambda: self.agent_status() is not None, 240, "failoverd (bcc compile in TCG)")
@@ -529,11 +539,13 @@ def _step_migration(m: Mode, st: Streams, marks: dict[str, float]) -> None:
 
 # ---- host-orchestrated migration: failover-migrate (docs/host-migration.md) -----------------
 
-# failoverctl under TCG starts in 2-6 s per guest-exec (a loaded host); the sequence runs
-# three of them (status; set-primary standby --wait; set-primary --auto --wait).
-FM_EXEC_TIMEOUT = 60.0
+# failoverctl under TCG starts in 2-6 s per guest-exec without a config file, and several
+# times that with one (it validates the whole config: pydantic's start-up), as on every
+# installed guest; the sequence runs three of them (status; set-primary standby --wait;
+# set-primary --auto --wait).
+FM_EXEC_TIMEOUT = 180.0
 FM_AGENT_TIMEOUT = 5.0  # how long the tool waits for a qemu-ga that does not answer
-FAILOVERCTL = f"{GUEST_VENV}/bin/failoverctl"  # the tool itself finds it on qemu-ga's PATH
+FAILOVERCTL = f"{GUEST_BIN}/failoverctl"  # the package's (also on qemu-ga's PATH)
 # host-migrate's streams run as long as the tool takes (Streams.stop), at most this long,
 # and HM_TAIL_S longer: where the traffic ends up (the end-state check) after the tool.
 HM_STREAM_MAX_S = 300.0

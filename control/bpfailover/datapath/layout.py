@@ -26,11 +26,19 @@ _CTYPES: dict[str, type] = {"__u32": ctypes.c_uint32, "__u64": ctypes.c_uint64}
 _CTYPE_NAMES = {"__u32": "ctypes.c_uint32", "__u64": "ctypes.c_uint64"}
 
 
+# Where the Debian package (scripts/build-deb) puts the BPF sources: an installed package
+# has no checkout around it.
+PACKAGED_BPF_DIR = Path("/usr/share/bpfailover/bpf")
+
+
 def bpf_dir() -> Path:
+    """$BPFAILOVER_BPF_DIR, else the checkout's bpf/ (a source tree, `pip install -e`), else
+    the package's copy."""
     env = os.environ.get("BPFAILOVER_BPF_DIR")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parents[3] / "bpf"
+    checkout = Path(__file__).resolve().parents[3] / "bpf"
+    return checkout if checkout.is_dir() else PACKAGED_BPF_DIR
 
 
 def _eval(expr: str, env: dict[str, int]) -> int:
