@@ -13,8 +13,8 @@ The domain (type='qemu': TCG) is built from deploy/libvirt/ verbatim: the virtio
 here has no SR-IOV device): an `<interface type='ethernet'>` on the proving ground's tap
 with the same MAC, attached with `virsh attach-device` after the start, as the seed's
 destination does.  Kernel mode adds net_failover's pairing the libvirt way: `<teaming
-type='persistent'/>` on the standby, `<teaming type='transient' persistent='ua-backup0'/>`
-on the VF.
+type='persistent'/>` on the standby (QEMU's failover=on); the VF stand-in cannot carry
+the `<teaming type='transient'>` half (vf_xml()).
 """
 
 from __future__ import annotations
@@ -35,7 +35,9 @@ from bpfailover import netns
 
 DEPLOY = REPO / "deploy" / "libvirt"
 HOST_PACKAGES = ("libvirt-daemon-system", "libvirt-clients")
-TEAM_ALIAS = "ua-backup0"  # the standby's alias in standby-interface.xml
+# libvirt finds an interface to detach by its MAC, which the VF shares with the standby
+# ("multiple devices matching MAC address"): the alias tells them apart (vf-interface.xml)
+VF_ALIAS = "ua-sriov-vf0"
 
 LIBVIRTD_CONF = """\
 # the proving ground's own libvirtd: root only, no auth on its private socket
@@ -275,12 +277,17 @@ def standby_xml(tap: str, failover: bool) -> ET.Element:
     return sby
 
 
-def vf_xml(tap: str, failover: bool) -> str:
-    """The VF stand-in: an emulated e1000e on the proving ground's tap, the standby's MAC."""
-    team = f"<teaming type='transient' persistent='{TEAM_ALIAS}'/>" if failover else ""
+def vf_xml(tap: str) -> str:
+    """The VF stand-in: an emulated e1000e on the proving ground's tap, the standby's MAC.
+    No `<teaming type='transient'>` in kernel mode either: libvirt 9.0 takes it on a hostdev
+    interface only ("virtio-net teaming transient interface must be type='hostdev', not
+    'ethernet'").  The guest's net_failover pairs the two by their MAC all the same; what the
+    stand-in lacks is QEMU unplugging it by itself for a migration, which the seed's script
+    does itself (detach-device) before it migrates."""
     return (
         f"<interface type='ethernet'><mac address='{MAC}'/>"
-        f"<target dev='{tap}' managed='no'/><model type='e1000e'/>{team}</interface>\n"
+        f"<target dev='{tap}' managed='no'/><model type='e1000e'/>"
+        f"<alias name='{VF_ALIAS}'/></interface>\n"
     )
 
 
@@ -294,7 +301,10 @@ def domain_xml(name: str, vm: VM, overlay: Path) -> str:
     cmdline = argv[argv.index("-append") + 1]
     sby = standby_xml(vm.net.tap_sby, vm.failover)
     qga = deploy_xml("qemu-ga-channel.xml")
-    ports = "".join("<controller type='pci' model='pcie-root-port'/>" for _ in range(4))
+    # root ports for libvirt to place the devices on, and free ones for the VF's hot-plug
+    ports = "".join(
+        f"<controller type='pci' index='{i}' model='pcie-root-port'/>" for i in range(1, 9)
+    )
     return f"""<domain type='qemu'>
   <name>{escape(name)}</name>
   <memory unit='MiB'>{vm.mem_mb}</memory>
@@ -366,7 +376,7 @@ class LibvirtVM(VM):
         except ImageError as e:
             raise VMError(str(e)) from e
         (w / "domain.xml").write_text(domain_xml(self.name, self, overlay))
-        self.vf_file.write_text(vf_xml(self.net.tap_pri, self.failover))
+        self.vf_file.write_text(vf_xml(self.net.tap_pri))
         t0 = time.monotonic()
         d = self.daemon
         d.virsh("define", str(w / "domain.xml"))
