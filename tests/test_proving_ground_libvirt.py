@@ -49,7 +49,7 @@ def test_domain_takes_the_deploy_snippets(mode: str, tmp_path: Path) -> None:
         mem_mb=1536,
         workdir=tmp_path,
     )
-    root = ET.fromstring(libvirt.domain_xml("it's web 1", vm, tmp_path / "o.qcow2"))  # type: ignore[arg-type]
+    root = ET.fromstring(libvirt.domain_xml("it's web 1", vm, tmp_path / "disk.raw"))  # type: ignore[arg-type]
     assert root.findtext("./name") == "it's web 1"
     chans = {c.find("./target").get("name") for c in root.findall("./devices/channel")}  # type: ignore[union-attr]
     assert chans == {"org.qemu.guest_agent.0", "pg"}

@@ -27,6 +27,7 @@ import subprocess
 import sys
 import time
 import uuid
+import xml.etree.ElementTree as ET
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -65,8 +66,8 @@ def ensure_persistent_with_vf(m: Mode) -> None:
         xml = vm.workdir / "live.xml"
         xml.write_text(d.virsh("dumpxml", "--migratable", vm.name))
         d.virsh("define", str(xml))
-    inactive = d.virsh("dumpxml", "--inactive", vm.name)
-    if "e1000e" not in inactive:
+    inactive = ET.fromstring(d.virsh("dumpxml", "--inactive", vm.name))
+    if not any(a.get("name") == libvirt.VF_ALIAS for a in inactive.iter("alias")):
         d.virsh("attach-device", vm.name, str(vm.vf_file), "--config")
 
 
