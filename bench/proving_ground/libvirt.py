@@ -29,7 +29,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from xml.sax.saxutils import escape, quoteattr
 
-from bench.proving_ground.image import REPO, Image, ImageError, _run
+from bench.proving_ground.image import REPO, Image, _run
 from bench.proving_ground.vm import BOOT_TIMEOUT_S, MAC, VM, Guest, Net, TapWatch, VMError, sh
 from bpfailover import netns
 
@@ -298,7 +298,7 @@ def domain_xml(name: str, vm: VM, overlay: Path) -> str:
     agent's socket are where libvirt puts them, in each daemon's own directories, so the
     destination's do not replace the source's during a migration."""
     argv = vm.argv()
-    cmdline = argv[argv.index("-append") + 1]
+    cmdline = argv[argv.index("-append") + 1].replace(" rw ", " ro ")  # a read-only disk
     sby = standby_xml(vm.net.tap_sby, vm.failover)
     qga = deploy_xml("qemu-ga-channel.xml")
     # root ports for libvirt to place the devices on, and free ones for the VF's hot-plug
@@ -322,10 +322,10 @@ def domain_xml(name: str, vm: VM, overlay: Path) -> str:
   <on_crash>destroy</on_crash>
   <devices>
     <disk type='file' device='disk'>
-      <driver name='qemu' type='raw' cache='none'/>
+      <driver name='qemu' type='raw'/>
       <source file={quoteattr(str(overlay))}/>
       <target dev='vda' bus='virtio'/>
-      <shareable/>
+      <readonly/>
     </disk>
     {ports}
     {ET.tostring(sby, encoding="unicode").strip()}
@@ -365,15 +365,11 @@ class LibvirtVM(VM):
     def start(self) -> None:
         w = self.workdir
         w.mkdir(parents=True, exist_ok=True)
-        # A copy of the image, raw and <shareable/>: libvirt migrates a disk on a local file
-        # system only when it is shared ("Migration without shared storage is unsafe"), and
-        # shares only raw disks.  Both hypervisors here see the same file.
-        overlay = w / "disk.raw"
-        overlay.unlink(missing_ok=True)
-        try:
-            _run(["cp", "--sparse=always", str(self.img.disk), str(overlay)], 300, lambda _s: None)
-        except ImageError as e:
-            raise VMError(str(e)) from e
+        # The image itself, read-only: libvirt 9.0 migrates a disk on a local file system
+        # only when it is read-only ("Migration without shared storage is unsafe": it knows
+        # no local file system as shared, and a raw <shareable/> disk is refused alike).  The
+        # guest needs no writes to its root (its /run and /tmp are tmpfs).
+        overlay = self.img.disk
         (w / "domain.xml").write_text(domain_xml(self.name, self, overlay))
         self.vf_file.write_text(vf_xml(self.net.tap_pri))
         t0 = time.monotonic()

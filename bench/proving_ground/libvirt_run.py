@@ -267,9 +267,10 @@ def run(img: image.Image, s: Settings, steps: tuple[str, ...]) -> dict[str, Any]
             s.log(f"[{mode}] booting domain {DOMAIN[mode]!r} under libvirtd (TCG)")
             m.start()
             s.log(f"[{mode}] ready: boot {m.timings['boot_s']:.1f}s")
-            todo = [st for st in steps if not (st == "host-migrate-libvirt" and mode == "kernel")]
+            # failover-migrate and its refusals need failoverd: bpfailover only
+            todo = [st for st in steps if st in ("baseline", "libvirt-seed")]
             if mode == "bpfailover":
-                todo += [r for r in REFUSALS if r in steps]
+                todo += [st for st in steps if st not in todo]
             for trial in range(s.trials):
                 for step in todo:
                     if (step == "baseline" or step in REFUSALS) and trial > 0:
@@ -401,8 +402,13 @@ def main(argv: list[str] | None = None) -> int:
     ver = subprocess.run(["virsh", "--version"], capture_output=True, text=True, check=False)
     qemu = os.popen("qemu-system-x86_64 --version").read().split()[3:4]
     cmd = " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    env = " ".join(
+        f"{k}={os.environ[k]}"
+        for k in ("BPFAILOVER_PG_PREFIX", "BPFAILOVER_PG_CACHE")
+        if k in os.environ
+    )
     report: dict[str, Any] = {
-        "command": f"python -m bench.proving_ground.libvirt_run {cmd}".strip(),
+        "command": f"{env} python -m bench.proving_ground.libvirt_run {cmd}".strip(),
         "settings": {
             "trials": s.trials,
             "rate_pps": s.rate_pps,
