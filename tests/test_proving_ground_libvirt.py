@@ -82,3 +82,21 @@ def test_seed_scripts_parse_and_keep_every_virsh_step() -> None:
 def test_every_snippet_is_well_formed_xml(path: Path) -> None:
     # virsh reads them with libxml2, which rejects what this parser rejects ("--" in a comment)
     ET.parse(path)
+
+
+def test_loss_is_split_at_the_migration_window() -> None:
+    from bench.proving_ground.libvirt_run import loss_split
+
+    trial = {
+        "step": "libvirt-seed",
+        "marks": {"migrate": 2.0, "migrated": 5.0},
+        # due before the migration, inside it, 1 s after it returned (inside), after that
+        "notes": ["lost out at 1.500s+10, 3.000s+200, 6.000s+5, 6.500s+7", "lost in at 4.0s+30"],
+    }
+    assert loss_split(trial) == {
+        "out_migration": 205,
+        "out_other": 17,
+        "in_migration": 30,
+        "in_other": 0,
+    }
+    assert loss_split({**trial, "marks": {"migrate": 2.0}}) is None  # the migration failed

@@ -305,9 +305,64 @@ def run(img: image.Image, s: Settings, steps: tuple[str, ...]) -> dict[str, Any]
     return {"results": results, "timings": timings, "failures": failures}
 
 
+# A hole counts as the migration's when the packets were due between the migration's start
+# (the seed's `virsh migrate`, the tool's end of detach) and 1 s after it returned.
+MIGRATION_WINDOW = {
+    "libvirt-seed": ("migrate", "migrated"),
+    "host-migrate-libvirt": ("fm_detached", "fm_migrated"),
+}
+
+
+def loss_split(trial: dict[str, Any]) -> dict[str, int] | None:
+    """Lost packets per direction inside the migration window and outside it (from the
+    trial's notes `lost out at 1.234s+56, ...` and its marks)."""
+    keys = MIGRATION_WINDOW.get(trial["step"])
+    marks = trial["marks"]
+    if keys is None or not all(k in marks for k in keys):
+        return None
+    t0, t1 = marks[keys[0]], marks[keys[1]] + 1.0
+    out = {"out_migration": 0, "out_other": 0, "in_migration": 0, "in_other": 0}
+    for note in trial["notes"]:
+        if not note.startswith("lost "):
+            continue
+        direction = note.split()[1]
+        for hole in note.split(" at ", 1)[1].split(", "):
+            at, n = hole.split("s+")
+            where = "migration" if t0 <= float(at) <= t1 else "other"
+            out[f"{direction}_{where}"] += int(n)
+    return out
+
+
+def split_notes(trials: list[dict[str, Any]]) -> list[str]:
+    out = []
+    for step in MIGRATION_WINDOW:
+        for mode in ("kernel", "bpfailover"):
+            rows = [
+                sp
+                for t in trials
+                if t["step"] == step and t["mode"] == mode and (sp := loss_split(t)) is not None
+            ]
+            if not rows:
+                continue
+            fmt = ", ".join(
+                f"{r['out_migration']}/{r['in_migration']} in it, "
+                f"{r['out_other']}/{r['in_other']} outside"
+                for r in rows
+            )
+            out.append(f"- {step}, {mode} (out/in, per trial): {fmt}")
+    return out
+
+
 def notes(summary: list[dict[str, Any]]) -> list[str]:
     out: list[str] = []
     for r in summary:
+        if r.get("send_errors_out_max"):
+            out.append(
+                f"- {r['step']} ({r['mode']}): of the lost out, up to {r['send_errors_out_max']} "
+                "per trial never left the guest (its UDP sender refused with EAGAIN: a stalled "
+                "vCPU's backlog sent at once); lost beyond those: "
+                f"{r['lost_beyond_send_errors_max']} max"
+            )
         if r["step"] == "host-migrate-libvirt":
             out.append(
                 f"- host-migrate-libvirt: 0 lost both ways in {r['lost_both_ways_zero']}/"
@@ -344,7 +399,16 @@ def markdown(report: dict[str, Any]) -> str:
     lines += pg.steps_table(report["summary"])
     extra = notes(report["summary"])
     if extra:
-        lines += ["", "failover-migrate-libvirt:", *extra]
+        lines += ["", "Notes:", *extra]
+    split = split_notes(report["trials"])
+    if split:
+        lines += [
+            "",
+            "Where the loss fell: in the migration's window (from `virsh migrate` to 1 s after "
+            "it returned: the guest paused for its last pages, its frames then leaving from the "
+            "other host, the bridges relearning its MAC) or outside it:",
+            *split,
+        ]
     t = report["timings"]
     lines += [
         "",
@@ -369,12 +433,17 @@ def _on_term(*_: object) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.proving_ground.libvirt_run")
+    ap.add_argument("--render", type=Path, help="only rewrite the .md of this JSON report")
     ap.add_argument("--quick", action="store_true", help="one trial per step")
     ap.add_argument("--trials", type=int, help="trials per step (default 5; --quick: 1)")
     ap.add_argument("--modes", default="kernel,bpfailover")
     ap.add_argument("--steps", default=",".join([*STEPS, *REFUSALS]))
     ap.add_argument("--out", type=Path, help="JSON path (the .md goes next to it)")
     args = ap.parse_args(argv)
+    if args.render:
+        report = json.loads(args.render.read_text())
+        args.render.with_suffix(".md").write_text(markdown(report))
+        return 0
     if os.geteuid() != 0:
         print("proving ground: needs root (namespaces, taps, libvirtd)", file=sys.stderr)
         return 1
