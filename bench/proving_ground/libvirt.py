@@ -77,7 +77,8 @@ exec libvirtd --config /etc/libvirt/libvirtd.conf
 """
 
 
-def ensure_host_packages(log: object = print) -> None:
+def ensure_host_packages() -> None:
+    """libvirtd and virsh, as the proving ground installs QEMU: on demand."""
     missing = [
         p
         for p in HOST_PACKAGES
