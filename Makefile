@@ -75,7 +75,12 @@ proving-ground-quick: setup
 proving-ground-cloud: setup
 	$(PY) -m bench.proving_ground.cloud
 
-.PHONY: proving-ground proving-ground-quick proving-ground-cloud
+# The same guest as a libvirt domain of two libvirtds: net_failover.rst's virsh script and
+# deploy/libvirt/failover-migrate-libvirt, with `virsh migrate --live` between the two.
+proving-ground-libvirt: setup
+	$(PY) -m bench.proving_ground.libvirt_run
+
+.PHONY: proving-ground proving-ground-quick proving-ground-cloud proving-ground-libvirt
 
 clean:
 	-$(VENV)/bin/failover-lab down 2>/dev/null

@@ -683,6 +683,10 @@ AFTER_STEP: dict[str, Callable[[Mode], None]] = {
 REFUSALS = {"refuse-no-qga", "refuse-standby-down", "refuse-no-failoverd"}
 BPFAILOVER_ONLY = {"planned", "host-migrate"} | REFUSALS
 ONCE_PER_BOOT = {"baseline"} | REFUSALS  # checks, not measurements
+# Steps whose standby starts with its link down (the seed's script), and steps whose streams
+# run as long as the step's work takes (Streams.stop); the libvirt variant adds its own.
+STANDBY_DOWN_AT_START = {"migration"}
+STOPPABLE = {"host-migrate"}
 
 
 def _settle(m: Mode, step: str) -> None:
@@ -692,13 +696,14 @@ def _settle(m: Mode, step: str) -> None:
     if not m.vm.plugged:
         m.vm.plug()
     m.vm.set_link("pri0", True)
-    m.vm.set_link("net0", step != "migration")  # the seed's standby starts with link down
+    sby_down = step in STANDBY_DOWN_AT_START  # the seed's standby starts with link down
+    m.vm.set_link("net0", not sby_down)
     if m.name == "bpfailover":
         st = m.agent_status()
         if st and st.get("override"):
             m.agent({"cmd": "set-primary", "group": m.group})
     m.wait(m.on_primary, 60, "the primary back in use")
-    if step == "migration":
+    if sby_down:
         m.wait(lambda: not m.standby_ready(), 20, "standby carrier down")
     else:
         m.wait(m.standby_ready, 20, "standby carrier up")
@@ -743,7 +748,7 @@ def run_step(m: Mode, watch: TapWatch, step: str, trial: int) -> StepResult:
     fb0 = m.fallback_frames()
     sampler = _Sampler(m) if m.s.sample else None
     try:
-        if step == "host-migrate":
+        if step in STOPPABLE:
             st = Streams(m, HM_STREAM_MAX_S, stoppable=True)
         else:
             st = Streams(m, STEP_DURATION[step])
