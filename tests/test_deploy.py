@@ -129,3 +129,19 @@ def test_dockerfile_takes_its_base_by_digest() -> None:
     assert re.search(r"^ARG BASE$", (root / "Dockerfile").read_text(), flags=re.M)
     script = (root / "scripts" / "container-image").read_text()
     assert '--build-arg "BASE=$base_ref"' in script and 'base_ref="${BASE%%:*}@$digest"' in script
+
+
+def test_the_documented_docker_run_is_deployable() -> None:
+    """The container recipe in docs/operators.md: udev's run directory (the hold of a new
+    VF), a bounded restart (a bad config exits 2 every time), only the agent's own bpffs
+    directory writable, and how to reach failoverctl inside."""
+    import re
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "operators.md").read_text()
+    block = re.search(r"```sh\n(docker run -d --name failoverd.*?)```", text, re.S)
+    assert block is not None, "no docker run recipe"
+    cmd = block.group(1)
+    assert "-v /run/udev:/run/udev:ro" in cmd
+    assert "--restart on-failure:" in cmd and "--restart always" not in cmd
+    assert "-v /sys/fs/bpf/failoverd:/bpffs " in cmd and "-v /sys/fs/bpf:" not in cmd
+    assert "docker exec failoverd failoverctl status" in cmd
