@@ -41,27 +41,25 @@ def kvm_opens(dev: str = "/dev/kvm") -> bool:
     return True
 
 
-def decide(opens: bool, probe: Callable[[], bool]) -> tuple[str, str]:
-    """(accel, why): the probe runs only when /dev/kvm opens."""
+def decide(opens: bool, probe: Callable[[], tuple[bool, str]]) -> tuple[str, str]:
+    """(accel, why): the probe (booted?, what it saw) runs only when /dev/kvm opens."""
     if not opens:
         return "tcg", "/dev/kvm does not open"
-    if probe():
+    booted, saw = probe()
+    if booted:
         return "kvm", "a stock guest kernel booted under KVM"
-    return (
-        "tcg",
-        f"/dev/kvm opens but a stock guest kernel did not reach init under it within "
-        f"{PROBE_TIMEOUT_S:.0f}s",
-    )
+    return "tcg", f"/dev/kvm opens but a stock guest kernel does not boot under it: {saw}"
 
 
-def probe_boot(img: Image, timeout: float = PROBE_TIMEOUT_S) -> bool:
-    """Boot the image's kernel under KVM to `init=/bin/echo MARKER`; True if the marker shows."""
+def probe_boot(img: Image, timeout: float = PROBE_TIMEOUT_S, acc: str = "kvm") -> tuple[bool, str]:
+    """Boot the image's kernel under KVM to `init=/bin/echo MARKER`: (the marker showed, what
+    happened otherwise).  `acc`: another accelerator, to check the probe itself."""
     with tempfile.TemporaryDirectory(prefix="pg-accel-") as tmp:
         console = Path(tmp) / "console.log"
         argv = [
             "qemu-system-x86_64",
             "-accel",
-            "kvm",
+            acc,
             "-machine",
             "q35",
             "-cpu",
@@ -86,9 +84,9 @@ def probe_boot(img: Image, timeout: float = PROBE_TIMEOUT_S) -> bool:
             "-serial",
             f"file:{console}",
         ]
-        proc = subprocess.Popen(
-            argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-        )
+        qlog = open(Path(tmp) / "qemu.log", "wb")  # noqa: SIM115 - the child owns it
+        proc = subprocess.Popen(argv, stdout=qlog, stderr=subprocess.STDOUT, start_new_session=True)
+        qlog.close()
         deadline = time.monotonic() + timeout
         seen = False
         try:
@@ -110,13 +108,18 @@ def probe_boot(img: Image, timeout: float = PROBE_TIMEOUT_S) -> bool:
             if proc.poll() is None:
                 proc.kill()
             proc.wait(timeout=10)
-        return seen
+        if seen:
+            return True, "booted"
+        if time.monotonic() < deadline:
+            err = (Path(tmp) / "qemu.log").read_text(errors="replace").strip().splitlines()
+            return False, f"QEMU exited ({proc.returncode}): {(err or ['no output'])[-1][:160]}"
+        return False, f"no marker from its init within {timeout:.0f}s"
 
 
 def detect(
     img: Image,
     log: Callable[[str], None] = print,
-    probe: Callable[[], bool] | None = None,
+    probe: Callable[[], tuple[bool, str]] | None = None,
     opens: bool | None = None,
     cache_dir: Path | None = None,
     host_boot: str | None = None,
