@@ -15,6 +15,7 @@ import contextlib
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -183,6 +184,7 @@ def run_in_guest(
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=10)
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _on_term(*_: object) -> NoReturn:
