@@ -114,8 +114,11 @@ def pytest_cmd(tests: list[str], kexpr: str | None) -> str:
     ]
     if kexpr:
         argv += ["-k", kexpr]
+    # What the guest's minimal init leaves out and the tests use: /dev/net/tun (made when
+    # the module loads) and configfs (netconsole's targets).
+    prep = "modprobe tun; mount -t configfs configfs /sys/kernel/config; "
     # CI=true: a root test that cannot run fails instead of skipping (tests/conftest.py)
-    return f"cd {image.GUEST_REPO} && TMPDIR=/tmp CI=true exec {shlex.join(argv)} 2>&1"
+    return f"{prep}cd {image.GUEST_REPO} && TMPDIR=/tmp CI=true exec {shlex.join(argv)} 2>&1"
 
 
 def run_in_guest(
