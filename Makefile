@@ -80,7 +80,13 @@ proving-ground-cloud: setup
 proving-ground-libvirt: setup
 	$(PY) -m bench.proving_ground.libvirt_run
 
-.PHONY: proving-ground proving-ground-quick proving-ground-cloud proving-ground-libvirt
+# The root/netns/BPF test layers inside a guest on Debian 12's kernel KERNEL (6.1 or 6.12):
+# bench/proving_ground/guest_tests.py, docs/kernels.md.
+KERNEL ?= 6.12
+guest-test: setup
+	$(PY) -m bench.proving_ground.guest_tests --kernel $(KERNEL) $(GUEST_TEST_ARGS)
+
+.PHONY: proving-ground proving-ground-quick proving-ground-cloud proving-ground-libvirt guest-test
 
 clean:
 	-$(VENV)/bin/failover-lab down 2>/dev/null

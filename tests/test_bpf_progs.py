@@ -717,7 +717,8 @@ class Rig:
         rule = L.names("FO_IRX_").index(c.rx_rule)
         dp.update_group(0, flags=flags, inactive_rx=rule, override_slot=SLOTS[c.override])
         if c.xdp_up:
-            dp.set_xdp_up(0, self.ifx["fo0p"])
+            with netns.entered(self.ns):  # a devmap entry's ifindex: the updater's netns
+                dp.set_xdp_up(0, self.ifx["fo0p"])
         else:
             bpfsys.map_delete(dp.fds["fo_xdp_up"], struct.pack("=I", 0))
         state = L.FO_DPC_ON if c.dp_check else L.FO_DPC_OFF

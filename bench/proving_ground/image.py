@@ -14,6 +14,7 @@ bpfailover_lab, tcpstream): failoverd and failoverctl are the package's.
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -25,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-RECIPE = "pg-image-5"  # bump when the build steps below change
+RECIPE = "pg-image-6"  # bump when the build steps below change
 SUITE = "bookworm"
 MIRROR = os.environ.get("BPFAILOVER_PG_MIRROR", "http://deb.debian.org/debian")
 CACHE = Path(os.environ.get("BPFAILOVER_PG_CACHE", "/var/cache/bpfailover/pg"))
@@ -42,6 +43,20 @@ GUEST_PACKAGES = (
     "procps",
     "ca-certificates",
     "qemu-guest-agent",  # failover-migrate drives the guest through it (docs/host-migration.md)
+    "bpftool",  # the test suite inside the guest (guest_tests.py) compares against it
+    "python3-pytest",  # ... and runs with Debian's pytest and hypothesis, which the
+    "python3-hypothesis",  # package's venv sees (it is made with --system-site-packages)
+)
+# The guest kernels (--kernel, BPFAILOVER_PG_KERNEL): Debian 12's own, each with its exact
+# headers (bcc compiles against them).  6.12 is the generic flavour (the cloud one has no
+# e1000e) and comes from bookworm-security.
+KERNELS = {
+    "6.1": ("linux-image-amd64", "linux-headers-amd64"),
+    "6.12": ("linux-image-6.12.118+deb12-amd64", "linux-headers-6.12.118+deb12-amd64"),
+}
+DEFAULT_KERNEL = "6.1"
+SECURITY_MIRROR = os.environ.get(
+    "BPFAILOVER_PG_SECURITY_MIRROR", "http://deb.debian.org/debian-security"
 )
 GUEST_REPO = "/srv/bpfailover"  # the repository (9p at run time): the harness, not the product
 GUEST_VENV = "/opt/bpfailover"  # the package's venv (its python runs the harness too)
@@ -127,10 +142,23 @@ def package_key() -> str:
     return h.hexdigest()[:12]
 
 
-def _key() -> str:
+def kernel_choice(arg: str | None = None) -> str:
+    """--kernel, else BPFAILOVER_PG_KERNEL, else 6.1; one clear line for anything else."""
+    k = arg or os.environ.get("BPFAILOVER_PG_KERNEL") or DEFAULT_KERNEL
+    if k not in KERNELS:
+        raise ImageError(f"unknown guest kernel {k!r} (one of: {', '.join(KERNELS)})")
+    return k
+
+
+def guest_packages(kernel: str = DEFAULT_KERNEL) -> tuple[str, ...]:
+    """GUEST_PACKAGES with that kernel's image and headers in place of 6.1's."""
+    return KERNELS[kernel] + GUEST_PACKAGES[2:]
+
+
+def _key(kernel: str = DEFAULT_KERNEL) -> str:
     h = hashlib.sha256()
     h.update(RECIPE.encode())
-    h.update(" ".join(GUEST_PACKAGES).encode())
+    h.update(" ".join(guest_packages(kernel)).encode())
     h.update(INIT.encode())
     h.update(package_key().encode())
     return h.hexdigest()[:12]
@@ -205,6 +233,7 @@ def _build(
     packages: tuple[str, ...] = GUEST_PACKAGES,
     customize: Callable[[Path, Callable[[str], None]], None] | None = None,
     key: str | None = None,
+    kernel: str = DEFAULT_KERNEL,
 ) -> None:
     """The image; `customize(root, log)` runs before mke2fs (the cloud-guest variant)."""
     root = out / "root"
@@ -223,6 +252,9 @@ def _build(
         for fstype, where in mounts:
             subprocess.run(["mount", "-t", fstype, fstype, str(where)], check=True, timeout=30)
             mounted.append(where)
+        if kernel != DEFAULT_KERNEL:
+            with open(root / "etc/apt/sources.list", "a") as f:
+                f.write(f"deb {SECURITY_MIRROR} {SUITE}-security main\n")
         _chroot(root, ["apt-get", "update", "-qq"], 300, log)
         _chroot(
             root,
@@ -252,7 +284,7 @@ def _build(
     (root / "etc/hostname").write_text("pg-guest\n")
     if customize is not None:
         customize(root, log)
-    kernels = sorted((root / "boot").glob("vmlinuz-*"))
+    kernels = sorted((root / "boot").glob(f"vmlinuz-{kernel}.*"))
     if not kernels:
         raise ImageError("no kernel in the guest root")
     release = kernels[-1].name.removeprefix("vmlinuz-")
@@ -270,8 +302,9 @@ def _build(
     (out / "meta.json").write_text(
         json.dumps(
             {
-                "key": key or _key(),
+                "key": key or _key(kernel),
                 "kernel": release,
+                "kernel_choice": kernel,
                 "suite": SUITE,
                 "packages": list(packages),
                 "built_at": time.time(),
@@ -288,16 +321,27 @@ def _unused_for(image_dir: Path) -> float:
     return time.time() - image_dir.stat().st_mtime
 
 
+def _kernel_of(d: Path) -> str:
+    try:
+        return str(json.loads((d / "meta.json").read_text()).get("kernel_choice", DEFAULT_KERNEL))
+    except (OSError, ValueError):
+        return DEFAULT_KERNEL
+
+
 def ensure_image(
     log: Callable[[str], None] = print,
     rebuild: bool = False,
     key: str | None = None,
-    build: Callable[[Path, Callable[[str], None]], None] = _build,
+    build: Callable[[Path, Callable[[str], None]], None] | None = None,
+    kernel: str = DEFAULT_KERNEL,
 ) -> tuple[Image, float]:
     """The cached image (built if missing or stale); returns it and the build time (0 if cached).
     `key` and `build`: another variant of the image (bench/proving_ground/cloud.py)."""
     CACHE.mkdir(parents=True, exist_ok=True)
-    key = key or _key()
+    key = key or _key(kernel)
+    if build is None:
+        build = functools.partial(_build, packages=guest_packages(kernel), key=key, kernel=kernel)
+
     out = CACHE / key
     lock = os.open(CACHE, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -333,5 +377,5 @@ def ensure_image(
 
 
 if __name__ == "__main__":
-    img, secs = ensure_image()
+    img, secs = ensure_image(kernel=kernel_choice(sys.argv[1] if len(sys.argv) > 1 else None))
     print(json.dumps({"dir": str(img.dir), "build_s": round(secs, 1), **img.meta}))

@@ -69,6 +69,7 @@ class Settings:
     log: Callable[[str], None] = print
     # BPFAILOVER_PG_SAMPLE=1: the guest samples its stack during every step (_Sampler)
     sample: bool = os.environ.get("BPFAILOVER_PG_SAMPLE") == "1"
+    accel: str = "tcg"  # accel.detect()
 
 
 @dataclass
@@ -106,7 +107,7 @@ class Mode:
 
     def __init__(self, name: str, img: Image, net: Net, s: Settings) -> None:
         self.name, self.s, self.net = name, s, net
-        self.vm = VM(img, net, name, s.workdir / name)
+        self.vm = VM(img, net, name, s.workdir / name, accel=s.accel)
         self.agent_h: int | None = None
         self.timings: dict[str, float] = {}
         self.group = GROUP  # the failover device (the cloud variant: the standby's old name)
@@ -833,7 +834,7 @@ def run(img: Image, s: Settings) -> dict[str, Any]:
         t_mode = time.monotonic()
         try:
             watch = TapWatch(net)
-            s.log(f"[{mode}] booting the guest (TCG)")
+            s.log(f"[{mode}] booting the guest ({s.accel.upper()})")
             m.start()
             s.log(
                 f"[{mode}] ready: boot {m.timings['boot_s']:.1f}s, "

@@ -4,7 +4,8 @@ Layout (the lab's addresses, README "The lab"):
   {p}-hv    bridge br0; taps {p}sby (virtio-net, standby) and {p}pri (e1000e, primary);
             veth peer0 to the peer; QEMU runs here, so its taps live here.
   {p}-peer  eth0 198.18.0.2/24, 2001:db8::2/64.
-The guest (TCG, no KVM) has virtio-net and e1000e with the same MAC on two PCIe root ports.
+The guest (TCG unless accel.detect() found a KVM that boots it) has virtio-net and e1000e
+with the same MAC on two PCIe root ports.
 Everything started here is stopped by VM.close() (also on failure) with bounded waits.
 """
 
@@ -270,9 +271,12 @@ class Guest:
 class VM:
     """One QEMU guest in the hypervisor namespace; `mode` is kernel or bpfailover."""
 
-    def __init__(self, img: Image, net: Net, mode: str, workdir: Path, mem_mb: int = 1536):
+    def __init__(
+        self, img: Image, net: Net, mode: str, workdir: Path, mem_mb: int = 1536, accel: str = "tcg"
+    ):
         self.img, self.net, self.mode, self.workdir = img, net, mode, workdir
         self.mem_mb = mem_mb
+        self.accel = accel  # accel.detect(): KVM only where a stock kernel boots under it
         self.proc: subprocess.Popen[bytes] | None = None
         self.qmp: QMP | None = None
         self.guest: Guest | None = None
@@ -295,6 +299,8 @@ class VM:
         pri = ",".join(f"{k}={v}" for k, v in self.primary_args().items() if k != "driver")
         return [
             "qemu-system-x86_64",
+            "-accel",
+            self.accel,
             "-machine",
             "q35",
             "-cpu",
