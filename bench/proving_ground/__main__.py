@@ -147,6 +147,16 @@ def _on_term(*_: object) -> NoReturn:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # SIGTERM ends a run as Ctrl-C does (cleaned up); the caller's handler comes back after,
+    # so a process that calls main() (the tests) keeps its own
+    prev = signal.getsignal(signal.SIGTERM)
+    try:
+        return _main(argv)
+    finally:
+        signal.signal(signal.SIGTERM, prev)
+
+
+def _main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.proving_ground", description=__doc__)
     ap.add_argument("--quick", action="store_true", help="one trial per step (CI)")
     ap.add_argument("--trials", type=int, help="trials per step (default 10; --quick: 1)")
