@@ -214,7 +214,7 @@ def test_installs_on_fresh_debian12(chroot: Path) -> None:
         "/opt/bpfailover/bin/python3",
         "-c",
         "import bcc; from bpfailover.datapath import layout; "
-        "print(layout.bpf_dir()); print(layout.load().FO_ABI_VERSION)",
+        "print(layout.bpf_dir()); print(layout.load().consts['FO_ABI_VERSION'])",
     )
     assert p.returncode == 0, p.stderr
     assert p.stdout.split()[0] == "/usr/share/bpfailover/bpf"

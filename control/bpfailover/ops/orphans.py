@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bpfailover.datapath.loader import PROGS
+from bpfailover.datapath.loader import PROGS, LoadError
 from bpfailover.datapath.maps import (
     Datapath,
     DatapathError,
@@ -119,8 +119,8 @@ def served_by(pin_dir: Path, live: dict[int, Path] | None = None) -> Path | None
                     found = _serving(ipr, [rec.master_ifindex, rec.peer_ifindex], live)
                     if found is not None:
                         return found
-    except (OSError, DatapathError, NetlinkError):
-        return None
+    except (OSError, DatapathError, LoadError, NetlinkError):
+        return None  # (not a datapath it could open, e.g. not on a bpffs: no agent serves it)
     return None
 
 
