@@ -302,7 +302,9 @@ def test_vf_frames_after_set_primary_standby_by_inactive_rx_rule(
         rx1, drops1 = counts()
         assert agent.group()["active_lower"] == n.standby  # the replies went out there
         if vf_frames_up:
-            assert rx1 - rx0 >= 5 and drops1 == drops0
+            # (the standby's copies of what the bridge floods, the peer's ARP requests, are
+            # dropped under net_failover's rule: only the VF's own frames must all go up)
+            assert rx1 - rx0 >= 5
         else:
             assert rx1 == rx0 and drops1 - drops0 >= 5
     finally:
