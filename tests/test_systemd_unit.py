@@ -326,6 +326,10 @@ def test_unit_ready_watchdog_reload_stop_under_systemd(lab: Lab, container: Cont
     c.run("systemctl", "daemon-reload")
     c.run("systemctl", "reset-failed")
     assert link_index(lab, n.failover) is None
+    # teardown closed the lowers (net_failover_destroy does too): up again, so the next
+    # start finds both usable and makes exactly one switch (the fault below counts them)
+    for lower in (n.standby, n.primary):
+        netns.run_in(lab.guest, ["ip", "link", "set", lower, "up"])
     started_before = len(c.events("started"))
 
     # (a): with Type=notify the check runs after READY=1 and finds the device forwarding.
